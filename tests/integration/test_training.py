@@ -1,0 +1,107 @@
+"""Real Ray Train + real DeepSpeed ZeRO (gloo on CPU) + real transformers models, 2 workers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_trainer.spec import parse_job
+
+from . import tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _run(tmp_path, doc):
+    from finetune_trainer.run import run
+
+    return run(parse_job(doc))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_fine_tune_learns_keeps_frozen_weights_and_reloads(local_ray, tmp_path, stage):
+    model_dir = tiny.make_model(tmp_path / "model", "bert")
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(400))
+    doc = tiny.manifest(tmp_path, model_dir, data, deepspeed={"zeroStage": stage},
+                        freezing={"strategy": "freezeBottom", "layers": 1}, output={"export": "last"},
+                        data={"testSplit": 0.1})
+    result = _run(tmp_path, doc)
+    r = result.results
+
+    # every evaluation reported, the first one the untouched model; a checkpoint for each after it
+    steps = [row["step"] for row in r["history"]]
+    assert steps == [0, 4, 8, 12] and r["history"][0]["baseline"]
+    assert len(list(result.run_dir.glob("checkpoint_*"))) == 3
+    # it learned: validation loss fell, accuracy beat chance
+    before, after = r["metrics"]["validation"]["baseline"], r["history"][-1]
+    assert after["eval_loss"] < before["loss"] - 0.05
+    assert after["eval_accuracy"] > 0.7
+
+    # frozen: embeddings and layer 0 bit-identical to the pre-trained weights; layer 1 moved
+    original, tuned = _weights(model_dir), _weights(result.run_dir / "model")
+    frozen = [k for k in original if ".embeddings." in k or ".layer.0." in k]
+    trained = [k for k in original if ".layer.1." in k]
+    assert frozen and trained
+    for key in frozen:
+        assert torch.equal(original[key], tuned["bert." + key if "bert." + key in tuned else key]), key
+    assert any(not torch.equal(original[k], tuned.get("bert." + k, tuned.get(k))) for k in trained)
+
+    # the exported folder reloads as a plain HF model and scores what training reported
+    from finetune_trainer.preflight import prepare_job
+    from finetune_trainer.scoring import score_models
+
+    prepared = prepare_job(parse_job(doc))
+    prepared.data.test = prepared.data.validation
+    rescored = score_models(doc, {"m": str(result.run_dir / "model")}, prepared.data, prepared.tokenizer.pad_token_id)
+    assert rescored["m"]["loss"] == pytest.approx(after["eval_loss"], rel=1e-4)
+    assert (result.run_dir / "model" / "tokenizer.json").exists()
+    saved = json.loads((result.run_dir / "results.json").read_text())
+    assert saved["metrics"]["test"]["finetuned"]["accuracy"] > 0.7
+    assert saved["throughput"]["tokens_per_second"] > 0 and saved["peak_memory_mib"] > 0
+
+
+@pytest.mark.parametrize(("stage", "steps", "moved", "still"), [
+    (2, 3, {"top"}, {"layer.1", "layer.0", "embeddings"}),
+    (2, 4, {"top", "layer.1"}, {"layer.0", "embeddings"}),
+    (3, 4, {"top", "layer.1"}, {"layer.0", "embeddings"}),
+])
+def test_gradual_unfreezing_opens_blocks_at_their_step(local_ray, tmp_path, stage, steps, moved, still):
+    """unfreezeEvery: 3 -> layer.1 opens after step 3 (first update at step 4), layer.0 after step 6."""
+    model_dir = tiny.make_model(tmp_path / "model", "bert")
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(300))
+    doc = tiny.manifest(tmp_path, model_dir, data, deepspeed={"zeroStage": stage},
+                        freezing={"strategy": "gradual", "unfreezeEvery": 3},
+                        training={"maxSteps": steps, "weightDecay": 0.1}, evaluation={"everySteps": steps},
+                        output={"export": "last"})
+    result = _run(tmp_path, doc)
+    original, tuned = _weights(model_dir), _weights(result.run_dir / "model")
+
+    def block(name: str) -> str:
+        if ".embeddings." in name:
+            return "embeddings"
+        if ".layer." in name:
+            return "layer." + name.split(".layer.")[1].split(".")[0]
+        return "top"
+
+    changed = {block(k) for k in original if not torch.equal(original[k], tuned.get("bert." + k, tuned.get(k)))}
+    assert moved <= changed | {"top"}  # top = pooler (+ the new head, not in the original)
+    assert not (changed & still), f"{changed & still} moved before their unfreeze step"
+    assert "layer.1" in moved or "layer.1" not in changed
+
+
+def test_causal_lm_perplexity_falls(local_ray, tmp_path):
+    model_dir = tiny.make_model(tmp_path / "model", "llama")
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.text_rows(300))
+    doc = tiny.manifest(tmp_path, model_dir, data, task="causal-lm", training={"maxSteps": 10},
+                        evaluation={"everySteps": 5}, freezing={"strategy": "freezeBottom", "layers": 0.5})
+    r = _run(tmp_path, doc).results
+    before, after = r["metrics"]["validation"]["baseline"], r["metrics"]["validation"]["finetuned"]
+    assert after["perplexity"] < before["perplexity"] * 0.5
+    assert (r["model"] is not None) and "1 frozen" not in r["freezing"]

@@ -1,0 +1,95 @@
+"""`finetune`: validate and run FineTuneJob manifests on this machine.
+
+Library errors become one clear message and a non-zero exit, never a stack trace for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .spec import SpecError, load_job
+
+EXIT_INVALID = 2
+EXIT_FAILED = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("validate", "check a manifest: fields, then data and model fit"), ("run", "run a manifest on local Ray (or the cluster in RAY_ADDRESS)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("manifest", help="FineTuneJob YAML")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                       help="override a spec field, e.g. --set training.maxSteps=20 (repeatable)")
+    sub.choices["validate"].add_argument("--static", action="store_true", help="fields only; do not read the model or data")
+    sub.choices["run"].add_argument("--no-progress", action="store_true", help="no live progress bar")
+    args = parser.parse_args(argv)
+    try:
+        job = load_job(args.manifest, args.overrides)
+        if args.command == "validate":
+            return _validate(job, static=args.static)
+        return _run(job, progress=not args.no_progress)
+    except SpecError as err:
+        print(f"finetune: {args.manifest} is invalid\n{err.render()}", file=sys.stderr)
+        return EXIT_INVALID
+    except FileNotFoundError as err:
+        print(f"finetune: {err}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _validate(job, *, static: bool) -> int:
+    if not static:
+        from .preflight import prepare_job
+
+        prepared = prepare_job(job)
+        print(f"data: {prepared.data.stats['rows']}")
+        print(f"model: {prepared.model_class} from {prepared.model_dir}")
+        print(f"freezing: {prepared.plan.summary()}")
+    print(f"{job.name}: valid")
+    return 0
+
+
+def _run(job, *, progress: bool) -> int:
+    from .report import LiveProgress, print_summary
+    from .run import run
+
+    live = LiveProgress() if progress else None
+    try:
+        result = run(job, on_progress=live.update if live else _print_rows())
+    except SpecError:
+        raise
+    except Exception as err:  # Ray wraps worker errors; show the cause, not the wrapper's trace
+        if live:
+            live.stop()
+        print(f"finetune: run failed: {_root_cause(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    if live:
+        live.stop()
+    print_summary(result.results, result.run_dir)
+    return 0
+
+
+def _print_rows():
+    seen: list[int] = [0]
+
+    def show(_latest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        from .report import format_row
+
+        for row in rows[seen[0] :]:
+            print(format_row(row), flush=True)
+        seen[0] = len(rows)
+
+    return show
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

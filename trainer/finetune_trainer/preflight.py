@@ -1,0 +1,73 @@
+"""Everything that can be checked before Ray starts: sources exist, the data fits the spec, and
+the freezing plan fits the model. Runs in seconds; builds the model on the meta device (no weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import DataError, PreparedData, prepare
+from .freezing import FreezePlan, needs_layers, plan_freezing
+from .layers import UnmappableModel, discover
+from .modeling import load_tokenizer, offline_if_local, resolve_model_dir
+from .recipe import steps_per_epoch
+from .sources import SourceError
+from .spec import FineTuneJob, SpecError
+
+
+@dataclass
+class Prepared:
+    job: FineTuneJob
+    model_dir: str
+    tokenizer: Any
+    data: PreparedData
+    plan: FreezePlan
+    model_class: str
+
+
+def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
+    """Resolve, read and tokenize; raise SpecError naming the field when something does not fit."""
+    spec = job.spec
+    offline_if_local(spec.model.source)
+    try:
+        model_dir = resolve_model_dir(spec.model)
+    except SourceError as err:
+        raise SpecError([("spec.model.source", str(err))]) from None
+    try:
+        tokenizer = load_tokenizer(model_dir, spec.model)
+    except (OSError, ValueError) as err:
+        raise SpecError([("spec.model.source", f"cannot load a tokenizer from {model_dir}: {err}")]) from None
+    try:
+        data = prepare(spec.data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels)
+    except DataError as err:
+        path, _, message = str(err).partition(": ")
+        raise SpecError([(path, message or str(err))]) from None
+    skeleton = _skeleton(model_dir, job, len(data.label_names) if data.label_names else None)
+    names = [n for n, _ in skeleton.named_parameters()]
+    t = spec.training
+    workers = world_size or spec.resources.workers
+    per_epoch = steps_per_epoch(len(data.train), workers, t.per_device_batch_size, t.gradient_accumulation_steps)
+    try:
+        layer_map = discover(skeleton) if needs_layers(spec.freezing) else None
+    except UnmappableModel as err:
+        raise SpecError([("spec.freezing.strategy", str(err))]) from None
+    plan = plan_freezing(spec.freezing, names, layer_map, steps_per_epoch=per_epoch, model_name=type(skeleton).__name__)
+    return Prepared(job, model_dir, tokenizer, data, plan, type(skeleton).__name__)
+
+
+def _skeleton(model_dir: str, job: FineTuneJob, num_labels: int | None) -> torch.nn.Module:
+    """The model's structure without its weights: parameter names for the freezing plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    m = job.spec.model
+    config = AutoConfig.from_pretrained(model_dir, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    if m.task == "sequence-classification":
+        config.num_labels = num_labels or config.num_labels
+        cls = AutoModelForSequenceClassification
+    else:
+        cls = AutoModelForCausalLM
+    with torch.device("meta"):
+        return cls.from_config(config, trust_remote_code=m.trust_remote_code)

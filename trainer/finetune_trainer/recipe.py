@@ -1,0 +1,293 @@
+"""The fine-tuning recipe each Ray Train worker runs: DeepSpeed ZeRO, freezing, schedule, eval.
+
+Features, in the order they happen:
+  - the pre-trained model loads with the spec's task head, dropout override and dtype;
+  - the freezing plan is applied *before* `deepspeed.initialize` (static freezing), and blocks that
+    unfreeze later sit in their own optimizer groups behind an `UnfreezeGate` (see optim.py);
+  - layer-wise LR decay is a per-group factor; the LR schedule is transformers' `get_scheduler`;
+  - a baseline evaluation of the untouched model, then evaluation every N steps: each one is
+    reported through `ray.train.report` with a checkpoint (DeepSpeed state + trainer state, and the
+    model in Hugging Face format when it is the best so far);
+  - early stopping on the chosen metric; resume from `ray.train.get_checkpoint()` after a failure.
+
+We drive `deepspeed.initialize` directly rather than through the transformers Trainer: gradual
+unfreezing needs our own optimizer groups and a hook at every step, the checkpoint/report cadence
+is Ray's, and a plain loop keeps per-step overhead at that of raw DeepSpeed (bench/step_overhead.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import PreparedData
+from .ds_config import build_ds_config, resolve_precision
+from .evaluation import EarlyStopping, evaluate
+from .freezing import FreezePlan, needs_layers, plan_freezing
+from .layers import discover
+from .modeling import load_model
+from .optim import UnfreezeGate, apply_plan, build_scheduler, is_metric_driven, param_groups
+from .spec import FineTuneJob
+
+STATE_FILE = "trainer_state.json"
+MODEL_DIR = "model"
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+
+
+def steps_per_epoch(num_train: int, world_size: int, micro_batch: int, accumulation: int) -> int:
+    """Optimizer steps per pass: every rank gets the same number of full micro-batches."""
+    return max(1, (num_train // world_size) // (micro_batch * accumulation))
+
+
+def total_steps(job: FineTuneJob, num_train: int, world_size: int) -> int:
+    t = job.spec.training
+    per_epoch = steps_per_epoch(num_train, world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
+    return t.max_steps or max(1, int(round((t.epochs or 1.0) * per_epoch)))
+
+
+class FineTuneRecipe:
+    def __init__(self, config: dict[str, Any]):
+        import ray
+        import ray.train
+
+        self.job = FineTuneJob.model_validate(config["job"])
+        self.spec = self.job.spec
+        self.model_dir: str = config["model_dir"]
+        self.data: PreparedData = ray.get(config["data"])  # one copy in the object store, shared by workers
+        self.pad_id: int = config["pad_token_id"]
+        self.num_labels = len(self.data.label_names) if self.data.label_names else None
+        self.progress = config.get("progress")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.metric_key = f"eval_{self.spec.evaluation.metric}"
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+        import ray.train.torch
+
+        t = self.spec.training
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
+        torch.manual_seed(t.seed)  # identical new head on every rank
+        model = load_model(
+            self.model_dir, self.spec.model, num_labels=self.num_labels, dropout=t.dropout, pad_token_id=self.pad_id
+        )
+        self.per_epoch = steps_per_epoch(len(self.data.train), self.world, t.per_device_batch_size, t.gradient_accumulation_steps)
+        self.total = total_steps(self.job, len(self.data.train), self.world)
+        self.plan: FreezePlan = plan_freezing(
+            self.spec.freezing,
+            [n for n, _ in model.named_parameters()],
+            discover(model) if needs_layers(self.spec.freezing) else None,
+            steps_per_epoch=self.per_epoch,
+            model_name=type(model).__name__,
+        )
+        apply_plan(model, self.plan)
+        groups, metas = param_groups(model, self.plan, t)
+        cuda = self.device.type == "cuda"
+        self.precision = resolve_precision(
+            self.spec.deepspeed.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported()
+        )
+        ds_config = build_ds_config(self.spec, world_size=self.world, precision=self.precision)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        base_optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        self.scheduler = build_scheduler(self.spec.lr_schedule, base_optimizer, self.total)
+        self.gate = UnfreezeGate(base_optimizer, metas, groups)
+        self.stopper = EarlyStopping(
+            mode=self.spec.evaluation.resolved_mode(),
+            patience=self.spec.evaluation.early_stopping.patience if self.spec.evaluation.early_stopping else None,
+            min_delta=self.spec.evaluation.early_stopping.min_delta if self.spec.evaluation.early_stopping else 0.0,
+        )
+        self.step, self.best, self.best_step, self.history = 0, None, None, []
+        self.tokens, self.train_seconds = 0, 0.0
+        self._resume()
+        if self.rank == 0:
+            print(f"[finetune] {type(model).__name__}: {self.plan.summary()}; precision {self.precision}; "
+                  f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}", flush=True)
+
+    def _resume(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+            self.engine.load_checkpoint(str(Path(folder) / DS_DIR), tag=DS_TAG, load_lr_scheduler_states=False)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
+        self.history, self.tokens, self.train_seconds = state["history"], state["tokens"], state["train_seconds"]
+        if self.rank == 0:
+            print(f"[finetune] resumed from step {self.step}", flush=True)
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> None:
+        t, ev = self.spec.training, self.spec.evaluation
+        if self.step == 0 and ev.baseline:
+            self._report(self._evaluate(), checkpoint=False, extra={"baseline": True})
+        self.engine.train()
+        self.gate.apply(self.step)
+        losses: list[float] = []
+        while self.step < self.total:
+            epoch = self.step // self.per_epoch
+            batches = self._epoch_batches(epoch)
+            for micro in batches[(self.step % self.per_epoch) * t.gradient_accumulation_steps :]:
+                started = time.perf_counter()
+                batch = {k: v.to(self.device) for k, v in self.data.train.batch(micro, self.pad_id).items()}
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                self.tokens += int(batch["attention_mask"].sum())
+                losses.append(loss.item())
+                self.train_seconds += time.perf_counter() - started
+                if not self.engine.is_gradient_accumulation_boundary():
+                    continue
+                self.step += 1
+                if not is_metric_driven(self.spec.lr_schedule) and self.engine.was_step_applied():
+                    self.scheduler.step()
+                opened = self.gate.apply(self.step)
+                if opened and self.rank == 0:
+                    print(f"[finetune] step {self.step}: unfroze {', '.join(opened)}", flush=True)
+                self._progress(np.mean(losses[-t.gradient_accumulation_steps :]))
+                if self.step % ev.every_steps == 0 or self.step >= self.total:
+                    if self._evaluate_and_report(float(np.mean(losses))):
+                        return
+                    losses = []
+                if self.step >= self.total:
+                    return
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches for an epoch: a seeded permutation, sharded by rank."""
+        t = self.spec.training
+        order = np.random.default_rng(t.seed + epoch).permutation(len(self.data.train))
+        usable = (len(order) // self.world) // (t.per_device_batch_size * t.gradient_accumulation_steps)
+        usable *= t.per_device_batch_size * t.gradient_accumulation_steps
+        mine = order[self.rank :: self.world][:usable]
+        return [mine[i : i + t.per_device_batch_size].tolist() for i in range(0, usable, t.per_device_batch_size)]
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics = evaluate(
+            self.engine.module, self.data.validation, task=self.spec.model.task,
+            batch_size=self.spec.training.per_device_batch_size * 2, pad_token_id=self.pad_id,
+            device=self.device, num_labels=self.num_labels, rank=self.rank, world_size=self.world,
+        )
+        wanted = {"loss", *self.spec.evaluation.resolved_metrics(self.spec.model.task)}
+        return {f"eval_{k}": v for k, v in metrics.items() if k in wanted}
+
+    def _evaluate_and_report(self, train_loss: float) -> bool:
+        metrics = self._evaluate()
+        value = metrics[self.metric_key]
+        if is_metric_driven(self.spec.lr_schedule):
+            self.scheduler.step(metrics["eval_loss"])  # plateau-style schedules react to eval loss
+            self.gate.apply(self.step)
+        stop = self.stopper.update(value)
+        better = self.best is None or (value < self.best if self.stopper.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_step = value, self.step
+        final = stop or self.step >= self.total
+        extra: dict[str, Any] = {"train_loss": train_loss, "early_stopped": stop and self.step < self.total}
+        if final:
+            extra.update(self._summary())
+        export = {"best": better, "last": final, "none": False}[self.spec.output.export]
+        self._report(metrics, checkpoint=True, export=export, extra=extra)
+        return stop
+
+    # ---------------------------------------------------------------- reporting
+    def _report(self, metrics: dict[str, float], *, checkpoint: bool, export: bool = False, extra: dict | None = None) -> None:
+        import ray.train
+
+        row = {
+            "step": self.step,
+            "epoch": self.step / self.per_epoch,
+            "learning_rate": self._head_lr(),
+            "frozen_blocks": len(self.gate.frozen_blocks(self.step)),
+            **metrics,
+            **(extra or {}),
+            "best_step": self.best_step,
+            f"best_{self.metric_key}": self.best,
+            "has_model": export,
+            "precision": self.precision,
+        }
+        self.history.append(row)
+        if self.rank == 0 and self.progress is not None:
+            self.progress.record.remote(row)
+        if not checkpoint:
+            ray.train.report(row)
+            return
+        folder = tempfile.mkdtemp(prefix="ftj-ckpt-")
+        try:
+            self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
+            if export:
+                self._export(os.path.join(folder, MODEL_DIR))
+            if self.rank == 0:
+                Path(folder, STATE_FILE).write_text(json.dumps(self._state()))
+            from ray.train import Checkpoint
+
+            ray.train.report(row, checkpoint=Checkpoint.from_directory(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _export(self, folder: str) -> None:
+        """Hugging Face format; under ZeRO-3 the shards are gathered first (a collective)."""
+        state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.spec.deepspeed.zero_stage == 3 else None
+        if self.rank == 0:
+            self.engine.module.save_pretrained(folder, state_dict=state_dict)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "best": self.best, "best_step": self.best_step, "history": self.history,
+            "tokens": self.tokens, "train_seconds": self.train_seconds,
+            "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopper.state_dict(),
+        }
+
+    def _summary(self) -> dict[str, float]:
+        """Throughput and memory over all ranks: sums for tokens, max for time and memory."""
+        peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        stats = torch.tensor([float(self.tokens), self.train_seconds, float(peak)], dtype=torch.float64)
+        if self.world > 1:
+            tokens = stats[:1].clone()
+            dist.all_reduce(tokens)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            stats[0] = tokens[0]
+        return {
+            "train_tokens": stats[0].item(),
+            "train_seconds": stats[1].item(),
+            "tokens_per_second": stats[0].item() / max(stats[1].item(), 1e-9),
+            "peak_memory_mib": stats[2].item() / 2**20,
+        }
+
+    def _head_lr(self) -> float:
+        return float(self.gate.optimizer.param_groups[-1]["lr"])
+
+    def _progress(self, loss: float) -> None:
+        now = time.monotonic()
+        if self.progress is None or self.rank != 0 or now - getattr(self, "_last_progress", 0.0) < 0.5:
+            return
+        self._last_progress = now
+        self.progress.update.remote({"step": self.step, "total": self.total, "loss": float(loss), "lr": self._head_lr()})
+
+    def cleanup(self) -> None:
+        if self.progress is not None and self.rank == 0:
+            self.progress.update.remote({"step": self.step, "total": self.total})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    recipe = FineTuneRecipe(config)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()

@@ -1,0 +1,37 @@
+"""Scoring whole models on the test split after training, outside DeepSpeed.
+
+Runs as one Ray task with a worker's resources, so in a cluster it lands where a GPU is. It
+also proves the exported folder reloads as a plain Hugging Face model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .data import PreparedData
+from .evaluation import evaluate
+from .modeling import load_model
+from .spec import FineTuneJob
+
+
+def score_models(job_doc: dict[str, Any], models: dict[str, str], data: PreparedData, pad_token_id: int) -> dict[str, dict[str, float]]:
+    job = FineTuneJob.model_validate(job_doc)
+    spec = job.spec
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+    num_labels = len(data.label_names) if data.label_names else None
+    wanted = set(spec.evaluation.resolved_metrics(spec.model.task)) | {"loss"}
+    scores: dict[str, dict[str, float]] = {}
+    for name, folder in models.items():
+        torch.manual_seed(spec.training.seed)  # the baseline's new head: the same one training started from
+        model = load_model(folder, spec.model, num_labels=num_labels, dropout=None, pad_token_id=pad_token_id).to(device)
+        metrics = evaluate(
+            model, data.test, task=spec.model.task, batch_size=spec.training.per_device_batch_size * 2,
+            pad_token_id=pad_token_id, device=device, num_labels=num_labels,
+        )
+        scores[name] = {k: v for k, v in metrics.items() if k in wanted}
+        del model
+    return scores

@@ -1,0 +1,163 @@
+"""The FineTuneJob manifest: the spec as a whole, cross-field rules, loading and `--set`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from .base import SpecError, SpecModel
+from .model import DataSpec, ModelSpec
+from .runtime import DeepSpeedSpec, OutputSpec, ResourcesSpec
+from .training import EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
+
+API_VERSION = "finetune.dev/v1alpha1"
+KIND = "FineTuneJob"
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; Kubernetes (YAML 1.2/JSON)
+    reads it as a number. Resolve it as a float here too, so `--set` values and untyped fields
+    (deepspeed.config, lrSchedule.options) get the number a cluster would see."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class FineTuneJobSpec(SpecModel):
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    freezing: FreezingSpec = Field(default_factory=FreezingSpec)
+    lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-field rules pydantic's per-field checks cannot see, as (yaml path, message)."""
+        task = self.model.task
+        found: list[tuple[str, str]] = []
+        sections = {
+            "model": self.model.check(),
+            "data": self.data.check(task),
+            "freezing": self.freezing.check(),
+            "lrSchedule": self.lr_schedule.check(),
+            "deepspeed": self.deepspeed.check(),
+            "evaluation": self.evaluation.check(task),
+            "resources": self.resources.check(),
+        }
+        for section, problems in sections.items():
+            found += [(f"spec.{section}.{path}", msg) for path, msg in problems]
+        cpu = self.resources.gpus_per_worker == 0
+        if cpu and self.deepspeed.precision == "fp16":
+            found.append(("spec.deepspeed.precision", "fp16 needs GPUs (resources.gpusPerWorker: 1); on CPU use fp32, bf16 or auto"))
+        if cpu and self.model.dtype == "float16":
+            found.append(("spec.model.dtype", "float16 weights cannot train on CPU; use float32, bfloat16 or auto"))
+        # only when the user chose everySteps: the default must not make a short run (maxSteps: 10) invalid
+        every_set = "every_steps" in self.evaluation.model_fields_set
+        if every_set and self.training.max_steps and self.evaluation.every_steps > self.training.max_steps:
+            found.append(("spec.evaluation.everySteps", f"larger than training.maxSteps ({self.training.max_steps}): only the final evaluation would run"))
+        if self.freezing.unfreeze_every == "epoch" and self.training.max_steps and self.training.epochs is None:
+            found.append(("spec.freezing.unfreezeEvery", "unfreezeEvery: epoch needs training.epochs; with maxSteps give a number of steps"))
+        lr, lr_end = self.training.learning_rate, self.lr_schedule.lr_end
+        if self.lr_schedule.type == "polynomial" and lr_end is not None and lr_end >= lr:
+            # transformers raises on this when the run starts; say it at validation instead
+            found.append(("spec.lrSchedule.lrEnd", f"must be below training.learningRate ({lr}): polynomial decays to lrEnd"))
+        return found
+
+
+class Metadata(SpecModel):
+    model_config = {**SpecModel.model_config, "extra": "allow"}
+    name: str = Field(min_length=1, max_length=63)
+    namespace: str = Field(default="default")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        # a field check (not a later pass), so it is reported together with every other field problem
+        if not _DNS1123.match(name):
+            raise ValueError(
+                "must be lowercase letters, digits and '-', starting and ending with a letter or digit"
+            )
+        return name
+
+
+class FineTuneJob(SpecModel):
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: Metadata
+    spec: FineTuneJobSpec
+    status: dict[str, Any] | None = Field(default=None, description="Written by the operator; ignored here.")
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def parse_job(document: dict[str, Any]) -> FineTuneJob:
+    """Validate a manifest dict completely: fields, then cross-field rules. Raises SpecError."""
+    if not isinstance(document, dict):
+        raise SpecError([("<manifest>", "expected a mapping with apiVersion, kind, metadata and spec")])
+    try:
+        # camelCase keys only, as the CRD schema has them: a snake_case key the cluster would
+        # reject (or prune to a default) must not pass here
+        job = FineTuneJob.model_validate(document, by_alias=True, by_name=False)
+    except ValidationError as err:
+        raise SpecError.from_validation_error(err) from None
+    problems = job.spec.problems()
+    if problems:
+        raise SpecError(problems)
+    return job
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+    except yaml.YAMLError as err:
+        raise SpecError([("<manifest>", f"not valid YAML: {err}")]) from None
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(jobs) != 1:
+        raise SpecError([("<manifest>", f"{path} must hold exactly one {KIND} document (found {len(jobs)})")])
+    return jobs[0]
+
+
+def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set training.maxSteps=20`: dotted paths under spec (or from the top with `spec.`/`metadata.`).
+
+    Values are parsed as YAML scalars, so `true`, `3`, `1e-4` and `[a, b]` get their natural types.
+    """
+    result = yaml.safe_load(yaml.safe_dump(document))  # deep copy through the same representation
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError([("--set", f"{item!r} is not path=value (e.g. training.maxSteps=20)")])
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        if keys[0] not in {"spec", "metadata"}:
+            keys.insert(0, "spec")
+        node = result
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise SpecError([(path, f"{key} is not a mapping, cannot set {keys[-1]} inside it")])
+            node = child
+        node[keys[-1]] = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    return result
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> FineTuneJob:
+    return parse_job(apply_overrides(load_document(path), overrides or []))

@@ -1,0 +1,125 @@
+"""Where the model and the data come from, and how the data is turned into examples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import SpecModel
+
+Task = Literal["causal-lm", "sequence-classification"]
+Problems = Iterator[tuple[str, str]]
+
+SOURCE_HELP = (
+    "a local or PVC path, pkg://<python-package>/<path> for files a pip package ships, "
+    "or a Hugging Face hub name like org/model (clusters with internet only)"
+)
+
+
+class ModelSpec(SpecModel):
+    source: str = Field(min_length=1, description=f"Where the pre-trained model is: {SOURCE_HELP}.")
+    task: Task = Field(description="What the model is fine-tuned for; picks the head.")
+    num_labels: int | None = Field(
+        default=None, ge=2, description="Classes for sequence-classification; default: from data."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype the weights are loaded in (training precision is deepspeed.precision)."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (hub sources only).")
+    trust_remote_code: bool = Field(default=False, description="Allow the model's own Python code.")
+
+    def check(self) -> Problems:
+        if self.source.startswith("s3://"):
+            yield "source", "s3:// model sources need S3 storage support, which this trainer build does not have yet; copy the model to a local/PVC path"
+        if self.num_labels is not None and self.task != "sequence-classification":
+            yield "numLabels", "only meaningful for task: sequence-classification; remove it"
+
+
+class DataSource(SpecModel):
+    path: str = Field(min_length=1, description="File path or pkg://<python-package>/<path>.")
+    format: Literal["jsonl", "csv", "parquet"] | None = Field(
+        default=None, description="Default: from the file extension (.jsonl/.json, .csv, .parquet)."
+    )
+    encoding_errors: Literal["strict", "replace", "ignore"] = Field(
+        default="strict", description="How undecodable bytes in text files are handled."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: object) -> object:
+        # `train: data/train.jsonl` is the common case; the object form is for options.
+        return {"path": value} if isinstance(value, str) else value
+
+    def resolved_format(self) -> str | None:
+        if self.format:
+            return self.format
+        lower = self.path.lower()
+        for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+            if lower.endswith(suffix):
+                return fmt
+        return None
+
+    def check(self) -> Problems:
+        if self.path.startswith("s3://"):
+            yield "path", "s3:// data sources need S3 storage support, which this trainer build does not have yet; use a local/PVC path"
+        if self.resolved_format() is None:
+            yield "format", f"cannot tell the format of {self.path!r} from its extension; set format: jsonl, csv or parquet"
+
+
+class DataSpec(SpecModel):
+    train: DataSource = Field(description="Training examples.")
+    validation: DataSource | None = Field(default=None, description="Held-out examples for evaluation.")
+    test: DataSource | None = Field(default=None, description="Held-out examples scored once, after training.")
+    validation_split: float | None = Field(
+        default=None, gt=0, lt=1, description="Fraction of train held out for validation when there is no validation file."
+    )
+    test_split: float | None = Field(
+        default=None, gt=0, lt=1, description="Fraction of train held out for the final test when there is no test file."
+    )
+    text_field: str = Field(default="text", description="Column with the input text.")
+    text_pair_field: str | None = Field(default=None, description="Second text column (pair tasks such as NLI).")
+    label_field: str = Field(default="label", description="Column with the class (sequence-classification).")
+    labels: list[str] | None = Field(
+        default=None, min_length=2, description="Class names in id order; default: sorted distinct labels of train."
+    )
+    prompt_field: str | None = Field(default=None, description="Prompt column (causal-lm); loss on the completion only.")
+    completion_field: str | None = Field(default=None, description="Completion column (causal-lm).")
+    max_seq_length: int = Field(default=128, ge=8, le=131072, description="Tokens per example after truncation.")
+    packing: bool = Field(default=False, description="causal-lm: concatenate texts into full maxSeqLength blocks.")
+    max_train_samples: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
+    max_eval_samples: int | None = Field(default=None, ge=1, description="Use at most this many validation rows.")
+    max_test_samples: int | None = Field(default=None, ge=1, description="Use at most this many test rows.")
+
+    def check(self, task: str) -> Problems:
+        for name in ("train", "validation", "test"):
+            source = getattr(self, name)
+            if source is not None:
+                for path, msg in source.check():
+                    yield f"{name}.{path}", msg
+        if self.validation is None and self.validation_split is None:
+            yield "validationSplit", "evaluation needs held-out data: set data.validation (a file) or data.validationSplit (e.g. 0.1)"
+        if self.validation is not None and self.validation_split is not None:
+            yield "validationSplit", "set either data.validation or data.validationSplit, not both"
+        if self.test is not None and self.test_split is not None:
+            yield "testSplit", "set either data.test or data.testSplit, not both"
+        if (self.validation_split or 0) + (self.test_split or 0) >= 0.9:
+            yield "validationSplit", "validationSplit + testSplit leave under 10% of train for training"
+        if (self.prompt_field is None) != (self.completion_field is None):
+            yield "promptField", "promptField and completionField go together; set both or neither"
+        if task == "sequence-classification":
+            if self.prompt_field is not None:
+                yield "promptField", "prompt/completion fields are for task: causal-lm"
+            if self.packing:
+                yield "packing", "packing is for task: causal-lm"
+        else:
+            if self.labels is not None:
+                yield "labels", "labels are for task: sequence-classification"
+            if self.text_pair_field is not None:
+                yield "textPairField", "textPairField is for task: sequence-classification"
+            if self.packing and self.prompt_field is not None:
+                yield "packing", "packing mixes examples, so a completion-only loss is lost; use packing with textField only"

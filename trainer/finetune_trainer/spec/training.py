@@ -1,0 +1,221 @@
+"""How the model is trained: optimisation, which layers learn (freezing), LR schedule, evaluation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import SpecModel
+
+Problems = Iterator[tuple[str, str]]
+
+
+class TrainingSpec(SpecModel):
+    epochs: float | None = Field(default=None, gt=0, description="Passes over train (default 1 when maxSteps is unset).")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; wins over epochs when both are set.")
+    per_device_batch_size: int = Field(default=8, ge=1, description="Examples per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
+    learning_rate: float = Field(default=5e-5, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="Decoupled (AdamW) weight decay; not applied to biases and norms.")
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    dropout: float | None = Field(default=None, ge=0, lt=1, description="Override every dropout probability in the model config.")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables it.")
+    seed: int = Field(default=42, ge=0, description="Seeds data order, splits and new weights.")
+
+
+FreezingStrategy = Literal["none", "freezeBottom", "featureExtraction", "gradual", "patterns"]
+
+
+class FreezingSpec(SpecModel):
+    strategy: FreezingStrategy = Field(
+        default="none",
+        description=(
+            "none: every weight trains. freezeBottom: embeddings + the bottom `layers` blocks stay fixed. "
+            "featureExtraction: the whole pre-trained body stays fixed, only the task head trains. "
+            "gradual: ULMFiT-style, the head trains first and one more block from the top unfreezes every "
+            "`unfreezeEvery` steps (or every epoch). patterns: regexes over parameter names."
+        ),
+    )
+    layers: int | float | None = Field(
+        default=None, ge=0, description="freezeBottom: blocks to freeze, as a count (e.g. 4) or a fraction of all blocks (e.g. 0.5)."
+    )
+    unfreeze_every: int | Literal["epoch"] | None = Field(
+        default=None, description="gradual: steps between unfreezing one more block, or `epoch`."
+    )
+    trainable_patterns: list[str] = Field(
+        default_factory=list, description="patterns: only parameters whose name matches one of these train."
+    )
+    frozen_patterns: list[str] = Field(
+        default_factory=list, description="patterns: parameters whose name matches one of these stay fixed."
+    )
+    layer_lr_decay: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Discriminative fine-tuning: each block below the head learns at this factor times the block above it.",
+    )
+
+    def check(self) -> Problems:
+        s = self.strategy
+        if s == "freezeBottom":
+            if self.layers is None:
+                yield "layers", "freezeBottom needs layers: a count of blocks (e.g. 4) or a fraction (e.g. 0.5)"
+            elif isinstance(self.layers, float) and not self.layers < 1:
+                yield "layers", "a fraction must be below 1; write a whole number for a count of blocks"
+        elif self.layers is not None:
+            yield "layers", f"only used by strategy: freezeBottom (strategy is {s})"
+        if s == "gradual":
+            if self.unfreeze_every is None:
+                yield "unfreezeEvery", "gradual needs unfreezeEvery: a number of steps (e.g. 50) or `epoch`"
+            elif isinstance(self.unfreeze_every, int) and self.unfreeze_every < 1:
+                yield "unfreezeEvery", "must be at least 1 step"
+        elif self.unfreeze_every is not None:
+            yield "unfreezeEvery", f"only used by strategy: gradual (strategy is {s})"
+        if s == "patterns":
+            if not (self.trainable_patterns or self.frozen_patterns):
+                yield "trainablePatterns", "patterns needs trainablePatterns and/or frozenPatterns (regexes over parameter names)"
+        elif self.trainable_patterns or self.frozen_patterns:
+            where = "trainablePatterns" if self.trainable_patterns else "frozenPatterns"
+            yield where, f"only used by strategy: patterns (strategy is {s})"
+        for name, patterns in (("trainablePatterns", self.trainable_patterns), ("frozenPatterns", self.frozen_patterns)):
+            for i, pattern in enumerate(patterns):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    yield f"{name}[{i}]", f"not a valid regular expression: {exc}"
+
+    def frozen_bottom_blocks(self, num_layers: int) -> int:
+        """Layer blocks freezeBottom fixes, given the model's layer count (fractions round down)."""
+        if self.layers is None:
+            return 0
+        if isinstance(self.layers, float):
+            return int(self.layers * num_layers)
+        return self.layers
+
+
+SchedulerType = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay", "greedy",
+]
+
+# Which spec fields each transformers schedule accepts, and the keyword `get_scheduler` takes
+# them as (`scheduler_specific_kwargs`). A unit test checks this table against transformers'
+# own signatures, so a rename upstream fails a test instead of a user's run.
+SCHEDULE_OPTIONS: dict[str, dict[str, str]] = {
+    "linear": {},
+    "cosine": {"num_cycles": "num_cycles"},
+    "cosine_with_restarts": {"num_cycles": "num_cycles"},
+    "polynomial": {"power": "power", "lr_end": "lr_end"},
+    "constant": {},
+    "constant_with_warmup": {},
+    "inverse_sqrt": {"timescale": "timescale"},
+    "reduce_lr_on_plateau": {},
+    "cosine_with_min_lr": {"num_cycles": "num_cycles", "min_lr": "min_lr", "min_lr_rate": "min_lr_rate"},
+    "cosine_warmup_with_min_lr": {
+        "num_cycles": "num_cycles", "min_lr": "min_lr", "min_lr_rate": "min_lr_rate", "warmup_lr_rate": "warmup_lr_rate",
+    },
+    "warmup_stable_decay": {
+        "num_decay_steps": "num_decay_steps", "num_stable_steps": "num_stable_steps", "min_lr_ratio": "min_lr_ratio",
+        "warmup_type": "warmup_type", "decay_type": "decay_type", "num_cycles": "num_cycles",
+    },
+    "greedy": {},
+}
+# Schedules that react to the evaluation metric instead of the step count: stepped at each evaluation.
+METRIC_DRIVEN_SCHEDULES = frozenset({"reduce_lr_on_plateau", "greedy"})
+NO_WARMUP_SCHEDULES = frozenset({"constant", "reduce_lr_on_plateau", "greedy"})
+
+
+class LRScheduleSpec(SpecModel):
+    type: SchedulerType = Field(default="linear", description="Any schedule transformers' get_scheduler offers.")
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Warmup as a number of steps.")
+    num_cycles: float | None = Field(default=None, gt=0, description="cosine family, warmup_stable_decay.")
+    power: float | None = Field(default=None, gt=0, description="polynomial.")
+    lr_end: float | None = Field(default=None, ge=0, description="polynomial: final learning rate.")
+    min_lr: float | None = Field(default=None, ge=0, description="cosine_with_min_lr family: floor as a value.")
+    min_lr_rate: float | None = Field(default=None, ge=0, le=1, description="cosine_with_min_lr family: floor as a fraction of the peak.")
+    warmup_lr_rate: float | None = Field(default=None, ge=0, le=1, description="cosine_warmup_with_min_lr: starting fraction.")
+    timescale: int | None = Field(default=None, ge=1, description="inverse_sqrt.")
+    num_decay_steps: int | None = Field(default=None, ge=1, description="warmup_stable_decay (default: 10% of steps).")
+    num_stable_steps: int | None = Field(default=None, ge=0, description="warmup_stable_decay.")
+    min_lr_ratio: float | None = Field(default=None, ge=0, le=1, description="warmup_stable_decay.")
+    warmup_type: Literal["linear", "cosine", "1-sqrt"] | None = Field(default=None, description="warmup_stable_decay.")
+    decay_type: Literal["linear", "cosine", "1-sqrt"] | None = Field(default=None, description="warmup_stable_decay.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for reduce_lr_on_plateau (factor, patience, ...) and greedy.",
+    )
+
+    def check(self) -> Problems:
+        allowed = SCHEDULE_OPTIONS[self.type]
+        for field in sorted({f for opts in SCHEDULE_OPTIONS.values() for f in opts}):
+            if getattr(self, field) is not None and field not in allowed:
+                camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), field)
+                users = sorted(t for t, opts in SCHEDULE_OPTIONS.items() if field in opts)
+                yield camel, f"not used by type: {self.type}; it applies to {', '.join(users)}"
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            yield "warmupSteps", "set either warmupRatio or warmupSteps, not both"
+        if self.type in NO_WARMUP_SCHEDULES and (self.warmup_ratio or self.warmup_steps):
+            where = "warmupSteps" if self.warmup_steps else "warmupRatio"
+            yield where, f"type: {self.type} has no warmup; use constant_with_warmup or another schedule with warmup"
+        if self.options and self.type not in METRIC_DRIVEN_SCHEDULES:
+            yield "options", f"options are for reduce_lr_on_plateau and greedy; {self.type} takes typed fields"
+        if self.min_lr is not None and self.min_lr_rate is not None:
+            yield "minLr", "set either minLr or minLrRate, not both"
+        if self.type in {"cosine_with_min_lr", "cosine_warmup_with_min_lr"} and self.min_lr is None and self.min_lr_rate is None:
+            yield "minLrRate", f"{self.type} needs minLr or minLrRate"
+
+    def warmup(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round((self.warmup_ratio or 0.0) * total_steps))
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        kwargs = {kw: getattr(self, f) for f, kw in SCHEDULE_OPTIONS[self.type].items() if getattr(self, f) is not None}
+        return {**kwargs, **self.options}
+
+
+Metric = Literal["loss", "accuracy", "f1", "perplexity"]
+METRICS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "sequence-classification": ("loss", "accuracy", "f1"),
+    "causal-lm": ("loss", "perplexity"),
+}
+MAXIMIZED = frozenset({"accuracy", "f1"})
+
+
+class EarlyStoppingSpec(SpecModel):
+    patience: int = Field(default=3, ge=1, description="Evaluations without improvement before training stops.")
+    min_delta: float = Field(default=0.0, ge=0, description="Smallest change of the metric that counts as improvement.")
+
+
+class EvaluationSpec(SpecModel):
+    every_steps: int = Field(default=50, ge=1, description="Evaluate (and checkpoint) every N optimizer steps, and at the end.")
+    metrics: list[Metric] | None = Field(
+        default=None, description="Default: loss, accuracy, f1 (classification); loss, perplexity (causal-lm)."
+    )
+    metric: Metric = Field(default="loss", description="The metric that picks the best checkpoint and drives early stopping.")
+    mode: Literal["min", "max"] | None = Field(default=None, description="Default: max for accuracy/f1, min otherwise.")
+    baseline: bool = Field(default=True, description="Evaluate the pre-trained model before training, to show the gain.")
+    early_stopping: EarlyStoppingSpec | None = Field(default=None, description="Stop when the metric stops improving.")
+
+    def resolved_metrics(self, task: str) -> list[str]:
+        chosen = list(self.metrics) if self.metrics else list(METRICS_BY_TASK[task])
+        return chosen if self.metric in chosen else [*chosen, self.metric]
+
+    def resolved_mode(self) -> str:
+        return self.mode or ("max" if self.metric in MAXIMIZED else "min")
+
+    def check(self, task: str) -> Problems:
+        valid = METRICS_BY_TASK[task]
+        for i, metric in enumerate(self.metrics or []):
+            if metric not in valid:
+                yield f"metrics[{i}]", f"{metric} is not defined for task: {task}; choose from {', '.join(valid)}"
+        if self.metric not in valid:
+            yield "metric", f"{self.metric} is not defined for task: {task}; choose from {', '.join(valid)}"
+        natural = "max" if self.metric in MAXIMIZED else "min"
+        if self.mode is not None and self.mode != natural:
+            yield "mode", f"{self.metric} improves when it goes {'up' if natural == 'max' else 'down'}: mode must be {natural} (or left out)"
