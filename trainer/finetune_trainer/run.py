@@ -7,6 +7,7 @@ model -> score baseline and fine-tuned model on the test split -> results.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ if not os.environ.get("RAY_ADDRESS"):
     # torch.distributed's rendezvous (MASTER_ADDR) follows it off loopback.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import ray  # noqa: E402
+import ray
 
 from .ds_config import build_ds_config
 from .preflight import Prepared, prepare_job
@@ -131,10 +132,8 @@ def _fit_with_progress(trainer, tracker, on_progress):
 
     def poll() -> None:
         while not done.wait(0.5):
-            try:
+            with contextlib.suppress(Exception):  # a slow poll must never break the run it reports on
                 on_progress(*ray.get(tracker.snapshot.remote(), timeout=5))
-            except Exception:  # a slow poll must never break the run it reports on
-                pass
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from .base import SpecError, SpecModel
 from .model import DataSpec, ModelSpec
@@ -77,7 +77,7 @@ class FineTuneJobSpec(SpecModel):
 
 
 class Metadata(SpecModel):
-    model_config = {**SpecModel.model_config, "extra": "allow"}
+    model_config = ConfigDict(**{**SpecModel.model_config, "extra": "allow"})  # Kubernetes metadata has many more fields
     name: str = Field(min_length=1, max_length=63)
     namespace: str = Field(default="default")
     labels: dict[str, str] = Field(default_factory=dict)

@@ -172,7 +172,7 @@ class LRScheduleSpec(SpecModel):
     def warmup(self, total_steps: int) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return int(round((self.warmup_ratio or 0.0) * total_steps))
+        return round((self.warmup_ratio or 0.0) * total_steps)
 
     def scheduler_kwargs(self) -> dict[str, Any]:
         kwargs = {kw: getattr(self, f) for f, kw in SCHEDULE_OPTIONS[self.type].items() if getattr(self, f) is not None}
