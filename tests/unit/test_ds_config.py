@@ -10,20 +10,12 @@ import pytest
 
 from finetune_trainer.ds_config import build_ds_config, deep_merge, resolve_precision
 from finetune_trainer.spec import FineTuneJobSpec, SpecError, parse_job
+from tests.tiny_models import minimal_manifest
 
 
 def job_spec(**sections: dict[str, Any]) -> FineTuneJobSpec:
     """A valid minimal manifest on CPU, with whole spec sections ({"deepspeed": {...}}) given."""
-    doc = {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "unit"},
-        "spec": {
-            "model": {"source": "models/tiny", "task": "sequence-classification"},
-            "data": {"train": "data/train.jsonl", "validationSplit": 0.1},
-            **sections,
-        },
-    }
+    doc = minimal_manifest(**sections)
     return parse_job(doc).spec
 
 

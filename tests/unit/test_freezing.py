@@ -11,12 +11,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never rea
 from dataclasses import dataclass
 
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from finetune_trainer.freezing import FreezePlan, needs_layers, plan_freezing
 from finetune_trainer.layers import LayerMap, discover
 from finetune_trainer.spec import FreezingSpec, SpecError
+from tests.tiny_models import tiny_bert, tiny_llama
 
 N_LAYERS = 4
 BLOCKS = ["embeddings", "layer.0", "layer.1", "layer.2", "layer.3", "top"]  # bottom to top
@@ -41,32 +40,7 @@ class Subject:
 
 
 def _subject(kind: str) -> Subject:
-    torch.manual_seed(0)
-    if kind == "bert":
-        model = BertForSequenceClassification(
-            BertConfig(
-                vocab_size=64,
-                hidden_size=16,
-                num_hidden_layers=N_LAYERS,
-                num_attention_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=32,
-                num_labels=3,
-            )
-        )
-    else:
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=64,
-                hidden_size=16,
-                num_hidden_layers=N_LAYERS,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=32,
-                tie_word_embeddings=kind == "llama-tied",
-            )
-        )
+    model = tiny_bert(N_LAYERS) if kind == "bert" else tiny_llama(N_LAYERS, tied=kind == "llama-tied")
     return Subject(kind, [n for n, _ in model.named_parameters()], discover(model))
 
 

@@ -14,14 +14,10 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     RobertaConfig,
@@ -29,36 +25,17 @@ from transformers import (
 )
 
 from finetune_trainer.layers import LayerMap, UnmappableModel, discover
+from tests.tiny_models import SMALL, tiny_bert, tiny_llama
 
 N_LAYERS = 3
-SMALL = {"vocab_size": 64, "max_position_embeddings": 40}
 
 
 def bert(layers: int = N_LAYERS) -> nn.Module:
-    return BertForSequenceClassification(
-        BertConfig(
-            **SMALL,
-            hidden_size=16,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=3,
-        )
-    )
+    return tiny_bert(layers)
 
 
 def llama(*, tied: bool, layers: int = N_LAYERS) -> nn.Module:
-    return LlamaForCausalLM(
-        LlamaConfig(
-            **SMALL,
-            hidden_size=16,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            intermediate_size=32,
-            tie_word_embeddings=tied,
-        )
-    )
+    return tiny_llama(layers, tied=tied)
 
 
 def gpt2(layers: int = N_LAYERS) -> nn.Module:

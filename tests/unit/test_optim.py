@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from finetune_trainer.freezing import FreezePlan, plan_freezing
 from finetune_trainer.layers import discover
@@ -36,6 +35,8 @@ from finetune_trainer.spec import (
     LRScheduleSpec,
     TrainingSpec,
 )
+from tests.tiny_models import tiny_bert as shared_tiny_bert
+from tests.tiny_models import tiny_llama
 
 LR = 1e-2
 WEIGHT_DECAY = 0.1
@@ -53,36 +54,8 @@ def _one_thread():
 
 
 def tiny_bert(layers: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    return BertForSequenceClassification(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            num_labels=3,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    )
-
-
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            tie_word_embeddings=False,
-        )
-    )
+    """Without dropout, so two forward passes give the same gradients."""
+    return shared_tiny_bert(layers, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def make_plan(model: nn.Module, spec: FreezingSpec) -> FreezePlan:

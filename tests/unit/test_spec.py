@@ -22,6 +22,7 @@ from finetune_trainer.spec import (
     load_job,
     parse_job,
 )
+from tests.tiny_models import minimal_manifest
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 
@@ -42,15 +43,7 @@ def manifest(
     settings: dict[str, Any] | None = None, *, drop: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """A minimal valid classification job on CPU, with `settings` ({dotted path: value}) applied."""
-    doc: dict[str, Any] = {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "unit"},
-        "spec": {
-            "model": {"source": "models/tiny", "task": "sequence-classification"},
-            "data": {"train": "data/train.jsonl", "validationSplit": 0.1},
-        },
-    }
+    doc: dict[str, Any] = minimal_manifest()
     for dotted, value in (settings or {}).items():
         _set(doc, dotted, value)
     for dotted in drop:
