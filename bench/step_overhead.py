@@ -11,11 +11,13 @@ torch.distributed setup (Ray Train's gloo/nccl rendezvous on loopback), the same
 and GPU reservation and the same thread count; the only difference left is our trainer's code.
 (b) ours: the real path, `finetune_trainer.run.run(parse_job(manifest))`.
 
-Both sides measure tokens/s the way recipe.py does: non-pad tokens, over time spent inside the
-micro-steps only (batch built with `TokenizedSplit.batch`, host->device copy, forward, backward,
-step, `int(mask.sum())`, `loss.item()`), every step counted (recipe.py does not skip warm-up
-steps, so neither does the ratio; the reference's steady-state tokens/s after --warmup steps is
-printed for information), summed over ranks and divided by the slowest rank's time.
+Both sides measure tokens/s the way recipe.py does: non-pad tokens (counted on the host), over
+the wall time of the training loop (batch built with `TokenizedSplit.batch`, host->device copy,
+forward, backward, step, and for ours also the scheduler, unfreeze gate and progress
+bookkeeping; evaluation excluded; the device synchronised at the clock's ends), every step
+counted (recipe.py does not skip warm-up steps, so neither does the ratio; the reference's
+steady-state tokens/s after --warmup steps is printed for information), summed over ranks and
+divided by the slowest rank's time.
 Same model, data (one PreparedData from `prepare_job`), shard order, micro-batch, ZeRO stage,
 precision, AdamW (DeepSpeed `torch_adam`), lr, weight decay 0 and gradient clipping 1.0. The job
 evaluates once, after the last step (`everySteps = maxSteps`, no baseline): evaluation and
@@ -171,19 +173,26 @@ def reference_loop(config: dict[str, Any]) -> None:
     mine = order[rank::world][:usable]
     size = t.per_device_batch_size
     batches = [mine[i : i + size].tolist() for i in range(0, usable, size)][: t.max_steps]
-    tokens, times, losses = [], [], []
-    for micro in batches:
-        started = time.perf_counter()
-        batch = {k: v.to(device) for k, v in data.train.batch(micro, pad_id).items()}
+    def now() -> float:  # like recipe.py: device work queued by a step counts as that step's time
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    tokens, losses, w = [], [], config["warmup"]
+    started = warm = now()
+    for i, micro in enumerate(batches):
+        if i == w:
+            warm = now()
+        host = data.train.batch(micro, pad_id)
+        tokens.append(int(host["attention_mask"].sum()))
+        batch = {k: v.to(device) for k, v in host.items()}
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
-        tokens.append(int(batch["attention_mask"].sum()))
-        losses.append(loss.item())
-        times.append(time.perf_counter() - started)
-    w = config["warmup"]
+        losses.append(loss.detach())
+    end = now()
     stats = torch.tensor([sum(tokens), sum(tokens[w:])], dtype=torch.float64, device=device)
-    secs = torch.tensor([sum(times), sum(times[w:])], dtype=torch.float64, device=device)
+    secs = torch.tensor([end - started, end - warm], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(stats)
         dist.all_reduce(secs, op=dist.ReduceOp.MAX)
@@ -193,7 +202,7 @@ def reference_loop(config: dict[str, Any]) -> None:
             "train_tokens": stats[0].item(), "train_seconds": secs[0].item(),
             "tokens_per_second": stats[0].item() / secs[0].item(),
             "steady_tokens_per_second": stats[1].item() / max(secs[1].item(), 1e-9),
-            "steps": len(times), "last_loss": losses[-1], "precision": precision,
+            "steps": len(tokens), "last_loss": losses[-1].item(), "precision": precision,
             "peak_memory_mib": peak}))
 
 

@@ -77,6 +77,13 @@ def _metrics(task: str, loss_sum: float, count: float, confusion: torch.Tensor) 
     }
 
 
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` in direction `mode` (min/max)."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
 @dataclass
 class EarlyStopping:
     """Patience on a metric, with a minimum change that counts as improvement.
@@ -92,16 +99,10 @@ class EarlyStopping:
     bad_evals: int = 0
     history: list[float] = field(default_factory=list)
 
-    def improved(self, value: float, *, margin: float | None = None) -> bool:
-        if self.best is None:
-            return True
-        delta = self.min_delta if margin is None else margin
-        return value < self.best - delta if self.mode == "min" else value > self.best + delta
-
     def update(self, value: float) -> bool:
         """Record an evaluation; True when training should stop."""
         self.history.append(value)
-        if self.improved(value):
+        if is_better(value, self.best, self.mode, self.min_delta):
             self.best, self.bad_evals = value, 0
         else:
             self.bad_evals += 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,28 +37,38 @@ def load_tokenizer(model_dir: str, spec: ModelSpec):
     return tok
 
 
-def load_model(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropout: float | None, pad_token_id: int | None) -> nn.Module:
+def _config_and_class(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropout: float | None, pad_token_id: int | None):
+    """The model's config with the spec's overrides, and the Auto class for the task's head."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    config = AutoConfig.from_pretrained(model_dir, **common)
+    config = AutoConfig.from_pretrained(model_dir, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if dropout is not None:
         for key, value in list(config.to_dict().items()):
             if "dropout" in key and isinstance(value, float):
                 setattr(config, key, dropout)
-    if spec.task == "sequence-classification":
-        config.num_labels = num_labels or config.num_labels
-        if config.pad_token_id is None:
-            config.pad_token_id = pad_token_id
-        cls = AutoModelForSequenceClassification
-    else:
-        cls = AutoModelForCausalLM
+    if spec.task != "sequence-classification":
+        return config, AutoModelForCausalLM
+    config.num_labels = num_labels or config.num_labels
+    if config.pad_token_id is None:
+        config.pad_token_id = pad_token_id
+    return config, AutoModelForSequenceClassification
+
+
+def load_model(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropout: float | None, pad_token_id: int | None) -> nn.Module:
+    config, cls = _config_and_class(model_dir, spec, num_labels=num_labels, dropout=dropout, pad_token_id=pad_token_id)
     dtype = _DTYPES.get(spec.dtype, torch.float32)
-    model = cls.from_pretrained(model_dir, config=config, dtype=dtype, **common)
+    model = cls.from_pretrained(model_dir, config=config, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def skeleton(model_dir: str, spec: ModelSpec, *, num_labels: int | None) -> nn.Module:
+    """The model's structure without its weights (meta device): parameter names for planning."""
+    config, cls = _config_and_class(model_dir, spec, num_labels=num_labels, dropout=None, pad_token_id=None)
+    with torch.device("meta"):
+        return cls.from_config(config, trust_remote_code=spec.trust_remote_code)
 
 
 def offline_if_local(source: str) -> None:
@@ -69,17 +78,3 @@ def offline_if_local(source: str) -> None:
     if not is_hub_name(source):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def count_layers(model_dir: str) -> int | None:
-    """The layer count from config.json alone (cheap: no weights), for checks before training."""
-    import json
-
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        return None
-    config = json.loads(path.read_text())
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None

@@ -7,12 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from .data import DataError, PreparedData, prepare
 from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import UnmappableModel, discover
 from .modeling import load_tokenizer, offline_if_local, resolve_model_dir
+from .modeling import skeleton as model_skeleton
 from .recipe import steps_per_epoch
 from .sources import SourceError
 from .spec import FineTuneJob, SpecError
@@ -45,7 +44,7 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     except DataError as err:
         path, _, message = str(err).partition(": ")
         raise SpecError([(path, message or str(err))]) from None
-    skeleton = _skeleton(model_dir, job, len(data.label_names) if data.label_names else None)
+    skeleton = model_skeleton(model_dir, spec.model, num_labels=len(data.label_names) if data.label_names else None)
     names = [n for n, _ in skeleton.named_parameters()]
     t = spec.training
     workers = world_size or spec.resources.workers
@@ -56,18 +55,3 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
         raise SpecError([("spec.freezing.strategy", str(err))]) from None
     plan = plan_freezing(spec.freezing, names, layer_map, steps_per_epoch=per_epoch, model_name=type(skeleton).__name__)
     return Prepared(job, model_dir, tokenizer, data, plan, type(skeleton).__name__)
-
-
-def _skeleton(model_dir: str, job: FineTuneJob, num_labels: int | None) -> torch.nn.Module:
-    """The model's structure without its weights: parameter names for the freezing plan."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    m = job.spec.model
-    config = AutoConfig.from_pretrained(model_dir, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    if m.task == "sequence-classification":
-        config.num_labels = num_labels or config.num_labels
-        cls = AutoModelForSequenceClassification
-    else:
-        cls = AutoModelForCausalLM
-    with torch.device("meta"):
-        return cls.from_config(config, trust_remote_code=m.trust_remote_code)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
-from .evaluation import EarlyStopping, evaluate
+from .evaluation import EarlyStopping, evaluate, is_better
 from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import discover
 from .modeling import load_model
@@ -71,6 +71,7 @@ class FineTuneRecipe:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.metric_key = f"eval_{self.spec.evaluation.metric}"
+        self._last_progress = 0.0
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -140,19 +141,19 @@ class FineTuneRecipe:
             self._report(self._evaluate(), checkpoint=False, extra={"baseline": True})
         self.engine.train()
         self.gate.apply(self.step)
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []  # detached, read only when reported: no host sync per step
+        clock = time.perf_counter()  # training wall time: every step and its bookkeeping, not eval
         while self.step < self.total:
             epoch = self.step // self.per_epoch
             batches = self._epoch_batches(epoch)
             for micro in batches[(self.step % self.per_epoch) * t.gradient_accumulation_steps :]:
-                started = time.perf_counter()
-                batch = {k: v.to(self.device) for k, v in self.data.train.batch(micro, self.pad_id).items()}
+                host = self.data.train.batch(micro, self.pad_id)
+                self.tokens += int(host["attention_mask"].sum())  # counted on the host: no device sync
+                batch = {k: v.to(self.device) for k, v in host.items()}
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
                 self.engine.step()
-                self.tokens += int(batch["attention_mask"].sum())
-                losses.append(loss.item())
-                self.train_seconds += time.perf_counter() - started
+                losses.append(loss.detach())
                 if not self.engine.is_gradient_accumulation_boundary():
                     continue
                 self.step += 1
@@ -161,20 +162,25 @@ class FineTuneRecipe:
                 opened = self.gate.apply(self.step)
                 if opened and self.rank == 0:
                     print(f"[finetune] step {self.step}: unfroze {', '.join(opened)}", flush=True)
-                self._progress(np.mean(losses[-t.gradient_accumulation_steps :]))
+                self._progress(losses[-t.gradient_accumulation_steps :])
                 if self.step % ev.every_steps == 0 or self.step >= self.total:
-                    if self._evaluate_and_report(float(np.mean(losses))):
+                    self.train_seconds += self._seconds_since(clock)
+                    if self._evaluate_and_report(torch.stack(losses).mean().item()):
                         return
-                    losses = []
+                    losses, clock = [], time.perf_counter()
                 if self.step >= self.total:
                     return
+
+    def _seconds_since(self, clock: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # queued steps belong to training time, not to eval's
+        return time.perf_counter() - clock
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches for an epoch: a seeded permutation, sharded by rank."""
         t = self.spec.training
         order = np.random.default_rng(t.seed + epoch).permutation(len(self.data.train))
-        usable = (len(order) // self.world) // (t.per_device_batch_size * t.gradient_accumulation_steps)
-        usable *= t.per_device_batch_size * t.gradient_accumulation_steps
+        usable = self.per_epoch * t.per_device_batch_size * t.gradient_accumulation_steps
         mine = order[self.rank :: self.world][:usable]
         return [mine[i : i + t.per_device_batch_size].tolist() for i in range(0, usable, t.per_device_batch_size)]
 
@@ -194,7 +200,7 @@ class FineTuneRecipe:
             self.scheduler.step(metrics["eval_loss"])  # plateau-style schedules react to eval loss
             self.gate.apply(self.step)
         stop = self.stopper.update(value)
-        better = self.best is None or (value < self.best if self.stopper.mode == "min" else value > self.best)
+        better = is_better(value, self.best, self.stopper.mode)  # strictly: the export follows every gain
         if better:
             self.best, self.best_step = value, self.step
         final = stop or self.step >= self.total
@@ -273,12 +279,13 @@ class FineTuneRecipe:
     def _head_lr(self) -> float:
         return float(self.gate.optimizer.param_groups[-1]["lr"])
 
-    def _progress(self, loss: float) -> None:
+    def _progress(self, last_losses: list[torch.Tensor]) -> None:
         now = time.monotonic()
-        if self.progress is None or self.rank != 0 or now - getattr(self, "_last_progress", 0.0) < 0.5:
+        if self.progress is None or self.rank != 0 or now - self._last_progress < 0.5:
             return
         self._last_progress = now
-        self.progress.update.remote({"step": self.step, "total": self.total, "loss": float(loss), "lr": self._head_lr()})
+        loss = torch.stack(last_losses).mean().item()
+        self.progress.update.remote({"step": self.step, "total": self.total, "loss": loss, "lr": self._head_lr()})
 
     def cleanup(self) -> None:
         if self.progress is not None and self.rank == 0:
