@@ -109,3 +109,15 @@ def test_causal_lm_perplexity_falls(local_ray, tmp_path):
     before, after = r["metrics"]["validation"]["baseline"], r["metrics"]["validation"]["finetuned"]
     assert after["perplexity"] < before["perplexity"] * 0.5
     assert (r["model"] is not None) and "1 frozen" not in r["freezing"]
+
+
+def test_early_stopping_ends_the_run_and_says_so(local_ray, tmp_path):
+    """minDelta larger than any possible gain: the second trained evaluation exhausts patience 1."""
+    model_dir = tiny.make_model(tmp_path / "model", "bert")
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(300))
+    doc = tiny.manifest(tmp_path, model_dir, data, training={"maxSteps": 20},
+                        evaluation={"everySteps": 2, "earlyStopping": {"patience": 1, "minDelta": 10.0}})
+    r = _run(tmp_path, doc).results
+    assert [row["step"] for row in r["history"]] == [0, 2, 4]
+    assert r["early_stopped"] and r["steps"] == 4 and r["total_steps"] == 20
+    assert r["model"] is not None  # the best evaluation's model is still exported

@@ -59,7 +59,7 @@ def load_model(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropo
     dtype = _DTYPES.get(spec.dtype, torch.float32)
     model = cls.from_pretrained(model_dir, config=config, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
