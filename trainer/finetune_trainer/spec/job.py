@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,8 +12,11 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from .base import SpecError, SpecModel
+from .cluster import ClusterSpec, RunPolicySpec
 from .model import DataSpec, ModelSpec
 from .runtime import DeepSpeedSpec, OutputSpec, ResourcesSpec
+from .search import SearchSpec, space_problems
+from .storage import StorageSpec
 from .training import EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
 
 API_VERSION = "finetune.dev/v1alpha1"
@@ -42,6 +47,10 @@ class FineTuneJobSpec(SpecModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    search: SearchSpec | None = Field(default=None, description="Run a Ray Tune search over this spec instead of one training run.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="The Ray cluster KubeRay starts for the job (ignored by local runs).")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Suspension, deadline, retries and clean-up of the run on Kubernetes.")
+    storage: StorageSpec | None = Field(default=None, description="S3-compatible storage for checkpoints, the model and results.json; unset: output.dir on this machine.")
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field rules pydantic's per-field checks cannot see, as (yaml path, message)."""
@@ -73,7 +82,36 @@ class FineTuneJobSpec(SpecModel):
         if self.lr_schedule.type == "polynomial" and lr_end is not None and lr_end >= lr:
             # transformers raises on this when the run starts; say it at validation instead
             found.append(("spec.lrSchedule.lrEnd", f"must be below training.learningRate ({lr}): polynomial decays to lrEnd"))
+        found += [(f"spec.cluster.{path}", msg) for path, msg in self._cluster_problems()]
+        if self.search is not None:
+            found += self._search_problems(self.search, found)
         return found
+
+    def _search_problems(self, search: SearchSpec, base_problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        found = [(f"spec.search.{path}", msg) for path, msg in search.check()]
+        ev = self.evaluation
+        metric = search.resolved_metric(ev.metric)
+        if metric not in ev.resolved_metrics(self.model.task):
+            found.append(("spec.search.metric", f"{metric} is not evaluated; add it to evaluation.metrics or choose one of {', '.join(ev.resolved_metrics(self.model.task))}"))
+        natural = "max" if metric in {"accuracy", "f1"} else "min"
+        if search.mode is not None and search.mode != natural:
+            found.append(("spec.search.mode", f"{metric} improves when it goes {'up' if natural == 'max' else 'down'}: mode must be {natural} (or left out)"))
+        if not found and not base_problems:  # trial specs are only worth checking from a valid base
+            found += space_problems(search, self)
+        return found
+
+    def ray_workers_at_once(self) -> int:
+        """Ray Train workers running at the same time: one run's, or those of every concurrent trial."""
+        return self.resources.workers * (self.search.max_concurrent_trials if self.search else 1)
+
+    def _cluster_problems(self) -> Iterator[tuple[str, str]]:
+        """Only a written cluster section is checked: its defaults derive from spec.resources and fit."""
+        if "cluster" not in self.model_fields_set:
+            return iter(())
+        ds, res = self.deepspeed, self.resources
+        hungry = ("deepspeed.offloadParams" if ds.offload_params else "deepspeed.offloadOptimizer" if ds.offload_optimizer
+                  else "deepspeed.zeroStage: 3" if ds.zero_stage == 3 else None)
+        return self.cluster.check(res.workers, res.cpus_per_worker, res.gpus_per_worker, hungry)
 
 
 class Metadata(SpecModel):
@@ -123,7 +161,7 @@ def parse_job(document: dict[str, Any]) -> FineTuneJob:
 
 
 def load_document(path: str | Path) -> dict[str, Any]:
-    text = Path(path).read_text()
+    text = _source_text(path)
     try:
         docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.YAMLError as err:
@@ -132,6 +170,17 @@ def load_document(path: str | Path) -> dict[str, Any]:
     if len(jobs) != 1:
         raise SpecError([("<manifest>", f"{path} must hold exactly one {KIND} document (found {len(jobs)})")])
     return jobs[0]
+
+
+def _source_text(path: str | Path) -> str:
+    """A file, or `env:NAME`: the manifest in an environment variable (how the operator's RayJob
+    hands the FineTuneJob to the driver, without a ConfigMap or a volume)."""
+    if isinstance(path, str) and path.startswith("env:"):
+        name = path[len("env:") :]
+        if name not in os.environ:
+            raise SpecError([("<manifest>", f"environment variable {name} is not set")])
+        return os.environ[name]
+    return Path(path).read_text()
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -13,6 +13,10 @@ from .base import SpecModel
 Problems = Iterator[tuple[str, str]]
 
 
+def _camel(field: str) -> str:
+    return re.sub(r"_(\w)", lambda m: m.group(1).upper(), field)
+
+
 class TrainingSpec(SpecModel):
     epochs: float | None = Field(default=None, gt=0, description="Passes over train (default 1 when maxSteps is unset).")
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; wins over epochs when both are set.")
@@ -28,6 +32,8 @@ class TrainingSpec(SpecModel):
     seed: int = Field(default=42, ge=0, description="Seeds data order, splits and new weights.")
 
 
+# which strategy reads each strategy-specific field (the other fields apply to every strategy)
+FREEZING_FIELD_USERS = {"layers": "freezeBottom", "unfreeze_every": "gradual", "trainable_patterns": "patterns", "frozen_patterns": "patterns"}
 FreezingStrategy = Literal["none", "freezeBottom", "featureExtraction", "gradual", "patterns"]
 
 
@@ -58,28 +64,28 @@ class FreezingSpec(SpecModel):
         description="Discriminative fine-tuning: each block below the head learns at this factor times the block above it.",
     )
 
+    def unused_fields(self) -> list[str]:
+        """Fields set here that the chosen strategy does not read. A plain manifest with one is
+        an error (a typo-like mistake); a search trial drops them, so one space can mix
+        strategies (see spec/search.py)."""
+        return [f for f, user in FREEZING_FIELD_USERS.items() if user != self.strategy and getattr(self, f) not in (None, [])]
+
     def check(self) -> Problems:
         s = self.strategy
+        for field in self.unused_fields():
+            yield _camel(field), f"only used by strategy: {FREEZING_FIELD_USERS[field]} (strategy is {s})"
         if s == "freezeBottom":
             if self.layers is None:
                 yield "layers", "freezeBottom needs layers: a count of blocks (e.g. 4) or a fraction (e.g. 0.5)"
             elif isinstance(self.layers, float) and not self.layers < 1:
                 yield "layers", "a fraction must be below 1; write a whole number for a count of blocks"
-        elif self.layers is not None:
-            yield "layers", f"only used by strategy: freezeBottom (strategy is {s})"
         if s == "gradual":
             if self.unfreeze_every is None:
                 yield "unfreezeEvery", "gradual needs unfreezeEvery: a number of steps (e.g. 50) or `epoch`"
             elif isinstance(self.unfreeze_every, int) and self.unfreeze_every < 1:
                 yield "unfreezeEvery", "must be at least 1 step"
-        elif self.unfreeze_every is not None:
-            yield "unfreezeEvery", f"only used by strategy: gradual (strategy is {s})"
-        if s == "patterns":
-            if not (self.trainable_patterns or self.frozen_patterns):
-                yield "trainablePatterns", "patterns needs trainablePatterns and/or frozenPatterns (regexes over parameter names)"
-        elif self.trainable_patterns or self.frozen_patterns:
-            where = "trainablePatterns" if self.trainable_patterns else "frozenPatterns"
-            yield where, f"only used by strategy: patterns (strategy is {s})"
+        if s == "patterns" and not (self.trainable_patterns or self.frozen_patterns):
+            yield "trainablePatterns", "patterns needs trainablePatterns and/or frozenPatterns (regexes over parameter names)"
         for name, patterns in (("trainablePatterns", self.trainable_patterns), ("frozenPatterns", self.frozen_patterns)):
             for i, pattern in enumerate(patterns):
                 try:
@@ -150,20 +156,27 @@ class LRScheduleSpec(SpecModel):
         description="Extra keyword arguments for reduce_lr_on_plateau (factor, patience, ...) and greedy.",
     )
 
-    def check(self) -> Problems:
+    def unused_fields(self) -> list[str]:
+        """Fields set here that this schedule type does not read (see FreezingSpec.unused_fields)."""
         allowed = SCHEDULE_OPTIONS[self.type]
-        for field in sorted({f for opts in SCHEDULE_OPTIONS.values() for f in opts}):
-            if getattr(self, field) is not None and field not in allowed:
-                camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), field)
+        unused = [f for f in sorted({f for opts in SCHEDULE_OPTIONS.values() for f in opts}) if getattr(self, f) is not None and f not in allowed]
+        if self.type in NO_WARMUP_SCHEDULES:
+            unused += [f for f in ("warmup_ratio", "warmup_steps") if getattr(self, f)]
+        if self.options and self.type not in METRIC_DRIVEN_SCHEDULES:
+            unused.append("options")
+        return unused
+
+    def check(self) -> Problems:
+        for field in self.unused_fields():
+            if field == "options":
+                yield "options", f"options are for reduce_lr_on_plateau and greedy; {self.type} takes typed fields"
+            elif field in ("warmup_ratio", "warmup_steps"):
+                yield _camel(field), f"type: {self.type} has no warmup; use constant_with_warmup or another schedule with warmup"
+            else:
                 users = sorted(t for t, opts in SCHEDULE_OPTIONS.items() if field in opts)
-                yield camel, f"not used by type: {self.type}; it applies to {', '.join(users)}"
+                yield _camel(field), f"not used by type: {self.type}; it applies to {', '.join(users)}"
         if self.warmup_ratio is not None and self.warmup_steps is not None:
             yield "warmupSteps", "set either warmupRatio or warmupSteps, not both"
-        if self.type in NO_WARMUP_SCHEDULES and (self.warmup_ratio or self.warmup_steps):
-            where = "warmupSteps" if self.warmup_steps else "warmupRatio"
-            yield where, f"type: {self.type} has no warmup; use constant_with_warmup or another schedule with warmup"
-        if self.options and self.type not in METRIC_DRIVEN_SCHEDULES:
-            yield "options", f"options are for reduce_lr_on_plateau and greedy; {self.type} takes typed fields"
         if self.min_lr is not None and self.min_lr_rate is not None:
             yield "minLr", "set either minLr or minLrRate, not both"
         if self.type in {"cosine_with_min_lr", "cosine_warmup_with_min_lr"} and self.min_lr is None and self.min_lr_rate is None:

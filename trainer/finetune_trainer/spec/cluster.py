@@ -1,0 +1,200 @@
+"""Where a FineTuneJob runs on Kubernetes: the Ray cluster KubeRay starts for it (`spec.cluster`)
+and how long and how often it may run (`spec.runPolicy`).
+
+Local runs (`finetune run`) ignore both sections; the operator renders them into a RayJob. The
+worker group's size defaults from `spec.resources` (one pod per Ray Train worker, sized to it),
+so a manifest without a cluster section fits by construction and the examples run unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from .base import SpecModel
+
+Problems = Iterator[tuple[str, str]]
+
+TRAINER_VERSION = "0.1.0"  # the distribution's version: the trainer image is tagged with it
+DEFAULT_IMAGE = f"ghcr.io/finetune-dev/finetune-trainer:{TRAINER_VERSION}"
+RAY_VERSION = "2.60.0"  # the ray[...] pin of the trainer extra in pyproject.toml
+
+# A Kubernetes quantity as memory is written: plain bytes or a decimal/binary suffix (8Gi, 512M).
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+_SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+MANIFEST_ENV = "FINETUNE_MANIFEST"  # the FineTuneJob, as JSON, for the driver (`run env:FINETUNE_MANIFEST`)
+RESERVED_ENV = (MANIFEST_ENV,)
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what the API server accepts for container env names
+
+
+def memory_bytes(quantity: str) -> int:
+    """`8Gi` -> 8589934592; the value has already passed QUANTITY_PATTERN."""
+    match = _QUANTITY.match(quantity)
+    assert match, quantity
+    return int(float(quantity[: len(quantity) - len(match.group(2) or "")]) * _SUFFIX[match.group(2) or ""])
+
+
+def _memory(value: str | None) -> str | None:
+    if value is not None and not _QUANTITY.match(value):
+        raise ValueError("not a Kubernetes memory quantity: write e.g. 8Gi, 512Mi or 2G")
+    return value
+
+
+_MEMORY_SCHEMA = {"pattern": QUANTITY_PATTERN}
+
+
+class Toleration(SpecModel):
+    """A pod toleration, as in core/v1 (to run on tainted, e.g. GPU, nodes)."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Default: Equal.")
+    value: str | None = Field(default=None, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(default=None, ge=0, description="NoExecute: how long the pod stays after the taint appears.")
+
+
+class EnvVar(SpecModel):
+    name: str = Field(min_length=1, pattern=_ENV_NAME, description="Variable name.")
+    value: str = Field(default="", description="Literal value (secrets belong in s3CredentialsSecret, never here).")
+
+
+class S3CredentialsSecret(SpecModel):
+    """A Secret in the job's namespace; its values reach the pods as secretKeyRef env, never copied."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", min_length=1, description="Key holding the access key id.")
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY", min_length=1, description="Key holding the secret access key."
+    )
+    session_token_key: str | None = Field(default=None, description="Key holding a session token (temporary credentials).")
+
+
+class _GroupSpec(SpecModel):
+    """What the head and the worker pods share: where they may be scheduled."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
+
+
+class HeadGroupSpec(_GroupSpec):
+    cpus: float = Field(default=1, gt=0, description="CPUs of the head pod (requests = limits); Ray sees the whole part.")
+    memory: str = Field(default="4Gi", description="Memory of the head pod (requests = limits): Ray's GCS, dashboard and the driver.", json_schema_extra=_MEMORY_SCHEMA)
+    gpus: int = Field(default=0, ge=0, description="GPUs of the head pod; the head runs the driver, not the training.")
+
+    @field_validator("memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        return _memory(value)
+
+
+class WorkerGroupSpec(_GroupSpec):
+    replicas: int | None = Field(
+        default=None, ge=0, description="Worker pods KubeRay starts. Default: one per Ray Train worker running at once (resources.workers, times search.maxConcurrentTrials)."
+    )
+    min_replicas: int | None = Field(default=None, ge=0, description="Lower bound for replicas. Default: replicas.")
+    max_replicas: int | None = Field(default=None, ge=0, description="Upper bound for replicas. Default: replicas.")
+    cpus: float | None = Field(
+        default=None, gt=0, description="CPUs of each worker pod (requests = limits). Default: resources.cpusPerWorker."
+    )
+    memory: str | None = Field(
+        default=None, description="Memory of each worker pod (requests = limits), e.g. 16Gi. Default: none requested.",
+        json_schema_extra=_MEMORY_SCHEMA,
+    )
+    gpus: int | None = Field(default=None, ge=0, description="GPUs of each worker pod. Default: resources.gpusPerWorker.")
+
+    @field_validator("memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        return _memory(value)
+
+    def resolved_replicas(self, workers: int) -> int:
+        return workers if self.replicas is None else self.replicas
+
+    def resolved_cpus(self, cpus_per_worker: float) -> float:
+        # Ray counts whole CPUs: a 0.5-CPU worker still needs a pod Ray sees 1 CPU in
+        return max(1, math.ceil(cpus_per_worker)) if self.cpus is None else self.cpus
+
+    def resolved_gpus(self, gpus_per_worker: float) -> int:
+        return math.ceil(gpus_per_worker) if self.gpus is None else self.gpus
+
+
+class ClusterSpec(SpecModel):
+    image: str = Field(default=DEFAULT_IMAGE, min_length=1, description="Trainer image for the head and the workers (Ray, torch, DeepSpeed, this trainer).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Default: the Kubernetes default for the image's tag."
+    )
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Names of Secrets to pull the image with.")
+    ray_version: str = Field(default=RAY_VERSION, min_length=1, description="Ray version in the image (KubeRay's rayVersion).")
+    head: HeadGroupSpec = Field(default_factory=HeadGroupSpec, description="The Ray head pod: GCS, dashboard and the job's driver.")
+    workers: WorkerGroupSpec = Field(default_factory=WorkerGroupSpec, description="The worker pods where Ray Train workers run.")
+    gpu_resource: str = Field(default="nvidia.com/gpu", min_length=1, description="Extended resource name of a GPU.")
+    service_account_name: str | None = Field(default=None, description="Service account of the head and worker pods.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment of the head and worker containers.")
+    s3_credentials_secret: S3CredentialsSecret | None = Field(
+        default=None, description="Secret with S3 credentials, passed to the pods as env from the Secret."
+    )
+
+    def check(self, workers: int, cpus_per_worker: float, gpus_per_worker: float, memory_hungry: str | None) -> Problems:
+        """Can the worker group hold one trial's Ray Train workers? Paths are under spec.cluster.
+
+        `memory_hungry` names the DeepSpeed setting that keeps model state in CPU memory, if any.
+        """
+        group = self.workers
+        replicas = group.resolved_replicas(workers)
+        lower = replicas if group.min_replicas is None else group.min_replicas
+        upper = replicas if group.max_replicas is None else group.max_replicas
+        if lower > upper:
+            yield "workers.minReplicas", f"larger than maxReplicas ({upper})"
+        elif not lower <= replicas <= upper:
+            yield "workers.replicas", f"must lie between minReplicas ({lower}) and maxReplicas ({upper})"
+        gpus = group.resolved_gpus(gpus_per_worker)
+        if gpus_per_worker > 0 and gpus == 0:
+            yield "workers.gpus", f"resources.gpusPerWorker is {gpus_per_worker:g} but the worker pods have no GPUs; set workers.gpus (or leave it out)"
+        elif gpus_per_worker > 0 and replicas == 0:
+            yield "workers.replicas", "resources.gpusPerWorker asks for GPUs but the worker group has no pods; set workers.replicas"
+        else:
+            # Ray counts whole CPUs (num-cpus); each pod holds as many workers as its CPUs and GPUs allow
+            per_pod = math.floor(math.floor(group.resolved_cpus(cpus_per_worker)) / cpus_per_worker)
+            if gpus_per_worker > 0:
+                per_pod = min(per_pod, math.floor(gpus / gpus_per_worker))
+            if per_pod * replicas < workers:
+                need = f"{cpus_per_worker:g} CPU" + (f" + {gpus_per_worker:g} GPU" if gpus_per_worker else "")
+                yield "workers", (
+                    f"{replicas} pod(s) of {group.resolved_cpus(cpus_per_worker):g} CPU(s)"
+                    + (f" and {gpus} GPU(s)" if gpus_per_worker else "")
+                    + f" hold {per_pod * replicas} Ray Train worker(s) of {need}, but resources.workers is {workers}: "
+                    "raise workers.replicas, workers.cpus or workers.gpus"
+                )
+        names = [e.name for e in self.env]
+        reserved = set(RESERVED_ENV) | (set(S3_ENV) if self.s3_credentials_secret else set())
+        for i, name in enumerate(names):
+            if name in reserved:
+                yield f"env[{i}].name", f"{name} is set by the operator" + (" from s3CredentialsSecret" if name in S3_ENV else "")
+            elif name in names[:i]:
+                yield f"env[{i}].name", f"{name} is already set by env[{names.index(name)}]"
+        if memory_hungry and group.memory is None:
+            yield "workers.memory", (
+                f"with {memory_hungry} DeepSpeed holds model state in CPU memory: request it with workers.memory "
+                "(e.g. 16Gi), so the pods land where it fits and are not OOM-killed"
+            )
+
+
+class RunPolicySpec(SpecModel):
+    suspend: bool = Field(default=False, description="Create the RayJob suspended: no pods until this turns false.")
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the run when it has taken longer than this (cluster start included)."
+    )
+    backoff_limit: int = Field(default=0, ge=0, le=100, description="Retries of a failed run, each on a new Ray cluster.")
+    ttl_seconds_after_finished: int = Field(
+        default=300, ge=0, description="Seconds the Ray cluster (and dashboard) stays after the run ends, for logs."
+    )

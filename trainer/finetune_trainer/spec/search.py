@@ -1,0 +1,310 @@
+"""`spec.search`: a Ray Tune search over the spec itself — freezing, LR schedule, optimiser.
+
+The space maps spec paths (as `--set` writes them: `freezing.strategy`, `training.learningRate`)
+to distributions. A trial's spec is the base spec with the sampled values written in, so one
+pydantic model validates a plain run and every trial alike. Strategy- or schedule-specific fields
+a trial's choice does not read (`freezing.layers` when the trial draws `gradual`) are dropped for
+that trial rather than making the combination invalid: that is what lets one space mix strategies.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from .base import SpecModel
+
+Problems = Iterator[tuple[str, str]]
+
+# Sections a trial may vary. model/data/resources/output/evaluation fix what is compared and
+# where it runs; they stay the same for every trial.
+SEARCHABLE = ("training", "freezing", "lrSchedule", "deepspeed")
+NOT_SEARCHABLE = {
+    "training.seed": "the seed also fixes the data split, so trials would not be compared on the same data",
+}
+# Above this many combinations, a seeded sample of them is checked before the search starts.
+MAX_CHECKED_COMBINATIONS = 512
+# Integer ranges up to this size are checked (and gridded) value by value.
+MAX_ENUMERATED_INTS = 64
+
+
+KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class Distribution(SpecModel):
+    """Exactly one of the keys. Bounds are inclusive."""
+
+    choice: list[Any] | None = Field(
+        default=None, min_length=1, description="Pick one of these values (strings, numbers or booleans).",
+        json_schema_extra={"items": {"x-kubernetes-preserve-unknown-fields": True}},
+    )
+    grid: list[Any] | None = Field(
+        default=None, min_length=1,
+        description="Every one of these values, each with numTrials / (grid size) sampled trials (Ray Tune's grid_search): "
+        "so every freezing strategy gets its trials, whatever the sampler draws for the rest.",
+        json_schema_extra={"items": {"x-kubernetes-preserve-unknown-fields": True}},
+    )
+    uniform: list[float] | None = Field(default=None, min_length=2, max_length=2, description="[low, high]: uniform.")
+    loguniform: list[float] | None = Field(
+        default=None, min_length=2, max_length=2, description="[low, high]: uniform in log space (learning rates).",
+    )
+    randint: list[int] | None = Field(default=None, min_length=2, max_length=2, description="[low, high]: an integer, both ends included.")
+
+    @property
+    def kind(self) -> str:
+        return next((k for k in KINDS if getattr(self, k) is not None), "")  # "": none given, which check() reports
+
+    def check(self) -> Problems:
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            yield "", f"give exactly one of {', '.join(KINDS)} (got {', '.join(given) or 'none'})"
+            return
+        kind = given[0]
+        if kind in ("choice", "grid"):
+            for i, value in enumerate(getattr(self, kind) or []):
+                if isinstance(value, dict | list):
+                    yield f"{kind}[{i}]", "values are single values (string, number or boolean)"
+            return
+        low, high = getattr(self, kind)
+        if not low < high and not (kind == "randint" and low == high):
+            yield kind, f"low ({low}) must be below high ({high})"
+        if kind == "loguniform" and low <= 0:
+            yield kind, f"loguniform needs a positive low bound (got {low})"
+
+    def candidates(self) -> list[Any]:
+        """Values the distribution can produce that the field rules are checked against: every
+        choice and every small integer range; the two bounds of a continuous range (field limits
+        are intervals, so an interval inside them is valid when both ends are)."""
+        kind = self.kind
+        if kind in ("choice", "grid"):
+            return list(getattr(self, kind) or [])
+        low, high = getattr(self, kind)
+        if kind == "randint" and high - low < MAX_ENUMERATED_INTS:
+            return list(range(low, high + 1))
+        return [low, high]
+
+    def grid_values(self) -> list[Any] | None:
+        """All values, when the distribution is discrete; None for continuous ones."""
+        if self.kind in ("choice", "grid"):
+            return list(getattr(self, self.kind) or [])
+        if self.kind == "randint":
+            low, high = self.randint or (0, 0)
+            return list(range(low, high + 1))
+        return None
+
+
+class SchedulerSpec(SpecModel):
+    type: Literal["asha", "median", "none"] = Field(
+        default="asha", description="asha: successive halving, stops the weaker trials at each rung; median: stops a trial below the median of the others at the same step; none: every trial runs its budget.",
+    )
+    grace_period: int | None = Field(default=None, ge=1, description="Optimizer steps every trial gets before it can be stopped (default: evaluation.everySteps).")
+    reduction_factor: float = Field(default=3, gt=1, description="asha: only the top 1/reductionFactor of trials go on at each rung.")
+    max_steps: int | None = Field(default=None, ge=1, description="asha: the longest a trial can run (default: the trial's own step count).")
+
+
+class BudgetSpec(SpecModel):
+    trial_steps: int | None = Field(default=None, ge=1, description="Optimizer steps per trial (sets training.maxSteps for every trial).")
+    trial_seconds: float | None = Field(default=None, gt=0, description="Stop any trial that has trained this long.")
+    total_seconds: float | None = Field(default=None, gt=0, description="Start no new trial after this long; running ones finish their current step.")
+
+
+class SearchSpec(SpecModel):
+    algorithm: Literal["random", "grid", "tpe"] = Field(
+        default="random", description="random: independent samples; grid: every combination of discrete values; tpe: Optuna's Tree-structured Parzen Estimator, learns from finished trials.",
+    )
+    num_trials: int | None = Field(
+        default=None, ge=1, le=10000,
+        description="Trials to run (random/tpe; default 8, or the smallest multiple of the grid values' count above it). grid runs every combination once.",
+    )
+    max_concurrent_trials: int = Field(default=1, ge=1, description="Trials running at once; capped to what the Ray cluster can hold.")
+    metric: Literal["loss", "accuracy", "f1", "perplexity"] | None = Field(default=None, description="What picks the best trial (default: evaluation.metric).")
+    mode: Literal["min", "max"] | None = Field(default=None, description="Default: max for accuracy/f1, min otherwise.")
+    seed: int | None = Field(default=None, ge=0, description="Seeds the sampler (default: training.seed).")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    space: dict[str, Distribution] = Field(min_length=1, description="Spec path (e.g. freezing.strategy) to distribution.")
+
+    def resolved_metric(self, evaluation_metric: str) -> str:
+        return self.metric or evaluation_metric
+
+    def resolved_mode(self, evaluation_metric: str) -> str:
+        return self.mode or ("max" if self.resolved_metric(evaluation_metric) in {"accuracy", "f1"} else "min")
+
+    def grid_size(self) -> int:
+        return math.prod(len(d.grid_values() or []) for d in self.space.values())
+
+    def grid_points(self) -> int:
+        """Combinations of the `grid:` dimensions (1 when there are none)."""
+        return math.prod(len(d.grid or []) for d in self.space.values() if d.kind == "grid")
+
+    def resolved_num_trials(self) -> int:
+        if self.algorithm == "grid":
+            return self.grid_size()
+        points = self.grid_points()
+        return self.num_trials or points * math.ceil(8 / points)
+
+    def fixed_params(self) -> dict[str, Any]:
+        """What every trial gets besides its sampled values: the step budget, and the search metric
+        as the trial's evaluation metric, so its checkpoints, early stopping and exported model
+        follow what the search ranks by."""
+        fixed: dict[str, Any] = {"training.maxSteps": self.budget.trial_steps} if self.budget.trial_steps else {}
+        if self.metric:
+            fixed |= {"evaluation.metric": self.metric, "evaluation.mode": self.mode}
+        return fixed
+
+    def check(self) -> Problems:
+        for path, dist in self.space.items():
+            for where, message in dist.check():
+                yield f"space.{path}{'.' + where if where else ''}", message
+        if self.algorithm == "grid":
+            continuous = [p for p, d in self.space.items() if d.grid_values() is None]
+            for path in continuous:
+                yield f"space.{path}", "grid needs discrete values: use choice (or randint), or algorithm: random/tpe"
+            size = self.grid_size()
+            if not continuous and self.num_trials is not None and self.num_trials != size:
+                yield "numTrials", f"grid runs every combination once ({size}); leave numTrials out"
+        gridded = [p for p, d in self.space.items() if d.kind == "grid"]
+        if gridded and self.algorithm == "tpe":
+            yield f"space.{gridded[0]}", "tpe samples every dimension itself: use choice here (or algorithm: random)"
+        elif gridded and self.algorithm == "random" and self.num_trials and self.num_trials % self.grid_points():
+            yield "numTrials", f"must be a multiple of {self.grid_points()} (the combinations of the grid: values), so each gets the same number of trials"
+        sched = self.scheduler
+        if sched.type == "none" and sched.grace_period is not None:
+            yield "scheduler.gracePeriod", "only used by scheduler type asha or median"
+        if sched.type != "asha" and sched.max_steps is not None:
+            yield "scheduler.maxSteps", "only used by scheduler type asha"
+        if sched.max_steps and sched.grace_period and sched.grace_period > sched.max_steps:
+            yield "scheduler.gracePeriod", f"larger than scheduler.maxSteps ({sched.max_steps}): no trial could be stopped"
+        if "training.maxSteps" in self.space and self.budget.trial_steps:
+            yield "budget.trialSteps", "training.maxSteps is searched; drop one of them"
+
+
+def space_problems(search: SearchSpec, base: BaseModel) -> list[tuple[str, str]]:
+    """Every path exists and is searchable; every candidate value is valid for its field; every
+    combination (or a seeded sample, for large spaces) makes a valid trial spec."""
+    found: list[tuple[str, str]] = []
+    for path in search.space:
+        where = f"spec.search.space.{path}"
+        problem = _path_problem(type(base), path)
+        if problem:
+            found.append((where, problem))
+            continue
+        for value in search.space[path].candidates():
+            try:
+                trial_spec(base, {**search.fixed_params(), path: value})
+            except ValidationError as err:
+                found += [(where, f"{value!r} is not valid here: {err.errors()[0]['msg']}")]
+    if found:
+        return found
+    seen: set[tuple[str, str]] = set()
+    for sampled in search_combinations(search):
+        params = {**search.fixed_params(), **sampled}
+        try:
+            spec = trial_spec(base, params)
+        except ValidationError as err:
+            problem = ("spec.search.space", f"{_fmt(params)}: {_first_message(err)}")
+        else:
+            issues = spec.problems()  # type: ignore[attr-defined]
+            problem = ("spec.search.space", f"{_fmt(params)}: {issues[0][0]}: {issues[0][1]}") if issues else None
+        if problem and problem[1] not in {m for _, m in seen}:
+            seen.add(problem)
+            found.append(problem)
+    return found
+
+
+def trial_spec(base: BaseModel, params: dict[str, Any]) -> Any:
+    """The base spec with a trial's values written in and, per section, the fields that the
+    trial's strategy / schedule type do not read removed. Raises pydantic's ValidationError."""
+    document = base.model_dump(by_alias=True, mode="json", exclude_unset=True)
+    document.pop("search", None)
+    document = copy.deepcopy(document)
+    for path, value in params.items():
+        node = document
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    spec = type(base).model_validate(document, by_alias=True, by_name=False)
+    for section in ("freezing", "lr_schedule"):
+        part = getattr(spec, section)
+        unused = part.unused_fields()
+        if unused:
+            cleaned = part.model_dump(exclude=set(unused), exclude_unset=True, by_alias=True)
+            setattr(spec, section, type(part).model_validate(cleaned))
+    return spec
+
+
+def dropped_params(spec: Any, params: dict[str, Any]) -> list[str]:
+    """Searched paths a trial's spec does not use (shown as n/a in the results table)."""
+    dropped = []
+    for path in params:
+        section, _, field = path.partition(".")
+        attr = {"lrSchedule": "lr_schedule"}.get(section, section)
+        part = getattr(spec, attr, None)
+        if part is not None and field and getattr(part, _snake(field), None) in (None, []):
+            dropped.append(path)
+    return dropped
+
+
+def search_combinations(search: SearchSpec) -> Iterator[dict[str, Any]]:
+    paths = list(search.space)
+    values = [search.space[p].candidates() for p in paths]
+    total = math.prod(len(v) for v in values)
+    if total <= MAX_CHECKED_COMBINATIONS:
+        for combo in itertools.product(*values):
+            yield dict(zip(paths, combo, strict=True))
+        return
+    rng = random.Random(search.seed or 0)
+    for _ in range(MAX_CHECKED_COMBINATIONS):
+        yield {p: rng.choice(v) for p, v in zip(paths, values, strict=True)}
+
+
+def _path_problem(model: type[BaseModel], path: str) -> str | None:
+    keys = path.split(".")
+    if path in NOT_SEARCHABLE:
+        return f"cannot be searched: {NOT_SEARCHABLE[path]}"
+    if keys[0] not in SEARCHABLE:
+        return f"cannot be searched; search varies {', '.join(SEARCHABLE)} (model, data, resources and evaluation stay the same in every trial)"
+    current: Any = model
+    for i, key in enumerate(keys):
+        fields = {f.alias or name: f for name, f in current.model_fields.items()}
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            return f"{'.'.join(keys[: i + 1])} is not a field of the spec; {'.'.join(keys[:i]) or 'spec'} has: {known}"
+        annotation = fields[key].annotation
+        nested = _model_in(annotation)
+        if i < len(keys) - 1 and nested is None:
+            return f"{'.'.join(keys[: i + 1])} is a value, not a section"
+        if i == len(keys) - 1 and nested is not None:
+            return f"{path} is a section; search one of its fields, e.g. {path}.{next(iter(nested.model_fields.values())).alias}"
+        current = nested
+    return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _first_message(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str", "bool"})))
+    return f"{loc}: {e['msg']}" if loc else e["msg"]
+
+
+def _fmt(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)

@@ -1,0 +1,116 @@
+"""Where checkpoints, the exported model and results.json go when they leave this machine:
+any S3-compatible service (AWS, MinIO, SeaweedFS, Ceph RGW).
+
+Only *where* lives here. *When* to checkpoint is `evaluation.everySteps` (every evaluation writes
+one) and *how many* to keep is `output.keepCheckpoints`: both apply the same whether checkpoints go
+to a local folder or to S3, so they are not repeated here.
+
+Credentials are never part of the manifest: the trainer reads AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) from its environment, which the operator fills from
+a Kubernetes Secret.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import SpecModel
+
+# https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html (the common subset)
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_ENDPOINT = re.compile(r"^https?://[^/\s:]+(:[0-9]{1,5})?/?$")
+# keys someone might try to put credentials under (compared lowercased, without - and _)
+_SECRET_KEYS = {
+    "accesskey", "accesskeyid", "awsaccesskeyid", "secretkey", "secretaccesskey", "awssecretaccesskey",
+    "sessiontoken", "awssessiontoken", "credentials", "password", "token", "secret",
+}
+CREDENTIALS_HINT = (
+    "credentials never go in the manifest: the trainer reads AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) from its environment, which the operator fills "
+    "from a Kubernetes Secret"
+)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b/` -> ("bucket", "a/b"); raises ValueError saying what is wrong."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ValueError(f"must be an s3:// URI such as s3://my-bucket/finetune (got {uri!r})")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(
+            f"{bucket!r} is not a valid bucket name: 3-63 lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
+        )
+    prefix = prefix.strip("/")
+    if "//" in prefix or any(part in {".", ".."} for part in prefix.split("/")):
+        raise ValueError(f"the key prefix {prefix!r} has an empty, '.' or '..' segment")
+    return bucket, prefix
+
+
+class StorageSpec(SpecModel):
+    uri: str = Field(
+        description="s3://bucket/prefix: checkpoints, the exported model and results.json go under "
+        "<prefix>/<namespace>/<job name>/<run>/.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="http(s)://host:port of an S3-compatible service (MinIO, SeaweedFS, Ceph RGW); leave out for AWS S3.",
+    )
+    region: str = Field(default="us-east-1", min_length=1, description="Signing region (most S3-compatible services accept any).")
+    addressing: Literal["path", "virtual"] = Field(
+        default="path",
+        description="path: https://endpoint/bucket/key (what most S3-compatible services need); virtual: https://bucket.endpoint/key.",
+    )
+    verify_tls: bool = Field(
+        default=True,
+        description="Verify the endpoint's TLS certificate. Ray Train's checkpoint uploads (pyarrow) always verify: "
+        "for a private CA, set AWS_CA_BUNDLE rather than false.",
+    )
+    resume: str = Field(
+        default="none",
+        description="none: start fresh. latest: continue from the newest complete checkpoint of this job "
+        "(any earlier run). Or the s3:// URI of one checkpoint directory.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            found = sorted(k for k in data if isinstance(k, str) and k.lower().replace("_", "").replace("-", "") in _SECRET_KEYS)
+            if found:
+                raise ValueError(f"remove {', '.join(found)}: {CREDENTIALS_HINT}")
+        return data
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str) -> str:
+        split_s3_uri(uri)
+        return uri
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, endpoint: str | None) -> str | None:
+        if endpoint is not None and not _ENDPOINT.match(endpoint):
+            raise ValueError(f"must be http://host:port or https://host:port, without a path (got {endpoint!r})")
+        return endpoint.rstrip("/") if endpoint else endpoint
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, resume: str) -> str:
+        if resume not in {"none", "latest"}:
+            try:
+                split_s3_uri(resume)
+            except ValueError as err:
+                raise ValueError(f"must be none, latest or the s3:// URI of a checkpoint: {err}") from None
+        return resume
+
+    @property
+    def bucket(self) -> str:
+        return split_s3_uri(self.uri)[0]
+
+    @property
+    def prefix(self) -> str:
+        return split_s3_uri(self.uri)[1]
