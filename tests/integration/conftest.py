@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration.s3_fixtures import s3_server, s3_spec  # noqa: F401  (session S3 server: SeaweedFS on loopback)
+
 
 @pytest.fixture(scope="session")
 def local_ray():
