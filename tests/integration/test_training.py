@@ -40,6 +40,9 @@ def test_zero_fine_tune_learns_keeps_frozen_weights_and_reloads(local_ray, tmp_p
     # every evaluation reported, the first one the untouched model; a checkpoint for each after it
     steps = [row["step"] for row in r["history"]]
     assert steps == [0, 5, 10, 15, 20] and r["history"][0]["baseline"]
+    status = json.loads((result.run_dir.parent / "status.json").read_text())  # what the operator reads
+    assert (status["state"], status["kind"], status["step"], status["totalSteps"]) == ("finished", "single", 20, 20)
+    assert status["bestTrial"]["value"] == r["best"]["value"] and status["bestCheckpoint"] == r["best"]["checkpoint"]
     assert len([p for p in result.run_dir.glob("checkpoint_*") if p.is_dir()]) == 4
     # it learned: validation loss fell, accuracy beat chance
     before, after = r["metrics"]["validation"]["baseline"], r["history"][-1]

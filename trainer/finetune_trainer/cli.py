@@ -52,7 +52,7 @@ def _validate(job, *, static: bool) -> int:
 
 
 def _run(job, *, progress: bool) -> int:
-    from .report import LiveProgress, print_summary
+    from .report import LiveProgress, print_search_summary, print_summary
     from .run import run
 
     live = LiveProgress() if progress else None
@@ -67,7 +67,7 @@ def _run(job, *, progress: bool) -> int:
         return EXIT_FAILED
     if live:
         live.stop()
-    print_summary(result.results, result.run_dir)
+    (print_search_summary if result.results.get("kind") == "search" else print_summary)(result.results, result.run_dir)
     return 0
 
 

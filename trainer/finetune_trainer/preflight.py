@@ -15,6 +15,7 @@ from .modeling import skeleton as model_skeleton
 from .recipe import steps_per_epoch
 from .sources import SourceError
 from .spec import FineTuneJob, SpecError
+from .spec.search import search_combinations, trial_spec
 
 
 @dataclass
@@ -50,8 +51,40 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     workers = world_size or spec.resources.workers
     per_epoch = steps_per_epoch(len(data.train), workers, t.per_device_batch_size, t.gradient_accumulation_steps)
     try:
-        layer_map = discover(skeleton) if needs_layers(spec.freezing) else None
+        layer_map = discover(skeleton)
     except UnmappableModel as err:
-        raise SpecError([("spec.freezing.strategy", str(err))]) from None
-    plan = plan_freezing(spec.freezing, names, layer_map, steps_per_epoch=per_epoch, model_name=type(skeleton).__name__)
+        layer_map, unmappable = None, str(err)
+    else:
+        unmappable = None
+
+    def plan_for(freezing) -> FreezePlan:
+        if unmappable and needs_layers(freezing):
+            raise SpecError([("spec.freezing.strategy", unmappable)])
+        return plan_freezing(freezing, names, layer_map, steps_per_epoch=per_epoch, model_name=type(skeleton).__name__)
+
+    plan = plan_for(spec.freezing)
+    if spec.search is not None:
+        _check_trial_plans(job, plan_for)
     return Prepared(job, model_dir, tokenizer, data, plan, type(skeleton).__name__)
+
+
+def _check_trial_plans(job: FineTuneJob, plan_for) -> None:
+    """Every freezing section the search can produce fits this model (e.g. freezing.layers is not
+    above its layer count), so no trial fails minutes into the search for a reason known now."""
+    search = job.spec.search
+    assert search is not None
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for sampled in search_combinations(search):
+        freezing = trial_spec(job.spec, {**search.fixed_params(), **sampled}).freezing
+        key = freezing.model_dump_json()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            plan_for(freezing)
+        except SpecError as err:
+            used = {k: v for k, v in sampled.items() if k.startswith("freezing.")}
+            problems += [("spec.search.space", f"{', '.join(f'{k}={v!r}' for k, v in used.items())}: {path}: {msg}") for path, msg in err.problems]
+    if problems:
+        raise SpecError(problems)

@@ -18,6 +18,7 @@ is Ray's, and a plain loop keeps per-step overhead at that of raw DeepSpeed (ben
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -68,6 +69,7 @@ class FineTuneRecipe:
         self.pad_id: int = config["pad_token_id"]
         self.num_labels = len(self.data.label_names) if self.data.label_names else None
         self.progress = config.get("progress")
+        self.trial: str | None = config.get("trial")  # set when this run is one trial of a search
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.metric_key = f"eval_{self.spec.evaluation.metric}"
@@ -216,6 +218,7 @@ class FineTuneRecipe:
         import ray.train
 
         row = {
+            **({"trial": self.trial} if self.trial else {}),
             "step": self.step,
             "epoch": self.step / self.per_epoch,
             "learning_rate": self._head_lr(),
@@ -285,14 +288,16 @@ class FineTuneRecipe:
             return
         self._last_progress = now
         loss = torch.stack(last_losses).mean().item()
-        self.progress.update.remote({"step": self.step, "total": self.total, "loss": loss, "lr": self._head_lr()})
+        self.progress.update.remote({"trial": self.trial, "step": self.step, "total": self.total, "loss": loss, "lr": self._head_lr()})
 
     def cleanup(self) -> None:
         if self.progress is not None and self.rank == 0:
-            self.progress.update.remote({"step": self.step, "total": self.total})
+            self.progress.update.remote({"trial": self.trial, "step": self.step, "total": self.total})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    # Ray Train logs every report and checkpoint of every rank at INFO; our own rows say the same once
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     recipe = FineTuneRecipe(config)
     try:
         recipe.setup()

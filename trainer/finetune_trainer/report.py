@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,40 +12,48 @@ from rich.table import Table
 
 
 def format_row(row: dict[str, Any]) -> str:
+    trial = f"{row['trial']} " if row.get("trial") else ""
+    if "event" in row:
+        return f"[search] {trial}{row['event']}"
     label = "baseline" if row.get("baseline") else f"step {row['step']}"
     metrics = "  ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("eval_") and isinstance(v, float))
     train = f"  train_loss={row['train_loss']:.4f}" if isinstance(row.get("train_loss"), float) else ""
-    return f"[eval] {label}: {metrics}{train}"
+    return f"[eval] {trial}{label}: {metrics}{train}"
 
 
 class LiveProgress:
     def __init__(self) -> None:
-        self.console = Console()
+        self.console = _console()
         self.progress = Progress(
-            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
         )
-        self.task = None
+        self.tasks: dict[str | None, Any] = {}
         self.printed = 0
 
     def update(self, latest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """`latest` is one run's step progress, or {"trials": {name: progress}} for a search (a bar per trial)."""
         for row in rows[self.printed :]:
-            self.progress.console.print(format_row(row))
+            self.progress.console.print(format_row(row), markup=False, highlight=False)
+            if "event" in row and row.get("trial") in self.tasks and "stopped" in row["event"]:
+                self.progress.update(self.tasks[row["trial"]], info="stopped by the scheduler")
+                self.progress.stop_task(self.tasks[row["trial"]])
         self.printed = len(rows)
-        if not latest:
-            return
-        if self.task is None:
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=latest["total"], info="")
-        info = f"loss {latest['loss']:.4f}  lr {latest['lr']:.2e}" if "loss" in latest else ""
-        self.progress.update(self.task, completed=latest["step"], info=info)
+        for progress in (latest["trials"].values() if "trials" in latest else [latest] if latest else []):
+            name = progress.get("trial")
+            if name not in self.tasks:
+                if not self.tasks:
+                    self.progress.start()
+                self.tasks[name] = self.progress.add_task(name or "train", total=progress["total"], info="", label=name or "training")
+            info = f"loss {progress['loss']:.4f}  lr {progress['lr']:.2e}" if "loss" in progress else ""
+            self.progress.update(self.tasks[name], completed=progress["step"], info=info)
 
     def stop(self) -> None:
         self.progress.stop()
 
 
 def print_summary(results: dict[str, Any], run_dir: Path) -> None:
-    console = Console()
+    console = _console()
     table = Table(title=f"{results['job']} — {results['run']}")
     table.add_column("split")
     table.add_column("metric")
@@ -69,6 +78,50 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
     if best:
         console.print(f"best: step {best['step']} {best['metric']}={best['value']:.4f}")
     console.print(f"model: {results['model']}\nresults: {run_dir / 'results.json'}")
+
+
+def print_search_summary(results: dict[str, Any], run_dir: Path) -> None:
+    from .search_results import fmt_params
+
+    console = _console()
+    search = results["search"]
+    metric = search["metric"][5:]
+    table = Table(title=f"{results['job']} — {results['run']}: {search['trials']} trials, {search['algorithm']} search, {search['scheduler']} scheduler")
+    for column in ("trial", "parameters", f"best {metric}", "steps", "status", "checkpoint"):
+        table.add_column(column, justify="right" if column in {f"best {metric}", "steps"} else "left", overflow="fold")
+    reverse = search["mode"] == "max"
+    ranked = sorted(results["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0) if reverse else (t["value"] or 0)))
+    best = results.get("best") or {}
+    for t in ranked:
+        mark = " *" if t["trial"] == best.get("trial") else ""
+        checkpoint = _relative(t["checkpoint"], run_dir) if t["checkpoint"] else "—"
+        status = t["status"] + (f": {t['error']}" if t.get("error") else "")
+        table.add_row(t["trial"] + mark, fmt_params(t["params"], t["unused_params"]), _fmt(t["value"]), f"{t['steps']}/{t['total_steps']}", status, checkpoint)
+    console.print(table)
+    if best:
+        unused = next((t["unused_params"] for t in results["trials"] if t["trial"] == best["trial"]), [])
+        shown = {k: v for k, v in best["params"].items() if k not in unused}
+        console.print(f"best: {best['trial']} at step {best['step']}: {metric}={best['value']:.4f} ({fmt_params(shown)})")
+    val, test = results["metrics"]["validation"], results["metrics"]["test"]
+    for split, pair in (("validation", val), ("test", test)):
+        before, after = pair.get("baseline") or {}, pair.get("finetuned") or {}
+        shown = [m for m in sorted(set(before) | set(after)) if m not in {"examples", "tokens"}]
+        if shown:
+            console.print(f"{split}: " + "  ".join(f"{m} {_fmt(before.get(m))} -> {_fmt(after.get(m))}" for m in shown))
+    console.print(f"trial-steps spent: {search['trial_steps']} · {_fmt(results['timings']['total_seconds'], 1)} s total")
+    console.print(f"model: {results['model']}\nplots: {', '.join(results.get('plots') or []) or '—'}\nresults: {run_dir / 'results.json'}")
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def _console() -> Console:
+    """A terminal's own width; in a log (CI, kubectl logs) wide enough that tables do not wrap."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -27,7 +27,9 @@ if not os.environ.get("RAY_ADDRESS"):
 
 import ray
 
+from . import job_status
 from .ds_config import build_ds_config
+from .job_status import StatusPublisher
 from .preflight import Prepared, prepare_job
 from .recipe import MODEL_DIR, total_steps, train_loop_per_worker
 from .spec import FineTuneJob
@@ -37,20 +39,26 @@ RESULTS_FILE = "results.json"
 
 @ray.remote(num_cpus=0)
 class ProgressTracker:
-    """Rank 0 sends step progress and every reported row here; the driver polls it."""
+    """Rank 0 of every run (or trial) sends step progress and each reported row here; the driver polls it."""
 
     def __init__(self) -> None:
         self.latest: dict[str, Any] = {}
+        self.by_trial: dict[str, dict[str, Any]] = {}
         self.rows: list[dict[str, Any]] = []
 
     def update(self, progress: dict[str, Any]) -> None:
         self.latest = progress
+        if progress.get("trial"):
+            self.by_trial[progress["trial"]] = progress
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
     def snapshot(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         return self.latest, self.rows
+
+    def trials(self) -> dict[str, dict[str, Any]]:
+        return self.by_trial
 
 
 @dataclass
@@ -77,45 +85,71 @@ def init_ray() -> None:
 
 
 def run(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None) -> RunResult:
+    if job.spec.search is not None:
+        from .tuning import run_search
+
+        return run_search(job, on_progress=on_progress, run_id=run_id)
     started = time.time()
     prepared = prepare_job(job)
     preflight_seconds = time.time() - started
     init_ray()
     spec = job.spec
-    run_id = run_id or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+    run_id = run_id or new_run_id()
     job_dir = Path(spec.output.dir).resolve() / job.name
     tracker = ProgressTracker.remote()
-    trainer = _trainer(prepared, job_dir, run_id, tracker)
-    result = _fit_with_progress(trainer, tracker, on_progress)
+    publisher = StatusPublisher(job_status.local_writer(job_dir))
+    trainer = make_trainer(job, shared_config(prepared, tracker), storage_path=job_dir, name=run_id)
+    listeners = [_status_listener(job, run_id, publisher), *([on_progress] if on_progress else [])]
+    try:
+        result = fit_polling(trainer.fit, lambda: ray.get(tracker.snapshot.remote(), timeout=5), listeners)
+    except BaseException:
+        publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="failed"))
+        raise
     _, rows = ray.get(tracker.snapshot.remote())
     run_dir = job_dir / run_id
-    model_dir, best = _export_best(result, prepared, run_dir)
-    test = _score_test(prepared, model_dir) if prepared.data.test is not None else {}
+    checkpoints = [(c.path, m) for c, m in (result.best_checkpoints or [])]
+    best = best_checkpoint(job, checkpoints)
+    model_dir = export_model(job, checkpoints, prepared, run_dir) if best else None
+    test = score_test(prepared, model_dir) if prepared.data.test is not None else {}
     results = _results(prepared, rows, best, test, model_dir, run_dir, started, preflight_seconds)
-    _write_json(run_dir / RESULTS_FILE, results)
+    write_json(run_dir / RESULTS_FILE, results)
+    final = rows[-1] if rows else {}
+    best_trial = {"name": run_id, "metric": best["metric"], "value": best["value"], "step": best["step"], "params": {}, "checkpoint": best["checkpoint"]} if best else None
+    publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="finished", trials={run_id: "completed"},
+                                          step=final.get("step"), total_steps=results["total_steps"], best=best_trial,
+                                          model=str(model_dir) if model_dir else None))
     return RunResult(run_dir, results)
 
 
-def _trainer(prepared: Prepared, job_dir: Path, run_id: str, tracker):
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+
+
+def shared_config(prepared: Prepared, tracker) -> dict[str, Any]:
+    """What every worker of every run or trial reads besides its job: one copy of the data in the object store."""
+    return {
+        "model_dir": prepared.model_dir,
+        "data": ray.put(prepared.data),
+        "pad_token_id": prepared.tokenizer.pad_token_id,
+        "progress": tracker,
+    }
+
+
+def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, storage_path: Path, name: str, callbacks: list | None = None, trial: str | None = None):
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    spec = prepared.job.spec
+    spec = job.spec
     res = spec.resources
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": prepared.job.model_dump(by_alias=True, mode="json"),
-            "model_dir": prepared.model_dir,
-            "data": ray.put(prepared.data),
-            "pad_token_id": prepared.tokenizer.pad_token_id,
-            "progress": tracker,
-        },
+        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
         run_config=RunConfig(
-            name=run_id,
-            storage_path=str(job_dir),
+            name=name,
+            storage_path=str(storage_path),
+            callbacks=callbacks or None,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.output.keep_checkpoints,
                 checkpoint_score_attribute=f"eval_{spec.evaluation.metric}",
@@ -125,53 +159,85 @@ def _trainer(prepared: Prepared, job_dir: Path, run_id: str, tracker):
     )
 
 
-def _fit_with_progress(trainer, tracker, on_progress):
-    if on_progress is None:
-        return trainer.fit()
+def fit_polling(fit: Callable[[], Any], snapshot: Callable[[], tuple[dict, list]], listeners: list[Callable[[dict, list], None]]):
+    """fit() while a thread hands a progress snapshot to every listener each 0.5 s, and once at the end."""
+
+    def tell() -> None:
+        latest, rows = snapshot()
+        for listener in listeners:
+            listener(latest, rows)
+
     done = threading.Event()
 
     def poll() -> None:
         while not done.wait(0.5):
             with contextlib.suppress(Exception):  # a slow poll must never break the run it reports on
-                on_progress(*ray.get(tracker.snapshot.remote(), timeout=5))
+                tell()
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
     try:
-        return trainer.fit()
+        return fit()
     finally:
         done.set()
         thread.join()
-        on_progress(*ray.get(tracker.snapshot.remote()))
+        with contextlib.suppress(Exception):
+            tell()
 
 
-def _export_best(result, prepared: Prepared, run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
-    """Copy the best checkpoint's Hugging Face model next to results.json, atomically."""
-    spec = prepared.job.spec
-    key = f"eval_{spec.evaluation.metric}"
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("has_model")]
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if key in m]
-    pick = min if spec.evaluation.resolved_mode() == "min" else max
+def _status_listener(job: FineTuneJob, run_id: str, publisher: StatusPublisher) -> Callable[[dict, list], None]:
+    """status.json for a single run: its step, and its best evaluation so far; written when a new
+    evaluation arrives or 10 s have passed, not at every poll."""
+    key, mode = f"eval_{job.spec.evaluation.metric}", job.spec.evaluation.resolved_mode()
+    last: dict[str, Any] = {"rows": -1, "at": 0.0}
+
+    def listen(latest: dict, rows: list) -> None:
+        if len(rows) == last["rows"] and time.monotonic() - last["at"] < 10:
+            return
+        last.update(rows=len(rows), at=time.monotonic())
+        scored = [r for r in rows if key in r and not r.get("baseline")]
+        top = (min if mode == "min" else max)(scored, key=lambda r: r[key]) if scored else None
+        best = {"name": run_id, "metric": key, "value": top[key], "step": top["step"], "params": {}, "checkpoint": None} if top else None
+        publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="running", step=latest.get("step"),
+                                              total_steps=latest.get("total"), best=best))
+
+    return listen
+
+
+def best_checkpoint(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The checkpoint with the best evaluation.metric among (path, reported metrics) pairs."""
+    ev = job.spec.evaluation
+    key = f"eval_{ev.metric}"
+    scored = [(path, m) for path, m in checkpoints if key in m]
     if not scored:
-        return None, {}
-    checkpoint, metrics = pick(scored, key=lambda cm: cm[1][key])
-    best = {"step": metrics["step"], "metric": key, "value": metrics[key], "checkpoint": checkpoint.path, "metrics": metrics}
+        return {}
+    pick = min if ev.resolved_mode() == "min" else max
+    path, metrics = pick(scored, key=lambda pm: pm[1][key])
+    return {"step": metrics["step"], "metric": key, "value": metrics[key], "checkpoint": path, "metrics": metrics}
+
+
+def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]], prepared: Prepared, run_dir: Path) -> Path | None:
+    """Copy the chosen checkpoint's Hugging Face model next to results.json, atomically."""
+    from ray.train import Checkpoint
+
+    spec = job.spec
+    candidates = [(path, m) for path, m in checkpoints if m.get("has_model")]
     if spec.output.export == "none" or not candidates:
-        return None, best
+        return None
     if spec.output.export == "last":
-        checkpoint, metrics = max(candidates, key=lambda cm: cm[1]["step"])
+        path = max(candidates, key=lambda pm: pm[1]["step"])[0]
     else:
-        checkpoint, metrics = pick(candidates, key=lambda cm: cm[1][key])
+        path = best_checkpoint(job, candidates)["checkpoint"]
     target, partial = run_dir / MODEL_DIR, run_dir / (MODEL_DIR + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with checkpoint.as_directory() as folder:
+    with Checkpoint(path).as_directory() as folder:
         shutil.copytree(Path(folder) / MODEL_DIR, partial)
     prepared.tokenizer.save_pretrained(partial)
     if prepared.data.label_names:
         _label_names_into_config(partial / "config.json", prepared.data.label_names)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    return target, best
+    return target
 
 
 def _label_names_into_config(config_path: Path, names: list[str]) -> None:
@@ -182,7 +248,7 @@ def _label_names_into_config(config_path: Path, names: list[str]) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def _score_test(prepared: Prepared, model_dir: Path | None) -> dict[str, dict[str, float]]:
+def score_test(prepared: Prepared, model_dir: Path | None) -> dict[str, dict[str, float]]:
     """Baseline and fine-tuned model on the test split, as one Ray task with a worker's resources."""
     from .scoring import score_models
 
@@ -227,7 +293,7 @@ def _results(prepared, rows, best, test, model_dir, run_dir, started, preflight_
     }
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(payload, indent=2, default=str))

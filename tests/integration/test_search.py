@@ -1,0 +1,158 @@
+"""Real Ray Tune searches whose trials are real Ray Train + DeepSpeed runs of tiny models on CPU."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_trainer.spec import SpecError, parse_job
+
+from . import tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _tune_reports(run_dir: Path) -> dict[str, list[dict]]:
+    """What Tune itself wrote for each trial (result.json, one JSON line per report): a record
+    independent of our results.json, to check that against."""
+    reports = {}
+    for trial_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("trial_")):
+        lines = (trial_dir / "result.json").read_text().splitlines()
+        reports[trial_dir.name] = [json.loads(line) for line in lines if line.strip()]
+    return reports
+
+
+@pytest.fixture(scope="module")
+def grid_search(local_ray, tmp_path_factory):
+    """4 trials (learning rate x freezing), ASHA, 2 at a time on 2 CPUs (1 worker x 1 CPU each).
+
+    Tune's grid varies the first dimension fastest, so the trials run in pairs of one learning
+    rate that learns (5e-3) and one that cannot (1e-6): whatever order the pair reports in, the
+    second pair's 1e-6 trial is below the rung's median loss and ASHA stops it."""
+    from finetune_trainer.run import run
+
+    tmp = tmp_path_factory.mktemp("grid")
+    model = tiny.make_model(tmp / "model", "bert", layers=2)
+    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
+    doc = tiny.manifest(
+        tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": 12}, evaluation={"everySteps": 3, "metric": "loss"},
+        resources={"workers": 1, "cpusPerWorker": 1},
+        search={
+            "algorithm": "grid", "maxConcurrentTrials": 2,
+            "scheduler": {"type": "asha", "gracePeriod": 3, "reductionFactor": 2},
+            "space": {"training.learningRate": {"choice": [1e-6, 5e-3]},
+                      "freezing.strategy": {"choice": ["none", "featureExtraction"]}},
+        },
+    )
+    return run(parse_job(doc))
+
+
+def test_grid_runs_every_combination_once(grid_search):
+    trials = grid_search.results["trials"]
+    combos = sorted((t["params"]["freezing.strategy"], t["params"]["training.learningRate"]) for t in trials)
+    assert combos == sorted(itertools.product(["none", "featureExtraction"], [1e-6, 5e-3]))
+
+
+def test_asha_stops_trials_and_they_keep_their_last_checkpoint(grid_search):
+    trials = grid_search.results["trials"]
+    stopped = [t for t in trials if t["status"] == "stopped by scheduler"]
+    finished = [t for t in trials if t["status"] == "finished"]
+    assert stopped and finished, [(t["trial"], t["status"], t["steps"]) for t in trials]
+    assert all(t["steps"] < 12 for t in stopped) and all(t["steps"] == 12 for t in finished)
+    spent = grid_search.results["search"]["trial_steps"]
+    assert spent == sum(t["steps"] for t in trials) < 4 * 12
+    reports = _tune_reports(grid_search.run_dir)
+    for t in stopped:
+        last = reports[t["trial"]][-1]
+        assert last["step"] == t["steps"]
+        # the checkpoint of the last evaluation a stopped trial reached is still there, complete
+        state = json.loads((Path(last["checkpoint_path"]) / "trainer_state.json").read_text())
+        assert state["step"] == t["steps"]
+
+
+def test_best_trial_is_the_one_with_the_best_reported_metric(grid_search):
+    reports = _tune_reports(grid_search.run_dir)
+    evals = [(r["eval_loss"], name, r["step"]) for name, rows in reports.items() for r in rows if not r.get("baseline")]
+    top = min(v for v, _, _ in evals)
+    best = grid_search.results["best"]
+    assert best["value"] == pytest.approx(top)
+    assert (best["value"], best["trial"], best["step"]) in [(v, n, s) for v, n, s in evals if v == top]
+    # its model is exported, reloads with the label names, and was scored on the test split
+    model_dir = Path(grid_search.results["model"])
+    config = json.loads((model_dir / "config.json").read_text())
+    assert set(config["id2label"].values()) == {"neg", "pos"}
+    test = grid_search.results["metrics"]["test"]
+    assert set(test) == {"baseline", "finetuned"} and test["finetuned"]["loss"] < test["baseline"]["loss"]
+
+
+def test_status_json_tells_the_operator_what_happened(grid_search):
+    status = json.loads((grid_search.run_dir.parent / "status.json").read_text())
+    trials = grid_search.results["trials"]
+    assert status["state"] == "finished" and status["kind"] == "search" and status["run"] == grid_search.run_dir.name
+    counts = status["trials"]
+    assert counts["total"] == 4 and counts["running"] == 0 and counts["failed"] == 0
+    assert counts["completed"] == sum(t["status"] == "finished" for t in trials)
+    assert counts["stopped"] == sum(t["status"] == "stopped by scheduler" for t in trials)
+    best = grid_search.results["best"]
+    assert status["bestTrial"]["name"] == best["trial"] and status["bestTrial"]["value"] == best["value"]
+    assert status["bestCheckpoint"] == best["checkpoint"] and status["model"] == grid_search.results["model"]
+
+
+def test_two_trials_ran_at_once_on_two_cpus_and_never_three(grid_search):
+    reports = _tune_reports(grid_search.run_dir)
+    spans = [(rows[0]["timestamp"], rows[-1]["timestamp"]) for rows in reports.values()]
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running, most = 0, 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    assert most == 2, spans
+    assert grid_search.results["search"]["max_concurrent_trials"] == 2
+
+
+def test_results_table_and_plots(grid_search):
+    results = json.loads((grid_search.run_dir / "results.json").read_text())
+    for trial in results["trials"]:
+        assert {"trial", "params", "value", "steps", "status", "checkpoint"} <= set(trial)
+    assert results["best"]["trial"] in {t["trial"] for t in results["trials"]}
+    for plot in results["plots"]:
+        data = Path(plot).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+
+
+def test_tpe_samples_inside_the_bounds(local_ray, tmp_path):
+    from finetune_trainer.run import run
+
+    model = tiny.make_model(tmp_path / "model", "bert", layers=2)
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(200))
+    doc = tiny.manifest(
+        tmp_path, model, data, training={"maxSteps": 4}, evaluation={"everySteps": 2, "baseline": False},
+        resources={"workers": 1, "cpusPerWorker": 1},
+        search={"algorithm": "tpe", "numTrials": 3, "maxConcurrentTrials": 2, "scheduler": {"type": "none"},
+                "space": {"training.learningRate": {"loguniform": [1e-4, 1e-2]}, "freezing.layerLrDecay": {"uniform": [0.5, 1.0]}}},
+    )
+    results = run(parse_job(doc)).results
+    assert len(results["trials"]) == 3 and results["search"]["algorithm"] == "tpe"
+    for t in results["trials"]:
+        assert t["status"] == "finished" and t["steps"] == 4
+        assert 1e-4 <= t["params"]["training.learningRate"] <= 1e-2
+        assert 0.5 <= t["params"]["freezing.layerLrDecay"] <= 1.0
+    assert len({t["params"]["training.learningRate"] for t in results["trials"]}) == 3
+
+
+def test_a_space_the_model_cannot_take_fails_before_any_trial(tmp_path):
+    from finetune_trainer.run import run
+
+    model = tiny.make_model(tmp_path / "model", "bert", layers=2)
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(100))
+    doc = tiny.manifest(tmp_path, model, data, search={"space": {
+        "freezing.strategy": {"choice": ["freezeBottom"]}, "freezing.layers": {"randint": [1, 3]}}})
+    with pytest.raises(SpecError) as err:
+        run(parse_job(doc))
+    assert err.value.problems == [("spec.search.space", "freezing.strategy='freezeBottom', freezing.layers=3: spec.freezing.layers: 3 exceeds the 2 layers of BertForSequenceClassification; use at most 2 or a fraction like 0.5")]
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written

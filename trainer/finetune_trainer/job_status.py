@@ -1,0 +1,82 @@
+"""status.json: the small progress object the operator mirrors into `FineTuneJob.status`.
+
+The driver writes it next to the job's runs (a local folder, or the job's S3 prefix) whenever a
+trial starts or ends and at every evaluation. The operator reads it on a timer, so training pods
+need no Kubernetes API rights at all. Its shape is a contract with
+finetune_operator (see the progress reader there); keys are camelCase like the status they feed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+STATUS_FILE = "status.json"
+
+
+def snapshot(
+    job_name: str,
+    run_id: str,
+    *,
+    kind: str,
+    state: str,
+    trials: dict[str, str] | None = None,
+    total_trials: int = 1,
+    step: int | None = None,
+    total_steps: int | None = None,
+    best: dict[str, Any] | None = None,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """`trials` maps each started trial to running / completed / stopped / failed."""
+    states = list((trials or {}).values())
+    return {
+        "job": job_name,
+        "run": run_id,
+        "updated": datetime.now(UTC).isoformat(),
+        "state": state,
+        "kind": kind,
+        "trials": {
+            "total": total_trials,
+            "completed": states.count("completed"),
+            "running": states.count("running"),
+            "stopped": states.count("stopped"),
+            "failed": states.count("failed"),
+        },
+        "step": step,
+        "totalSteps": total_steps,
+        "bestTrial": best,
+        "bestCheckpoint": (best or {}).get("checkpoint"),
+        "model": model,
+    }
+
+
+class StatusPublisher:
+    """Best effort: a status write that fails is reported once and never stops training."""
+
+    def __init__(self, write: Callable[[dict[str, Any]], None]):
+        self.write = write
+        self.warned = False
+
+    def publish(self, status: dict[str, Any]) -> None:
+        try:
+            self.write(status)
+        except Exception as err:  # a full disk or a storage hiccup must not end a run
+            if not self.warned:
+                print(f"[finetune] could not write {STATUS_FILE} ({err}); training continues", file=sys.stderr, flush=True)
+                self.warned = True
+
+
+def local_writer(job_dir: Path) -> Callable[[dict[str, Any]], None]:
+    """Atomic on one filesystem: readers see the old object or the new one, whole."""
+
+    def write(status: dict[str, Any]) -> None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        tmp = job_dir / (STATUS_FILE + ".partial")
+        tmp.write_text(json.dumps(status, indent=2, default=str))
+        tmp.replace(job_dir / STATUS_FILE)
+
+    return write

@@ -1,0 +1,279 @@
+"""The search driver: a Ray Tune search in which every trial is a full distributed training run.
+
+Reads top to bottom: preflight (the base spec, and every freezing plan the space can produce,
+against the real model) -> how many trials fit the Ray cluster at once -> a Tune function
+trainable per trial that builds the trial's spec and runs the same `TorchTrainer` a plain run
+uses, relaying each evaluation to Tune (so ASHA can stop it) -> the best trial's best checkpoint
+exported and scored on the test split -> results.json, the trials table and the plots.
+
+Ray 2.43+ runs Train inside Tune this way (a function trainable that calls `trainer.fit()`,
+`TuneReportCallback` relaying reports) rather than `Tuner(trainer)`, which Ray 2.60 rejects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from . import job_status, search_results
+from .job_status import StatusPublisher
+from .preflight import prepare_job
+from .recipe import total_steps
+from .run import (
+    RESULTS_FILE,
+    ProgressTracker,
+    RunResult,
+    export_model,
+    fit_polling,
+    init_ray,
+    make_trainer,
+    new_run_id,
+    score_test,
+    shared_config,
+    write_json,
+)
+from .spec import FineTuneJob, SpecError
+from .spec.search import SearchSpec, dropped_params, trial_spec
+
+# A trial's own actor only waits on its TorchTrainer, whose workers reserve the real CPUs and GPUs
+# through Train's placement group. Tune refuses an empty request, and any CPU sliver would make
+# trials that exactly fill a machine (2 workers x 1 CPU on 2 cores) never fit; so the actor asks
+# for logical memory only, which Train's workers do not claim.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+TRIALS_DIR = "trials"
+
+
+def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None) -> RunResult:
+    started = time.time()
+    prepared = prepare_job(job)  # also checks every freezing plan the space can produce
+    preflight_seconds = time.time() - started
+    init_ray()
+    search = job.spec.search
+    assert search is not None
+    run_id = run_id or new_run_id()
+    job_dir = Path(job.spec.output.dir).resolve() / job.name
+    run_dir = job_dir / run_id
+    concurrency = trials_that_fit(job, ray.cluster_resources())
+    tracker = ProgressTracker.remote()
+    totals = TrialTotals(job, len(prepared.data.train))
+    publisher = StatusPublisher(job_status.local_writer(job_dir))
+    tuner = build_tuner(job, shared_config(prepared, tracker), run_dir, concurrency, totals, tracker, publisher)
+    try:
+        grid = fit_polling(tuner.fit, lambda: _snapshot(tracker), [on_progress] if on_progress else [])
+    except BaseException:
+        publisher.publish(job_status.snapshot(job.name, run_id, kind="search", state="failed", total_trials=search.resolved_num_trials()))
+        raise
+    trials = search_results.collect(job, grid, totals)
+    best = search_results.best_trial(job, trials)
+    model_dir = None
+    if best:
+        trial_job = totals.trial_job(best["params"])
+        model_dir = export_model(trial_job, best["checkpoints"], prepared, run_dir)
+    test = score_test(prepared, model_dir) if prepared.data.test is not None else {}
+    results = search_results.results(job, prepared, trials, best, test, model_dir, run_dir, concurrency, started, preflight_seconds)
+    results["plots"] = search_results.plot(job, trials, run_dir)
+    write_json(run_dir / RESULTS_FILE, results)
+    publisher.publish(search_results.final_status(job, run_id, trials, best, model_dir))
+    return RunResult(run_dir, results)
+
+
+class TrialTotals:
+    """A trial's spec and step count from its sampled values (the driver needs both to tell a
+    trial the scheduler stopped from one that ran its course)."""
+
+    def __init__(self, job: FineTuneJob, num_train: int):
+        self.job, self.num_train = job, num_train
+
+    def trial_job(self, params: dict[str, Any]) -> FineTuneJob:
+        search = self.job.spec.search
+        assert search is not None
+        return self.job.model_copy(update={"spec": trial_spec(self.job.spec, {**search.fixed_params(), **params})})
+
+    def steps(self, params: dict[str, Any]) -> int:
+        trial = self.trial_job(params)
+        return total_steps(trial, self.num_train, trial.spec.resources.workers)
+
+
+def trials_that_fit(job: FineTuneJob, cluster: dict[str, float]) -> int:
+    """maxConcurrentTrials, capped to the trials whose Train workers the cluster can hold at once.
+
+    Tune counts only the trial actors' resources, not the workers their trainers start; past this
+    cap, trials would sit waiting for each other's CPUs (and Train times out waiting)."""
+    search, res = job.spec.search, job.spec.resources
+    assert search is not None
+    cpus = res.workers * res.cpus_per_worker
+    fit = int(cluster.get("CPU", 0.0) // cpus)
+    if res.gpus_per_worker:
+        fit = min(fit, int(cluster.get("GPU", 0.0) // (res.workers * res.gpus_per_worker)))
+    if fit < 1:
+        gpus = f" and {res.workers * res.gpus_per_worker:g} GPUs" if res.gpus_per_worker else ""
+        raise SpecError([("spec.resources", f"one trial needs {cpus:g} CPUs{gpus} (workers x cpusPerWorker); the Ray cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs")])
+    wanted = min(search.max_concurrent_trials, search.resolved_num_trials())
+    if wanted > fit:
+        print(f"[finetune] search: {fit} trial(s) at a time, not {wanted}: each needs {cpus:g} CPUs and the cluster has {cluster.get('CPU', 0):g}", flush=True)
+    return min(wanted, fit)
+
+
+def build_tuner(job: FineTuneJob, shared: dict[str, Any], run_dir: Path, concurrency: int, totals: TrialTotals, tracker,
+                publisher: StatusPublisher) -> tune.Tuner:
+    search = job.spec.search
+    assert search is not None
+    metric, mode = search_metric(job)
+    seed = search.seed if search.seed is not None else job.spec.training.seed
+    trainable = tune.with_parameters(
+        _trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, trials_dir=str(run_dir / TRIALS_DIR)
+    )
+    stop = {"time_total_s": search.budget.trial_seconds} if search.budget.trial_seconds else None
+    return tune.Tuner(
+        tune.with_resources(trainable, TRIAL_RESOURCES),
+        param_space=param_space(search),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            search_alg=searcher(search, metric, mode, seed, concurrency),
+            scheduler=scheduler(job, totals),
+            # Tune repeats num_samples for every grid_search combination
+            num_samples=1 if search.algorithm == "grid" else search.resolved_num_trials() // search.grid_points(),
+            # the random/grid searcher carries the limit itself; Tune wraps a Searcher (Optuna) with it
+            max_concurrent_trials=concurrency if search.algorithm == "tpe" else None,
+            time_budget_s=search.budget.total_seconds,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent), stop=stop, verbose=0,
+            callbacks=[TrialEvents(tracker, totals, publisher, run_dir.name)],
+        ),
+    )
+
+
+def search_metric(job: FineTuneJob) -> tuple[str, str]:
+    search, ev = job.spec.search, job.spec.evaluation
+    assert search is not None
+    return f"eval_{search.resolved_metric(ev.metric)}", search.resolved_mode(ev.metric)
+
+
+def param_space(search: SearchSpec) -> dict[str, Any]:
+    """Tune domains from our distributions (randint's high bound is inclusive here, exclusive in Tune)."""
+    space: dict[str, Any] = {}
+    for path, dist in search.space.items():
+        if search.algorithm == "grid" or dist.kind == "grid":
+            space[path] = tune.grid_search(dist.grid_values())
+        elif dist.kind == "choice":
+            space[path] = tune.choice(dist.choice)
+        elif dist.kind == "uniform":
+            space[path] = tune.uniform(*dist.uniform)
+        elif dist.kind == "loguniform":
+            space[path] = tune.loguniform(*dist.loguniform)
+        else:
+            low, high = dist.randint
+            space[path] = tune.randint(low, high + 1)
+    return space
+
+
+def searcher(search: SearchSpec, metric: str, mode: str, seed: int, concurrency: int):
+    """Tune applies max_concurrent_trials to a Searcher (Optuna) itself, but ignores it for a
+    BasicVariantGenerator passed in, so that one gets the limit directly."""
+    if search.algorithm == "tpe":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode=mode, seed=seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+
+
+def scheduler(job: FineTuneJob, totals: TrialTotals):
+    """Schedulers measure time in optimizer steps (`step` in every report), so gracePeriod means
+    the same thing as evaluation.everySteps."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    search = job.spec.search
+    assert search is not None
+    sched = search.scheduler
+    grace = sched.grace_period or job.spec.evaluation.every_steps
+    if sched.type == "asha":
+        longest = sched.max_steps or totals.steps({})
+        return ASHAScheduler(time_attr="step", max_t=longest, grace_period=min(grace, longest), reduction_factor=sched.reduction_factor)
+    if sched.type == "median":
+        return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=2)
+    return FIFOScheduler()
+
+
+def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], trials_dir: str) -> None:
+    """One trial: the base spec with this trial's values, trained exactly as a plain run is."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    job = FineTuneJob.model_validate(base)
+    search = job.spec.search
+    assert search is not None
+    trial = job.model_copy(update={"spec": trial_spec(job.spec, {**search.fixed_params(), **config})})
+    name = tune.get_context().get_trial_name()
+    make_trainer(trial, shared, storage_path=Path(trials_dir), name=name, callbacks=[TuneReportCallback()], trial=name).fit()
+
+
+def trial_name(trial) -> str:
+    """trial_00, trial_01, ... in creation order. Tune's ids differ by searcher (Optuna's are random
+    hex), and the creator is copied into every trial, so the order comes from the experiment tag,
+    which every searcher starts with its trial counter."""
+    counter = str(trial.experiment_tag).split("_", 1)[0]
+    return f"trial_{int(counter):02d}" if counter.isdigit() else f"trial_{trial.trial_id}"
+
+
+class TrialEvents(tune.Callback):
+    """Runs in the driver: tells the progress display when a trial starts and ends (and how), and
+    keeps status.json (trial counts, the best trial so far) current for the operator."""
+
+    def __init__(self, tracker, totals: TrialTotals, publisher: StatusPublisher, run_id: str):
+        self.tracker, self.totals, self.publisher, self.run_id = tracker, totals, publisher, run_id
+        self.states: dict[str, str] = {}
+        self.best: dict[str, Any] | None = None
+        self.metric, self.mode = search_metric(totals.job)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        spec = self.totals.trial_job(trial.config).spec
+        shown = search_results.fmt_params(trial.config, dropped_params(spec, trial.config))
+        self.tracker.record.remote({"trial": str(trial), "event": f"started: {shown}"})
+        self._publish(trial, "running")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if value is None or result.get("baseline"):
+            return
+        if self.best is None or (value < self.best["value"] if self.mode == "min" else value > self.best["value"]):
+            self.best = {"name": str(trial), "metric": self.metric, "value": value, "step": result.get("step"),
+                         "params": dict(trial.config), "checkpoint": result.get(search_results.CHECKPOINT_KEY)}
+        self._publish(trial, "running")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        step, total = last.get("step", 0), self.totals.steps(trial.config)
+        finished = step >= total or last.get("early_stopped")
+        how = "finished" if finished else "stopped by the scheduler"
+        self.tracker.record.remote({"trial": str(trial), "event": f"{how} at step {step}/{total}"})
+        self._publish(trial, "completed" if finished else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.tracker.record.remote({"trial": str(trial), "event": "failed (see results.json for the error)"})
+        self._publish(trial, "failed")
+
+    def _publish(self, trial, state: str) -> None:
+        self.states[str(trial)] = state
+        search = self.totals.job.spec.search
+        assert search is not None
+        self.publisher.publish(job_status.snapshot(
+            self.totals.job.name, self.run_id, kind="search", state="running", trials=self.states,
+            total_trials=search.resolved_num_trials(), best=self.best,
+        ))
+
+
+def _snapshot(tracker) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every trial's step progress (a bar each) and every row reported so far."""
+    trials = ray.get(tracker.trials.remote(), timeout=5)
+    _, rows = ray.get(tracker.snapshot.remote(), timeout=5)
+    return {"trials": trials}, rows
