@@ -61,3 +61,13 @@ def test_validate_checks_the_model_and_data_before_any_training(tmp_path, capsys
     assert "spec.data.labelField" in capsys.readouterr().err
     assert main(["validate", str(QUICKSTART)]) == 0
     assert "quickstart: valid" in capsys.readouterr().out
+
+
+def test_validate_describes_a_search_and_names_a_bad_dimension(tmp_path, capsys):
+    search = Path(__file__).parents[2] / "examples" / "search-freezing.yaml"
+    assert main(["validate", str(search), "--static"]) == 0
+    out = capsys.readouterr().out
+    assert "search: 8 trials, random, scheduler asha, best by accuracy (max), up to 2 at a time" in out
+    assert "freezing.strategy: grid ['none', 'freezeBottom', 'featureExtraction', 'gradual']" in out
+    assert main(["validate", str(search), "--static", "--set", "search.numTrials=6"]) == EXIT_INVALID
+    assert "spec.search.numTrials: must be a multiple of 4" in capsys.readouterr().err

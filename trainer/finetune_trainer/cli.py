@@ -47,6 +47,13 @@ def _validate(job, *, static: bool) -> int:
         print(f"data: {prepared.data.stats['rows']}")
         print(f"model: {prepared.model_class} from {prepared.model_dir}")
         print(f"freezing: {prepared.plan.summary()}")
+    search = job.spec.search
+    if search is not None:
+        ev = job.spec.evaluation
+        print(f"search: {search.resolved_num_trials()} trials, {search.algorithm}, scheduler {search.scheduler.type}, "
+              f"best by {search.resolved_metric(ev.metric)} ({search.resolved_mode(ev.metric)}), up to {search.max_concurrent_trials} at a time")
+        for path, dist in search.space.items():
+            print(f"  {path}: {dist.kind} {getattr(dist, dist.kind)}")
     print(f"{job.name}: valid")
     return 0
 
