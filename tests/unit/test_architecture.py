@@ -33,3 +33,19 @@ def test_spec_imports_nothing_heavy():
             "print(sorted(heavy)); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"finetune_trainer.spec pulls in {done.stdout.strip()}"
+
+
+def test_operator_imports_nothing_heavy():
+    """The operator image has no torch, Ray or DeepSpeed: its modules must import with them blocked."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'ray', 'deepspeed', 'transformers'}:\n"
+        "            raise ImportError(f'{name} is blocked for the operator')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import finetune_operator.crd, finetune_operator.rayjob, finetune_operator.cli, finetune_operator.status_model\n"
+        "finetune_operator.cli.main(['crd'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,206 @@
+"""FineTuneJob -> one KubeRay `ray.io/v1` RayJob: a pure builder (no client, clock or env vars).
+
+How the job reaches the trainer: the FineTuneJob (apiVersion, kind, metadata name/namespace and
+the spec as the user wrote it) travels as JSON in the RayJob's `runtimeEnvYAML` env_vars
+(FINETUNE_MANIFEST), and the entrypoint is `python -m finetune_trainer run env:FINETUNE_MANIFEST`.
+No ConfigMap or volume to create, own and clean up; the RayJob alone is the whole run, and the
+driver validates exactly what the operator validated.
+
+Names are deterministic, so the operator can record them in status before the objects exist:
+RayJob `<job>-ray` (KubeRay caps RayJob names at 47 characters, DNS-1035) and its head Service
+`<rayjob>-head-svc`, pinned through `headGroupSpec.headService.metadata.name` because KubeRay
+otherwise names it after the RayCluster, whose name carries a random suffix. The dashboard is
+then `http://<rayjob>-head-svc.<namespace>.svc:8265`.
+
+Credentials: S3 keys reach the head and worker containers only as `valueFrom.secretKeyRef` env;
+no secret value is ever copied into the RayJob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from finetune_trainer.spec import FineTuneJob
+from finetune_trainer.spec.cluster import MANIFEST_ENV, ClusterSpec, HeadGroupSpec, WorkerGroupSpec
+
+from .crd import GROUP, KIND, VERSION
+
+RAYJOB_NAME_MAX = 47  # KubeRay's MaxRayJobNameLength: 53 (RayCluster) - 6 (its random suffix)
+RAYJOB_SUFFIX = "-ray"
+HEAD_SERVICE_SUFFIX = "-head-svc"
+DASHBOARD_PORT = 8265
+WORKER_GROUP = "workers"
+HEAD_PORTS = [  # KubeRay's default port names: its head Service exposes what the container declares
+    {"name": "gcs-server", "containerPort": 6379},
+    {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+    {"name": "client", "containerPort": 10001},
+    {"name": "metrics", "containerPort": 8080},
+]
+# K8sJobMode (KubeRay's default, stated here so it cannot change under us): a Kubernetes Job
+# submits the entrypoint once the cluster is ready and follows its logs, so `kubectl logs
+# job/<rayjob>` shows the trainer's output and submission retries are Kubernetes' business.
+SUBMISSION_MODE = "K8sJobMode"
+ENTRYPOINT = f"python -m finetune_trainer run env:{MANIFEST_ENV} --no-progress"
+
+
+def rayjob_name(job_name: str) -> str:
+    """`<job>-ray`; a name too long for KubeRay keeps a readable prefix plus a hash of the whole."""
+    base = job_name if job_name[:1].isalpha() else f"ft-{job_name}"  # DNS-1035: starts with a letter
+    name = f"{base}{RAYJOB_SUFFIX}"
+    if len(name) <= RAYJOB_NAME_MAX:
+        return name
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
+    keep = RAYJOB_NAME_MAX - len(RAYJOB_SUFFIX) - len(digest) - 1
+    return f"{base[:keep].rstrip('-')}-{digest}{RAYJOB_SUFFIX}"
+
+
+def head_service_name(job_name: str) -> str:
+    return f"{rayjob_name(job_name)}{HEAD_SERVICE_SUFFIX}"
+
+
+def dashboard_url(job: FineTuneJob) -> str:
+    """The Ray dashboard of the job's cluster, as reachable inside the Kubernetes cluster."""
+    return f"http://{head_service_name(job.name)}.{job.metadata.namespace}.svc:{DASHBOARD_PORT}"
+
+
+def labels(job: FineTuneJob) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/managed-by": "finetune-operator",
+        f"{GROUP}/job": job.name,
+    }
+
+
+def driver_manifest(job: FineTuneJob) -> dict[str, Any]:
+    """The FineTuneJob the driver runs: the spec exactly as written (unset fields stay unset, so
+    rules that depend on presence judge it as the operator did), without status."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": job.name, "namespace": job.metadata.namespace},
+        "spec": job.spec.model_dump(by_alias=True, mode="json", exclude_unset=True),
+    }
+
+
+def render_rayjob(
+    job: FineTuneJob, *, owner_uid: str | None = None, storage_env: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """The RayJob for `job`. `owner_uid` (the FineTuneJob's uid) makes the FineTuneJob its
+    controller, so deleting the job deletes the run; `storage_env` is extra container env for
+    S3-compatible storage (endpoint, region, bucket), plain values or secretKeyRefs."""
+    spec, cluster, policy = job.spec, job.spec.cluster, job.spec.run_policy
+    name = rayjob_name(job.name)
+    meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": labels(job)}
+    if owner_uid:
+        meta["ownerReferences"] = [{
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job.name, "uid": owner_uid,
+            "controller": True, "blockOwnerDeletion": True,
+        }]
+    env = _env(cluster, storage_env)
+    head, group = cluster.head, cluster.workers
+    res = spec.resources
+    replicas = group.resolved_replicas(spec.ray_workers_at_once())
+    worker_cpus = group.resolved_cpus(res.cpus_per_worker)
+    worker_gpus = group.resolved_gpus(res.gpus_per_worker)
+    head_params = {"dashboard-host": "0.0.0.0", "num-cpus": str(math.floor(head.cpus))}
+    if head.gpus:
+        head_params["num-gpus"] = str(head.gpus)
+    worker_params = {"num-cpus": str(math.floor(worker_cpus))}
+    if worker_gpus:
+        worker_params["num-gpus"] = str(worker_gpus)
+    rayjob_spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "runtimeEnvYAML": _runtime_env_yaml(job),
+        "submissionMode": SUBMISSION_MODE,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": policy.ttl_seconds_after_finished,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": policy.suspend,
+        "rayClusterSpec": {
+            "rayVersion": cluster.ray_version,
+            "headGroupSpec": {
+                "rayStartParams": head_params,
+                "headService": {"metadata": {"name": head_service_name(job.name)}},
+                "template": _pod(job, "ray-head", head, env, _resources(cluster, head.cpus, head.memory, head.gpus), HEAD_PORTS),
+            },
+            "workerGroupSpecs": [{
+                "groupName": WORKER_GROUP,
+                "replicas": replicas,
+                "minReplicas": replicas if group.min_replicas is None else group.min_replicas,
+                "maxReplicas": replicas if group.max_replicas is None else group.max_replicas,
+                "rayStartParams": worker_params,
+                "template": _pod(job, "ray-worker", group, env, _resources(cluster, worker_cpus, group.memory, worker_gpus), []),
+            }],
+        },
+    }
+    if policy.active_deadline_seconds is not None:
+        rayjob_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": rayjob_spec}
+
+
+def _runtime_env_yaml(job: FineTuneJob) -> str:
+    # KubeRay's submitter passes the runtime env to `ray job submit --runtime-env-json` inside a
+    # bash command line, double-quoted (Go's strconv.Quote): `$` and backticks would expand there.
+    # As JSON escapes they cannot, and the JSON parser at the other end restores them.
+    manifest = json.dumps(driver_manifest(job), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    manifest = manifest.replace("$", "\\u0024").replace("`", "\\u0060")
+    return yaml.safe_dump({"env_vars": {MANIFEST_ENV: manifest}}, width=1 << 20)
+
+
+def _env(cluster: ClusterSpec, storage_env: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": e.name, "value": e.value} for e in cluster.env]
+    env += [dict(e) for e in storage_env]
+    secret = cluster.s3_credentials_secret
+    if secret is not None:
+        keys = [("AWS_ACCESS_KEY_ID", secret.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key)]
+        if secret.session_token_key:
+            keys.append(("AWS_SESSION_TOKEN", secret.session_token_key))
+        env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}} for var, key in keys]
+    return env
+
+
+def _cpu(cpus: float) -> str:
+    """A CPU quantity: whole CPUs as `2`, fractions in millicores (`1500m`)."""
+    return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
+
+
+def _resources(cluster: ClusterSpec, cpus: float, memory: str | None, gpus: int) -> dict[str, Any]:
+    # requests = limits: Ray sizes itself from the container, and guaranteed QoS keeps the
+    # training pods from being the first evicted
+    quantities = {"cpu": _cpu(cpus)}
+    if memory:
+        quantities["memory"] = memory
+    if gpus:
+        quantities[cluster.gpu_resource] = str(gpus)
+    return {"requests": quantities, "limits": dict(quantities)}
+
+
+def _pod(job: FineTuneJob, container: str, group: HeadGroupSpec | WorkerGroupSpec, env: list[dict[str, Any]], resources: dict[str, Any],
+         ports: list[dict[str, Any]]) -> dict[str, Any]:
+    cluster = job.spec.cluster
+    main: dict[str, Any] = {"name": container, "image": cluster.image, "resources": resources}
+    if cluster.image_pull_policy:
+        main["imagePullPolicy"] = cluster.image_pull_policy
+    if ports:
+        main["ports"] = [dict(p) for p in ports]
+    if env:
+        main["env"] = [dict(e) for e in env]
+    pod: dict[str, Any] = {"containers": [main]}
+    if cluster.service_account_name:
+        pod["serviceAccountName"] = cluster.service_account_name
+    if cluster.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in cluster.image_pull_secrets]
+    if group.node_selector:
+        pod["nodeSelector"] = dict(group.node_selector)
+    if group.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in group.tolerations]
+    if group.priority_class_name:
+        pod["priorityClassName"] = group.priority_class_name
+    return {"metadata": {"labels": labels(job)}, "spec": pod}

@@ -1,0 +1,137 @@
+"""`FineTuneJob.status`, typed: what the operator writes and `kubectl get ftj` shows.
+
+One pydantic model is the source of the CRD's status schema (crd.py) and of the status patches
+the handlers write, so the two cannot drift. The phase is a small enum with an explicit table of
+allowed transitions (as KubeRay's RayJob controller keeps one); conditions follow the
+Kubernetes `metav1.Condition` shape with kstatus' `Ready` / `Reconciling` / `Stalled` types.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class _StatusModel(BaseModel):
+    # extra="ignore": a status written by another operator version must still be readable
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Phase(StrEnum):
+    """Where the job is in its life. `kubectl get ftj` prints it."""
+
+    PENDING = "Pending"  # accepted; the RayJob is being created or its Ray cluster is starting
+    RUNNING = "Running"  # the trainer runs: trials train and report
+    SUCCEEDED = "Succeeded"  # the search finished; bestTrial and bestCheckpoint are final
+    FAILED = "Failed"  # invalid spec, or the run failed past its retries or deadline
+    SUSPENDED = "Suspended"  # runPolicy.suspend: no pods until it is lifted
+
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_PHASES
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+# Every move the operator may make. Terminal phases are left only for a new generation of the
+# spec (a fixed manifest re-runs from Pending); anything else is a bug in the status mapping.
+ALLOWED_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.PENDING: frozenset({Phase.RUNNING, Phase.SUSPENDED, Phase.FAILED, Phase.SUCCEEDED}),
+    Phase.RUNNING: frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED, Phase.PENDING}),
+    Phase.SUSPENDED: frozenset({Phase.PENDING, Phase.FAILED}),
+    Phase.SUCCEEDED: frozenset({Phase.PENDING}),
+    Phase.FAILED: frozenset({Phase.PENDING}),
+}
+
+
+def can_transition(old: Phase | None, new: Phase) -> bool:
+    """A fresh object (no phase yet) may start anywhere; staying put is always allowed."""
+    return old is None or old == new or new in ALLOWED_TRANSITIONS[old]
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"  # True once the job succeeded; False with the reason while it is not
+    RECONCILING = "Reconciling"  # True while the operator or KubeRay is still working towards the goal
+    STALLED = "Stalled"  # True when it cannot progress without a change (invalid spec, failed run)
+    # domain condition: True while the spec holds a change the running RayJob cannot take (the
+    # message names the fields and what to do); absent otherwise
+    SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+
+
+class Reason(StrEnum):
+    INVALID_SPEC = "InvalidSpec"
+    RAYJOB_CREATED = "RayJobCreated"
+    CLUSTER_STARTING = "ClusterStarting"
+    TRAINING = "Training"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SECRET_MISSING = "SecretMissing"  # spec.cluster.s3CredentialsSecret names no Secret (retried slowly)
+    IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"  # a spec change the existing RayJob cannot take
+    JOB_SUBMITTED = "JobSubmitted"  # the Ray cluster is up; the trainer's Ray job is pending
+    RETRYING = "Retrying"  # the run failed and KubeRay retries it on a new Ray cluster (runPolicy.backoffLimit)
+    SUSPENDING = "Suspending"  # runPolicy.suspend: KubeRay is deleting the Ray cluster
+    STOPPED = "Stopped"  # the Ray job was stopped (ray job stop) before it finished
+    RAYJOB_INVALID = "RayJobInvalid"  # KubeRay rejected the RayJob (ValidationFailed)
+
+
+class Condition(_StatusModel):
+    """metav1.Condition: the shape kubectl wait, kstatus and Argo CD understand."""
+
+    type: str = Field(min_length=1, max_length=316, description="Ready, Reconciling or Stalled.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase reason for the last transition, e.g. InvalidSpec.",
+    )
+    message: str = Field(default="", max_length=32768, description="What happened, for people.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(default=None, ge=0, description="The spec generation this condition is about.")
+
+
+class TrialCounts(_StatusModel):
+    total: int = Field(default=0, ge=0, description="Trials the search runs.")
+    completed: int = Field(default=0, ge=0, description="Trials that trained to the end.")
+    running: int = Field(default=0, ge=0, description="Trials training now.")
+    stopped: int = Field(default=0, ge=0, description="Trials early stopping ended (ASHA).")
+    failed: int = Field(default=0, ge=0, description="Trials that raised an error.")
+
+    def done_text(self) -> str:
+        """`3/6`: finished trials (completed, stopped or failed) of all, for the printer column."""
+        return f"{self.completed + self.stopped + self.failed}/{self.total}"
+
+
+class BestTrial(_StatusModel):
+    name: str = Field(description="Ray Tune trial id.")
+    metric: str = Field(description="The metric that ranks trials, e.g. accuracy.")
+    value: float = Field(description="Its best value in this trial.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The trial's sampled settings (free-form).")
+    checkpoint: str | None = Field(default=None, description="URI of the trial's best checkpoint.")
+
+
+class FineTuneJobStatus(_StatusModel):
+    phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded, Failed or Suspended.")
+    reason: Reason | None = Field(default=None, description="Why the job is in its phase (CamelCase).")
+    message: str | None = Field(default=None, description="A one-line summary, e.g. the spec problems.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="kstatus conditions: Ready, Reconciling, Stalled.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, ge=0, description="The spec generation the status reflects.")
+    ray_job_name: str | None = Field(default=None, description="The KubeRay RayJob that runs the job.")
+    ray_cluster_name: str | None = Field(default=None, description="The RayCluster KubeRay started for it.")
+    dashboard_url: str | None = Field(default=None, alias="dashboardURL", description="The Ray dashboard, inside the cluster.")
+    start_time: datetime | None = Field(default=None, description="When the run started.")
+    completion_time: datetime | None = Field(default=None, description="When the run ended.")
+    trials: TrialCounts | None = Field(default=None, description="Ray Tune trials by state.")
+    trials_done: str | None = Field(default=None, description="Finished/total trials, e.g. 3/6 (printed by kubectl get).")
+    best_trial: BestTrial | None = Field(default=None, description="The best trial so far.")
+    best_checkpoint: str | None = Field(default=None, description="URI of the best checkpoint of the whole search.")
+
+    def to_patch(self) -> dict[str, Any]:
+        """The camelCase dict a handler returns as `{"status": ...}`; unset fields left out."""
+        return self.model_dump(by_alias=True, mode="json", exclude_none=True)

@@ -1,0 +1,305 @@
+"""The RayJob the operator creates: whole rendered dicts, deterministic names, the manifest that
+reaches the driver, secrets only by reference, and KubeRay v1.7.0's own CRD schema (unknown
+fields rejected) as the judge of every rendered object."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from finetune_operator.rayjob import dashboard_url, driver_manifest, head_service_name, rayjob_name, render_rayjob
+from finetune_operator.structural import to_json_schema
+from finetune_trainer.spec import load_job, parse_job
+from tests.tiny_models import minimal_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+CONTRACT = REPO.parent / "shared" / "contracts" / "kuberay-v1.7.0" / "ray.io_rayjobs.yaml"
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+LABELS = {
+    "app.kubernetes.io/name": "finetune-trainer",
+    "app.kubernetes.io/instance": "quickstart",
+    "app.kubernetes.io/managed-by": "finetune-operator",
+    "finetune.dev/job": "quickstart",
+}
+HEAD_PORTS = [
+    {"name": "gcs-server", "containerPort": 6379},
+    {"name": "dashboard", "containerPort": 8265},
+    {"name": "client", "containerPort": 10001},
+    {"name": "metrics", "containerPort": 8080},
+]
+
+
+@pytest.fixture(scope="module")
+def kuberay() -> jsonschema.Draft202012Validator:
+    if not CONTRACT.exists():
+        pytest.skip(f"KubeRay's RayJob CRD is not at {CONTRACT} (the shared contracts folder next to the repository)")
+    crd = yaml.safe_load(CONTRACT.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = to_json_schema(v1["schema"]["openAPIV3Schema"])
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def kuberay_errors(validator: jsonschema.Draft202012Validator, rayjob: dict[str, Any]) -> list[str]:
+    found = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(rayjob)]
+    name = rayjob["metadata"]["name"]  # what KubeRay's ValidateRayJobMetadata adds to the schema
+    if len(name) > 47 or not DNS1035.match(name):
+        found.append(f"metadata.name: {name!r} is not a DNS-1035 label of at most 47 characters")
+    return found
+
+
+def job(**sections: Any):
+    return parse_job(minimal_manifest(**sections))
+
+
+FULL = {
+    "resources": {"workers": 4, "cpusPerWorker": 2, "gpusPerWorker": 1},
+    "deepspeed": {"zeroStage": 3, "offloadOptimizer": True},
+    "cluster": {
+        "image": "registry.example/trainer:dev", "imagePullPolicy": "Always", "imagePullSecrets": ["regcred"],
+        "rayVersion": "2.60.0", "serviceAccountName": "trainer", "gpuResource": "nvidia.com/gpu",
+        "head": {"cpus": 2, "memory": "8Gi", "nodeSelector": {"pool": "cpu"}, "priorityClassName": "high",
+                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]},
+        "workers": {"replicas": 2, "minReplicas": 1, "maxReplicas": 3, "cpus": 4.5, "memory": "32Gi", "gpus": 2,
+                    "nodeSelector": {"pool": "gpu"}, "priorityClassName": "batch",
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]},
+        "env": [{"name": "HF_HOME", "value": "/cache"}],
+        "s3CredentialsSecret": {"name": "s3", "accessKeyIdKey": "id", "secretAccessKeyKey": "secret", "sessionTokenKey": "token"},
+    },
+    "runPolicy": {"suspend": True, "activeDeadlineSeconds": 7200, "backoffLimit": 2, "ttlSecondsAfterFinished": 60},
+}
+
+
+# --- whole objects -------------------------------------------------------------------------
+
+
+def test_quickstart_renders_to_this_rayjob():
+    rendered = render_rayjob(load_job(QUICKSTART), owner_uid="0b9f7c1e-uid")
+    runtime_env = rendered["spec"].pop("runtimeEnvYAML")
+    assert set(yaml.safe_load(runtime_env)) == {"env_vars"}
+    worker_pod = {"metadata": {"labels": LABELS}, "spec": {"containers": [{
+        "name": "ray-worker", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+        "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}},
+    }]}}
+    assert rendered == {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": "quickstart-ray", "namespace": "default", "labels": LABELS,
+            "ownerReferences": [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "quickstart",
+                                 "uid": "0b9f7c1e-uid", "controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": {
+            "entrypoint": "python -m finetune_trainer run env:FINETUNE_MANIFEST --no-progress",
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 300,
+            "backoffLimit": 0,
+            "suspend": False,
+            "rayClusterSpec": {
+                "rayVersion": "2.60.0",
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "1"},
+                    "headService": {"metadata": {"name": "quickstart-ray-head-svc"}},
+                    "template": {"metadata": {"labels": LABELS}, "spec": {"containers": [{
+                        "name": "ray-head", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+                        "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}},
+                        "ports": HEAD_PORTS,
+                    }]}},
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "workers", "replicas": 2, "minReplicas": 2, "maxReplicas": 2,
+                    "rayStartParams": {"num-cpus": "1"}, "template": worker_pod,
+                }],
+            },
+        },
+    }
+
+
+def test_every_cluster_option_reaches_the_rayjob():
+    rendered = render_rayjob(job(**FULL), storage_env=[{"name": "AWS_ENDPOINT_URL", "value": "http://s3.local:9000"}])
+    spec = rendered["spec"]
+    assert "ownerReferences" not in rendered["metadata"]
+    assert {k: spec[k] for k in ("suspend", "activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")} == {
+        "suspend": True, "activeDeadlineSeconds": 7200, "backoffLimit": 2, "ttlSecondsAfterFinished": 60,
+    }
+    env = [
+        {"name": "HF_HOME", "value": "/cache"},
+        {"name": "AWS_ENDPOINT_URL", "value": "http://s3.local:9000"},
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "secret"}}},
+        {"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "token"}}},
+    ]
+    labels = {**LABELS, "app.kubernetes.io/instance": "unit", "finetune.dev/job": "unit"}
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+    assert head == {
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "2"},
+        "headService": {"metadata": {"name": "unit-ray-head-svc"}},
+        "template": {"metadata": {"labels": labels}, "spec": {
+            "containers": [{
+                "name": "ray-head", "image": "registry.example/trainer:dev", "imagePullPolicy": "Always",
+                "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
+                "ports": HEAD_PORTS, "env": env,
+            }],
+            "serviceAccountName": "trainer",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"pool": "cpu"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+            "priorityClassName": "high",
+        }},
+    }
+    (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    gpu = {"cpu": "4500m", "memory": "32Gi", "nvidia.com/gpu": "2"}
+    assert workers == {
+        "groupName": "workers", "replicas": 2, "minReplicas": 1, "maxReplicas": 3,
+        "rayStartParams": {"num-cpus": "4", "num-gpus": "2"},
+        "template": {"metadata": {"labels": labels}, "spec": {
+            "containers": [{
+                "name": "ray-worker", "image": "registry.example/trainer:dev", "imagePullPolicy": "Always",
+                "resources": {"requests": gpu, "limits": gpu}, "env": env,
+            }],
+            "serviceAccountName": "trainer",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}],
+            "priorityClassName": "batch",
+        }},
+    }
+
+
+def test_secrets_are_only_referenced():
+    rendered = render_rayjob(job(**FULL))
+    for pod in _pods(rendered):
+        for var in pod["spec"]["containers"][0]["env"]:
+            if var["name"].startswith("AWS_"):
+                assert set(var) == {"name", "valueFrom"}, var
+
+
+# --- KubeRay's schema ----------------------------------------------------------------------
+
+
+CASES = {
+    "quickstart": lambda: render_rayjob(load_job(QUICKSTART), owner_uid="uid-1"),
+    "every-option": lambda: render_rayjob(job(**FULL), owner_uid="uid-2",
+                                          storage_env=[{"name": "AWS_ENDPOINT_URL", "value": "http://s3:9000"}]),
+    "long-name": lambda: render_rayjob(parse_job({**minimal_manifest(), "metadata": {"name": "9" + "a" * 62, "namespace": "ml"}})),
+    "gpu-defaults": lambda: render_rayjob(job(resources={"workers": 2, "gpusPerWorker": 1})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_rayjob_passes_kuberays_schema(kuberay, case):
+    assert kuberay_errors(kuberay, CASES[case]()) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("spec", "foo"), 1),
+        (("spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0, "bogus"), True),
+        (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "replicas"), "two"),
+        (("spec", "rayClusterSpec", "headGroupSpec", "rayStartParams", "num-cpus"), 1),
+        (("spec", "rayClusterSpec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources", "limits", "cpu"), "lots"),
+        (("metadata", "name"), "x" * 48),
+    ],
+)
+def test_the_kuberay_validator_rejects_a_broken_rayjob(kuberay, where, value):
+    rendered = copy.deepcopy(CASES["quickstart"]())
+    node = rendered
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    assert kuberay_errors(kuberay, rendered), f"{where} = {value!r} passed KubeRay's schema"
+
+
+# --- names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quickstart", "a", "9lives", "x" * 43, "x" * 44, "a" * 63, "a-" * 31 + "b"])
+def test_rayjob_names_fit_kuberay(name):
+    result = rayjob_name(name)
+    assert DNS1035.match(result) and len(result) <= 47, result
+    assert result == rayjob_name(name)  # deterministic
+    assert len(head_service_name(name)) <= 63
+
+
+def test_short_names_read_plainly_and_long_ones_stay_distinct():
+    assert rayjob_name("quickstart") == "quickstart-ray"
+    assert rayjob_name("9lives") == "ft-9lives-ray"
+    assert rayjob_name("a" * 62 + "b") != rayjob_name("a" * 62 + "c")
+    assert rayjob_name("a" * 63).startswith("a" * 20)
+
+
+def test_dashboard_url_names_the_pinned_head_service():
+    quickstart = load_job(QUICKSTART)
+    assert dashboard_url(quickstart) == "http://quickstart-ray-head-svc.default.svc:8265"
+    head = render_rayjob(quickstart)["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["headService"]["metadata"]["name"] == "quickstart-ray-head-svc"
+    assert {"name": "dashboard", "containerPort": 8265} in head["template"]["spec"]["containers"][0]["ports"]
+
+
+# --- what reaches the driver -----------------------------------------------------------------
+
+
+def _manifest_env(rendered: dict[str, Any]) -> str:
+    return yaml.safe_load(rendered["spec"]["runtimeEnvYAML"])["env_vars"]["FINETUNE_MANIFEST"]
+
+
+@pytest.mark.parametrize("case", [pytest.param(QUICKSTART, id="quickstart"), pytest.param(None, id="every-option")])
+def test_the_driver_loads_the_same_job(monkeypatch, case):
+    original = load_job(case) if case else job(**FULL)
+    monkeypatch.setenv("FINETUNE_MANIFEST", _manifest_env(render_rayjob(original)))
+    assert load_job("env:FINETUNE_MANIFEST") == original
+
+
+def test_the_driver_sees_only_what_the_user_wrote():
+    """Unset fields stay unset (presence-sensitive rules judge alike), and no status travels."""
+    sent = json.loads(_manifest_env(render_rayjob(job(training={"maxSteps": 10}))))
+    assert sent == driver_manifest(job(training={"maxSteps": 10}))
+    assert sent["spec"] == {"model": {"source": "models/tiny", "task": "sequence-classification"},
+                            "data": {"train": {"path": "data/train.jsonl"}, "validationSplit": 0.1},
+                            "training": {"maxSteps": 10}}
+    assert sent["metadata"] == {"name": "unit", "namespace": "default"}
+
+
+def test_rendering_is_pure(monkeypatch):
+    first = render_rayjob(job(**FULL), owner_uid="u")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://elsewhere:10001")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFROMTHEENV")
+    second = render_rayjob(job(**FULL), owner_uid="u")
+    assert first == second
+    assert "AKIAFROMTHEENV" not in json.dumps(second)
+
+
+def _pods(rendered: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rendered["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+
+
+def test_the_manifest_survives_kuberays_shell_command_line(monkeypatch):
+    """K8sJobMode runs `bash -c '... ray job submit --runtime-env-json "<Go strconv.Quote of the JSON>" ...'`:
+    `$(...)`, `$VAR` and backticks in the manifest must reach the driver unexpanded."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash on this machine")
+    patterns = ["classifier\\..*$", "$(echo pwned)", "`echo pwned`", "${HOME}", 'say "hi"\\n']
+    original = job(freezing={"strategy": "patterns", "trainablePatterns": patterns})
+    runtime_env = json.dumps(yaml.safe_load(render_rayjob(original)["spec"]["runtimeEnvYAML"]))
+    assert "$" not in runtime_env and "`" not in runtime_env
+    assert all(32 <= ord(c) < 127 for c in runtime_env)  # so Go's strconv.Quote escapes only \ and "
+    quoted = '"' + runtime_env.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    done = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True, timeout=30, check=True)
+    monkeypatch.setenv("FINETUNE_MANIFEST", json.loads(done.stdout)["env_vars"]["FINETUNE_MANIFEST"])
+    received = load_job("env:FINETUNE_MANIFEST")
+    assert received == original
+    assert received.spec.freezing.trainable_patterns == patterns
