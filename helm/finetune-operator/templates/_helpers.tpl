@@ -1,0 +1,91 @@
+{{/* The chart name, trimmed to a DNS label. */}}
+{{- define "finetune-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: the release name, prefixed with the chart name unless it holds it. */}}
+{{- define "finetune-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "finetune-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "finetune-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: finetune-operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "finetune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* `finetune operator` flags; the operator's CLI is the contract (see docs/install.md). */}}
+{{- define "finetune-operator.args" -}}
+- operator
+{{- if .Values.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+- --health-port={{ .Values.health.port }}
+- --metrics-port={{ .Values.metrics.port }}
+- --log-format={{ .Values.logFormat }}
+{{- end }}
+
+{{/*
+What the operator does with the API, verb by verb; the same rules go into a Role per watched
+namespace or into one ClusterRole. No wildcards. Deliberately absent:
+  - namespaces: kopf lists them only to resolve glob patterns in namespaced mode; the chart passes
+    exact names, and with --all-namespaces kopf never reads them.
+  - customresourcedefinitions: kopf finds resources through API discovery (no RBAC needed); the
+    CRD watch only notices CRDs installed after it started (it logs a warning and goes on without).
+    Install KubeRay first, or restart the operator after installing it.
+  - secrets list/watch: `get` of the one Secret a job names is enough (the operator checks it
+    exists and reads the job's progress from S3 with it); its name is chosen per job, so
+    resourceNames cannot narrow it.
+  - kopfpeerings: --standalone.
+*/}}
+{{- define "finetune-operator.rules" -}}
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["ray.io"]
+  resources: ["rayjobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["ray.io"]
+  resources: ["rayclusters"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
