@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -76,12 +77,28 @@ def init_ray() -> None:
         ray.init(runtime_env={"env_vars": env})
         return
     env["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: keep torch.distributed traffic on loopback
-    ray.init(
-        include_dashboard=True,  # also serves Ray's state API, which Train needs to clean up workers
-        dashboard_host="127.0.0.1",
-        runtime_env={"env_vars": env},
-        log_to_driver=True,
-    )
+    # Ray's state API, inside workers, finds "the" local cluster by scanning for GCS processes and
+    # gives up when there are two (another local Ray on the same machine, e.g. a second run).
+    # Train's PlacementGroupCleaner then dies and a stopped trial's CPUs are never freed, so the
+    # next trials wait forever. Choosing the GCS port lets every worker be told its cluster.
+    port = _free_port()
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            include_dashboard=True,  # also serves Ray's state API, which Train needs to clean up workers
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None) -> RunResult:
