@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,45 @@ def _tune_reports(run_dir: Path) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def grid_search(local_ray, tmp_path_factory):
+def other_local_ray():
+    """A second Ray instance on the machine (someone else's run). Ray's state API inside workers
+    used to refuse to choose between two, which killed Train's placement-group cleaner and left
+    ASHA-stopped trials holding their CPUs: the search then hung. Only this process is stopped
+    afterwards (`ray stop` would stop every Ray on the machine)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-other-", dir="/tmp")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
+         "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],  # not /tmp/ray: others' ray.init must not find it; short: Ray's socket paths
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    yield port
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def grid_search(local_ray, other_local_ray, tmp_path_factory):
     """4 trials (learning rate x freezing), ASHA, 2 at a time on 2 CPUs (1 worker x 1 CPU each).
 
     Tune's grid varies the first dimension fastest, so the trials run in pairs of one learning

@@ -86,6 +86,7 @@ def init_ray() -> None:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
         ray.init(
+            address="local",  # a new instance, never one a stale /tmp/ray/ray_current_cluster points at
             include_dashboard=True,  # also serves Ray's state API, which Train needs to clean up workers
             dashboard_host="127.0.0.1",
             runtime_env={"env_vars": env},
