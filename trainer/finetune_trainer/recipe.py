@@ -84,6 +84,11 @@ class FineTuneRecipe:
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
+            # DeepSpeed loads its shared-memory all-reduce (a torch JIT extension, used only by
+            # inference_all_reduce) when it initialises on CPU. The JIT load holds a file lock for
+            # a moment; a worker killed then (a preemption, our fault tests) leaves it behind and
+            # every later run on the machine waits on it forever. Training never calls it.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         torch.manual_seed(t.seed)  # identical new head on every rank
         model = load_model(
             self.model_dir, self.spec.model, num_labels=self.num_labels, dropout=t.dropout, pad_token_id=self.pad_id
