@@ -12,7 +12,12 @@ quickstart's model and data (examples/search-freezing.yaml with the space replac
 Reported: the best validation metric each reached, the trial-steps each spent (sum over trials of
 the optimizer steps they ran), and (b)/(a) for both. Target: ASHA's best within --tolerance of the
 grid's best, with at most a third of its trial-steps. The ratio of trial-steps is deterministic
-given the trials' metrics; wall time is printed for information only (this machine is noisy).
+given the trials' metrics and their order; wall time is printed for information only.
+
+Order matters to asynchronous ASHA: a trial that reaches a rung before anything better has is
+promoted. Tune's grid runs the values in the order written, so --order-seed shuffles each
+dimension's values (the same order for both arms; seed 0 unless given, fixed before any result
+was seen) rather than running them in the ascending order SPACE lists them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 import argparse
 import json
+import random
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -39,7 +45,15 @@ SPACE = {
 }
 
 
-def manifest(out: Path, *, steps: int, grace: int, every: int, scheduler: str, concurrent: int, eval_samples: int) -> dict[str, Any]:
+def shuffled_space(seed: int | None) -> dict[str, Any]:
+    if seed is None:
+        return SPACE
+    rng = random.Random(seed)
+    return {path: {"choice": rng.sample(dist["choice"], len(dist["choice"]))} for path, dist in SPACE.items()}
+
+
+def manifest(out: Path, *, steps: int, grace: int, every: int, scheduler: str, concurrent: int, eval_samples: int,
+             space: dict[str, Any]) -> dict[str, Any]:
     from finetune_trainer.spec import load_document
 
     doc = load_document(ROOT / "examples" / "search-freezing.yaml")
@@ -54,7 +68,7 @@ def manifest(out: Path, *, steps: int, grace: int, every: int, scheduler: str, c
         "maxConcurrentTrials": concurrent,
         "scheduler": {"type": "asha", "gracePeriod": grace, "reductionFactor": 3} if scheduler == "asha" else {"type": "none"},
         "budget": {"trialSteps": steps},
-        "space": SPACE,
+        "space": space,
     }
     return doc
 
@@ -64,7 +78,7 @@ def one(out: Path, scheduler: str, args) -> dict[str, Any]:
     from finetune_trainer.spec import parse_job
 
     doc = manifest(out, steps=args.steps, grace=args.grace, every=args.every, scheduler=scheduler, concurrent=args.concurrent,
-                   eval_samples=args.eval_samples)
+                   eval_samples=args.eval_samples, space=shuffled_space(args.order_seed))
     started = time.time()
     results = run(parse_job(doc)).results
     return {
@@ -85,8 +99,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="evaluation.everySteps (ASHA decides at evaluations)")
     parser.add_argument("--eval-samples", type=int, default=200, help="validation examples per evaluation")
     parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument("--order-seed", type=int, default=0, help="shuffle each dimension's values (both arms alike); -1: as written")
     parser.add_argument("--tolerance", type=float, default=0.01, help="how far below the grid's best ASHA's best may be (accuracy)")
     args = parser.parse_args()
+    if args.order_seed < 0:
+        args.order_seed = None
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         grid = one(Path(tmp), "none", args)
         asha = one(Path(tmp), "asha", args)
@@ -96,7 +113,7 @@ def main() -> None:
         "benchmark": "search_efficiency",
         "when": datetime.now(UTC).isoformat(),
         "args": vars(args),
-        "space": SPACE,
+        "space": shuffled_space(args.order_seed),
         "reference_grid": grid,
         "asha": asha,
         "trial_steps_ratio": step_ratio,
