@@ -21,6 +21,7 @@ import ray
 from ray import tune
 
 from . import job_status, search_results
+from .evaluation import is_better
 from .job_status import StatusPublisher
 from .preflight import prepare_job
 from .recipe import total_steps
@@ -245,7 +246,7 @@ class TrialEvents(tune.Callback):
         value = result.get(self.metric)
         if value is None or result.get("baseline"):
             return
-        if self.best is None or (value < self.best["value"] if self.mode == "min" else value > self.best["value"]):
+        if is_better(value, self.best["value"] if self.best else None, self.mode):
             self.best = {"name": str(trial), "metric": self.metric, "value": value, "step": result.get("step"),
                          "params": dict(trial.config), "checkpoint": result.get(search_results.CHECKPOINT_KEY)}
         self._publish(trial, "running")

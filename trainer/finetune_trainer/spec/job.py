@@ -17,7 +17,7 @@ from .model import DataSpec, ModelSpec
 from .runtime import DeepSpeedSpec, OutputSpec, ResourcesSpec
 from .search import SearchSpec, space_problems
 from .storage import StorageSpec
-from .training import EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
+from .training import MAXIMIZED, EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
 
 API_VERSION = "finetune.dev/v1alpha1"
 KIND = "FineTuneJob"
@@ -93,7 +93,7 @@ class FineTuneJobSpec(SpecModel):
         metric = search.resolved_metric(ev.metric)
         if metric not in ev.resolved_metrics(self.model.task):
             found.append(("spec.search.metric", f"{metric} is not evaluated; add it to evaluation.metrics or choose one of {', '.join(ev.resolved_metrics(self.model.task))}"))
-        natural = "max" if metric in {"accuracy", "f1"} else "min"
+        natural = "max" if metric in MAXIMIZED else "min"
         if search.mode is not None and search.mode != natural:
             found.append(("spec.search.mode", f"{metric} improves when it goes {'up' if natural == 'max' else 'down'}: mode must be {natural} (or left out)"))
         if not found and not base_problems:  # trial specs are only worth checking from a valid base

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from .base import SpecModel
+from .training import MAXIMIZED, Metric
 
 Problems = Iterator[tuple[str, str]]
 
@@ -123,7 +124,7 @@ class SearchSpec(SpecModel):
         description="Trials to run (random/tpe; default 8, or the smallest multiple of the grid values' count above it). grid runs every combination once.",
     )
     max_concurrent_trials: int = Field(default=1, ge=1, description="Trials running at once; capped to what the Ray cluster can hold.")
-    metric: Literal["loss", "accuracy", "f1", "perplexity"] | None = Field(default=None, description="What picks the best trial (default: evaluation.metric).")
+    metric: Metric | None = Field(default=None, description="What picks the best trial (default: evaluation.metric).")
     mode: Literal["min", "max"] | None = Field(default=None, description="Default: max for accuracy/f1, min otherwise.")
     seed: int | None = Field(default=None, ge=0, description="Seeds the sampler (default: training.seed).")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
@@ -134,7 +135,7 @@ class SearchSpec(SpecModel):
         return self.metric or evaluation_metric
 
     def resolved_mode(self, evaluation_metric: str) -> str:
-        return self.mode or ("max" if self.resolved_metric(evaluation_metric) in {"accuracy", "f1"} else "min")
+        return self.mode or ("max" if self.resolved_metric(evaluation_metric) in MAXIMIZED else "min")
 
     def grid_size(self) -> int:
         return math.prod(len(d.grid_values() or []) for d in self.space.values())
