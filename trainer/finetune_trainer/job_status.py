@@ -80,3 +80,14 @@ def local_writer(job_dir: Path) -> Callable[[dict[str, Any]], None]:
         tmp.replace(job_dir / STATUS_FILE)
 
     return write
+
+
+def store_writer(store, key: str) -> Callable[[dict[str, Any]], None]:
+    """Through a `storage.Store` (S3, or a local folder): one PUT on S3, so the operator reading
+    `<prefix>/<namespace>/<job>/status.json` sees the old object or the new one, whole."""
+    from .storage import write_json
+
+    def write(status: dict[str, Any]) -> None:
+        write_json(store, key, status)
+
+    return write
