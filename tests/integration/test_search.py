@@ -195,4 +195,8 @@ def test_a_space_the_model_cannot_take_fails_before_any_trial(tmp_path):
     with pytest.raises(SpecError) as err:
         run(parse_job(doc))
     assert err.value.problems == [("spec.search.space", "freezing.strategy='freezeBottom', freezing.layers=3: spec.freezing.layers: 3 exceeds the 2 layers of BertForSequenceClassification; use at most 2 or a fraction like 0.5")]
-    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+    # nothing started; only status.json, which tells the operator (it never sees the model) which field to fix
+    assert [f.relative_to(tmp_path / "runs").as_posix() for f in (tmp_path / "runs").rglob("*") if f.is_file()] == ["t/status.json"]
+    status = json.loads((tmp_path / "runs" / "t" / "status.json").read_text())
+    assert (status["state"], status["kind"]) == ("invalid", "search")
+    assert status["problems"] == [{"path": path, "message": message} for path, message in err.value.problems]

@@ -124,3 +124,21 @@ def test_early_stopping_ends_the_run_and_says_so(local_ray, tmp_path):
     assert [row["step"] for row in r["history"]] == [0, 2, 4]
     assert r["early_stopped"] and r["steps"] == 4 and r["total_steps"] == 20
     assert r["model"] is not None  # the best evaluation's model is still exported
+
+
+def test_more_frozen_layers_than_the_model_has_is_published_as_invalid_before_ray(tmp_path):
+    """The operator never sees the model: the trainer's preflight finds this inside the cluster and
+    says so in status.json (the operator's Stalled/InvalidSpec), before Ray or any data loading."""
+    from finetune_trainer.run import run
+    from finetune_trainer.spec import SpecError
+
+    model = tiny.make_model(tmp_path / "model", "bert", layers=2)
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(50))
+    doc = tiny.manifest(tmp_path, model, data, freezing={"strategy": "freezeBottom", "layers": 5})
+    with pytest.raises(SpecError) as err:
+        run(parse_job(doc))
+    status = json.loads((tmp_path / "runs" / "t" / "status.json").read_text())
+    assert (status["state"], status["kind"]) == ("invalid", "single")
+    assert [p["path"] for p in status["problems"]] == ["spec.freezing.layers"] == [path for path, _ in err.value.problems]
+    assert "5 exceeds the 2 layers" in status["problems"][0]["message"]
+    assert [f.name for f in (tmp_path / "runs" / "t").iterdir()] == ["status.json"]  # no run folder: nothing started

@@ -100,11 +100,12 @@ def free_ports(count: int) -> list[int]:
 
 @contextlib.contextmanager
 def embedded_s3(*, bucket: str = "finetune", data_dir: str | Path | None = None, startup_timeout: float = 60.0,
-                stop_timeout: float = 30.0, attempts: int = 3) -> Iterator[EmbeddedS3]:
+                stop_timeout: float = 30.0, attempts: int = 3, keys: tuple[str, str] | None = None) -> Iterator[EmbeddedS3]:
     """Start `weed mini` on loopback, wait until S3 serves the bucket, yield; stop and wait on exit.
 
     `data_dir`: keep the data there (e.g. the demo's `./.s3`); default a temporary folder removed
-    on exit. A port taken between choosing and binding it is retried with new ports.
+    on exit. A port taken between choosing and binding it is retried with new ports. `keys`
+    (access key, secret key): the identity to serve; default a fresh random one.
     """
     from .spec.storage import split_s3_uri
 
@@ -112,7 +113,7 @@ def embedded_s3(*, bucket: str = "finetune", data_dir: str | Path | None = None,
     temp = None if data_dir else tempfile.mkdtemp(prefix="ftj-s3-")
     root = Path(data_dir or temp).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    access_key, secret_key = "ftj" + secrets.token_hex(8), secrets.token_hex(20)
+    access_key, secret_key = keys or ("ftj" + secrets.token_hex(8), secrets.token_hex(20))
     config = root / "s3-identities.json"
     config.write_text(json.dumps({"identities": [{
         "name": "finetune", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],

@@ -54,6 +54,20 @@ def snapshot(
     }
 
 
+def invalid(job_name: str, *, kind: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """The spec cannot run on this model or data (found by the preflight inside the cluster, e.g.
+    more frozen layers than the model has). The operator turns it into Stalled/InvalidSpec and
+    removes the RayJob, as it does for what it can check itself."""
+    return {
+        "job": job_name,
+        "run": None,
+        "updated": datetime.now(UTC).isoformat(),
+        "state": "invalid",
+        "kind": kind,
+        "problems": [{"path": path, "message": message} for path, message in problems],
+    }
+
+
 class StatusPublisher:
     """Best effort: a status write that fails is reported once and never stops training."""
 
@@ -78,5 +92,16 @@ def local_writer(job_dir: Path) -> Callable[[dict[str, Any]], None]:
         tmp = job_dir / (STATUS_FILE + ".partial")
         tmp.write_text(json.dumps(status, indent=2, default=str))
         tmp.replace(job_dir / STATUS_FILE)
+
+    return write
+
+
+def store_writer(store, key: str) -> Callable[[dict[str, Any]], None]:
+    """Through a `storage.Store` (S3, or a local folder): one PUT on S3, so the operator reading
+    `<prefix>/<namespace>/<job>/status.json` sees the old object or the new one, whole."""
+    from .storage import write_json
+
+    def write(status: dict[str, Any]) -> None:
+        write_json(store, key, status)
 
     return write

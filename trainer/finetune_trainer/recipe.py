@@ -70,6 +70,8 @@ class FineTuneRecipe:
         self.num_labels = len(self.data.label_names) if self.data.label_names else None
         self.progress = config.get("progress")
         self.trial: str | None = config.get("trial")  # set when this run is one trial of a search
+        self.resume_from = config.get("resume_from")  # a complete checkpoint of an earlier run (--resume)
+        self.resumed_step: int | None = None
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.metric_key = f"eval_{self.spec.evaluation.metric}"
@@ -126,9 +128,26 @@ class FineTuneRecipe:
                   f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}", flush=True)
 
     def _resume(self) -> None:
+        """Continue where a checkpoint left off: DeepSpeed's module and optimizer state, the LR
+        schedule, early stopping, step, history (the unfreezing gate follows the step).
+
+        Ray Train's own checkpoint comes first (a worker-group restart inside this run), else the
+        one the driver chose for `--resume` / spec.storage.resume. Either must carry our
+        `_COMPLETE.json`: Ray may know of a checkpoint whose marker was never written (the
+        driver died in between); that one is skipped, never loaded half."""
         import ray.train
 
+        from .persist import is_complete
+
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None and not is_complete(checkpoint):
+            if self.rank == 0:
+                print(f"[finetune] this run's latest checkpoint {checkpoint.path} is not complete (no marker); not resuming from it", flush=True)
+            checkpoint = None
+        if checkpoint is None and self.resume_from is not None:
+            if not is_complete(self.resume_from):  # the driver checked it; it must not have changed since
+                raise RuntimeError(f"the checkpoint to resume from, {self.resume_from.path}, is no longer complete")
+            checkpoint = self.resume_from
         if checkpoint is None:
             return
         with checkpoint.as_directory() as folder:
@@ -138,8 +157,9 @@ class FineTuneRecipe:
         self.stopper.load_state_dict(state["early_stopping"])
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.history, self.tokens, self.train_seconds = state["history"], state["tokens"], state["train_seconds"]
+        self.resumed_step = self.step
         if self.rank == 0:
-            print(f"[finetune] resumed from step {self.step}", flush=True)
+            print(f"[finetune] resumed from step {self.step} ({checkpoint.path})", flush=True)
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
@@ -234,6 +254,7 @@ class FineTuneRecipe:
             f"best_{self.metric_key}": self.best,
             "has_model": export,
             "precision": self.precision,
+            **({"resumed_from_step": self.resumed_step} if self.resumed_step is not None else {}),
         }
         self.history.append(row)
         if self.rank == 0 and self.progress is not None:

@@ -31,11 +31,10 @@ import ray
 from . import job_status
 from .ds_config import build_ds_config
 from .job_status import StatusPublisher
+from .persist import Persistence, open_storage
 from .preflight import Prepared, prepare_job
 from .recipe import MODEL_DIR, total_steps, train_loop_per_worker
-from .spec import FineTuneJob
-
-RESULTS_FILE = "results.json"
+from .spec import FineTuneJob, SpecError
 
 
 @ray.remote(num_cpus=0)
@@ -102,41 +101,67 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None) -> RunResult:
+def run(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None,
+        resume: str | None = None) -> RunResult:
+    """`resume` (none | latest | a checkpoint URI) overrides spec.storage.resume; `finetune run
+    --resume` passes latest. A search resumes by restoring its latest Tune experiment."""
     if job.spec.search is not None:
         from .tuning import run_search
 
-        return run_search(job, on_progress=on_progress, run_id=run_id)
+        return run_search(job, on_progress=on_progress, run_id=run_id, resume=resume)
     started = time.time()
-    prepared = prepare_job(job)
+    persistence = open_storage(job)  # S3 preflight: a bad endpoint or key fails here, before anything else
+    prepared = prepare_reporting(job, persistence)
     preflight_seconds = time.time() - started
     init_ray()
-    spec = job.spec
     run_id = run_id or new_run_id()
-    job_dir = Path(spec.output.dir).resolve() / job.name
+    resume_from, resumed_step = persistence.resume_from(resume_mode(job, resume))
     tracker = ProgressTracker.remote()
-    publisher = StatusPublisher(job_status.local_writer(job_dir))
-    trainer = make_trainer(job, shared_config(prepared, tracker), storage_path=job_dir, name=run_id)
+    publisher = StatusPublisher(persistence.status_writer())
+    shared = shared_config(prepared, tracker) | {"resume_from": resume_from}
+    trainer = make_trainer(job, shared, persistence=persistence, storage_path=persistence.storage_path, name=run_id)
     listeners = [_status_listener(job, run_id, publisher), *([on_progress] if on_progress else [])]
     try:
         result = fit_polling(trainer.fit, lambda: ray.get(tracker.snapshot.remote(), timeout=5), listeners)
-    except BaseException:
+    except BaseException as err:
         publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="failed"))
+        failure = persistence.storage_failure(err)
+        if failure is not None:
+            raise failure from err
         raise
     _, rows = ray.get(tracker.snapshot.remote())
-    run_dir = job_dir / run_id
-    checkpoints = [(c.path, m) for c, m in (result.best_checkpoints or [])]
+    run_dir = persistence.local_dir / run_id
+    checkpoints = persistence.complete_only([(c.path, m) for c, m in (result.best_checkpoints or [])], persistence.key(run_id))
     best = best_checkpoint(job, checkpoints)
-    model_dir = export_model(job, checkpoints, prepared, run_dir) if best else None
+    model_dir = export_model(job, checkpoints, prepared, run_dir, filesystem=persistence.filesystem) if best else None
+    if best:
+        best = {**best, "checkpoint": persistence.uri(best["checkpoint"])}
     test = score_test(prepared, model_dir) if prepared.data.test is not None else {}
     results = _results(prepared, rows, best, test, model_dir, run_dir, started, preflight_seconds)
-    write_json(run_dir / RESULTS_FILE, results)
+    results["resumed_from"] = {"checkpoint": resume_from.path, "step": resumed_step} if resume_from else None
+    results = persistence.save_results(run_id, results, model_dir)
     final = rows[-1] if rows else {}
     best_trial = {"name": run_id, "metric": best["metric"], "value": best["value"], "step": best["step"], "params": {}, "checkpoint": best["checkpoint"]} if best else None
     publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="finished", trials={run_id: "completed"},
                                           step=final.get("step"), total_steps=results["total_steps"], best=best_trial,
-                                          model=str(model_dir) if model_dir else None))
+                                          model=persistence.model_uri(run_id, model_dir)))
     return RunResult(run_dir, results)
+
+
+def prepare_reporting(job: FineTuneJob, persistence: Persistence) -> Prepared:
+    """`prepare_job`, and a spec the model or data rule out (e.g. freezing.layers above the
+    model's layer count) is also published as status.json `invalid`, so the operator, which never
+    sees the model, can say which field to fix."""
+    try:
+        return prepare_job(job)
+    except SpecError as err:
+        kind = "search" if job.spec.search is not None else "single"
+        StatusPublisher(persistence.status_writer()).publish(job_status.invalid(job.name, kind=kind, problems=err.problems))
+        raise
+
+
+def resume_mode(job: FineTuneJob, resume: str | None) -> str:
+    return resume or (job.spec.storage.resume if job.spec.storage else "none")
 
 
 def new_run_id() -> str:
@@ -153,27 +178,22 @@ def shared_config(prepared: Prepared, tracker) -> dict[str, Any]:
     }
 
 
-def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, storage_path: Path, name: str, callbacks: list | None = None, trial: str | None = None):
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persistence, storage_path: str, name: str,
+                 callbacks: list | None = None, trial: str | None = None):
+    """The TorchTrainer of a run or a trial: checkpoints through `persistence` (marked complete by
+    its callback, pruned by our retention), worker-group restarts from the latest complete one."""
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    spec = job.spec
-    res = spec.resources
+    res = job.spec.resources
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
+    storage = persistence.run_config_args(job, storage_path=storage_path)
+    storage["callbacks"] += callbacks or []
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage_path),
-            callbacks=callbacks or None,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=spec.output.keep_checkpoints,
-                checkpoint_score_attribute=f"eval_{spec.evaluation.metric}",
-                checkpoint_score_order=spec.evaluation.resolved_mode(),
-            ),
-        ),
+        run_config=RunConfig(name=name, **storage),
     )
 
 
@@ -234,7 +254,8 @@ def best_checkpoint(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any
     return {"step": metrics["step"], "metric": key, "value": metrics[key], "checkpoint": path, "metrics": metrics}
 
 
-def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]], prepared: Prepared, run_dir: Path) -> Path | None:
+def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]], prepared: Prepared, run_dir: Path,
+                 *, filesystem=None) -> Path | None:
     """Copy the chosen checkpoint's Hugging Face model next to results.json, atomically."""
     from ray.train import Checkpoint
 
@@ -248,7 +269,7 @@ def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]]
         path = best_checkpoint(job, candidates)["checkpoint"]
     target, partial = run_dir / MODEL_DIR, run_dir / (MODEL_DIR + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with Checkpoint(path).as_directory() as folder:
+    with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         shutil.copytree(Path(folder) / MODEL_DIR, partial)
     prepared.tokenizer.save_pretrained(partial)
     if prepared.data.label_names:
@@ -309,10 +330,3 @@ def _results(prepared, rows, best, test, model_dir, run_dir, started, preflight_
             "deepspeed": build_ds_config(spec, world_size=spec.resources.workers, precision=final.get("precision", "resolved at run time")),
         },
     }
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,10 +22,9 @@ from ray import tune
 from . import job_status, search_results
 from .evaluation import is_better
 from .job_status import StatusPublisher
-from .preflight import prepare_job
+from .persist import TRIALS_DIR, Persistence, open_storage
 from .recipe import total_steps
 from .run import (
-    RESULTS_FILE,
     ProgressTracker,
     RunResult,
     export_model,
@@ -34,9 +32,10 @@ from .run import (
     init_ray,
     make_trainer,
     new_run_id,
+    prepare_reporting,
+    resume_mode,
     score_test,
     shared_config,
-    write_json,
 )
 from .spec import FineTuneJob, SpecError
 from .spec.search import SearchSpec, dropped_params, trial_spec
@@ -46,40 +45,54 @@ from .spec.search import SearchSpec, dropped_params, trial_spec
 # trials that exactly fill a machine (2 workers x 1 CPU on 2 cores) never fit; so the actor asks
 # for logical memory only, which Train's workers do not claim.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
-TRIALS_DIR = "trials"
 
 
-def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None) -> RunResult:
+def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None,
+               resume: str | None = None) -> RunResult:
+    """With `resume` (or spec.storage.resume) other than none, the job's latest search is restored
+    (Tune's experiment state from storage): finished trials keep their results, unfinished and
+    errored ones start again, each continuing from its own latest complete checkpoint."""
     started = time.time()
-    prepared = prepare_job(job)  # also checks every freezing plan the space can produce
+    persistence = open_storage(job)  # S3 preflight first
+    prepared = prepare_reporting(job, persistence)  # also checks every freezing plan the space can produce
     preflight_seconds = time.time() - started
     init_ray()
     search = job.spec.search
     assert search is not None
-    run_id = run_id or new_run_id()
-    job_dir = Path(job.spec.output.dir).resolve() / job.name
-    run_dir = job_dir / run_id
+    restore = persistence.latest_search() if resume_mode(job, resume) != "none" else None
+    if resume_mode(job, resume) != "none" and restore is None:
+        print("[finetune] resume: no earlier search of this job in storage; starting a new one", flush=True)
+    run_id = restore or run_id or new_run_id()
+    run_dir = persistence.local_dir / run_id
     concurrency = trials_that_fit(job, ray.cluster_resources())
     tracker = ProgressTracker.remote()
     totals = TrialTotals(job, len(prepared.data.train))
-    publisher = StatusPublisher(job_status.local_writer(job_dir))
-    tuner = build_tuner(job, shared_config(prepared, tracker), run_dir, concurrency, totals, tracker, publisher)
+    publisher = StatusPublisher(persistence.status_writer())
+    tuner = build_tuner(job, shared_config(prepared, tracker), persistence, run_id, concurrency, totals, tracker, publisher,
+                        restore=restore is not None)
     try:
         grid = fit_polling(tuner.fit, lambda: _snapshot(tracker), [on_progress] if on_progress else [])
-    except BaseException:
+    except BaseException as err:
         publisher.publish(job_status.snapshot(job.name, run_id, kind="search", state="failed", total_trials=search.resolved_num_trials()))
+        failure = persistence.storage_failure(err)
+        if failure is not None:
+            raise failure from err
         raise
     trials = search_results.collect(job, grid, totals)
     best = search_results.best_trial(job, trials)
     model_dir = None
     if best:
         trial_job = totals.trial_job(best["params"])
-        model_dir = export_model(trial_job, best["checkpoints"], prepared, run_dir)
+        checkpoints = persistence.complete_only(best["checkpoints"], persistence.key(run_id, TRIALS_DIR))
+        model_dir = export_model(trial_job, checkpoints, prepared, run_dir, filesystem=persistence.filesystem)
+    for row in [*trials, *([best] if best else [])]:  # Ray's paths ("bucket/key" on S3) -> URIs people can use
+        row["checkpoint"] = persistence.uri(row["checkpoint"]) if row.get("checkpoint") else row.get("checkpoint")
     test = score_test(prepared, model_dir) if prepared.data.test is not None else {}
     results = search_results.results(job, prepared, trials, best, test, model_dir, run_dir, concurrency, started, preflight_seconds)
     results["plots"] = search_results.plot(job, trials, run_dir)
-    write_json(run_dir / RESULTS_FILE, results)
-    publisher.publish(search_results.final_status(job, run_id, trials, best, model_dir))
+    results["restored"] = restore is not None
+    results = persistence.save_results(run_id, results, model_dir)
+    publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)))
     return RunResult(run_dir, results)
 
 
@@ -120,18 +133,29 @@ def trials_that_fit(job: FineTuneJob, cluster: dict[str, float]) -> int:
     return min(wanted, fit)
 
 
-def build_tuner(job: FineTuneJob, shared: dict[str, Any], run_dir: Path, concurrency: int, totals: TrialTotals, tracker,
-                publisher: StatusPublisher) -> tune.Tuner:
+def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persistence, run_id: str, concurrency: int,
+                totals: TrialTotals, tracker, publisher: StatusPublisher, *, restore: bool = False) -> tune.Tuner:
+    """The Tuner of a new search, or (`restore`) the one stored under `<job>/<run_id>`; Tune's own
+    experiment state goes through the same storage as the checkpoints, so either can be restored."""
     search = job.spec.search
     assert search is not None
     metric, mode = search_metric(job)
     seed = search.seed if search.seed is not None else job.spec.training.seed
-    trainable = tune.with_parameters(
-        _trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, trials_dir=str(run_dir / TRIALS_DIR)
-    )
+    trainable = tune.with_resources(tune.with_parameters(
+        _trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, persistence=persistence,
+        trials_path=persistence.path(run_id, TRIALS_DIR),
+    ), TRIAL_RESOURCES)
+    callbacks = [TrialEvents(tracker, totals, publisher, run_id, persistence.uri)]
+    if restore:
+        tuner = tune.Tuner.restore(persistence.path(run_id), trainable=trainable, param_space=param_space(search),
+                                   resume_unfinished=True, resume_errored=False, restart_errored=True,
+                                   storage_filesystem=persistence.filesystem)
+        # the stored RunConfig holds the interrupted driver's callbacks (a dead tracker): use ours
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner
     stop = {"time_total_s": search.budget.trial_seconds} if search.budget.trial_seconds else None
     return tune.Tuner(
-        tune.with_resources(trainable, TRIAL_RESOURCES),
+        trainable,
         param_space=param_space(search),
         tune_config=tune.TuneConfig(
             metric=metric,
@@ -147,8 +171,8 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], run_dir: Path, concurr
             trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent), stop=stop, verbose=0,
-            callbacks=[TrialEvents(tracker, totals, publisher, run_dir.name)],
+            name=run_id, storage_path=persistence.storage_path, storage_filesystem=persistence.filesystem, stop=stop,
+            verbose=0, callbacks=callbacks,
         ),
     )
 
@@ -206,8 +230,10 @@ def scheduler(job: FineTuneJob, totals: TrialTotals):
     return FIFOScheduler()
 
 
-def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], trials_dir: str) -> None:
-    """One trial: the base spec with this trial's values, trained exactly as a plain run is."""
+def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence: Persistence, trials_path: str) -> None:
+    """One trial: the base spec with this trial's values, trained exactly as a plain run is. A
+    trial started again (a restored search) reuses its name and folder, where Ray Train finds its
+    latest checkpoint and continues from it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     job = FineTuneJob.model_validate(base)
@@ -215,7 +241,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, An
     assert search is not None
     trial = job.model_copy(update={"spec": trial_spec(job.spec, {**search.fixed_params(), **config})})
     name = tune.get_context().get_trial_name()
-    make_trainer(trial, shared, storage_path=Path(trials_dir), name=name, callbacks=[TuneReportCallback()], trial=name).fit()
+    make_trainer(trial, shared, persistence=persistence, storage_path=trials_path, name=name,
+                 callbacks=[TuneReportCallback()], trial=name).fit()
 
 
 def trial_name(trial) -> str:
@@ -230,11 +257,17 @@ class TrialEvents(tune.Callback):
     """Runs in the driver: tells the progress display when a trial starts and ends (and how), and
     keeps status.json (trial counts, the best trial so far) current for the operator."""
 
-    def __init__(self, tracker, totals: TrialTotals, publisher: StatusPublisher, run_id: str):
-        self.tracker, self.totals, self.publisher, self.run_id = tracker, totals, publisher, run_id
+    def __init__(self, tracker, totals: TrialTotals, publisher: StatusPublisher, run_id: str, uri: Callable[[str], str] = str):
+        self.tracker, self.totals, self.publisher, self.run_id, self.uri = tracker, totals, publisher, run_id, uri
         self.states: dict[str, str] = {}
         self.best: dict[str, Any] | None = None
         self.metric, self.mode = search_metric(totals.job)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into tuner.pkl. An actor handle there cannot be unpickled by a
+        # later driver (its Ray cluster is gone: "Expected str or bytes, got NoneType"), and a
+        # restored search gets a fresh TrialEvents anyway (build_tuner), so leave the live parts out.
+        return {**self.__dict__, "tracker": None, "publisher": None}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         spec = self.totals.trial_job(trial.config).spec
@@ -248,7 +281,7 @@ class TrialEvents(tune.Callback):
             return
         if is_better(value, self.best["value"] if self.best else None, self.mode):
             self.best = {"name": str(trial), "metric": self.metric, "value": value, "step": result.get("step"),
-                         "params": dict(trial.config), "checkpoint": result.get(search_results.CHECKPOINT_KEY)}
+                         "params": dict(trial.config), "checkpoint": self._uri(result.get(search_results.CHECKPOINT_KEY))}
         self._publish(trial, "running")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -262,6 +295,12 @@ class TrialEvents(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.tracker.record.remote({"trial": str(trial), "event": "failed (see results.json for the error)"})
         self._publish(trial, "failed")
+
+    def _uri(self, path: str | None) -> str | None:
+        try:
+            return self.uri(path) if path else None
+        except Exception:  # status is best effort; a path outside the store stays as Ray gave it
+            return path
 
     def _publish(self, trial, state: str) -> None:
         self.states[str(trial)] = state

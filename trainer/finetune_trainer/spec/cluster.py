@@ -195,6 +195,12 @@ class RunPolicySpec(SpecModel):
         default=None, ge=1, description="Fail the run when it has taken longer than this (cluster start included)."
     )
     backoff_limit: int = Field(default=0, ge=0, le=100, description="Retries of a failed run, each on a new Ray cluster.")
+    worker_restarts: int = Field(
+        default=3, ge=0, le=100,
+        description="Restarts of the Ray Train worker group inside one run (a worker process or node lost), each "
+                    "from the run's latest complete checkpoint; then the run fails. Also bounds failures of Train's "
+                    "controller, e.g. storage that stopped answering.",
+    )
     ttl_seconds_after_finished: int = Field(
         default=300, ge=0, description="Seconds the Ray cluster (and dashboard) stays after the run ends, for logs."
     )

@@ -92,10 +92,16 @@ def s3_client(spec: StorageSpec, credentials: Credentials | None = None, *, atte
 
 
 def pyarrow_filesystem(spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int = ATTEMPTS):
-    """The `pyarrow.fs.S3FileSystem` for RunConfig(storage_filesystem=...)."""
+    """The `pyarrow.fs.S3FileSystem` for RunConfig(storage_filesystem=...).
+
+    Without `credentials` the filesystem carries no keys: every process that unpickles it (Ray
+    workers, Tune's trial actors) reads the standard AWS variables itself, the way the pods get
+    them from the Secret. That matters because Ray Tune pickles its RunConfig, filesystem
+    included, into `tuner.pkl` in the bucket: explicit keys would be written next to the
+    checkpoints for anyone who can read them."""
     from pyarrow import fs
 
-    creds = credentials or Credentials.from_env()
+    creds = credentials or Credentials()
     scheme, host = "https", None
     if spec.endpoint:
         scheme, _, host = spec.endpoint.partition("://")
@@ -145,7 +151,9 @@ class S3Store:
 
     def __init__(self, spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int = ATTEMPTS):
         self.spec, self.bucket, self.attempts = spec, spec.bucket, attempts
-        self.credentials = credentials or Credentials.from_env()
+        # None: read from the environment where the client is made (a store pickled into Tune's
+        # experiment state must not carry the keys; see pyarrow_filesystem)
+        self.credentials = credentials
         self._client = None
         self._reached = False
 

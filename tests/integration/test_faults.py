@@ -1,0 +1,367 @@
+"""Faults against real processes and a real S3 server (SeaweedFS on loopback): a Ray Train worker
+SIGKILLed mid-run, the driver SIGKILLed and `--resume`d, checkpoints cut short, a wrong secret
+key, the S3 server stopped mid-run. Tiny models, few steps; every wait polls with a deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_trainer.spec import parse_job
+from finetune_trainer.storage import (
+    MARKER,
+    Credentials,
+    S3Store,
+    StorageUnavailable,
+    job_location,
+    latest_complete,
+    list_complete_checkpoints,
+    read_complete,
+)
+
+from . import tiny
+
+# deadlines are generous: on a shared 2-core machine under load a run can take 5x its quiet time
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    return tiny.make_model(tmp / "model", "bert", layers=2), tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
+
+
+def _doc(tmp: Path, assets, storage: dict | None = None, *, steps: int = 24, every: int = 4, name: str = "t") -> dict:
+    model, data = assets
+    doc = tiny.manifest(tmp, model, data, training={"maxSteps": steps, "dropout": 0.0}, evaluation={"everySteps": every},
+                        output={"export": "last", "keepCheckpoints": 1})
+    doc["metadata"]["name"] = name
+    if storage:
+        doc["spec"]["storage"] = storage
+    return doc
+
+
+def _storage(s3_spec, monkeypatch=None) -> tuple[dict, S3Store, str]:
+    """spec.storage for a manifest, a store to look with, the StorageSpec; with `monkeypatch`, the
+    keys go into this process's environment (where an in-process run reads them)."""
+    spec, creds = s3_spec
+    if monkeypatch is not None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds.secret_key)
+    return {"uri": spec.uri, "endpoint": spec.endpoint}, S3Store(spec, creds), spec
+
+
+def _wait(what: str, check, timeout: float, every: float = 0.2, box: dict | None = None):
+    """Poll `check` until it returns something truthy; `box` (from _in_thread): stop early if the run ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        if box and ("error" in box or "result" in box):
+            raise AssertionError(f"the run ended while waiting for {what}: {box.get('error') or 'finished'}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _in_thread(fn):
+    """Run fn in a thread; returns (thread, box) where box gets 'result' or 'error'."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # handed to the test
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _driver(manifest: Path, log: Path, env: dict) -> subprocess.Popen:
+    """`finetune run MANIFEST` in its own session (so _kill_session takes it and its local Ray), output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-progress"],
+                                env={**env, "RAY_ADDRESS": ""}, cwd=ROOT, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def _session(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are already dead
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_session(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process of its session (Ray's GCS, raylet, workers and the
+    Train controller, some in process groups of their own), and wait until none is left: a
+    process still running could complete one more checkpoint after the test has looked."""
+    deadline = time.monotonic() + 30
+    while True:
+        for pid in _session(driver.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        driver.poll()  # reap the driver itself
+        if not _session(driver.pid):
+            return
+        assert time.monotonic() < deadline, f"processes of the killed driver's session survive: {_session(driver.pid)}"
+        time.sleep(0.1)
+
+
+def _while_running(driver: subprocess.Popen, log: Path, check):
+    """`check`, but fail at once (with the driver's last output) if the driver exited."""
+
+    def checked():
+        found = check()
+        if not found and driver.poll() is not None:
+            raise AssertionError(f"the driver exited ({driver.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
+        return found
+
+    return checked
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+# --- (d) wrong secret key: the preflight's verdict, exit 2, no Ray -----------------------------------
+
+
+def test_wrong_secret_key_fails_the_cli_at_once_without_starting_ray(s3_spec, assets, tmp_path):
+    storage, store, spec = _storage(s3_spec)
+    manifest = tiny.save_manifest(tmp_path / "job.yaml", _doc(tmp_path, assets, storage))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_spec[1].access_key, "AWS_SECRET_ACCESS_KEY": "not-the-secret",
+           "RAY_ADDRESS": ""}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("finetune: storage: ") and "SignatureDoesNotMatch" in line and "AWS_SECRET_ACCESS_KEY" in line
+    assert "Traceback" not in done.stderr
+    assert "Ray" not in done.stdout + done.stderr.replace(line, "")  # nothing started: no Ray banner, no Ray log
+    assert not (tmp_path / "runs").exists()  # no data read into the output folder, no status written
+    assert store.list(spec.prefix) == {}
+    assert seconds < 60
+
+
+# --- (a) a Ray Train worker SIGKILLed mid-run ------------------------------------------------------
+
+
+def _train_workers() -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # this session's Ray, not another on the host
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], timeout=10)
+    return sorted(a.pid for a in actors if a.pid)
+
+
+def test_worker_killed_mid_run_continues_from_its_checkpoint_to_the_same_model(local_ray, s3_spec, assets, tmp_path, monkeypatch):
+    from finetune_trainer.run import run
+
+    reference = run(parse_job(_doc(tmp_path / "ref", assets, name="ref")))  # uninterrupted, same seed, local folder
+
+    storage, store, spec = _storage(s3_spec, monkeypatch)
+    job = parse_job(_doc(tmp_path, assets, storage))
+    prefix = job_location(job.spec.storage, "default", "t").key
+    thread, box = _in_thread(lambda: run(job))
+    first = _wait("a complete checkpoint in S3", lambda: latest_complete(store, prefix), 300, box=box)
+    pids = _wait("the Ray Train workers", _train_workers, 30)
+    assert thread.is_alive() and first.step < 24, "the run ended before the kill"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(400)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    r = box["result"].results
+
+    rows = [row for row in r["history"] if not row.get("baseline")]
+    steps = [row["step"] for row in rows]
+    resumed = sorted({row["resumed_from_step"] for row in rows if "resumed_from_step" in row})
+    assert len(resumed) == 1 and resumed[0] >= first.step > 0, (steps, resumed)  # from a checkpoint, not from 0
+    after = [row["step"] for row in rows if "resumed_from_step" in row]
+    assert after[0] == resumed[0] + 4 and after[-1] == 24  # the next evaluation after the checkpoint, then on to the end
+    assert [row["step"] for row in r["history"] if row.get("baseline")] == [0]  # no second baseline: not restarted from 0
+    print(f"killed worker {pids[-1]} after checkpoint step {first.step}; resumed from {resumed[0]}; steps {steps}")
+
+    # the same weights as the uninterrupted run: optimizer state, LR schedule, data order all continued
+    ours, theirs = _weights(Path(r["local_model"])), _weights(reference.run_dir / "model")
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    print(f"largest weight difference from the uninterrupted run: {worst:.2e}")
+    assert worst < 1e-4
+    assert r["history"][-1]["eval_loss"] == pytest.approx(reference.results["history"][-1]["eval_loss"], rel=1e-4)
+    # and everything reached S3: the model, results.json naming it, status.json for the operator
+    assert r["model"] == f"{spec.uri}/default/t/{r['run']}/model"
+    keys = store.list(prefix)
+    assert f"{prefix}/{r['run']}/model/model.safetensors" in keys and f"{prefix}/{r['run']}/results.json" in keys
+    status = json.loads(store.read(f"{prefix}/status.json"))
+    assert (status["state"], status["step"], status["model"]) == ("finished", 24, r["model"])
+    assert status["bestCheckpoint"].startswith(f"{spec.uri}/default/t/{r['run']}/checkpoint_")
+
+
+# --- (b) the driver SIGKILLed, then `--resume`; (c) checkpoints cut short are never used ----------------
+
+
+def test_driver_killed_then_resume_continues_from_the_latest_complete_checkpoint(local_ray, s3_spec, assets, tmp_path, capsys,
+                                                                               monkeypatch):
+    from finetune_trainer.cli import main
+
+    storage, store, _ = _storage(s3_spec, monkeypatch)
+    manifest = tiny.save_manifest(tmp_path / "job.yaml", _doc(tmp_path, assets, storage, steps=40))
+    prefix = job_location(parse_job(_doc(tmp_path, assets, storage)).spec.storage, "default", "t").key
+    log = tmp_path / "driver.log"
+    driver = _driver(manifest, log, dict(os.environ))
+    try:
+        first = _wait("the first complete checkpoint", _while_running(driver, log, lambda: latest_complete(store, prefix)), 400)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{log.read_text(errors='replace')[-3000:]}") from None
+    finally:
+        _kill_session(driver)  # the driver and everything in its session: its Ray too
+    killed_at = latest_complete(store, prefix)
+    assert killed_at.step < 40, "the run ended before the kill"
+    run_key = killed_at.parent
+
+    # (c) newer checkpoint folders that never completed: no marker (an upload cut short), a marker
+    # whose listed file is now shorter (a truncated object), a marker that is not JSON
+    for name, marker in [("checkpoint_9999-01-01_00-00-01.000000", None),
+                         ("checkpoint_9999-01-01_00-00-02.000000", "truncate"),
+                         ("checkpoint_9999-01-01_00-00-03.000000", b"{cut")]:
+        key = f"{run_key}/{name}"
+        store.write(f"{key}/trainer_state.json", json.dumps({"step": 999}).encode())
+        store.write(f"{key}/deepspeed/state/mp_rank_00_model_states.pt", bytes(64))
+        if marker == "truncate":
+            from finetune_trainer.storage import mark_complete
+
+            mark_complete(store, key, {"step": 999})
+            store.write(f"{key}/deepspeed/state/mp_rank_00_model_states.pt", bytes(10))
+        elif marker:
+            store.write(f"{key}/{MARKER}", marker)
+    assert latest_complete(store, prefix) == killed_at
+
+    assert main(["run", str(manifest), "--no-progress", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"resume: from {killed_at.uri} (step {killed_at.step})" in out
+    results = json.loads(store.read(f"{prefix}/{_newest_run(store, prefix)}/results.json"))
+    steps = [row["step"] for row in results["history"]]
+    assert results["resumed_from"]["step"] == killed_at.step and steps[0] == killed_at.step + 4 and steps[-1] == 40, (steps, [x for x in out.splitlines() if "[finetune]" in x])
+    assert all(row["resumed_from_step"] == killed_at.step for row in results["history"])
+    print(f"driver killed after checkpoint step {first.step} (latest complete {killed_at.step}); resumed run's steps {steps}")
+    # the new run's checkpoints are complete; the broken ones were never read as checkpoints
+    assert latest_complete(store, prefix).step == 40
+
+
+def _newest_run(store: S3Store, prefix: str) -> str:
+    runs = {k[len(prefix) + 1 :].split("/")[0] for k in store.list(prefix) if k.endswith("/results.json")}
+    return max(runs)
+
+
+# --- (e) the S3 server stops mid-run ---------------------------------------------------------------
+
+
+def test_server_stopped_mid_run_fails_clearly_and_the_last_complete_checkpoint_survives(local_ray, assets, tmp_path, monkeypatch):
+    from finetune_trainer.embedded_s3 import embedded_s3
+    from finetune_trainer.run import run
+
+    data_dir = tmp_path / "s3"
+    keys = (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])  # those Ray's workers have
+    with embedded_s3(bucket="ftj-stop", data_dir=data_dir, keys=keys) as server:
+        spec = server.storage_spec("p")
+        creds = Credentials(server.access_key, server.secret_key)
+        store = S3Store(spec, creds)
+        doc = _doc(tmp_path, assets, {"uri": spec.uri, "endpoint": spec.endpoint}, steps=60)
+        doc["spec"]["runPolicy"] = {"workerRestarts": 1}  # one restart: it retries, and the test stays short
+        job = parse_job(doc)
+        prefix = job_location(spec, "default", "t").key
+        thread, box = _in_thread(lambda: run(job))
+        last = _wait("a complete checkpoint", lambda: latest_complete(store, prefix), 300, box=box)
+    stopped = time.monotonic()
+    thread.join(300)
+    assert not thread.is_alive(), "the run hangs with its storage gone"
+    seconds = time.monotonic() - stopped
+    assert "error" in box, "the run finished without storage"
+    print(f"failed {seconds:.0f} s after the server stopped: {box['error']!r}")
+    assert isinstance(box["error"], StorageUnavailable), repr(box["error"])  # what the CLI prints as one line
+    assert "stopped answering" in str(box["error"]) and "last complete checkpoint is still there" in str(box["error"])
+
+    with embedded_s3(bucket="ftj-stop", data_dir=data_dir) as again:  # the same data, new keys
+        store = S3Store(again.storage_spec("p"), Credentials(again.access_key, again.secret_key))
+        done = list_complete_checkpoints(store, prefix)
+        assert done and done[-1].step >= last.step
+        for c in done:
+            assert read_complete(store, c.key).files == c.files  # every listed file there, at its size
+        state = json.loads(store.read(f"{done[-1].key}/trainer_state.json"))
+        assert state["step"] == done[-1].step
+
+
+# --- a search's driver SIGKILLed, then `--resume`: Tune restores it; finished trials are not rerun ----
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(local_ray, s3_spec, assets, tmp_path, capsys, monkeypatch):
+    from finetune_trainer.cli import main
+
+    storage, store, _ = _storage(s3_spec, monkeypatch)
+    doc = _doc(tmp_path, assets, storage, steps=16, name="s")
+    doc["spec"]["resources"] = {"workers": 1, "cpusPerWorker": 1}
+    doc["spec"]["search"] = {"algorithm": "grid", "maxConcurrentTrials": 1, "scheduler": {"type": "none"},
+                             "space": {"training.learningRate": {"choice": [5e-3, 1e-3]}}}
+    manifest = tiny.save_manifest(tmp_path / "search.yaml", doc)
+    prefix = job_location(parse_job(doc).spec.storage, "default", "s").key
+    log = tmp_path / "driver.log"
+    driver = _driver(manifest, log, dict(os.environ))
+
+    def second_trial_started():
+        return [c for c in list_complete_checkpoints(store, prefix) if "/trials/trial_01/" in c.key]
+
+    try:
+        _wait("the second trial's first checkpoint", _while_running(driver, log, second_trial_started), 500, every=0.5)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{log.read_text(errors='replace')[-3000:]}") from None
+    finally:
+        _kill_session(driver)
+    before = {c.key: c for c in list_complete_checkpoints(store, prefix)}
+    first_trial = sorted(k for k in before if "/trials/trial_00/" in k)
+    assert before[first_trial[-1]].step == 16, "the first trial had not finished"
+    second = max(c.step for c in before.values() if "/trials/trial_01/" in c.key)
+    assert second < 16, "the second trial had finished before the kill"
+
+    code = main(["run", str(manifest), "--no-progress", "--resume"])
+    out, err = capsys.readouterr()
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    after = list_complete_checkpoints(store, prefix)
+    # trial_00 trained nothing more (no new checkpoint); trial_01 went on to the end, from its checkpoint
+    assert sorted(c.key for c in after if "/trials/trial_00/" in c.key) == first_trial
+    assert max(c.step for c in after if "/trials/trial_01/" in c.key) == 16
+    run = before[first_trial[-1]].key.split("/trials/")[0].rpartition("/")[2]
+    results = json.loads(store.read(f"{prefix}/{run}/results.json"))
+    assert results["restored"] is True and {t["trial"]: t["steps"] for t in results["trials"]} == {"trial_00": 16, "trial_01": 16}
+    resumed = {int(m) for m in re.findall(r"resumed from step (\d+) \([^)]*/trials/trial_01/", out)}
+    print(f"search killed with trial_00 done and trial_01 at step {second}; restored run {run}; trial_01 resumed from {resumed}")
+    assert resumed == {second}, out[-3000:]
+    assert results["model"].startswith("s3://") and json.loads(store.read(f"{prefix}/status.json"))["state"] == "finished"
+    # Tune pickled its RunConfig (storage filesystem, callbacks) and trials into the bucket: no key went with them
+    secret = s3_spec[1].secret_key.encode()
+    pickles = [k for k in store.list(prefix) if k.endswith(".pkl")]
+    assert pickles, "expected Tune's tuner.pkl in the bucket"
+    assert [k for k in store.list(prefix) if secret in (store.read(k) or b"")] == []

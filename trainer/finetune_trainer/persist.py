@@ -1,0 +1,199 @@
+"""Where a run's checkpoints, exported model, results.json and status.json live, for both drivers
+(a single run and a search), on S3 (`spec.storage`) or in `output.dir` on this machine.
+
+One code path for both: a `Store` (S3Store or LocalStore) rooted so that the job's folder is
+`job_key`, the `storage_path` (+ pyarrow filesystem on S3) that Ray Train and Tune write through,
+and the `CheckpointCompletion` callback on every TorchTrainer, so only checkpoints with a
+`_COMPLETE.json` count: for export, for "latest"/"best", for resume, and for retention (our
+`prune`; Ray's own `num_to_keep` is off, since it knows nothing of markers).
+
+Layout under the job (`<prefix>/<namespace>/<job>/` on S3, `<output.dir>/<job>/` locally):
+
+    status.json                              what the operator mirrors (job_status's shape)
+    <run>/checkpoint_<ts>/...                a single run's checkpoints (Ray Train's names)
+    <run>/trials/<trial>/checkpoint_<ts>/... a search's trials' checkpoints
+    <run>/<trial>/, <run>/experiment_state*  Ray Tune's own experiment (what a restore reads)
+    <run>/model/, <run>/results.json         the exported best model, then the results naming it
+
+Why the exported model is also staged locally: the test split is scored from it (a Ray task on
+this machine), and the CLI prints where it is. On S3 both copies exist; results.json names the
+S3 one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .spec import FineTuneJob
+from .storage import (
+    Credentials,
+    LocalStore,
+    S3Store,
+    StorageError,
+    Store,
+    classify,
+    job_location,
+    join_key,
+    list_complete_checkpoints,
+    preflight,
+    ray_storage,
+    resume_point,
+    upload_dir,
+    write_json,
+)
+from .storage.checkpoints import MARKER
+
+RESULTS_FILE = "results.json"
+STATUS_FILE = "status.json"
+MODEL_DIR = "model"
+TRIALS_DIR = "trials"
+TUNE_STATE_PREFIX = "experiment_state"  # Ray Tune's experiment checkpoint in a run's folder
+
+
+@dataclass
+class Persistence:
+    store: Store
+    job_key: str  # the job's folder inside the store ("" when the store is rooted at it)
+    storage_path: str  # RunConfig(storage_path=...) for the job's runs: "bucket/prefix/ns/job" or a folder
+    filesystem: Any | None  # pyarrow.fs.S3FileSystem on S3; None for a local folder
+    local_dir: Path  # <output.dir>/<job> on this machine: the local copy of the model and results
+    remote: bool
+
+    # ------------------------------------------------------------------ paths
+    def key(self, *parts: str) -> str:
+        return join_key(self.job_key, *parts)
+
+    def path(self, *parts: str) -> str:
+        """A storage_path under the job for Ray (no s3:// on S3: the filesystem is passed beside it)."""
+        return "/".join([self.storage_path.rstrip("/"), *parts])
+
+    def uri(self, fs_path: str) -> str:
+        """Ray's path of a checkpoint -> what people and the operator read (s3://... or a folder)."""
+        return self.store.uri(self.store.key_of(fs_path))
+
+    # ------------------------------------------------------------------ Ray
+    def run_config_args(self, job: FineTuneJob, *, storage_path: str) -> dict[str, Any]:
+        """RunConfig keyword arguments every TorchTrainer of the job gets (single run or trial)."""
+        from ray.train import CheckpointConfig, FailureConfig
+
+        from .storage.ray_callback import CheckpointCompletion
+
+        ev = job.spec.evaluation
+        restarts = job.spec.run_policy.worker_restarts  # each from the latest complete checkpoint
+        completion = CheckpointCompletion(self.store, retention=True, keep_latest=1, keep_best=job.spec.output.keep_checkpoints,
+                                          metric=f"eval_{ev.metric}", mode=ev.resolved_mode())
+        return {
+            "storage_path": storage_path,
+            "storage_filesystem": self.filesystem,
+            # bounded both ways: a dead worker restarts the group, and so (at most as often) does a
+            # failing controller; -1, Ray's controller default, could retry forever on dead storage
+            "failure_config": FailureConfig(max_failures=restarts, controller_failure_limit=restarts),
+            "checkpoint_config": CheckpointConfig(num_to_keep=None),  # retention is our prune, marker-aware
+            "callbacks": [completion],
+        }
+
+    def checkpoint(self, key: str):
+        """A Ray Checkpoint for a store key (what train_loop_config's resume_from carries)."""
+        from ray.train import Checkpoint
+
+        path = f"{self.store.bucket}/{key}" if self.remote else self.store.uri(key)  # type: ignore[attr-defined]
+        return Checkpoint(path=path, filesystem=self.filesystem)
+
+    def complete_only(self, checkpoints: list[tuple[str, dict[str, Any]]], run_key: str) -> list[tuple[str, dict[str, Any]]]:
+        """Ray's (path, metrics) pairs that are complete and still kept (retention ran meanwhile)."""
+        done = {c.key for c in list_complete_checkpoints(self.store, run_key)}
+        return [(p, m) for p, m in checkpoints if self.store.key_of(p) in done]
+
+    # ------------------------------------------------------------------ resume
+    def resume_from(self, resume: str, *, runs_under: str = ""):
+        """`none` | `latest` | a checkpoint URI -> (Ray Checkpoint, step) or (None, None)."""
+        found = resume_point(self.store, resume, self.key(runs_under))
+        if found is None:
+            if resume != "none":
+                print(f"[finetune] resume: no complete checkpoint under {self.store.uri(self.key(runs_under))}; starting fresh", flush=True)
+            return None, None
+        print(f"[finetune] resume: from {found.uri} (step {found.step})", flush=True)
+        return self.checkpoint(found.key), found.step
+
+    def latest_search(self) -> str | None:
+        """The newest run of the job with a Tune experiment in it (its storage path), for `--resume`."""
+        runs = sorted({k[len(self.key()) :].strip("/").split("/")[0] for k in self.store.list(self.key())
+                       if k.rpartition("/")[2].startswith(TUNE_STATE_PREFIX)
+                       and k[len(self.key()) :].strip("/").count("/") == 1})
+        return runs[-1] if runs else None
+
+    # ------------------------------------------------------------------ results
+    def status_writer(self) -> Callable[[dict[str, Any]], None]:
+        from .job_status import store_writer
+
+        return store_writer(self.store, self.key(STATUS_FILE))
+
+    def save_results(self, run_id: str, results: dict[str, Any], model_dir: Path | None) -> dict[str, Any]:
+        """Model first, then results.json naming it: a reader that finds results.json finds the model.
+        On S3 the local copies stay too (the CLI's summary points at them)."""
+        run_dir = self.local_dir / run_id
+        if self.remote:
+            if model_dir is not None:
+                upload_dir(self.store, model_dir, self.key(run_id, MODEL_DIR))
+                results = {**results, "model": self.store.uri(self.key(run_id, MODEL_DIR)), "local_model": str(model_dir)}
+            write_json(self.store, self.key(run_id, RESULTS_FILE), results)
+        _write_local(run_dir / RESULTS_FILE, results)
+        return results
+
+    def storage_failure(self, err: BaseException) -> StorageError | None:
+        """The StorageError behind a failed fit (Ray wraps pyarrow's OSError from an upload, a few
+        levels deep), so the CLI can say "storage stopped answering" rather than a curl code."""
+        if not self.remote:
+            return None
+        root = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        spec = self.store.spec  # type: ignore[attr-defined]
+        lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+        # Ray's wrapper text comes first; the S3 client's own line says what happened
+        detail = next((line for line in lines if "AWS Error" in line or "curl" in line.lower()), None)
+        cause = OSError(detail) if detail else root
+        verdict = classify(cause, endpoint=spec.endpoint or "", bucket=spec.bucket, doing="training", reached_before=True)
+        return verdict if type(verdict) is not StorageError else None
+
+    def model_uri(self, run_id: str, model_dir: Path | None) -> str | None:
+        if model_dir is None:
+            return None
+        return self.store.uri(self.key(run_id, MODEL_DIR)) if self.remote else str(model_dir)
+
+
+def open_storage(job: FineTuneJob, credentials: Credentials | None = None) -> Persistence:
+    """The job's Persistence; with spec.storage, the preflight runs first (a StorageError — endpoint
+    unreachable, bucket missing, access denied — before any data is read or Ray starts)."""
+    spec = job.spec
+    local_dir = Path(spec.output.dir).resolve() / job.name
+    if spec.storage is None:
+        return Persistence(LocalStore(local_dir), "", str(local_dir), None, local_dir, remote=False)
+    # credentials None (the CLI's case): the environment's, read by each process that needs them,
+    # so nothing Ray or Tune pickles into the bucket carries a key
+    namespace = job.metadata.namespace
+    preflight(spec.storage, credentials, namespace=namespace, job=job.name)
+    rs = ray_storage(spec.storage, namespace, job.name, credentials)
+    return Persistence(S3Store(spec.storage, credentials), job_location(spec.storage, namespace, job.name).key,
+                       rs.storage_path, rs.filesystem, local_dir, remote=True)
+
+
+def is_complete(checkpoint) -> bool:
+    """Whether a Ray Checkpoint (on its own filesystem) carries our marker. Workers check what
+    they are handed before loading it. A storage error propagates (the worker fails and Ray
+    retries it): answering "incomplete" then would silently start from step 0."""
+    from pyarrow.fs import FileType
+
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{MARKER}")
+    return info.type == FileType.File
+
+
+def _write_local(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
