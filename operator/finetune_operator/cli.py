@@ -17,6 +17,7 @@ from finetune_trainer import cli as trainer_cli
 from finetune_trainer.spec import SpecError, load_job
 
 from .crd import build_crd
+from .ingress import render_dashboard_ingress
 from .rayjob import render_rayjob
 
 OWN_COMMANDS = ("crd", "render", "operator")
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: {err}", file=sys.stderr)
         return trainer_cli.EXIT_INVALID
     _print_yaml(render_rayjob(job, owner_uid=parsed.owner_uid))
+    ingress = render_dashboard_ingress(job, owner_uid=parsed.owner_uid)
+    if ingress is not None:  # spec.cluster.dashboard.ingress: a second document, as the operator creates it too
+        sys.stdout.write("---\n")
+        _print_yaml(ingress)
     return 0
 
 
@@ -52,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description="Validate, run and render FineTuneJob manifests.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition (YAML)")
-    render = sub.add_parser("render", help="print the KubeRay RayJob the operator creates for a manifest (YAML)")
+    render = sub.add_parser("render", help="print the KubeRay RayJob (and dashboard Ingress, if any) the operator creates for a manifest (YAML)")
     render.add_argument("manifest", help="FineTuneJob YAML")
     render.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="override a spec field, e.g. --set cluster.workers.replicas=4 (repeatable)")

@@ -7,17 +7,24 @@
         mapped into the owner's status (status_mapping), Events on phase changes
     FineTuneJob timer while Running             -> `Operator.poll_progress`: the trainer's
         status.json (progress.py) mirrored into trials / bestTrial / bestCheckpoint
+    status.json `state: invalid` (timer, or the RayJob ending or retrying) -> Stalled/InvalidSpec
+        naming the fields, as the operator's own validation, and the RayJob deleted: no retry runs
+        it again, and reconcile creates none until the spec changes (a new generation)
     FineTuneJob event                           -> the jobs-by-phase gauge
 
 Outcomes are kopf's: an invalid spec is a `PermanentError` (Stalled/InvalidSpec, no RayJob, no
 retry until the spec changes); a missing Secret a `TemporaryError` with a long delay (the Secret
 may appear; the status says which field names it). Anything else is retried by kopf with backoff.
 
-Deletion: the RayJob carries an ownerReference (controller) to the FineTuneJob, so Kubernetes'
-garbage collector deletes it, and KubeRay its Ray cluster, with the job. Nothing here ever deletes
-anything in S3: checkpoints and models outlive the FineTuneJob by design. The only finalizer is
-kopf's own (`finetune.dev/operator`), which a progress timer requires so that it is stopped
-before the object goes; it is removed as soon as the timer has stopped.
+With spec.cluster.dashboard.ingress, reconcile also gets or creates the dashboard's Ingress
+(ingress.py), and status.dashboardURL is its URL.
+
+Deletion: the RayJob and the Ingress carry an ownerReference (controller) to the FineTuneJob, so
+Kubernetes' garbage collector deletes them, and KubeRay its Ray cluster, with the job. The only
+thing the operator deletes itself is the RayJob of a spec the trainer rejected; never anything in
+S3: checkpoints and models outlive the FineTuneJob by design. The only finalizer is kopf's own
+(`finetune.dev/operator`), which a progress timer requires so that it is stopped before the object
+goes; it is removed as soon as the timer has stopped.
 """
 
 from __future__ import annotations
@@ -35,11 +42,20 @@ from finetune_trainer.spec import FineTuneJob, SpecError, parse_job
 
 from .changes import immutable_changes, mutable_patch
 from .crd import GROUP, KIND, PLURAL, VERSION
+from .ingress import dashboard_url, render_dashboard_ingress
 from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS, KubeApi, is_conflict
 from .metrics import Metrics
 from .progress import ProgressSource
-from .rayjob import dashboard_url, rayjob_name, render_rayjob
-from .status_mapping import apply_progress, failed_status, next_status, spec_change_ignored, waiting_status
+from .rayjob import rayjob_name, render_rayjob
+from .status_mapping import (
+    apply_progress,
+    failed_status,
+    next_status,
+    rejected_status,
+    spec_change_ignored,
+    trainer_problems,
+    waiting_status,
+)
 from .status_model import FineTuneJobStatus, Phase, Reason
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}  # rayjob.labels() puts it on every RayJob
@@ -76,6 +92,9 @@ class Operator:
             self._invalid(body, previous, err, existing, patch, generation, now)
         if existing is None and _finished(previous, generation):
             return  # its RayJob was removed after the run ended: never re-run a finished job on a restart
+        if existing is not None and existing["metadata"].get("deletionTimestamp"):  # a rejected run's, going
+            raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} is being deleted; waiting for it to go",
+                                      delay=self.config.conflict_retry_delay)
         if existing is None:
             self._check_secret(body, job, previous, patch, generation, now)
         rayjob, created = (existing, False) if existing is not None else self.kube.get_or_create_rayjob(
@@ -89,8 +108,11 @@ class Operator:
             rayjob = self.kube.patch_rayjob_spec(namespace, rayjob["metadata"]["name"], live)
             self.post_event(body, "Normal", "RunPolicyApplied", f"RayJob spec updated: {live}")
         changed = [] if created else immutable_changes(job, rayjob)
+        if not changed:  # a changed spec reaches neither the run nor its dashboard
+            self._ensure_ingress(body, job, uid)
         status = next_status(previous, rayjob.get("status"), generation=generation, now=now,
-                             ray_job_name=rayjob["metadata"]["name"], dashboard_url=dashboard_url(job))
+                             ray_job_name=rayjob["metadata"]["name"],
+                             dashboard_url=previous.dashboard_url if changed else dashboard_url(job))
         status = spec_change_ignored(status, changed, generation=generation, now=now)
         if changed:
             self.post_event(body, "Warning", Reason.IMMUTABLE_FIELD_CHANGED, _condition_message(status))
@@ -116,12 +138,17 @@ class Operator:
             job: FineTuneJob | None = parse_job(_manifest(body))
         except SpecError:
             job = None
-        status = next_status(previous, rayjob.get("status"), now=self.clock(),
-                             generation=previous.observed_generation or body["metadata"].get("generation", 1),
-                             ray_job_name=rayjob["metadata"]["name"], dashboard_url=dashboard_url(job) if job else None)
+        generation, now = previous.observed_generation or body["metadata"].get("generation", 1), self.clock()
+        status = next_status(previous, rayjob.get("status"), now=now, generation=generation, ray_job_name=rayjob["metadata"]["name"],
+                             dashboard_url=previous.dashboard_url or (dashboard_url(job) if job else None))  # reconcile sets it
+        problems: list[tuple[str, str]] = []
+        # the run ended or KubeRay retries it: the last trials finished since the last tick, or the
+        # trainer's preflight rejected the spec (then no retry may run it again)
+        if job is not None and _ended(previous, status):
+            progress = self.progress.read(job)
+            problems = trainer_problems(progress, rayjob=rayjob)
+            status = rejected_status(status, problems, generation=generation, now=now) if problems else apply_progress(status, progress)
         moved = status.phase != previous.phase and status.phase is not None
-        if moved and status.phase.is_terminal() and job is not None:  # the last trials finished since the last tick
-            status = apply_progress(status, self.progress.read(job))
         patch = status_patch(previous, status)
         if not patch:
             return
@@ -131,14 +158,46 @@ class Operator:
             logger.info(f"{KIND} {owner['name']}: {previous.phase} -> {status.phase} ({status.reason})")
             kind = "Warning" if status.phase == Phase.FAILED else "Normal"
             self.post_event(body, kind, str(status.reason or status.phase), f"{status.phase}: {status.message}")
+        if problems:
+            self._drop_run(body, rayjob)
 
     def poll_progress(self, body: Mapping[str, Any], patch: kopf.Patch) -> None:
         try:
             job = parse_job(_manifest(body))
         except SpecError:
             return
-        previous = _status(body)
-        patch.status.update(status_patch(previous, apply_progress(previous, self.progress.read(job))))
+        previous, progress = _status(body), self.progress.read(job)
+        if trainer_problems(progress):  # only a verdict makes the RayJob worth a read: is it this run's?
+            rayjob = self.kube.get_rayjob(job.metadata.namespace, rayjob_name(job.name))
+            if problems := trainer_problems(progress, rayjob=rayjob):
+                generation = previous.observed_generation or body["metadata"].get("generation", 1)
+                status = rejected_status(previous, problems, generation=generation, now=self.clock())
+                patch.status.update(status_patch(previous, status))
+                self.post_event(body, "Warning", Reason.INVALID_SPEC, status.message or "")
+                self._drop_run(body, rayjob)
+                return
+        patch.status.update(status_patch(previous, apply_progress(previous, progress)))
+
+    def _drop_run(self, body: Mapping[str, Any], rayjob: Mapping[str, Any] | None) -> None:
+        """Delete the RayJob of a rejected spec: its Ray cluster goes, and KubeRay's backoffLimit
+        cannot run it again. Not re-created until the spec changes (a new generation); the
+        Failed/InvalidSpec status of this generation is what reconcile's `_finished` sees."""
+        if rayjob is None or not _owned_by(rayjob, body["metadata"]["uid"]):
+            return
+        meta = rayjob["metadata"]
+        if self.kube.delete_rayjob(meta["namespace"], meta["name"], uid=meta.get("uid")):
+            self.post_event(body, "Normal", "RayJobDeleted",
+                            f"deleted RayJob {meta['name']}: the trainer rejected the spec; fix the fields named and it runs again")
+
+    def _ensure_ingress(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
+        """spec.cluster.dashboard.ingress: get or create the job's dashboard Ingress, owned by it."""
+        ingress = render_dashboard_ingress(job, owner_uid=uid)
+        if ingress is None:
+            return
+        _, created = self.kube.get_or_create_ingress(ingress)
+        if created:
+            self.post_event(body, "Normal", "IngressCreated",
+                            f"created Ingress {ingress['metadata']['name']}: the Ray dashboard is at {dashboard_url(job)}")
 
     def _invalid(self, body: Mapping[str, Any], previous: FineTuneJobStatus, err: SpecError,
                  existing: Mapping[str, Any] | None, patch: kopf.Patch, generation: int, now: datetime) -> NoReturn:
@@ -265,6 +324,12 @@ def _owned_by(rayjob: Mapping[str, Any], uid: str) -> bool:
 
 def _finished(status: FineTuneJobStatus, generation: int) -> bool:
     return bool(status.phase and status.phase.is_terminal() and status.ray_job_name and status.observed_generation == generation)
+
+
+def _ended(previous: FineTuneJobStatus, status: FineTuneJobStatus) -> bool:
+    """The run has just finished, or just failed and is about to be retried by KubeRay."""
+    return (status.phase is not None and (status.phase.is_terminal() or status.reason == Reason.RETRYING)
+            and (status.phase, status.reason) != (previous.phase, previous.reason))
 
 
 def _condition_message(status: FineTuneJobStatus) -> str:

@@ -1,13 +1,14 @@
 """Every Kubernetes API call the handlers make, in one place (the `kubernetes` client).
 
-Within the chart's RBAC: finetunejobs get / status patch; rayjobs get, create, patch; secrets get.
-A 404 is a value (None), a 409 on create means "someone (an earlier us) made it": get it instead;
-`Conflict` is the 409 of a write whose resourceVersion precondition failed.
+Within the chart's RBAC: finetunejobs get / status patch; rayjobs get, create, patch, delete;
+ingresses get, create; secrets get. A 404 is a value (None), a 409 on create means "someone (an
+earlier us) made it": get it instead; `Conflict` is the 409 of a write whose resourceVersion (or
+uid) precondition failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
@@ -25,6 +26,7 @@ class KubeApi:
     def __init__(self, client: kubernetes.client.ApiClient | None = None):
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
+        self.networking = kubernetes.client.NetworkingV1Api(client)
 
     def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return _or_none(lambda: self.custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name))
@@ -32,19 +34,35 @@ class KubeApi:
     def get_or_create_rayjob(self, rayjob: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """(the RayJob, whether this call created it): get first, create, and on 409 get again, so
         an operator restart mid-reconcile never makes a second one."""
-        namespace, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
-        existing = self.get_rayjob(namespace, name)
-        if existing is not None:
-            return existing, False
+        namespace = rayjob["metadata"]["namespace"]
+        return _get_or_create(
+            "RayJob", rayjob, lambda name: self.get_rayjob(namespace, name),
+            lambda: self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, rayjob))
+
+    def delete_rayjob(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete the RayJob (KubeRay then deletes its Ray cluster); with `uid`, only that very
+        object, never a newer one of the same name. False when it was already gone or replaced."""
+        options = kubernetes.client.V1DeleteOptions(
+            propagation_policy="Background", preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
         try:
-            return self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, rayjob), True
+            self.custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name, body=options)
         except kubernetes.client.ApiException as err:
-            if err.status != 409:
-                raise
-        found = self.get_rayjob(namespace, name)
-        if found is None:  # created and deleted in between: let the caller's retry sort it out
-            raise RuntimeError(f"RayJob {namespace}/{name} vanished while being created")
-        return found, False
+            if err.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def get_ingress(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = _or_none(lambda: self.networking.read_namespaced_ingress(name, namespace))
+        return None if found is None else self.networking.api_client.sanitize_for_serialization(found)
+
+    def get_or_create_ingress(self, ingress: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(the Ingress, whether this call created it), as get_or_create_rayjob."""
+        namespace = ingress["metadata"]["namespace"]
+        return _get_or_create(
+            "Ingress", ingress, lambda name: self.get_ingress(namespace, name),
+            lambda: self.networking.api_client.sanitize_for_serialization(
+                self.networking.create_namespaced_ingress(namespace, kubernetes.client.V1Ingress.from_dict(ingress))))
 
     def patch_rayjob_spec(self, namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         return self.custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name, {"spec": dict(spec)})
@@ -65,6 +83,23 @@ class KubeApi:
         """The Secret's base64 `data`, or None when there is no such Secret."""
         secret = _or_none(lambda: self.core.read_namespaced_secret(name, namespace))
         return None if secret is None else dict(secret.data or {})
+
+
+def _get_or_create(kind: str, obj: dict[str, Any], get: Callable[[str], dict[str, Any] | None],
+                   create: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    name = obj["metadata"]["name"]
+    existing = get(name)
+    if existing is not None:
+        return existing, False
+    try:
+        return create(), True
+    except kubernetes.client.ApiException as err:
+        if err.status != 409:
+            raise
+    found = get(name)
+    if found is None:  # created and deleted in between: let the caller's retry sort it out
+        raise RuntimeError(f"{kind} {obj['metadata']['namespace']}/{name} vanished while being created")
+    return found, False
 
 
 def _or_none(call: Any) -> Any:

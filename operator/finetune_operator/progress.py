@@ -5,6 +5,8 @@ whenever a trial starts or ends and at every evaluation; the operator reads it o
 training pods need no Kubernetes API rights at all. The credentials are the job's own: the Secret
 named by `spec.cluster.s3CredentialsSecret` (the same keys the pods get as secretKeyRef env), read
 through the API. Jobs without `spec.storage` write locally in the pods, so there is nothing to read.
+Besides progress, the object may carry the trainer's preflight verdict (`state: invalid` with
+`problems`); status_mapping.trainer_problems reads that.
 
 `ProgressSource` is the seam: the handlers take any object with `read(job) -> dict | None`; the
 unit tests pass a fake, the end-to-end tests this one against a real S3 server.

@@ -10,7 +10,8 @@ Names are deterministic, so the operator can record them in status before the ob
 RayJob `<job>-ray` (KubeRay caps RayJob names at 47 characters, DNS-1035) and its head Service
 `<rayjob>-head-svc`, pinned through `headGroupSpec.headService.metadata.name` because KubeRay
 otherwise names it after the RayCluster, whose name carries a random suffix. The dashboard is
-then `http://<rayjob>-head-svc.<namespace>.svc:8265`.
+then `http://<rayjob>-head-svc.<namespace>.svc:8265`, and an optional Ingress (ingress.py) can
+point at that Service before the cluster exists.
 
 Credentials: S3 keys reach the head and worker containers only as `valueFrom.secretKeyRef` env;
 no secret value is ever copied into the RayJob.
@@ -78,6 +79,13 @@ def labels(job: FineTuneJob) -> dict[str, str]:
     }
 
 
+def owner_reference(job: FineTuneJob, uid: str) -> dict[str, Any]:
+    """The FineTuneJob as controller of a child: Kubernetes' garbage collector deletes the child
+    with the job, and the operator recognises its own children by it."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job.name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
 def driver_manifest(job: FineTuneJob) -> dict[str, Any]:
     """The FineTuneJob the driver runs: the spec exactly as written (unset fields stay unset, so
     rules that depend on presence judge it as the operator did), without status."""
@@ -99,10 +107,7 @@ def render_rayjob(
     name = rayjob_name(job.name)
     meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": labels(job)}
     if owner_uid:
-        meta["ownerReferences"] = [{
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job.name, "uid": owner_uid,
-            "controller": True, "blockOwnerDeletion": True,
-        }]
+        meta["ownerReferences"] = [owner_reference(job, owner_uid)]
     env = _env(cluster, storage_env)
     head, group = cluster.head, cluster.workers
     res = spec.resources

@@ -8,6 +8,12 @@ is stuck); `next_status` folds it into the previous status: the phase moves only
 status does (metav1 semantics, what `kubectl wait` and kstatus rely on). No client, clock or env
 var here: the handlers pass `now` and write the result once.
 
+The trainer's status.json adds progress (`apply_progress`) and one verdict: `state: invalid` with
+`problems` when its preflight inside the Ray cluster finds what the operator cannot see (more
+layers to freeze than the model has). `trainer_problems` reads it and `rejected_status` turns it
+into the operator's own InvalidSpec outcome; once a generation is rejected, KubeRay's later
+reports on that run change nothing until the spec does.
+
 The table (every value KubeRay v1.7 can set; an unknown one is treated as "still starting"):
 
     jobDeploymentStatus        jobStatus                       phase      reason
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -53,6 +59,7 @@ DEPLOYMENT_STATUSES = ("", "Initializing", "Running", "Complete", "Failed", "Val
                        "Suspended", "Retrying", "Waiting", "Scheduling", "Scheduled")
 JOB_STATUSES = ("", "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED", "SCHEDULED")
 TERMINAL_JOB_STATUSES = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})
+TRAINER_INVALID = "invalid"  # status.json `state` when the trainer's preflight rejects the spec
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,8 @@ def next_status(
     st = rayjob_status or {}
     seen = observe(st)
     phase = _reachable(previous.phase, seen.phase, new_generation=generation != previous.observed_generation)
+    if _rejected(previous, generation):  # KubeRay's word on the end of a run the trainer rejected adds nothing
+        phase = None
     status = previous.model_copy(deep=True)
     status.observed_generation = generation
     status.ray_job_name = ray_job_name
@@ -179,11 +188,39 @@ def spec_change_ignored(previous: FineTuneJobStatus, fields: Sequence[str], *, g
     return status
 
 
+def trainer_problems(progress: Mapping[str, Any] | None, *, rayjob: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """The spec problems the trainer's preflight found inside the Ray cluster (what the operator
+    cannot see: the model's layer count, the data's columns), from a status.json whose `state` is
+    `invalid`; empty for any other state.
+
+    `rayjob` is the job's current RayJob: a status.json last written before it was created is a
+    previous run's (the one whose fix started this run), so its verdict is not this run's."""
+    if not progress or progress.get("state") != TRAINER_INVALID:
+        return []
+    written = _utc(_time(progress.get("updated")))
+    run_created = _utc(_time(((rayjob or {}).get("metadata") or {}).get("creationTimestamp")))
+    if run_created is not None and written is not None and written < run_created:
+        return []
+    problems = [(str(p["path"]), str(p["message"])) for p in progress.get("problems") or []
+                if isinstance(p, Mapping) and p.get("path") and p.get("message")]
+    return problems or [("spec", "the trainer found the spec invalid before training (it named no field)")]
+
+
+def rejected_status(previous: FineTuneJobStatus, problems: Sequence[tuple[str, str]], *, generation: int,
+                    now: datetime) -> FineTuneJobStatus:
+    """The trainer's preflight rejected the spec: the same outcome as the operator's own validation
+    (Failed, Stalled/InvalidSpec, a message naming each field); the handler deletes the RayJob."""
+    message = "; ".join(f"{path}: {msg}" for path, msg in problems)
+    return failed_status(previous, Reason.INVALID_SPEC, f"invalid spec (found by the trainer before training): {message}",
+                         generation=generation, now=now)
+
+
 def apply_progress(previous: FineTuneJobStatus, progress: Mapping[str, Any] | None) -> FineTuneJobStatus:
     """Mirror the trainer's status.json (trials, best trial, best checkpoint) into the status.
 
-    A malformed object changes nothing: progress is best effort, the phase comes from KubeRay."""
-    if not progress:
+    A malformed object changes nothing: progress is best effort, the phase comes from KubeRay. Nor
+    does a verdict (`state: invalid`, see trainer_problems): it carries no progress."""
+    if not progress or progress.get("state") == TRAINER_INVALID:
         return previous
     try:
         trials = TrialCounts.model_validate(progress.get("trials") or {})
@@ -200,6 +237,11 @@ def apply_progress(previous: FineTuneJobStatus, progress: Mapping[str, Any] | No
     if status.phase == Phase.RUNNING and status.reason == Reason.TRAINING:
         status.message = _with_progress("the trainer is running", status)
     return status
+
+
+def _rejected(status: FineTuneJobStatus, generation: int) -> bool:
+    """This generation failed validation: no run of it should exist, so no report changes that."""
+    return status.phase == Phase.FAILED and status.reason == Reason.INVALID_SPEC and status.observed_generation == generation
 
 
 def _with_progress(message: str, status: FineTuneJobStatus) -> str:
@@ -245,6 +287,10 @@ def _set_condition(conditions: list[Condition], ctype: str, value: bool, reason:
                     last_transition_time=since, observed_generation=generation)
     out = [new if c.type == ctype else c for c in conditions]
     return out if old is not None else [*out, new]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _time(value: Any) -> datetime | None:

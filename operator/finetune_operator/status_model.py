@@ -62,7 +62,7 @@ class ConditionType(StrEnum):
 
 
 class Reason(StrEnum):
-    INVALID_SPEC = "InvalidSpec"
+    INVALID_SPEC = "InvalidSpec"  # the operator's validation, or the trainer's preflight in the cluster (status.json)
     RAYJOB_CREATED = "RayJobCreated"
     CLUSTER_STARTING = "ClusterStarting"
     TRAINING = "Training"
@@ -124,7 +124,7 @@ class FineTuneJobStatus(_StatusModel):
     observed_generation: int | None = Field(default=None, ge=0, description="The spec generation the status reflects.")
     ray_job_name: str | None = Field(default=None, description="The KubeRay RayJob that runs the job.")
     ray_cluster_name: str | None = Field(default=None, description="The RayCluster KubeRay started for it.")
-    dashboard_url: str | None = Field(default=None, alias="dashboardURL", description="The Ray dashboard, inside the cluster.")
+    dashboard_url: str | None = Field(default=None, alias="dashboardURL", description="The Ray dashboard: the Ingress URL with spec.cluster.dashboard.ingress, else the head Service inside the cluster.")
     start_time: datetime | None = Field(default=None, description="When the run started.")
     completion_time: datetime | None = Field(default=None, description="When the run ended.")
     trials: TrialCounts | None = Field(default=None, description="Ray Tune trials by state.")

@@ -259,6 +259,21 @@ def test_deleting_an_owner_collects_its_dependents(kubectl: Kubectl, widget_crd:
              what="the owned ConfigMap to be garbage-collected")
 
 
+def test_a_delete_with_a_uid_precondition_spares_a_newer_object_of_that_name(
+        kubectl: Kubectl, widget_crd: str, namespace: str, custom: kubernetes.client.CustomObjectsApi) -> None:
+    kubectl("apply", "-f", "-", input=widget("w", namespace))
+    old = get_json(kubectl, "wdg", "w", "-n", namespace)["metadata"]["uid"]
+    kubectl("delete", "wdg", "w", "-n", namespace)
+    kubectl("apply", "-f", "-", input=widget("w", namespace))
+    options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=old))
+    code, status = api_error(custom.delete_namespaced_custom_object, "example.dev", "v1", namespace, "widgets", "w", body=options)
+    assert (code, status["reason"]) == (409, "Conflict") and "Precondition failed: UID in precondition" in status["message"]
+    new = get_json(kubectl, "wdg", "w", "-n", namespace)["metadata"]["uid"]
+    options = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=new))
+    custom.delete_namespaced_custom_object("example.dev", "v1", namespace, "widgets", "w", body=options)
+    assert kubectl("get", "wdg", "w", "-n", namespace, "--ignore-not-found", "-o", "name").stdout == ""
+
+
 def test_kuberay_crds_apply_and_validate_rayjobs(kubectl: Kubectl, namespace: str) -> None:
     # As on a real cluster, client-side apply of these CRDs overflows the annotation size limit...
     too_big = kubectl("apply", "-f", str(KUBERAY / "ray.io_rayjobs.yaml"), check=False)

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -489,6 +490,94 @@ def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])}
     assert keys == {key, f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002/model.safetensors"}
     assert kubectl("get", "secret", "s3", "-n", namespace, "-o", "name").stdout.strip() == "secret/s3"
+
+
+def test_a_dashboard_ingress_is_created_owned_and_named_in_the_status(kubectl: Kubectl, namespace: str,
+                                                                     operator: OperatorProcess) -> None:
+    wanted = {"host": "ray-quickstart.example.com", "className": "nginx", "tlsSecretName": "ray-tls",
+              "annotations": {"nginx.ingress.kubernetes.io/auth-url": "https://auth.example.com/oauth2/auth"}}
+    apply(kubectl, namespace, manifest(cluster={"dashboard": {"ingress": wanted}}))
+    pending = wait_status(kubectl, namespace, "quickstart", "Pending with the Ingress URL", phase="Pending",
+                          rayJobName="quickstart-ray", dashboardURL="https://ray-quickstart.example.com/")
+    ingress = get(kubectl, namespace, "ingress", "quickstart-ray-dashboard")
+    meta, spec = ingress["metadata"], ingress["spec"]
+    assert meta["ownerReferences"] == [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "quickstart",
+                                        "uid": pending["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    assert meta["labels"] == rayjobs(kubectl, namespace)[0]["metadata"]["labels"]
+    assert meta["annotations"]["nginx.ingress.kubernetes.io/auth-url"] == "https://auth.example.com/oauth2/auth"
+    assert spec["ingressClassName"] == "nginx"
+    [rule] = spec["rules"]
+    assert rule["host"] == "ray-quickstart.example.com"
+    assert rule["http"]["paths"] == [{"path": "/", "pathType": "Prefix", "backend": {
+        "service": {"name": "quickstart-ray-head-svc", "port": {"number": 8265}}}}]
+    assert spec["tls"] == [{"hosts": ["ray-quickstart.example.com"], "secretName": "ray-tls"}]
+    wait_for(lambda: any(r == "IngressCreated" for _, r, _ in events(kubectl, namespace)), timeout=WAIT,
+             what="an Event for the Ingress")
+    # KubeRay's reports keep the Ingress URL (not the Service address KubeRay writes into the RayJob)
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING",
+                 dashboardURL="quickstart-ray-head-svc.ns.svc.cluster.local:8265")
+    running = wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+    assert running["status"]["dashboardURL"] == "https://ray-quickstart.example.com/"
+    assert "ray-quickstart.example.com" in printer_table(kubectl, namespace, "-o", "wide")
+
+    # deleting the job deletes the Ingress with the RayJob (garbage collection, ownerReference)
+    kubectl("delete", "ftj", "quickstart", "-n", namespace, "--timeout=20s")
+    wait_for(lambda: get(kubectl, namespace, "ingresses")["items"] == [] and rayjobs(kubectl, namespace) == [],
+             timeout=WAIT, what="the Ingress and the RayJob to be garbage-collected")
+
+
+def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_changes(
+        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
+    prefix = f"runs-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "secret", "generic", "s3", "-n", namespace,
+            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    # 12 frozen layers pass the CRD and the operator (neither can see the model); the trainer's
+    # preflight finds the model has 6
+    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
+                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
+                                       freezing={"strategy": "freezeBottom", "layers": 12}))
+    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+
+    # the trainer's write, before any training: status.json with state invalid and the problems
+    client, key = s3._client(), f"{prefix}/{namespace}/quickstart/status.json"
+    verdict = {"job": "quickstart", "run": "run-1", "updated": datetime.now(UTC).isoformat(), "kind": "train",
+               "state": "invalid", "problems": [{"path": "spec.freezing.layers",
+                                                 "message": "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5"}]}
+    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(verdict).encode())
+    stalled = wait_status(kubectl, namespace, "quickstart", "InvalidSpec from the trainer", phase="Failed", reason="InvalidSpec")
+    cond = condition(stalled, "Stalled")
+    assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
+    assert "spec.freezing.layers: 12 exceeds the 6 layers" in cond["message"]
+    assert condition(stalled, "Reconciling")["status"] == "False" and condition(stalled, "Ready")["status"] == "False"
+    wait_for(lambda: rayjobs(kubectl, namespace) == [], timeout=WAIT, what="the rejected run's RayJob to be deleted")
+    wait_for(lambda: {("Warning", "InvalidSpec"), ("Normal", "RayJobDeleted")} <= {(t, r) for t, r, _ in events(kubectl, namespace)},
+             timeout=WAIT, what="Events for the verdict and the deletion")
+
+    # no retry loop: over a few seconds no RayJob comes back and the job is not handled again
+    attempts = _attempts(operator, namespace, "quickstart")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert rayjobs(kubectl, namespace) == []
+        time.sleep(0.2)  # sampling the state, not waiting for it
+    assert _attempts(operator, namespace, "quickstart") == attempts
+    assert job(kubectl, namespace, "quickstart")["status"]["reason"] == "InvalidSpec"
+
+    # the user edits the spec: a new generation runs on a new RayJob...
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"freezing":{"layers":2}}}')
+    fixed = wait_status(kubectl, namespace, "quickstart", "Pending after the edit", phase="Pending", observedGeneration=2,
+                        rayJobName="quickstart-ray")
+    assert condition(fixed, "Stalled")["status"] == "False"
+    assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["quickstart-ray"]
+    # ...which the old verdict, still in S3 until the new driver writes, does not stop
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running again", phase="Running", observedGeneration=2)
+    deadline = time.monotonic() + 2  # four progress ticks
+    while time.monotonic() < deadline:
+        assert job(kubectl, namespace, "quickstart")["status"]["phase"] == "Running"
+        time.sleep(0.2)
+    assert len(rayjobs(kubectl, namespace)) == 1
 
 
 def _attempts(operator: OperatorProcess, namespace: str, name: str) -> int:

@@ -305,10 +305,11 @@ class KubeApiHandler(kmock.KubernetesScaffold):
                                             status=status, strict=strict)
             return self._respond(request, target, obj, 200, pruned)
         if method == "DELETE" and not status:
-            try:  # DeleteOptions; typed clients send them as protobuf, which only matters for propagation
+            try:  # DeleteOptions; typed clients send them as protobuf, which only matters for propagation and preconditions
                 options = patching.decode_body(request.body, "application/json") or {}
             except errors.ApiError:
                 options = {}
             propagation = request.params.get("propagationPolicy") or options.get("propagationPolicy")
-            return _json(self._render(target, self.store.delete(rdef, ns, name, propagation)))
+            uid = (options.get("preconditions") or {}).get("uid")
+            return _json(self._render(target, self.store.delete(rdef, ns, name, propagation, uid=uid)))
         raise errors.method_not_allowed()

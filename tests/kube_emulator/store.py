@@ -272,12 +272,17 @@ class Store:
         self._record(rdef, "MODIFIED", new)
         return copy.deepcopy(new), pruned
 
-    def delete(self, rdef: ResourceDef, namespace: str | None, name: str, propagation: str | None = None) -> dict[str, Any]:
-        """Finalizers turn deletion into marking; otherwise the object goes and its dependents follow."""
+    def delete(self, rdef: ResourceDef, namespace: str | None, name: str, propagation: str | None = None,
+               uid: str | None = None) -> dict[str, Any]:
+        """Finalizers turn deletion into marking; otherwise the object goes and its dependents follow.
+        `uid` is DeleteOptions' precondition: another object of that name is a 409 Conflict."""
         key = self._key(rdef, namespace, name)
         obj = self._objects.get(key)
         if obj is None:
             raise errors.not_found(rdef.plural, rdef.group, name)
+        if uid and obj["metadata"]["uid"] != uid:
+            raise errors.conflict(rdef.plural, rdef.group, name,
+                                  f"Precondition failed: UID in precondition: {uid}, UID in object meta: {obj['metadata']['uid']}")
         if rdef.plural == "namespaces":
             return self._delete_namespace(key, obj)
         if obj["metadata"].get("finalizers"):

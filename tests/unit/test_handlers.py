@@ -46,6 +46,8 @@ class FakeKube:
         self.spec_patches: list[dict[str, Any]] = []
         self.status_patches: list[dict[str, Any]] = []
         self.conflicts = 0  # how many status writes answer 409 Conflict
+        self.ingresses: dict[str, dict[str, Any]] = {}
+        self.deleted: list[str] = []
 
     def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.rayjobs.get(name))
@@ -57,6 +59,21 @@ class FakeKube:
         self.rayjobs[name] = copy.deepcopy(rayjob)
         self.created.append(name)
         return copy.deepcopy(rayjob), True
+
+    def delete_rayjob(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        found = self.rayjobs.get(name)
+        if found is None or (uid and found["metadata"].get("uid") != uid):
+            return False
+        del self.rayjobs[name]
+        self.deleted.append(name)
+        return True
+
+    def get_or_create_ingress(self, ingress: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        name = ingress["metadata"]["name"]
+        if name in self.ingresses:
+            return copy.deepcopy(self.ingresses[name]), False
+        self.ingresses[name] = copy.deepcopy(ingress)
+        return copy.deepcopy(ingress), True
 
     def patch_rayjob_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         self.spec_patches.append(dict(spec))
@@ -133,6 +150,35 @@ def test_create_makes_one_owned_rayjob_and_records_it(operator: Operator, kube: 
     # resumed after a restart: the same RayJob, nothing created, no new event, nothing to write
     again = reconcile(operator, body(status=status))
     assert kube.created == ["quickstart-ray"] and len(events) == 1 and again == {}
+
+
+DASHBOARD_INGRESS = {"host": "ray-quickstart.example.com", "className": "nginx", "tlsSecretName": "ray-tls"}
+
+
+def test_a_dashboard_ingress_is_got_or_created_with_the_rayjob(operator: Operator, kube: FakeKube, events: list) -> None:
+    status = reconcile(operator, body(cluster={"dashboard": {"ingress": DASHBOARD_INGRESS}}))
+    ingress = kube.ingresses["quickstart-ray-dashboard"]
+    assert ingress["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "quickstart-ray-head-svc"
+    assert status["dashboardURL"] == "https://ray-quickstart.example.com/"
+    assert [e[1] for e in events] == ["RayJobCreated", "IngressCreated"]
+    assert "https://ray-quickstart.example.com/" in events[-1][2]
+    # resumed after a restart: nothing new
+    assert reconcile(operator, body(status=status, cluster={"dashboard": {"ingress": DASHBOARD_INGRESS}})) == {}
+    assert list(kube.ingresses) == ["quickstart-ray-dashboard"] and len(events) == 2
+    # an operator that died between the RayJob and the Ingress makes the Ingress on the next look
+    kube.ingresses.clear()
+    reconcile(operator, body(status=status, cluster={"dashboard": {"ingress": DASHBOARD_INGRESS}}))
+    assert list(kube.ingresses) == ["quickstart-ray-dashboard"] and kube.created == ["quickstart-ray"]
+
+
+def test_an_ingress_added_to_a_running_job_is_flagged_not_applied(operator: Operator, kube: FakeKube) -> None:
+    first = reconcile(operator, body())
+    assert kube.ingresses == {}
+    changed = reconcile(operator, body(generation=2, status=first, cluster={"dashboard": {"ingress": DASHBOARD_INGRESS}}))
+    ignored = next(c for c in changed["conditions"] if c["type"] == "SpecChangeIgnored")
+    assert ignored["message"].startswith("spec.cluster.dashboard.ingress cannot change")
+    assert kube.ingresses == {} and "dashboardURL" not in changed  # still the head Service's
 
 
 def test_invalid_spec_is_permanent_names_every_field_and_creates_nothing(operator: Operator, kube: FakeKube,
@@ -281,6 +327,60 @@ def test_poll_progress_writes_only_what_changed(operator: Operator, progress: Fa
     assert patch["status"]["trialsDone"] == "3/8" and "3/8 trials done" in patch["status"]["message"]
 
 
+INVALID = {"job": "quickstart", "run": "run-1", "updated": "2026-01-01T11:59:00+00:00", "kind": "train", "state": "invalid",
+           "problems": [{"path": "spec.freezing.layers", "message": "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5"}]}
+
+
+def test_the_trainers_verdict_on_a_tick_stalls_the_job_and_deletes_its_rayjob_until_the_spec_changes(
+        operator: Operator, kube: FakeKube, events: list, progress: FakeProgress) -> None:
+    first = reconcile(operator, body())
+    running = {**first, "phase": "Running", "reason": "Training", "message": "the trainer is running"}
+    progress.data = INVALID
+    patch = kopf.Patch()
+    operator.poll_progress(body(status=running), patch)
+    status = patch["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "InvalidSpec")
+    assert "spec.freezing.layers: 12 exceeds the 6 layers" in stalled["message"]
+    assert kube.deleted == ["quickstart-ray"] and kube.rayjobs == {}
+    assert [e[:2] for e in events[1:]] == [("Warning", "InvalidSpec"), ("Normal", "RayJobDeleted")]
+    assert "spec.freezing.layers" in events[1][2]
+
+    # a restart resumes the job: its generation was rejected, so no RayJob comes back
+    rejected = {**running, **status}
+    assert reconcile(operator, body(status=rejected)) == {}
+    assert kube.created == ["quickstart-ray"]
+    # the user changes the spec: a new generation runs, and the old verdict is not the new run's
+    again = reconcile(operator, body(generation=2, status=rejected, freezing={"strategy": "freezeBottom", "layers": 2}))
+    assert (again["phase"], again["reason"]) == ("Pending", "ClusterStarting") and kube.created == ["quickstart-ray"] * 2
+    kube.rayjobs["quickstart-ray"]["metadata"]["creationTimestamp"] = "2026-01-01T12:00:00Z"
+    patch = kopf.Patch()
+    operator.poll_progress(body(generation=2, status={**rejected, **again, "phase": "Running"}), patch)
+    assert "phase" not in patch.get("status", {}) and kube.deleted == ["quickstart-ray"]
+
+
+def test_the_trainers_verdict_seen_when_kuberay_retries_stops_the_retries(
+        operator: Operator, kube: FakeKube, events: list, progress: FakeProgress) -> None:
+    kube.jobs["quickstart"] = body(status=reconcile(operator, body(runPolicy={"backoffLimit": 3})), runPolicy={"backoffLimit": 3})
+    rayjob = kube.rayjobs["quickstart-ray"]
+    rayjob["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+    assert progress.reads == 0  # running: the timer reads progress, not every RayJob event
+    progress.data = INVALID
+    rayjob["status"] = {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "message": "exit code 2"}
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+    status = kube.jobs["quickstart"]["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec") and "spec.freezing.layers" in status["message"]
+    assert kube.deleted == ["quickstart-ray"]
+    assert ("Warning", "InvalidSpec") in [e[:2] for e in events] and events[-1][:2] == ("Normal", "RayJobDeleted")
+    # KubeRay's last word on the deleted run changes nothing
+    writes = len(kube.status_patches)
+    rayjob["status"] = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed"}
+    operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
+    assert len(kube.status_patches) == writes and kube.jobs["quickstart"]["status"]["reason"] == "InvalidSpec"
+
+
 def test_an_unreadable_status_is_started_afresh(operator: Operator) -> None:
     status = reconcile(operator, body(status={"phase": "Exploded", "conditions": "no"}))
     assert status["phase"] == "Pending" and status["phase"] != "Exploded"
@@ -322,6 +422,29 @@ def test_get_or_create_takes_a_409_as_already_there() -> None:
     api.custom = Custom()  # type: ignore[assignment]
     found, created = api.get_or_create_rayjob({"metadata": {"name": "x-ray", "namespace": "ns"}})
     assert (found["metadata"]["name"], created) == ("x-ray", False)
+
+
+def test_delete_rayjob_names_the_uid_and_takes_gone_or_replaced_as_done() -> None:
+    calls: list[Any] = []
+    answers = [None, kubernetes.client.ApiException(status=404), kubernetes.client.ApiException(status=409),
+               kubernetes.client.ApiException(status=500)]
+
+    class Custom:
+        def delete_namespaced_custom_object(self, *args: Any, body: Any) -> None:
+            calls.append((args, body))
+            answer = answers.pop(0)
+            if answer is not None:
+                raise answer
+
+    api = KubeApi.__new__(KubeApi)
+    api.custom = Custom()  # type: ignore[assignment]
+    assert api.delete_rayjob("ns", "x-ray", uid="u1") is True
+    assert calls[0][0] == ("ray.io", "v1", "ns", "rayjobs", "x-ray")
+    assert (calls[0][1].preconditions.uid, calls[0][1].propagation_policy) == ("u1", "Background")
+    assert api.delete_rayjob("ns", "x-ray", uid="u1") is False  # 404: already gone
+    assert api.delete_rayjob("ns", "x-ray", uid="u1") is False  # 409: a newer RayJob of that name
+    with pytest.raises(kubernetes.client.ApiException):
+        api.delete_rayjob("ns", "x-ray")
 
 
 def test_s3_progress_source_reads_the_jobs_key_with_the_jobs_secret(monkeypatch: pytest.MonkeyPatch) -> None:

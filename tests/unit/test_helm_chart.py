@@ -34,6 +34,7 @@ EXPECTED_RULES = {
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "secrets"): {"get"},
+    ("networking.k8s.io", "ingresses"): {"get", "create"},
 }
 
 CASES: dict[str, dict[str, Any]] = {

@@ -73,6 +73,7 @@ FULL = {
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]},
         "env": [{"name": "HF_HOME", "value": "/cache"}],
         "s3CredentialsSecret": {"name": "s3", "accessKeyIdKey": "id", "secretAccessKeyKey": "secret", "sessionTokenKey": "token"},
+        "dashboard": {"ingress": {"host": "ray-unit.example.com", "className": "nginx", "tlsSecretName": "ray-tls"}},
     },
     "runPolicy": {"suspend": True, "activeDeadlineSeconds": 7200, "backoffLimit": 2, "ttlSecondsAfterFinished": 60},
 }

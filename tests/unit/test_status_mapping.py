@@ -1,5 +1,5 @@
 """KubeRay's RayJob status -> FineTuneJob status: every jobDeploymentStatus x jobStatus pair, the
-transition table, condition timestamps, and the trainer's progress."""
+transition table, condition timestamps, the trainer's progress and its preflight's verdict."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from finetune_operator.status_mapping import (
     failed_status,
     next_status,
     observe,
+    rejected_status,
     spec_change_ignored,
+    trainer_problems,
     waiting_status,
 )
 from finetune_operator.status_model import ALLOWED_TRANSITIONS, FineTuneJobStatus, Phase, Reason
@@ -232,3 +234,54 @@ def test_a_single_run_has_no_best_trial_yet():
     status = apply_progress(FineTuneJobStatus(phase=Phase.RUNNING), {**PROGRESS, "trials": {"total": 1, "running": 1},
                                                                      "bestTrial": None, "bestCheckpoint": None})
     assert (status.trials_done, status.best_trial, status.best_checkpoint) == ("0/1", None, None)
+
+
+# what the trainer's preflight writes before any training when the spec cannot fit the model
+INVALID = {"job": "search", "run": "run-2", "updated": "2026-01-01T10:03:00+00:00", "kind": "search", "state": "invalid",
+           "problems": [{"path": "spec.freezing.layers",
+                         "message": "12 exceeds the 6 layers of models/tiny; use at most 6 or a fraction like 0.5"}]}
+
+
+def test_the_trainers_verdict_names_each_field():
+    assert trainer_problems(INVALID) == [("spec.freezing.layers", INVALID["problems"][0]["message"])]
+    two = {**INVALID, "problems": [*INVALID["problems"], {"path": "spec.data.textColumn", "message": "no such column"}, "junk"]}
+    assert [p for p, _ in trainer_problems(two)] == ["spec.freezing.layers", "spec.data.textColumn"]
+    assert trainer_problems({**INVALID, "problems": []}) == [
+        ("spec", "the trainer found the spec invalid before training (it named no field)")]
+    for other in (None, {}, PROGRESS, {**INVALID, "state": "failed"}):
+        assert trainer_problems(other) == []
+
+
+def test_a_verdict_older_than_the_rayjob_is_a_previous_runs():
+    def rayjob(created: str) -> dict:
+        return {"metadata": {"name": RAYJOB, "creationTimestamp": created}}
+
+    assert trainer_problems(INVALID, rayjob=rayjob("2026-01-01T10:00:00Z"))  # this run's
+    assert trainer_problems(INVALID, rayjob=rayjob("2026-01-01T10:05:00Z")) == []  # the fixed spec's new run
+    assert trainer_problems({**INVALID, "updated": "2026-01-01T10:03:00"}, rayjob=rayjob("2026-01-01T10:05:00Z")) == []
+    assert trainer_problems({**INVALID, "updated": "yesterday"}, rayjob=rayjob("2026-01-01T10:05:00Z"))  # cannot tell: believed
+    assert trainer_problems(INVALID, rayjob={"metadata": {}}) and trainer_problems(INVALID, rayjob=None)
+
+
+def test_a_rejected_run_is_stalled_invalid_spec_and_stays_so_for_its_generation():
+    running = next_status(FineTuneJobStatus(), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
+                                                "rayClusterName": "job-ray-abc"}, generation=1, now=T0, ray_job_name=RAYJOB)
+    rejected = rejected_status(running, trainer_problems(INVALID), generation=1, now=T1)
+    assert (rejected.phase, rejected.reason) == (Phase.FAILED, Reason.INVALID_SPEC)
+    assert conds(rejected) == {"Ready": ("False", "InvalidSpec"), "Reconciling": ("False", "InvalidSpec"),
+                               "Stalled": ("True", "InvalidSpec")}
+    assert rejected.message.startswith("invalid spec (found by the trainer before training): spec.freezing.layers: 12 exceeds")
+    assert (rejected.ray_job_name, rejected.ray_cluster_name, rejected.observed_generation) == (RAYJOB, "job-ray-abc", 1)
+    # KubeRay's account of the rejected run's end (or a retry) does not replace the verdict...
+    for report in ({"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed"},
+                   {"jobDeploymentStatus": "Retrying"}, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}):
+        after = next_status(rejected, report, generation=1, now=T2, ray_job_name=RAYJOB)
+        assert (after.phase, after.reason, after.message) == (Phase.FAILED, Reason.INVALID_SPEC, rejected.message)
+    # ...until the spec changes: the new generation's RayJob starts over
+    fixed = next_status(rejected, {}, generation=2, now=T2, ray_job_name=RAYJOB)
+    assert (fixed.phase, fixed.reason, conds(fixed)["Stalled"]) == (Phase.PENDING, Reason.CLUSTER_STARTING, ("False", "ClusterStarting"))
+
+
+def test_a_verdict_carries_no_progress():
+    running = apply_progress(FineTuneJobStatus(phase=Phase.RUNNING, reason=Reason.TRAINING), PROGRESS)
+    assert apply_progress(running, INVALID) == running

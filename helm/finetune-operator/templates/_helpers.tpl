@@ -65,6 +65,9 @@ namespace or into one ClusterRole. No wildcards. Deliberately absent:
     exists and reads the job's progress from S3 with it); its name is chosen per job, so
     resourceNames cannot narrow it.
   - kopfpeerings: --standalone.
+  - ingresses list/watch/patch/delete: a job's dashboard Ingress (spec.cluster.dashboard.ingress)
+    is got by its deterministic name or created, never changed, and Kubernetes' garbage collector
+    deletes it with the FineTuneJob that owns it.
 */}}
 {{- define "finetune-operator.rules" -}}
 - apiGroups: ["finetune.dev"]
@@ -88,4 +91,7 @@ namespace or into one ClusterRole. No wildcards. Deliberately absent:
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["ingresses"]
+  verbs: ["get", "create"]
 {{- end }}

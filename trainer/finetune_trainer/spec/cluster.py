@@ -128,6 +128,53 @@ class WorkerGroupSpec(_GroupSpec):
         return math.ceil(gpus_per_worker) if self.gpus is None else self.gpus
 
 
+# RFC 1123 subdomain, as the API server checks an Ingress rule's host (no wildcard: it must be one
+# address status.dashboardURL can name)
+DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS_NAME = re.compile(DNS_NAME_PATTERN)
+_IPV4 = re.compile(r"^[0-9]+(\.[0-9]+){3}$")
+
+
+class DashboardIngress(SpecModel):
+    """An Ingress per job for its Ray dashboard, so status.dashboardURL opens in a browser without
+    a port-forward. The operator creates it next to the RayJob, owned by the FineTuneJob (deleted
+    with it); an Ingress controller must already run in the cluster. The dashboard has no login and
+    can run code on the cluster: put an authenticating proxy in front (annotations)."""
+
+    host: str = Field(
+        min_length=1, max_length=253, description="DNS name the dashboard is served at, e.g. ray-myjob.example.com (no wildcard, no IP address).",
+        json_schema_extra={"pattern": DNS_NAME_PATTERN},
+    )
+    class_name: str | None = Field(
+        default=None, min_length=1, max_length=253, description="IngressClass (spec.ingressClassName). Default: the cluster's default IngressClass."
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations of the Ingress: the controller's settings, e.g. authentication or TLS issuance (cert-manager)."
+    )
+    path: str = Field(
+        default="/", min_length=1, max_length=1024, pattern=r"^/\S*$",
+        description="Path prefix (pathType Prefix). A path other than / needs the controller to strip it before the dashboard (e.g. a rewrite-target annotation).",
+    )
+    tls_secret_name: str | None = Field(
+        default=None, min_length=1, max_length=253, description="Secret with the TLS certificate for host; set, the dashboard URL is https."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        # the message the API server would give only after the operator tried to create the Ingress
+        if not _DNS_NAME.match(value) or _IPV4.match(value):
+            raise ValueError("not a DNS name: lowercase letters, digits, '-' and '.', e.g. ray-myjob.example.com")
+        return value
+
+
+class DashboardSpec(SpecModel):
+    """How people reach the Ray dashboard. Without an Ingress it is the head Service's in-cluster
+    address (kubectl port-forward)."""
+
+    ingress: DashboardIngress | None = Field(default=None, description="Expose the dashboard through an Ingress for this job.")
+
+
 class ClusterSpec(SpecModel):
     image: str = Field(default=DEFAULT_IMAGE, min_length=1, description="Trainer image for the head and the workers (Ray, torch, DeepSpeed, this trainer).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
@@ -143,6 +190,7 @@ class ClusterSpec(SpecModel):
     s3_credentials_secret: S3CredentialsSecret | None = Field(
         default=None, description="Secret with S3 credentials, passed to the pods as env from the Secret."
     )
+    dashboard: DashboardSpec = Field(default_factory=DashboardSpec, description="How the Ray dashboard is reached: optionally an Ingress per job.")
 
     def check(self, workers: int, cpus_per_worker: float, gpus_per_worker: float, memory_hungry: str | None) -> Problems:
         """Can the worker group hold one trial's Ray Train workers? Paths are under spec.cluster.
