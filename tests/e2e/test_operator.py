@@ -22,13 +22,13 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import yaml
 
 from finetune_operator.crd import build_crd
+from finetune_trainer import job_status
 from tests import kube_emulator
 from tests.e2e.conftest import Kubectl, wait_for
 
@@ -542,9 +542,8 @@ def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_c
 
     # the trainer's write, before any training: status.json with state invalid and the problems
     client, key = s3._client(), f"{prefix}/{namespace}/quickstart/status.json"
-    verdict = {"job": "quickstart", "run": "run-1", "updated": datetime.now(UTC).isoformat(), "kind": "train",
-               "state": "invalid", "problems": [{"path": "spec.freezing.layers",
-                                                 "message": "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5"}]}
+    verdict = job_status.invalid("quickstart", kind="single", problems=[
+        ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
     client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(verdict).encode())
     stalled = wait_status(kubectl, namespace, "quickstart", "InvalidSpec from the trainer", phase="Failed", reason="InvalidSpec")
     cond = condition(stalled, "Stalled")
@@ -552,6 +551,7 @@ def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_c
     assert "spec.freezing.layers: 12 exceeds the 6 layers" in cond["message"]
     assert condition(stalled, "Reconciling")["status"] == "False" and condition(stalled, "Ready")["status"] == "False"
     wait_for(lambda: rayjobs(kubectl, namespace) == [], timeout=WAIT, what="the rejected run's RayJob to be deleted")
+    printer_table(kubectl, namespace)
     wait_for(lambda: {("Warning", "InvalidSpec"), ("Normal", "RayJobDeleted")} <= {(t, r) for t, r, _ in events(kubectl, namespace)},
              timeout=WAIT, what="Events for the verdict and the deletion")
 

@@ -86,7 +86,7 @@ def _run_with_embedded_s3(job, *, progress: bool, resume: str | None) -> int:
 
     storage = job.spec.storage or StorageSpec(uri=EMBEDDED_URI)
     with embedded_s3(bucket=storage.bucket, data_dir=Path(job.spec.output.dir) / ".s3") as s3:
-        os.environ.update(s3.env())  # this process reads them; Ray gets them explicitly (persist)
+        os.environ.update(s3.env())  # read by this process and by the local Ray it starts next (workers inherit it)
         storage = storage.model_copy(update={"endpoint": s3.endpoint, "region": s3.region, "addressing": "path"})
         print(f"[finetune] embedded S3 at {s3.endpoint}: {storage.uri}", flush=True)
         return _run(job.model_copy(update={"spec": job.spec.model_copy(update={"storage": storage})}), progress=progress, resume=resume)
