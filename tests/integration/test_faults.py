@@ -267,6 +267,7 @@ def test_driver_killed_then_resume_continues_from_the_latest_complete_checkpoint
     steps = [row["step"] for row in results["history"]]
     assert results["resumed_from"]["step"] == killed_at.step and steps[0] == killed_at.step + 4 and steps[-1] == 40, (steps, [x for x in out.splitlines() if "[finetune]" in x])
     assert all(row["resumed_from_step"] == killed_at.step for row in results["history"])
+    assert results["resumed_from"]["checkpoint"] == killed_at.uri
     print(f"driver killed after checkpoint step {first.step} (latest complete {killed_at.step}); resumed run's steps {steps}")
     # the new run's checkpoints are complete; the broken ones were never read as checkpoints
     assert latest_complete(store, prefix).step == 40

@@ -17,6 +17,7 @@ is Ray's, and a plain loop keeps per-step overhead at that of raw DeepSpeed (ben
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -324,6 +325,12 @@ class FineTuneRecipe:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Ray Train logs every report and checkpoint of every rank at INFO; our own rows say the same once
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # ...including "Reporting training result N: TrainingReport(...)" from a logger Ray names by
+    # its file path (getLogger(__file__)), outside the ray.train hierarchy
+    with contextlib.suppress(ImportError):  # a private module: gone in some later Ray, the line goes too
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     recipe = FineTuneRecipe(config)
     try:
         recipe.setup()
