@@ -116,6 +116,20 @@ def one(out: Path, scheduler: str, args) -> dict[str, Any]:
     }
 
 
+def grid_from(path: Path, args) -> dict[str, Any]:
+    """The grid arm of an earlier result. Sound for the figures this bench compares: every trial
+    is seeded, so a configuration's metric does not depend on the order trials run in (the two
+    9-configuration results, run in different orders, agree trial for trial), and trial-steps are
+    counts, not timings. Only ASHA's outcome depends on the order. Refused unless what shapes a
+    trial's result (space, steps, evaluation interval, samples) is the same."""
+    earlier = json.loads(path.read_text())
+    same = ("space", "steps", "every", "eval_samples")
+    differs = [k for k in same if earlier["args"].get(k) != getattr(args, k)]
+    if differs:
+        raise SystemExit(f"--grid-from {path}: its {', '.join(differs)} differ from this run's")
+    return {**earlier["reference_grid"], "from": str(path)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", choices=sorted(SPACES), default="full",
@@ -127,11 +141,14 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--order-seed", type=int, default=0, help="shuffle each dimension's values (both arms alike); -1: as written")
     parser.add_argument("--tolerance", type=float, default=0.01, help="how far below the grid's best ASHA's best may be (accuracy)")
+    parser.add_argument("--grid-from", type=Path, metavar="RESULT.json",
+                        help="reuse the grid arm of an earlier result with the same space, steps, evaluation and samples, to "
+                             "try ASHA under another --order-seed in a third of the time (see grid_from)")
     args = parser.parse_args()
     if args.order_seed < 0:
         args.order_seed = None
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
-        grid = one(Path(tmp), "none", args)
+        grid = grid_from(args.grid_from, args) if args.grid_from else one(Path(tmp), "none", args)
         asha = one(Path(tmp), "asha", args)
     step_ratio = asha["trial_steps"] / grid["trial_steps"]
     gap = grid["best"] - asha["best"]
