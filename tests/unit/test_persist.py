@@ -11,7 +11,8 @@ import yaml
 
 from finetune_trainer.cli import EXIT_INVALID, main
 from finetune_trainer.embedded_s3 import free_ports
-from finetune_trainer.persist import STATUS_FILE, open_storage
+from finetune_trainer.job_status import STATUS_FILE
+from finetune_trainer.persist import open_storage
 from finetune_trainer.spec import parse_job
 from finetune_trainer.storage import MARKER, mark_complete
 

@@ -8,11 +8,9 @@ finetune_operator (see the progress reader there); keys are camelCase like the s
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 STATUS_FILE = "status.json"
@@ -82,18 +80,6 @@ class StatusPublisher:
             if not self.warned:
                 print(f"[finetune] could not write {STATUS_FILE} ({err}); training continues", file=sys.stderr, flush=True)
                 self.warned = True
-
-
-def local_writer(job_dir: Path) -> Callable[[dict[str, Any]], None]:
-    """Atomic on one filesystem: readers see the old object or the new one, whole."""
-
-    def write(status: dict[str, Any]) -> None:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        tmp = job_dir / (STATUS_FILE + ".partial")
-        tmp.write_text(json.dumps(status, indent=2, default=str))
-        tmp.replace(job_dir / STATUS_FILE)
-
-    return write
 
 
 def store_writer(store, key: str) -> Callable[[dict[str, Any]], None]:

@@ -22,12 +22,12 @@ S3 one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .job_status import STATUS_FILE, store_writer
 from .spec import FineTuneJob
 from .storage import (
     Credentials,
@@ -48,8 +48,7 @@ from .storage import (
 from .storage.checkpoints import MARKER
 
 RESULTS_FILE = "results.json"
-STATUS_FILE = "status.json"
-MODEL_DIR = "model"
+MODEL_DIR = "model"  # the exported model beside results.json, and inside each checkpoint (recipe)
 TRIALS_DIR = "trials"
 TUNE_STATE_PREFIX = "experiment_state"  # Ray Tune's experiment checkpoint in a run's folder
 
@@ -128,20 +127,17 @@ class Persistence:
 
     # ------------------------------------------------------------------ results
     def status_writer(self) -> Callable[[dict[str, Any]], None]:
-        from .job_status import store_writer
-
         return store_writer(self.store, self.key(STATUS_FILE))
 
     def save_results(self, run_id: str, results: dict[str, Any], model_dir: Path | None) -> dict[str, Any]:
         """Model first, then results.json naming it: a reader that finds results.json finds the model.
         On S3 the local copies stay too (the CLI's summary points at them)."""
-        run_dir = self.local_dir / run_id
         if self.remote:
             if model_dir is not None:
                 upload_dir(self.store, model_dir, self.key(run_id, MODEL_DIR))
                 results = {**results, "model": self.store.uri(self.key(run_id, MODEL_DIR)), "local_model": str(model_dir)}
             write_json(self.store, self.key(run_id, RESULTS_FILE), results)
-        _write_local(run_dir / RESULTS_FILE, results)
+        write_json(LocalStore(self.local_dir), join_key(run_id, RESULTS_FILE), results)
         return results
 
     def storage_failure(self, err: BaseException) -> StorageError | None:
@@ -190,10 +186,3 @@ def is_complete(checkpoint) -> bool:
 
     info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{MARKER}")
     return info.type == FileType.File
-
-
-def _write_local(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)

@@ -39,10 +39,10 @@ from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import discover
 from .modeling import load_model
 from .optim import UnfreezeGate, apply_plan, build_scheduler, is_metric_driven, param_groups
+from .persist import MODEL_DIR, is_complete
 from .spec import FineTuneJob
 
 STATE_FILE = "trainer_state.json"
-MODEL_DIR = "model"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
 
@@ -137,8 +137,6 @@ class FineTuneRecipe:
         `_COMPLETE.json`: Ray may know of a checkpoint whose marker was never written (the
         driver died in between); that one is skipped, never loaded half."""
         import ray.train
-
-        from .persist import is_complete
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None and not is_complete(checkpoint):

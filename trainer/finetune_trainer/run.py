@@ -31,9 +31,9 @@ import ray
 from . import job_status
 from .ds_config import build_ds_config
 from .job_status import StatusPublisher
-from .persist import Persistence, open_storage
+from .persist import MODEL_DIR, Persistence, open_storage
 from .preflight import Prepared, prepare_job
-from .recipe import MODEL_DIR, total_steps, train_loop_per_worker
+from .recipe import total_steps, train_loop_per_worker
 from .spec import FineTuneJob, SpecError
 
 
