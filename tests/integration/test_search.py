@@ -71,9 +71,15 @@ def other_local_ray():
 def grid_search(local_ray, other_local_ray, tmp_path_factory):
     """4 trials (learning rate x freezing), ASHA, 2 at a time on 2 CPUs (1 worker x 1 CPU each).
 
-    Tune's grid varies the first dimension fastest, so the trials run in pairs of one learning
-    rate that learns (5e-3) and one that cannot (1e-6): whatever order the pair reports in, the
-    second pair's 1e-6 trial is below the rung's median loss and ASHA stops it."""
+    The trials are seeded, so their losses repeat run to run (seen: starting loss 0.6934; at step
+    3, 5e-3 featureExtraction 0.6912, the two 1e-6 trials ~0.6934, and 5e-3 with every layer
+    trainable 0.6962, an overshoot). grid_order with search.seed 1 runs them as 5e-3
+    featureExtraction, 1e-6 none, 5e-3 none, 1e-6 featureExtraction (test_trials_ran_in_the_seeded_
+    grid_order checks it). The overshooting third trial starts only when a slot frees, after a
+    finished trial has recorded its step-3 loss, and is worse than anything recorded there, so ASHA
+    stops it whatever order the concurrent trials report in; the first is the best at every rung
+    and finishes.
+    """
     from finetune_trainer.run import run
 
     tmp = tmp_path_factory.mktemp("grid")
@@ -83,7 +89,7 @@ def grid_search(local_ray, other_local_ray, tmp_path_factory):
         tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": 12}, evaluation={"everySteps": 3, "metric": "loss"},
         resources={"workers": 1, "cpusPerWorker": 1},
         search={
-            "algorithm": "grid", "maxConcurrentTrials": 2,
+            "algorithm": "grid", "maxConcurrentTrials": 2, "seed": 1,
             "scheduler": {"type": "asha", "gracePeriod": 3, "reductionFactor": 2},
             "space": {"training.learningRate": {"choice": [1e-6, 5e-3]},
                       "freezing.strategy": {"choice": ["none", "featureExtraction"]}},
@@ -98,11 +104,21 @@ def test_grid_runs_every_combination_once(grid_search):
     assert combos == sorted(itertools.product(["none", "featureExtraction"], [1e-6, 5e-3]))
 
 
+def test_trials_ran_in_the_seeded_grid_order(grid_search):
+    from finetune_trainer.spec.search import SearchSpec, grid_order
+
+    order = grid_order(SearchSpec.model_validate(grid_search.results["config"]["spec"]["search"]), 1)
+    assert [(o["training.learningRate"], o["freezing.strategy"]) for o in order] == [
+        (5e-3, "featureExtraction"), (1e-6, "none"), (5e-3, "none"), (1e-6, "featureExtraction")]
+    by_name = {t["trial"]: t["params"] for t in grid_search.results["trials"]}
+    assert [by_name[f"trial_{i:02d}"] for i in range(4)] == order
+
+
 def test_asha_stops_trials_and_they_keep_their_last_checkpoint(grid_search):
     trials = grid_search.results["trials"]
     stopped = [t for t in trials if t["status"] == "stopped by scheduler"]
     finished = [t for t in trials if t["status"] == "finished"]
-    assert stopped and finished, [(t["trial"], t["status"], t["steps"]) for t in trials]
+    assert stopped and finished, [(t["trial"], t["params"], t["status"], [(r["step"], r.get("eval_loss")) for r in t["history"]]) for t in trials]
     assert all(t["steps"] < 12 for t in stopped) and all(t["steps"] == 12 for t in finished)
     spent = grid_search.results["search"]["trial_steps"]
     assert spent == sum(t["steps"] for t in trials) < 4 * 12

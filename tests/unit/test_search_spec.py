@@ -10,7 +10,7 @@ import random
 import pytest
 
 from finetune_trainer.spec import SpecError, parse_job
-from finetune_trainer.spec.search import dropped_params, trial_spec
+from finetune_trainer.spec.search import dropped_params, grid_order, trial_spec
 from tests.tiny_models import minimal_manifest
 
 SPACE = {
@@ -127,18 +127,33 @@ def test_search_metric_becomes_each_trials_evaluation_metric():
     assert spec.evaluation.metric == "f1" and spec.training.max_steps == 30
 
 
-def test_grid_maps_to_every_combination_once():
-    from ray.tune.search.variant_generator import generate_variants
+def _tune_trials(search, seed: int) -> list[dict]:
+    """The configs Tune's own generator makes of our param_space and searcher, in its order."""
+    from ray.tune.experiment import Experiment
 
-    from finetune_trainer.tuning import param_space
+    from finetune_trainer.tuning import param_space, searcher
 
+    gen = searcher(search, "eval_loss", "min", seed, 2)
+    gen.add_configurations([Experiment("grid", run=lambda config: None, config=param_space(search), num_samples=search.grid_size())])
+    configs = []
+    while (trial := gen.next_trial()) is not None:
+        configs.append(trial.config)
+        gen.on_trial_complete(trial.trial_id)  # frees its slot under max_concurrent
+    assert gen.is_finished()
+    return configs
+
+
+def test_grid_runs_every_combination_once_in_a_seeded_shuffled_order():
     space = {"freezing.strategy": {"choice": ["none", "featureExtraction", "gradual"]}, "freezing.unfreezeEvery": {"choice": [5, 10]},
              "freezing.layerLrDecay": {"choice": [0.8, 1.0]}}
-    job = _job({"algorithm": "grid", "space": space})
-    variants = [config for _, config in generate_variants(param_space(job.spec.search))]
-    got = sorted(tuple(v[p] for p in space) for v in variants)
-    want = sorted(itertools.product(*(d["choice"] for d in space.values())))
-    assert got == want and len(got) == job.spec.search.resolved_num_trials() == 12
+    search = _job({"algorithm": "grid", "space": space}).spec.search
+    configs = _tune_trials(search, seed=7)
+    got = [tuple(c[p] for p in space) for c in configs]
+    want = list(itertools.product(*(d["choice"] for d in space.values())))
+    assert sorted(got) == sorted(want) and len(got) == search.resolved_num_trials() == 12
+    # the order is grid_order's: repeatable for a seed, not the written one, another for another seed
+    assert configs == grid_order(search, 7) == _tune_trials(search, seed=7)
+    assert got != want and configs != grid_order(search, 8)
 
 
 def test_random_domains_respect_bounds_and_randint_is_inclusive():

@@ -38,7 +38,7 @@ from .run import (
     shared_config,
 )
 from .spec import FineTuneJob, SpecError
-from .spec.search import SearchSpec, dropped_params, trial_spec
+from .spec.search import SearchSpec, dropped_params, grid_order, trial_spec
 
 # A trial's own actor only waits on its TorchTrainer, whose workers reserve the real CPUs and GPUs
 # through Train's placement group. Tune refuses an empty request, and any CPU sliver would make
@@ -162,8 +162,9 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
             mode=mode,
             search_alg=searcher(search, metric, mode, seed, concurrency),
             scheduler=scheduler(job, totals),
-            # Tune repeats num_samples for every grid_search combination
-            num_samples=1 if search.algorithm == "grid" else search.resolved_num_trials() // search.grid_points(),
+            # a grid is one sample per combination (grid_order); otherwise Tune repeats num_samples
+            # for every grid_search combination
+            num_samples=search.grid_size() if search.algorithm == "grid" else search.resolved_num_trials() // search.grid_points(),
             # the random/grid searcher carries the limit itself; Tune wraps a Searcher (Optuna) with it
             max_concurrent_trials=concurrency if search.algorithm == "tpe" else None,
             time_budget_s=search.budget.total_seconds,
@@ -184,10 +185,14 @@ def search_metric(job: FineTuneJob) -> tuple[str, str]:
 
 
 def param_space(search: SearchSpec) -> dict[str, Any]:
-    """Tune domains from our distributions (randint's high bound is inclusive here, exclusive in Tune)."""
+    """Tune domains from our distributions (randint's high bound is inclusive here, exclusive in Tune).
+    An `algorithm: grid` search gets each dimension's values as a choice: its trials are the
+    combinations `searcher` hands Tune, each fixing every dimension."""
     space: dict[str, Any] = {}
     for path, dist in search.space.items():
-        if search.algorithm == "grid" or dist.kind == "grid":
+        if search.algorithm == "grid":
+            space[path] = tune.choice(dist.grid_values())
+        elif dist.kind == "grid":
             space[path] = tune.grid_search(dist.grid_values())
         elif dist.kind == "choice":
             space[path] = tune.choice(dist.choice)
@@ -203,14 +208,16 @@ def param_space(search: SearchSpec) -> dict[str, Any]:
 
 def searcher(search: SearchSpec, metric: str, mode: str, seed: int, concurrency: int):
     """Tune applies max_concurrent_trials to a Searcher (Optuna) itself, but ignores it for a
-    BasicVariantGenerator passed in, so that one gets the limit directly."""
+    BasicVariantGenerator passed in, so that one gets the limit directly. A grid runs its
+    combinations in a seeded random order (grid_order says why)."""
     if search.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(metric=metric, mode=mode, seed=seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+    points = grid_order(search, seed) if search.algorithm == "grid" else None
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=seed, max_concurrent=concurrency)
 
 
 def scheduler(job: FineTuneJob, totals: TrialTotals):
