@@ -9,19 +9,19 @@ late for it, and for kopf's login, which goes through it).
 from __future__ import annotations
 
 import os
-import shutil
+import pathlib
 import subprocess
-import time
+import sys
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+import yaml
 
+from finetune_operator.crd import build_crd
 from tests import kube_emulator
-
-KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
-T = TypeVar("T")
+from tests.e2e.operator_harness import KUBECTL, KUBERAY, REPO, Kubectl, OperatorProcess
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,6 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kube_emulator
                     os.environ[key] = value
 
 
-Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +66,45 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> T:
-    """Poll `probe` until it returns something truthy, or fail after `timeout` seconds (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last probe: {last!r}")
+# -- the operator's fixtures (tests/e2e/operator_harness.py has what they run) ---------------------
+
+@pytest.fixture(scope="module")
+def crds(kubectl: Kubectl) -> None:
+    """The FineTuneJob CRD as `finetune crd` prints it, and KubeRay's (server-side, as KubeRay's docs say)."""
+    crd = subprocess.run([sys.executable, "-m", "finetune_operator.cli", "crd"], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(crd.stdout) == build_crd()
+    kubectl("apply", "-f", "-", input=crd.stdout)
+    for name in ("ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml"):
+        kubectl("apply", "--server-side", "-f", str(KUBERAY / name))
+    kubectl("wait", "--for", "condition=Established", "crd/finetunejobs.finetune.dev", "crd/rayjobs.ray.io", "--timeout=10s")
+
+
+@pytest.fixture
+def start_operator(crds: None, namespace: str, kube_api: kube_emulator.KubeEmulator,
+                   tmp_path: pathlib.Path) -> Iterator[Callable[[], OperatorProcess]]:
+    """Start (and, at the end, stop) operators watching this test's namespace; all log to one file."""
+    env = {**os.environ, **kube_api.env(), "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
+    started: list[OperatorProcess] = []
+
+    def start() -> OperatorProcess:
+        started.append(OperatorProcess(namespace, tmp_path / "operator.log", env).start())
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+    log = started[0].output() if started else ""
+    assert "Traceback" not in log, log[-8000:]
+
+
+@pytest.fixture
+def operator(start_operator: Callable[[], OperatorProcess]) -> OperatorProcess:
+    return start_operator()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[Any]:
+    from finetune_trainer.embedded_s3 import embedded_s3
+
+    with embedded_s3(bucket="ftj-e2e") as server:
+        yield server

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests import kube_emulator
-from tests.e2e.conftest import KUBECTL, Kubectl, wait_for
+from tests.e2e.operator_harness import KUBECTL, Kubectl, wait_for
 
 KUBERAY = pathlib.Path("/work/shared/contracts/kuberay-v1.7.0")
 if not KUBERAY.exists():  # the shared checkout sits next to the repository

@@ -9,201 +9,31 @@ Every wait polls with a deadline; nothing sleeps a fixed time.
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import pathlib
-import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 import yaml
 
-from finetune_operator.crd import build_crd
-from finetune_trainer import job_status
-from tests import kube_emulator
-from tests.e2e.conftest import Kubectl, wait_for
+from tests.e2e.operator_harness import (
+    WAIT,
+    Kubectl,
+    OperatorProcess,
+    apply,
+    condition,
+    events,
+    get,
+    http_ok,
+    job,
+    kuberay_says,
+    manifest,
+    printer_table,
+    rayjobs,
+    wait_for,
+    wait_status,
+)
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
-KUBERAY = pathlib.Path("/work/shared/contracts/kuberay-v1.7.0")
-if not KUBERAY.exists():  # the shared checkout sits next to the repository
-    KUBERAY = REPO.parent / "shared/contracts/kuberay-v1.7.0"
-PROGRESS_INTERVAL = 0.5  # seconds: --progress-interval, so the S3 test does not wait 30 s
-SECRET_RETRY = 3.0  # seconds: --secret-retry-delay
-WAIT = 20.0  # the deadline of each wait
-
-
-# -- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def crds(kubectl: Kubectl) -> None:
-    """The FineTuneJob CRD as `finetune crd` prints it, and KubeRay's (server-side, as KubeRay's docs say)."""
-    crd = subprocess.run([sys.executable, "-m", "finetune_operator.cli", "crd"], capture_output=True, text=True, check=True)
-    assert yaml.safe_load(crd.stdout) == build_crd()
-    kubectl("apply", "-f", "-", input=crd.stdout)
-    for name in ("ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml"):
-        kubectl("apply", "--server-side", "-f", str(KUBERAY / name))
-    kubectl("wait", "--for", "condition=Established", "crd/finetunejobs.finetune.dev", "crd/rayjobs.ray.io", "--timeout=10s")
-
-
-class OperatorProcess:
-    """`finetune operator --namespace NS` as a subprocess with its log in a file."""
-
-    def __init__(self, namespace: str, log: pathlib.Path, env: dict[str, str]):
-        self.namespace, self.log, self.env = namespace, log, env
-        self.health_port, self.metrics_port = _free_port(), _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> OperatorProcess:
-        args = [sys.executable, "-m", "finetune_operator.cli", "operator", "--namespace", self.namespace,
-                "--health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
-                "--progress-interval", str(PROGRESS_INTERVAL), "--secret-retry-delay", str(SECRET_RETRY)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_for(lambda: self.alive() and _http_ok(f"http://127.0.0.1:{self.health_port}/healthz"), timeout=30,
-                 what=f"the operator's liveness endpoint; log:\n{self.output()[-3000:]}")
-        return self
-
-    def alive(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.output()[-5000:]}")
-        return True
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: what the kubelet sends; kopf stops gracefully
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-
-@pytest.fixture
-def start_operator(crds: None, namespace: str, kube_api: kube_emulator.KubeEmulator,
-                   tmp_path: pathlib.Path) -> Iterator[Callable[[], OperatorProcess]]:
-    """Start (and, at the end, stop) operators watching this test's namespace; all log to one file."""
-    env = {**os.environ, **kube_api.env(), "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer"), str(REPO)])}
-    started: list[OperatorProcess] = []
-
-    def start() -> OperatorProcess:
-        started.append(OperatorProcess(namespace, tmp_path / "operator.log", env).start())
-        return started[-1]
-
-    yield start
-    for proc in started:
-        proc.stop()
-    log = started[0].output() if started else ""
-    assert "Traceback" not in log, log[-8000:]
-
-
-@pytest.fixture
-def operator(start_operator: Callable[[], OperatorProcess]) -> OperatorProcess:
-    return start_operator()
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[Any]:
-    from finetune_trainer.embedded_s3 import embedded_s3
-
-    with embedded_s3(bucket="ftj-e2e") as server:
-        yield server
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-def manifest(example: str = "quickstart.yaml", name: str | None = None, **spec: Any) -> dict[str, Any]:
-    doc = yaml.safe_load((EXAMPLES / example).read_text())
-    if name:
-        doc["metadata"]["name"] = name
-    doc["spec"].update(copy.deepcopy(spec))
-    return doc
-
-
-def apply(kubectl: Kubectl, namespace: str, doc: dict[str, Any]) -> None:
-    kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
-
-
-def get(kubectl: Kubectl, namespace: str, *what: str) -> dict[str, Any]:
-    return json.loads(kubectl("get", *what, "-n", namespace, "-o", "json").stdout)
-
-
-def job(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
-    return get(kubectl, namespace, "finetunejob", name)
-
-
-def rayjobs(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    return get(kubectl, namespace, "rayjobs")["items"]
-
-
-def kuberay_says(kubectl: Kubectl, namespace: str, rayjob: str, **status: Any) -> None:
-    """Play KubeRay: write the RayJob's status subresource."""
-    kubectl("patch", "rayjob", rayjob, "-n", namespace, "--subresource=status", "--type=merge",
-            "-p", json.dumps({"status": status}))
-
-
-def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
-    found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype]
-    return found[0] if found else {}
-
-
-def wait_status(kubectl: Kubectl, namespace: str, name: str, what: str, **expected: Any) -> dict[str, Any]:
-    """Wait until status has every `expected` field (`reason="Training"`, `phase="Running"`)."""
-
-    def probe() -> dict[str, Any] | None:
-        obj = job(kubectl, namespace, name)
-        status = obj.get("status", {})
-        return obj if all(status.get(key) == value for key, value in expected.items()) else None
-
-    try:
-        return wait_for(probe, timeout=WAIT, interval=0.1, what=what)
-    except AssertionError as err:
-        raise AssertionError(f"{err}\nstatus: {json.dumps(job(kubectl, namespace, name).get('status'), indent=1)}") from None
-
-
-def events(kubectl: Kubectl, namespace: str) -> list[tuple[str, str, str]]:
-    items = get(kubectl, namespace, "events")["items"]
-    return [(e.get("type", ""), e.get("reason", ""), e.get("message", "")) for e in items]
-
-
-def printer_table(kubectl: Kubectl, namespace: str, *flags: str) -> str:
-    table = kubectl("get", "ftj", "-n", namespace, *flags).stdout
-    print(f"\n$ kubectl get ftj -n {namespace} {' '.join(flags)}\n{table}")  # shown with pytest -s / -rP
-    return table
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-# -- scenarios -----------------------------------------------------------------------------------
 
 def test_quickstart_follows_kuberay_from_initializing_to_complete(kubectl: Kubectl, namespace: str,
                                                                   operator: OperatorProcess) -> None:
@@ -252,7 +82,7 @@ def test_quickstart_follows_kuberay_from_initializing_to_complete(kubectl: Kubec
              timeout=WAIT, what="Events for the RayJob's creation and the success")
     assert len(rayjobs(kubectl, namespace)) == 1
 
-    assert _http_ok(f"http://127.0.0.1:{operator.health_port}/healthz")
+    assert http_ok(f"http://127.0.0.1:{operator.health_port}/healthz")
     metrics = wait_for(lambda: next((m for m in [operator.metrics()] if 'finetune_operator_jobs{phase="Succeeded"} 1.0' in m), None),
                        timeout=WAIT, what="the jobs-by-phase gauge")
     assert 'finetune_operator_reconcile_duration_seconds_count{handler="reconcile"}' in metrics
@@ -377,68 +207,6 @@ def test_operator_restart_creates_no_duplicate_and_status_continues(kubectl: Kub
     assert job(kubectl, namespace, "quickstart")["status"]["phase"] == "Succeeded"
 
 
-def test_invalid_spec_is_stalled_naming_the_fields_without_rayjob_or_retry_loop(kubectl: Kubectl, namespace: str,
-                                                                                operator: OperatorProcess) -> None:
-    # Both pass the CRD's schema (the API server accepts them); only the operator's rules catch them.
-    bad = manifest(name="bad", freezing={"strategy": "freezeBottom"}, deepspeed={"zeroStage": 2, "offloadParams": True})
-    apply(kubectl, namespace, bad)
-    stalled = wait_status(kubectl, namespace, "bad", "InvalidSpec", phase="Failed", reason="InvalidSpec")
-    cond = condition(stalled, "Stalled")
-    assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
-    assert "spec.freezing.layers" in cond["message"] and "spec.deepspeed.offloadParams" in cond["message"]
-    assert condition(stalled, "Reconciling")["status"] == "False"
-    printer_table(kubectl, namespace)
-
-    # no hot loop: over a few seconds, the job is handled once and no RayJob appears
-    attempts = _attempts(operator, namespace, "bad")
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        assert rayjobs(kubectl, namespace) == []
-        time.sleep(0.2)  # sampling the state, not waiting for it
-    assert _attempts(operator, namespace, "bad") == attempts == 1, operator.output()[-3000:]
-    assert job(kubectl, namespace, "bad")["status"]["observedGeneration"] == 1
-    wait_for(lambda: any(t == "Warning" and r == "InvalidSpec" for t, r, _ in events(kubectl, namespace)), timeout=WAIT,
-             what="a Warning Event naming the problem")
-
-    # fixing the manifest is all it takes
-    apply(kubectl, namespace, manifest(name="bad"))
-    fixed = wait_status(kubectl, namespace, "bad", "Pending after the fix", phase="Pending", rayJobName="bad-ray",
-                        observedGeneration=2)
-    assert condition(fixed, "Stalled")["status"] == "False"
-    assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["bad-ray"]
-
-
-def test_gpus_on_zero_workers_is_an_invalid_spec(kubectl: Kubectl, namespace: str, operator: OperatorProcess) -> None:
-    apply(kubectl, namespace, manifest(name="gpu", resources={"workers": 2, "gpusPerWorker": 1},
-                                       deepspeed={"zeroStage": 2, "precision": "bf16"},
-                                       cluster={"workers": {"replicas": 0}}))
-    stalled = wait_status(kubectl, namespace, "gpu", "InvalidSpec", phase="Failed", reason="InvalidSpec")
-    assert "spec.cluster.workers.replicas" in condition(stalled, "Stalled")["message"]
-    assert rayjobs(kubectl, namespace) == []
-
-
-def test_missing_secret_is_stalled_and_checked_again_slowly(kubectl: Kubectl, namespace: str,
-                                                            operator: OperatorProcess) -> None:
-    apply(kubectl, namespace, manifest(cluster={"s3CredentialsSecret": {"name": "s3-creds"}}))
-    stalled = wait_status(kubectl, namespace, "quickstart", "SecretMissing", reason="SecretMissing")
-    cond = condition(stalled, "Stalled")
-    assert (cond["status"], cond["reason"]) == ("True", "SecretMissing")
-    assert "spec.cluster.s3CredentialsSecret" in cond["message"] and "s3-creds" in cond["message"]
-    assert stalled["status"]["phase"] == "Pending"  # not failed: creating the Secret un-sticks it
-    assert rayjobs(kubectl, namespace) == []
-    first_try = _attempts(operator, namespace, "quickstart")
-    assert first_try <= 2  # the retry waits --secret-retry-delay, it does not spin
-
-    kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
-            "--from-literal=AWS_ACCESS_KEY_ID=a", "--from-literal=AWS_SECRET_ACCESS_KEY=b")
-    wait_status(kubectl, namespace, "quickstart", "Pending once the Secret exists", phase="Pending",
-                reason="ClusterStarting", rayJobName="quickstart-ray")
-    [rayjob] = rayjobs(kubectl, namespace)
-    env = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}} in env
-    assert condition(job(kubectl, namespace, "quickstart"), "Stalled")["status"] == "False"
-
-
 def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
         kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
     prefix = f"runs-{uuid.uuid4().hex[:6]}"
@@ -525,63 +293,4 @@ def test_a_dashboard_ingress_is_created_owned_and_named_in_the_status(kubectl: K
     wait_for(lambda: get(kubectl, namespace, "ingresses")["items"] == [] and rayjobs(kubectl, namespace) == [],
              timeout=WAIT, what="the Ingress and the RayJob to be garbage-collected")
 
-
-def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_changes(
-        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
-    prefix = f"runs-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "secret", "generic", "s3", "-n", namespace,
-            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
-    # 12 frozen layers pass the CRD and the operator (neither can see the model); the trainer's
-    # preflight finds the model has 6
-    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
-                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
-                                       freezing={"strategy": "freezeBottom", "layers": 12}))
-    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
-    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
-    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
-
-    # the trainer's write, before any training: status.json with state invalid and the problems
-    client, key = s3._client(), f"{prefix}/{namespace}/quickstart/status.json"
-    verdict = job_status.invalid("quickstart", kind="single", problems=[
-        ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
-    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(verdict).encode())
-    stalled = wait_status(kubectl, namespace, "quickstart", "InvalidSpec from the trainer", phase="Failed", reason="InvalidSpec")
-    cond = condition(stalled, "Stalled")
-    assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
-    assert "spec.freezing.layers: 12 exceeds the 6 layers" in cond["message"]
-    assert condition(stalled, "Reconciling")["status"] == "False" and condition(stalled, "Ready")["status"] == "False"
-    wait_for(lambda: rayjobs(kubectl, namespace) == [], timeout=WAIT, what="the rejected run's RayJob to be deleted")
-    printer_table(kubectl, namespace)
-    wait_for(lambda: {("Warning", "InvalidSpec"), ("Normal", "RayJobDeleted")} <= {(t, r) for t, r, _ in events(kubectl, namespace)},
-             timeout=WAIT, what="Events for the verdict and the deletion")
-
-    # no retry loop: over a few seconds no RayJob comes back and the job is not handled again
-    attempts = _attempts(operator, namespace, "quickstart")
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        assert rayjobs(kubectl, namespace) == []
-        time.sleep(0.2)  # sampling the state, not waiting for it
-    assert _attempts(operator, namespace, "quickstart") == attempts
-    assert job(kubectl, namespace, "quickstart")["status"]["reason"] == "InvalidSpec"
-
-    # the user edits the spec: a new generation runs on a new RayJob...
-    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"freezing":{"layers":2}}}')
-    fixed = wait_status(kubectl, namespace, "quickstart", "Pending after the edit", phase="Pending", observedGeneration=2,
-                        rayJobName="quickstart-ray")
-    assert condition(fixed, "Stalled")["status"] == "False"
-    assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["quickstart-ray"]
-    # ...which the old verdict, still in S3 until the new driver writes, does not stop
-    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
-    wait_status(kubectl, namespace, "quickstart", "Running again", phase="Running", observedGeneration=2)
-    deadline = time.monotonic() + 2  # four progress ticks
-    while time.monotonic() < deadline:
-        assert job(kubectl, namespace, "quickstart")["status"]["phase"] == "Running"
-        time.sleep(0.2)
-    assert len(rayjobs(kubectl, namespace)) == 1
-
-
-def _attempts(operator: OperatorProcess, namespace: str, name: str) -> int:
-    """How many times kopf ran the reconcile handler for one job, from its log."""
-    pattern = re.compile(rf"\[{re.escape(namespace)}/{re.escape(name)}\] Handler '(create|resume|update)' (succeeded|failed|is)")
-    return len(pattern.findall(operator.output()))
 

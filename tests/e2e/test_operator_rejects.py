@@ -1,0 +1,146 @@
+"""The operator end to end, where a job cannot run as written: specs the operator rejects before
+any RayJob, a missing Secret, and the trainer's own verdict from inside the cluster. The same
+real parts as test_operator.py: the `finetune operator` (kopf) process, kubectl, the API emulator,
+KubeRay's CRDs and an S3 server; the tests play KubeRay and the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from finetune_trainer import job_status
+from tests.e2e.operator_harness import (
+    WAIT,
+    Kubectl,
+    OperatorProcess,
+    apply,
+    attempts,
+    condition,
+    events,
+    job,
+    kuberay_says,
+    manifest,
+    printer_table,
+    rayjobs,
+    wait_for,
+    wait_status,
+)
+
+
+def test_invalid_spec_is_stalled_naming_the_fields_without_rayjob_or_retry_loop(kubectl: Kubectl, namespace: str,
+                                                                                operator: OperatorProcess) -> None:
+    # Both pass the CRD's schema (the API server accepts them); only the operator's rules catch them.
+    bad = manifest(name="bad", freezing={"strategy": "freezeBottom"}, deepspeed={"zeroStage": 2, "offloadParams": True})
+    apply(kubectl, namespace, bad)
+    stalled = wait_status(kubectl, namespace, "bad", "InvalidSpec", phase="Failed", reason="InvalidSpec")
+    cond = condition(stalled, "Stalled")
+    assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
+    assert "spec.freezing.layers" in cond["message"] and "spec.deepspeed.offloadParams" in cond["message"]
+    assert condition(stalled, "Reconciling")["status"] == "False"
+    printer_table(kubectl, namespace)
+
+    # no hot loop: over a few seconds, the job is handled once and no RayJob appears
+    tries = attempts(operator, namespace, "bad")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert rayjobs(kubectl, namespace) == []
+        time.sleep(0.2)  # sampling the state, not waiting for it
+    assert attempts(operator, namespace, "bad") == tries == 1, operator.output()[-3000:]
+    assert job(kubectl, namespace, "bad")["status"]["observedGeneration"] == 1
+    wait_for(lambda: any(t == "Warning" and r == "InvalidSpec" for t, r, _ in events(kubectl, namespace)), timeout=WAIT,
+             what="a Warning Event naming the problem")
+
+    # fixing the manifest is all it takes
+    apply(kubectl, namespace, manifest(name="bad"))
+    fixed = wait_status(kubectl, namespace, "bad", "Pending after the fix", phase="Pending", rayJobName="bad-ray",
+                        observedGeneration=2)
+    assert condition(fixed, "Stalled")["status"] == "False"
+    assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["bad-ray"]
+
+
+def test_gpus_on_zero_workers_is_an_invalid_spec(kubectl: Kubectl, namespace: str, operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest(name="gpu", resources={"workers": 2, "gpusPerWorker": 1},
+                                       deepspeed={"zeroStage": 2, "precision": "bf16"},
+                                       cluster={"workers": {"replicas": 0}}))
+    stalled = wait_status(kubectl, namespace, "gpu", "InvalidSpec", phase="Failed", reason="InvalidSpec")
+    assert "spec.cluster.workers.replicas" in condition(stalled, "Stalled")["message"]
+    assert rayjobs(kubectl, namespace) == []
+
+
+def test_missing_secret_is_stalled_and_checked_again_slowly(kubectl: Kubectl, namespace: str,
+                                                            operator: OperatorProcess) -> None:
+    apply(kubectl, namespace, manifest(cluster={"s3CredentialsSecret": {"name": "s3-creds"}}))
+    stalled = wait_status(kubectl, namespace, "quickstart", "SecretMissing", reason="SecretMissing")
+    cond = condition(stalled, "Stalled")
+    assert (cond["status"], cond["reason"]) == ("True", "SecretMissing")
+    assert "spec.cluster.s3CredentialsSecret" in cond["message"] and "s3-creds" in cond["message"]
+    assert stalled["status"]["phase"] == "Pending"  # not failed: creating the Secret un-sticks it
+    assert rayjobs(kubectl, namespace) == []
+    first_try = attempts(operator, namespace, "quickstart")
+    assert first_try <= 2  # the retry waits --secret-retry-delay, it does not spin
+
+    kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
+            "--from-literal=AWS_ACCESS_KEY_ID=a", "--from-literal=AWS_SECRET_ACCESS_KEY=b")
+    wait_status(kubectl, namespace, "quickstart", "Pending once the Secret exists", phase="Pending",
+                reason="ClusterStarting", rayJobName="quickstart-ray")
+    [rayjob] = rayjobs(kubectl, namespace)
+    env = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}} in env
+    assert condition(job(kubectl, namespace, "quickstart"), "Stalled")["status"] == "False"
+
+
+def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_changes(
+        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
+    prefix = f"runs-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "secret", "generic", "s3", "-n", namespace,
+            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    # 12 frozen layers pass the CRD and the operator (neither can see the model); the trainer's
+    # preflight finds the model has 6
+    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
+                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
+                                       freezing={"strategy": "freezeBottom", "layers": 12}))
+    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+
+    # the trainer's write, before any training: status.json with state invalid and the problems
+    client, key = s3._client(), f"{prefix}/{namespace}/quickstart/status.json"
+    verdict = job_status.invalid("quickstart", kind="single", problems=[
+        ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
+    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(verdict).encode())
+    stalled = wait_status(kubectl, namespace, "quickstart", "InvalidSpec from the trainer", phase="Failed", reason="InvalidSpec")
+    cond = condition(stalled, "Stalled")
+    assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
+    assert "spec.freezing.layers: 12 exceeds the 6 layers" in cond["message"]
+    assert condition(stalled, "Reconciling")["status"] == "False" and condition(stalled, "Ready")["status"] == "False"
+    wait_for(lambda: rayjobs(kubectl, namespace) == [], timeout=WAIT, what="the rejected run's RayJob to be deleted")
+    printer_table(kubectl, namespace)
+    wait_for(lambda: {("Warning", "InvalidSpec"), ("Normal", "RayJobDeleted")} <= {(t, r) for t, r, _ in events(kubectl, namespace)},
+             timeout=WAIT, what="Events for the verdict and the deletion")
+
+    # no retry loop: over a few seconds no RayJob comes back and the job is not handled again
+    tries = attempts(operator, namespace, "quickstart")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert rayjobs(kubectl, namespace) == []
+        time.sleep(0.2)  # sampling the state, not waiting for it
+    assert attempts(operator, namespace, "quickstart") == tries
+    assert job(kubectl, namespace, "quickstart")["status"]["reason"] == "InvalidSpec"
+
+    # the user edits the spec: a new generation runs on a new RayJob...
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"freezing":{"layers":2}}}')
+    fixed = wait_status(kubectl, namespace, "quickstart", "Pending after the edit", phase="Pending", observedGeneration=2,
+                        rayJobName="quickstart-ray")
+    assert condition(fixed, "Stalled")["status"] == "False"
+    assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["quickstart-ray"]
+    # ...which the old verdict, still in S3 until the new driver writes, does not stop
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running again", phase="Running", observedGeneration=2)
+    deadline = time.monotonic() + 2  # four progress ticks
+    while time.monotonic() < deadline:
+        assert job(kubectl, namespace, "quickstart")["status"]["phase"] == "Running"
+        time.sleep(0.2)
+    assert len(rayjobs(kubectl, namespace)) == 1
