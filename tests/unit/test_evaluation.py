@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_trainer.data import TokenizedSplit
-from finetune_trainer.evaluation import EarlyStopping, _metrics, evaluate, is_better
+from finetune_trainer.evaluation import EarlyStopping, _metrics, best_row, evaluate, is_better
 from tests.tiny_models import tiny_bert, tiny_llama
 
 
@@ -75,6 +75,14 @@ def test_evaluate_skips_masked_tokens_for_causal_lm():
 ])
 def test_is_better(value, best, mode, delta, expected):
     assert is_better(value, best, mode, delta) is expected
+
+
+def test_best_row_skips_rows_without_the_metric_and_follows_the_mode():
+    rows = [{"step": 0}, {"step": 5, "eval_loss": 0.7}, {"step": 10, "eval_loss": 0.4}, {"step": 15, "eval_loss": None},
+            {"step": 20, "eval_loss": 0.5}]
+    assert best_row(rows, "eval_loss", "min")["step"] == 10
+    assert best_row(rows, "eval_loss", "max")["step"] == 5
+    assert best_row(rows[:1], "eval_loss", "min") == {} and best_row([], "eval_loss", "max") == {}
 
 
 def test_early_stopping_counts_evaluations_without_enough_improvement():

@@ -121,6 +121,13 @@ def test_trial_spec_writes_values_and_drops_fields_the_choice_does_not_read():
     assert kept.freezing.layers == 2
 
 
+def test_ranked_metric_is_the_searchs_for_a_search_and_the_evaluations_otherwise():
+    assert _job({"metric": "f1", "space": SPACE}, evaluation={"metric": "loss"}).spec.ranked_metric() == ("eval_f1", "max")
+    assert _job({"space": SPACE}, evaluation={"metric": "loss"}).spec.ranked_metric() == ("eval_loss", "min")
+    plain = _job({"space": SPACE}, evaluation={"metric": "accuracy"}).spec.model_copy(update={"search": None})
+    assert plain.ranked_metric() == ("eval_accuracy", "max")
+
+
 def test_search_metric_becomes_each_trials_evaluation_metric():
     job = _job({"metric": "f1", "space": SPACE, "budget": {"trialSteps": 30}})
     spec = trial_spec(job.spec, job.spec.search.fixed_params())

@@ -84,6 +84,14 @@ def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def best_row(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
+    """The row with the best `key` in direction `mode` among those that have it ({} if none)."""
+    scored = [r for r in rows if r.get(key) is not None]
+    if not scored:
+        return {}
+    return (min if mode == "min" else max)(scored, key=lambda r: r[key])
+
+
 @dataclass
 class EarlyStopping:
     """Patience on a metric, with a minimum change that counts as improvement.

@@ -30,6 +30,7 @@ import ray
 
 from . import job_status
 from .ds_config import build_ds_config
+from .evaluation import best_row
 from .job_status import StatusPublisher
 from .persist import MODEL_DIR, Persistence, open_storage
 from .preflight import Prepared, prepare_job
@@ -226,15 +227,14 @@ def fit_polling(fit: Callable[[], Any], snapshot: Callable[[], tuple[dict, list]
 def _status_listener(job: FineTuneJob, run_id: str, publisher: StatusPublisher) -> Callable[[dict, list], None]:
     """status.json for a single run: its step, and its best evaluation so far; written when a new
     evaluation arrives or 10 s have passed, not at every poll."""
-    key, mode = f"eval_{job.spec.evaluation.metric}", job.spec.evaluation.resolved_mode()
+    key, mode = job.spec.ranked_metric()
     last: dict[str, Any] = {"rows": -1, "at": 0.0}
 
     def listen(latest: dict, rows: list) -> None:
         if len(rows) == last["rows"] and time.monotonic() - last["at"] < 10:
             return
         last.update(rows=len(rows), at=time.monotonic())
-        scored = [r for r in rows if key in r and not r.get("baseline")]
-        top = (min if mode == "min" else max)(scored, key=lambda r: r[key]) if scored else None
+        top = best_row([r for r in rows if not r.get("baseline")], key, mode)
         best = {"name": run_id, "metric": key, "value": top[key], "step": top["step"], "params": {}, "checkpoint": None} if top else None
         publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="running", step=latest.get("step"),
                                               total_steps=latest.get("total"), best=best))
@@ -244,14 +244,12 @@ def _status_listener(job: FineTuneJob, run_id: str, publisher: StatusPublisher) 
 
 def best_checkpoint(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The checkpoint with the best evaluation.metric among (path, reported metrics) pairs."""
-    ev = job.spec.evaluation
-    key = f"eval_{ev.metric}"
-    scored = [(path, m) for path, m in checkpoints if key in m]
-    if not scored:
+    key, mode = job.spec.ranked_metric()
+    best = best_row([metrics for _, metrics in checkpoints], key, mode)
+    if not best:
         return {}
-    pick = min if ev.resolved_mode() == "min" else max
-    path, metrics = pick(scored, key=lambda pm: pm[1][key])
-    return {"step": metrics["step"], "metric": key, "value": metrics[key], "checkpoint": path, "metrics": metrics}
+    path = next(path for path, metrics in checkpoints if metrics is best)
+    return {"step": best["step"], "metric": key, "value": best[key], "checkpoint": path, "metrics": best}
 
 
 def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]], prepared: Prepared, run_dir: Path,

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .evaluation import best_row
 from .spec import FineTuneJob
 from .spec.search import dropped_params
 
@@ -21,19 +22,18 @@ STATUS_FINISHED, STATUS_EARLY, STATUS_STOPPED, STATUS_FAILED = "finished", "earl
 
 def collect(job: FineTuneJob, grid, totals) -> list[dict[str, Any]]:
     """One row per trial, in trial order."""
-    key = _metric_key(job)
-    mode = _mode(job)
+    key, mode = job.spec.ranked_metric()
     trials = []
     for result in grid:
         params = dict(result.config or {})
         history = _history(result)
         evals = [r for r in history if key in r and not r.get("baseline")]
-        best = _pick(evals, key, mode)
+        best = best_row(evals, key, mode)
         last = history[-1] if history else {}
         total = totals.steps(params)
         trial_job = totals.trial_job(params)
         checkpoints = [(r[CHECKPOINT_KEY], r) for r in history if r.get(CHECKPOINT_KEY)]
-        best_ckpt = _pick([r for _, r in checkpoints], key, mode)
+        best_ckpt = best_row([r for _, r in checkpoints], key, mode)
         trials.append({
             "trial": Path(result.path).name,
             "params": params,
@@ -57,11 +57,9 @@ def collect(job: FineTuneJob, grid, totals) -> list[dict[str, Any]]:
 
 def best_trial(job: FineTuneJob, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """The trial whose best evaluation is the best reported by any trial (any step, any status)."""
-    scored = [t for t in trials if t["value"] is not None]
-    if not scored:
+    best = best_row(trials, "value", job.spec.ranked_metric()[1])
+    if not best:
         return {}
-    pick = min if _mode(job) == "min" else max
-    best = pick(scored, key=lambda t: t["value"])
     return {
         "trial": best["trial"], "params": best["params"], "metric": best["metric"], "value": best["value"],
         "step": best["best_step"], "checkpoint": best["checkpoint"], "checkpoints": best["checkpoints"],
@@ -81,8 +79,8 @@ def results(job, prepared, trials, best, test, model_dir, run_dir: Path, concurr
         "search": {
             "algorithm": search.algorithm,
             "scheduler": search.scheduler.type,
-            "metric": best.get("metric") or f"eval_{search.resolved_metric(job.spec.evaluation.metric)}",
-            "mode": _mode(job),
+            "metric": job.spec.ranked_metric()[0],
+            "mode": job.spec.ranked_metric()[1],
             "trials": len(trials),
             "max_concurrent_trials": concurrency,
             "trial_steps": sum(t["steps"] for t in trials),
@@ -129,7 +127,7 @@ def plot(job: FineTuneJob, trials: list[dict[str, Any]], run_dir: Path) -> list[
 
     if not any(t["history"] for t in trials):
         return []
-    key = _metric_key(job)
+    key = job.spec.ranked_metric()[0]
     label = key[5:]
     strategies = sorted({t["freezing"] for t in trials})
     schedules = sorted({t["schedule"] for t in trials})
@@ -196,23 +194,6 @@ def _status(result, last: dict[str, Any], total: int) -> str:
     if last.get("early_stopped"):
         return STATUS_EARLY
     return STATUS_FINISHED if last.get("step", 0) >= total else STATUS_STOPPED
-
-
-def _pick(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
-    rows = [r for r in rows if key in r]
-    if not rows:
-        return {}
-    return (min if mode == "min" else max)(rows, key=lambda r: r[key])
-
-
-def _metric_key(job: FineTuneJob) -> str:
-    assert job.spec.search is not None
-    return f"eval_{job.spec.search.resolved_metric(job.spec.evaluation.metric)}"
-
-
-def _mode(job: FineTuneJob) -> str:
-    assert job.spec.search is not None
-    return job.spec.search.resolved_mode(job.spec.evaluation.metric)
 
 
 def _error_line(error: BaseException | None) -> str | None:

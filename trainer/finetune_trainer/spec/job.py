@@ -52,6 +52,15 @@ class FineTuneJobSpec(SpecModel):
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Suspension, deadline, retries and clean-up of the run on Kubernetes.")
     storage: StorageSpec | None = Field(default=None, description="S3-compatible storage for checkpoints, the model and results.json; unset: output.dir on this machine.")
 
+    def ranked_metric(self) -> tuple[str, str]:
+        """(reported key, mode) of what picks the best: the search's metric for a search, the
+        evaluation's for a single run. One definition, because the trials' reports, Tune, the
+        results table and status.json must all rank by the same key in the same direction."""
+        ev = self.evaluation
+        if self.search is None:
+            return f"eval_{ev.metric}", ev.resolved_mode()
+        return f"eval_{self.search.resolved_metric(ev.metric)}", self.search.resolved_mode(ev.metric)
+
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field rules pydantic's per-field checks cannot see, as (yaml path, message)."""
         task = self.model.task
