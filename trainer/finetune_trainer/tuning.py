@@ -139,7 +139,7 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
     experiment state goes through the same storage as the checkpoints, so either can be restored."""
     search = job.spec.search
     assert search is not None
-    metric, mode = search_metric(job)
+    metric, mode = job.spec.ranked_metric()
     seed = search.seed if search.seed is not None else job.spec.training.seed
     trainable = tune.with_resources(tune.with_parameters(
         _trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, persistence=persistence,
@@ -176,12 +176,6 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
             verbose=0, callbacks=callbacks,
         ),
     )
-
-
-def search_metric(job: FineTuneJob) -> tuple[str, str]:
-    search, ev = job.spec.search, job.spec.evaluation
-    assert search is not None
-    return f"eval_{search.resolved_metric(ev.metric)}", search.resolved_mode(ev.metric)
 
 
 def param_space(search: SearchSpec) -> dict[str, Any]:
@@ -268,7 +262,7 @@ class TrialEvents(tune.Callback):
         self.tracker, self.totals, self.publisher, self.run_id, self.uri = tracker, totals, publisher, run_id, uri
         self.states: dict[str, str] = {}
         self.best: dict[str, Any] | None = None
-        self.metric, self.mode = search_metric(totals.job)
+        self.metric, self.mode = totals.job.spec.ranked_metric()
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into tuner.pkl. An actor handle there cannot be unpickled by a
@@ -280,7 +274,7 @@ class TrialEvents(tune.Callback):
         spec = self.totals.trial_job(trial.config).spec
         shown = search_results.fmt_params(trial.config, dropped_params(spec, trial.config))
         self.tracker.record.remote({"trial": str(trial), "event": f"started: {shown}"})
-        self._publish(trial, "running")
+        self._publish(trials, trial, "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
@@ -289,19 +283,18 @@ class TrialEvents(tune.Callback):
         if is_better(value, self.best["value"] if self.best else None, self.mode):
             self.best = {"name": str(trial), "metric": self.metric, "value": value, "step": result.get("step"),
                          "params": dict(trial.config), "checkpoint": self._uri(result.get(search_results.CHECKPOINT_KEY))}
-        self._publish(trial, "running")
+        self._publish(trials, trial, "running")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        step, total = last.get("step", 0), self.totals.steps(trial.config)
-        finished = step >= total or last.get("early_stopped")
-        how = "finished" if finished else "stopped by the scheduler"
+        state = self._ended(trial)
+        step, total = (trial.last_result or {}).get("step", 0), self.totals.steps(trial.config)
+        how = "finished" if state == "completed" else "stopped by the scheduler"
         self.tracker.record.remote({"trial": str(trial), "event": f"{how} at step {step}/{total}"})
-        self._publish(trial, "completed" if finished else "stopped")
+        self._publish(trials, trial, state)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.tracker.record.remote({"trial": str(trial), "event": "failed (see results.json for the error)"})
-        self._publish(trial, "failed")
+        self._publish(trials, trial, "failed")
 
     def _uri(self, path: str | None) -> str | None:
         try:
@@ -309,12 +302,23 @@ class TrialEvents(tune.Callback):
         except Exception:  # status is best effort; a path outside the store stays as Ray gave it
             return path
 
-    def _publish(self, trial, state: str) -> None:
+    def _ended(self, trial) -> str:
+        last = trial.last_result or {}
+        finished = last.get("step", 0) >= self.totals.steps(trial.config) or last.get("early_stopped")
+        return "completed" if finished else "stopped"
+
+    def _publish(self, trials, trial, state: str) -> None:
+        """`trials` is every trial Tune knows, including those a restored search ended before this
+        driver started: they count from their stored state, so the trial counts are the whole
+        search's, not only what this driver saw. (The best so far is from the results this driver
+        saw until the final write, which reads every trial's history.)"""
         self.states[str(trial)] = state
+        earlier = {str(t): self._ended(t) if t.status == "TERMINATED" else "failed"
+                   for t in trials if t.status in ("TERMINATED", "ERROR") and str(t) not in self.states}
         search = self.totals.job.spec.search
         assert search is not None
         self.publisher.publish(job_status.snapshot(
-            self.totals.job.name, self.run_id, kind="search", state="running", trials=self.states,
+            self.totals.job.name, self.run_id, kind="search", state="running", trials={**earlier, **self.states},
             total_trials=search.resolved_num_trials(), best=self.best,
         ))
 
