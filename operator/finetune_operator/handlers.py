@@ -9,7 +9,9 @@
         status.json (progress.py) mirrored into trials / bestTrial / bestCheckpoint
     status.json `state: invalid` (timer, or the RayJob ending or retrying) -> Stalled/InvalidSpec
         naming the fields, as the operator's own validation, and the RayJob deleted: no retry runs
-        it again, and reconcile creates none until the spec changes (a new generation)
+        it again, and reconcile creates none until the spec changes (a new generation). If the
+        spec was already changed while the rejected run ran, a timer (`retry_newer_spec`) runs
+        the newer spec once the rejected RayJob is gone
     FineTuneJob event                           -> the jobs-by-phase gauge
 
 Outcomes are kopf's: an invalid spec is a `PermanentError` (Stalled/InvalidSpec, no RayJob, no
@@ -46,7 +48,7 @@ from .ingress import dashboard_url, render_dashboard_ingress
 from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS, KubeApi, is_conflict
 from .metrics import Metrics
 from .progress import ProgressSource
-from .rayjob import rayjob_name, render_rayjob
+from .rayjob import rayjob_name, render_rayjob, rendered_generation
 from .status_mapping import (
     apply_progress,
     failed_status,
@@ -98,7 +100,7 @@ class Operator:
         if existing is None:
             self._check_secret(body, job, previous, patch, generation, now)
         rayjob, created = (existing, False) if existing is not None else self.kube.get_or_create_rayjob(
-            render_rayjob(job, owner_uid=uid))
+            render_rayjob(job, owner_uid=uid, generation=generation))
         if not _owned_by(rayjob, uid):
             raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} exists and is not owned by this FineTuneJob; "
                                       "waiting for it to go", delay=self.config.conflict_retry_delay)
@@ -147,7 +149,7 @@ class Operator:
         if job is not None and _ended(previous, status):
             progress = self.progress.read(job)
             problems = trainer_problems(progress, rayjob=rayjob)
-            status = rejected_status(status, problems, generation=generation, now=now) if problems else apply_progress(status, progress)
+            status = self._rejected(body, status, problems, rayjob) if problems else apply_progress(status, progress)
         moved = status.phase != previous.phase and status.phase is not None
         patch = status_patch(previous, status)
         if not patch:
@@ -170,13 +172,27 @@ class Operator:
         if trainer_problems(progress):  # only a verdict makes the RayJob worth a read: is it this run's?
             rayjob = self.kube.get_rayjob(job.metadata.namespace, rayjob_name(job.name))
             if problems := trainer_problems(progress, rayjob=rayjob):
-                generation = previous.observed_generation or body["metadata"].get("generation", 1)
-                status = rejected_status(previous, problems, generation=generation, now=self.clock())
+                status = self._rejected(body, previous, problems, rayjob)
                 patch.status.update(status_patch(previous, status))
                 self.post_event(body, "Warning", Reason.INVALID_SPEC, status.message or "")
                 self._drop_run(body, rayjob)
                 return
         patch.status.update(status_patch(previous, apply_progress(previous, progress)))
+
+    def _rejected(self, body: Mapping[str, Any], previous: FineTuneJobStatus, problems: list[tuple[str, str]],
+                  rayjob: Mapping[str, Any] | None) -> FineTuneJobStatus:
+        """The verdict is on the generation the RayJob was rendered from. If the user has changed
+        the spec since (a change to a running job is not applied), the status says so and keeps
+        that older generation as observed, so `retry_newer_spec` runs the newer one once the
+        rejected RayJob is gone; otherwise nothing runs until the spec changes."""
+        current = body["metadata"].get("generation", 1)
+        run = rendered_generation(rayjob) or previous.observed_generation or current
+        return rejected_status(previous, problems, generation=run, now=self.clock(), newer=current if current > run else None)
+
+    def retry_newer_spec(self, body: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """A rejected run's spec was changed while it ran: reconcile the newer spec, which creates
+        its RayJob once the rejected one is gone (until then reconcile asks to be retried)."""
+        self.reconcile(body, patch, logger)
 
     def _drop_run(self, body: Mapping[str, Any], rayjob: Mapping[str, Any] | None) -> None:
         """Delete the RayJob of a rejected spec: its Ray cluster goes, and KubeRay's backoffLimit
@@ -272,6 +288,12 @@ def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:
         with operator.metrics.reconcile("progress"):
             operator.poll_progress(body, patch)
 
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry, id="newer-spec",
+                when=lambda status, meta, **_: newer_spec_waits(status, meta))
+    def on_newer_spec(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+        with operator.metrics.reconcile("reconcile"):
+            operator.retry_newer_spec(body, patch, logger)
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="phase-gauge")
     def on_job_event(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
         operator.metrics.job_seen(namespace, name, status.get("phase"), deleted=type == "DELETED")
@@ -320,6 +342,12 @@ def _owner(rayjob: Mapping[str, Any]) -> dict[str, Any] | None:
 def _owned_by(rayjob: Mapping[str, Any], uid: str) -> bool:
     owner = _owner(rayjob)
     return owner is not None and owner.get("uid") == uid
+
+
+def newer_spec_waits(status: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
+    """The trainer rejected an older generation's run while a newer spec waited (`_rejected`)."""
+    observed = status.get("observedGeneration") or 0
+    return status.get("reason") == Reason.INVALID_SPEC and 0 < observed < (meta.get("generation") or 1)
 
 
 def _finished(status: FineTuneJobStatus, generation: int) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -37,6 +37,9 @@ RAYJOB_SUFFIX = "-ray"
 HEAD_SERVICE_SUFFIX = "-head-svc"
 DASHBOARD_PORT = 8265
 WORKER_GROUP = "workers"
+# The FineTuneJob generation a RayJob was rendered from: a verdict on that run (the trainer's
+# preflight) belongs to that generation, not to a newer spec the user has written since.
+GENERATION_ANNOTATION = f"{GROUP}/generation"
 HEAD_PORTS = [  # KubeRay's default port names: its head Service exposes what the container declares
     {"name": "gcs-server", "containerPort": 6379},
     {"name": "dashboard", "containerPort": DASHBOARD_PORT},
@@ -98,16 +101,20 @@ def driver_manifest(job: FineTuneJob) -> dict[str, Any]:
 
 
 def render_rayjob(
-    job: FineTuneJob, *, owner_uid: str | None = None, storage_env: Sequence[dict[str, Any]] = ()
+    job: FineTuneJob, *, owner_uid: str | None = None, generation: int | None = None,
+    storage_env: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The RayJob for `job`. `owner_uid` (the FineTuneJob's uid) makes the FineTuneJob its
-    controller, so deleting the job deletes the run; `storage_env` is extra container env for
-    S3-compatible storage (endpoint, region, bucket), plain values or secretKeyRefs."""
+    controller, so deleting the job deletes the run; `generation` (the FineTuneJob's) is recorded
+    in an annotation; `storage_env` is extra container env for S3-compatible storage (endpoint,
+    region, bucket), plain values or secretKeyRefs."""
     spec, cluster, policy = job.spec, job.spec.cluster, job.spec.run_policy
     name = rayjob_name(job.name)
     meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": labels(job)}
     if owner_uid:
         meta["ownerReferences"] = [owner_reference(job, owner_uid)]
+    if generation is not None:
+        meta["annotations"] = {GENERATION_ANNOTATION: str(generation)}
     env = _env(cluster, storage_env)
     head, group = cluster.head, cluster.workers
     res = spec.resources
@@ -209,3 +216,12 @@ def _pod(job: FineTuneJob, container: str, group: HeadGroupSpec | WorkerGroupSpe
     if group.priority_class_name:
         pod["priorityClassName"] = group.priority_class_name
     return {"metadata": {"labels": labels(job)}, "spec": pod}
+
+
+def rendered_generation(rayjob: Mapping[str, Any] | None) -> int | None:
+    """The generation `render_rayjob` recorded on a RayJob (None: not recorded, or not a number)."""
+    value = (((rayjob or {}).get("metadata") or {}).get("annotations") or {}).get(GENERATION_ANNOTATION)
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

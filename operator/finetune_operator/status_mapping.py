@@ -207,12 +207,18 @@ def trainer_problems(progress: Mapping[str, Any] | None, *, rayjob: Mapping[str,
 
 
 def rejected_status(previous: FineTuneJobStatus, problems: Sequence[tuple[str, str]], *, generation: int,
-                    now: datetime) -> FineTuneJobStatus:
-    """The trainer's preflight rejected the spec: the same outcome as the operator's own validation
-    (Failed, Stalled/InvalidSpec, a message naming each field); the handler deletes the RayJob."""
+                    now: datetime, newer: int | None = None) -> FineTuneJobStatus:
+    """The trainer's preflight rejected the spec of `generation`: the same outcome as the operator's
+    own validation (Failed, Stalled/InvalidSpec, a message naming each field); the handler deletes
+    the RayJob. `newer`: the generation the user has written since, which runs next."""
     message = "; ".join(f"{path}: {msg}" for path, msg in problems)
-    return failed_status(previous, Reason.INVALID_SPEC, f"invalid spec (found by the trainer before training): {message}",
-                         generation=generation, now=now)
+    if newer is not None:
+        message += f". The spec has changed since (generation {newer}); it runs once this run's RayJob is gone"
+    status = failed_status(previous, Reason.INVALID_SPEC, f"invalid spec (found by the trainer before training): {message}",
+                           generation=generation, now=now)
+    if newer is not None:  # the ignored change is about to be applied, not ignored
+        status.conditions = [c for c in status.conditions if c.type != ConditionType.SPEC_CHANGE_IGNORED]
+    return status
 
 
 def apply_progress(previous: FineTuneJobStatus, progress: Mapping[str, Any] | None) -> FineTuneJobStatus:

@@ -144,3 +144,42 @@ def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_c
         assert job(kubectl, namespace, "quickstart")["status"]["phase"] == "Running"
         time.sleep(0.2)
     assert len(rayjobs(kubectl, namespace)) == 1
+
+
+def test_a_fix_written_while_the_rejected_run_ran_runs_once_that_run_is_gone(
+        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
+    prefix = f"runs-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "secret", "generic", "s3", "-n", namespace,
+            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
+                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
+                                       freezing={"strategy": "freezeBottom", "layers": 12}))
+    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
+    [first] = rayjobs(kubectl, namespace)
+    assert first["metadata"]["annotations"]["finetune.dev/generation"] == "1"
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+
+    # the user fixes the spec while the run is up: not applied to that run (immutable field)...
+    kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"freezing":{"layers":2}}}')
+    ignored = wait_status(kubectl, namespace, "quickstart", "the change reported as ignored", observedGeneration=2)
+    assert condition(ignored, "SpecChangeIgnored")["status"] == "True"
+    # ...then the trainer rejects the run's (generation 1) spec
+    verdict = job_status.invalid("quickstart", kind="single", problems=[
+        ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
+    s3._client().put_object(Bucket=s3.bucket, Key=f"{prefix}/{namespace}/quickstart/status.json", Body=json.dumps(verdict).encode())
+
+    # the rejected RayJob goes, and generation 2 gets its own, with no further edit
+    def second_run() -> dict[str, Any] | None:
+        found = rayjobs(kubectl, namespace)
+        return found[0] if found and found[0]["metadata"]["uid"] != first["metadata"]["uid"] else None
+
+    second = wait_for(second_run, timeout=WAIT, what="a RayJob for generation 2")
+    assert second["metadata"]["annotations"]["finetune.dev/generation"] == "2"
+    pending = wait_status(kubectl, namespace, "quickstart", "Pending for generation 2", phase="Pending", observedGeneration=2)
+    assert condition(pending, "Stalled")["status"] == "False" and condition(pending, "SpecChangeIgnored") == {}
+    reasons = [(t, r) for t, r, _ in events(kubectl, namespace)]
+    assert ("Warning", "InvalidSpec") in reasons and ("Normal", "RayJobDeleted") in reasons
+    assert reasons.count(("Normal", "RayJobCreated")) == 2
+    printer_table(kubectl, namespace)
+

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from finetune_operator.changes import immutable_changes, mutable_patch
-from finetune_operator.handlers import Operator, OperatorConfig, status_patch
+from finetune_operator.handlers import Operator, OperatorConfig, newer_spec_waits, status_patch
 from finetune_operator.kube import KubeApi
 from finetune_operator.metrics import Metrics
 from finetune_operator.progress import S3ProgressSource, status_key
@@ -358,6 +358,43 @@ def test_the_trainers_verdict_on_a_tick_stalls_the_job_and_deletes_its_rayjob_un
     patch = kopf.Patch()
     operator.poll_progress(body(generation=2, status={**rejected, **again, "phase": "Running"}), patch)
     assert "phase" not in patch.get("status", {}) and kube.deleted == ["quickstart-ray"]
+
+
+def test_a_verdict_on_a_run_whose_spec_changed_since_runs_the_newer_spec_when_its_rayjob_is_gone(
+        operator: Operator, kube: FakeKube, events: list, progress: FakeProgress) -> None:
+    """The user fixes the spec while the rejected run is still running: the fix (generation 2) was
+    not applied to that run, and must not need a third edit to run."""
+    first = reconcile(operator, body())
+    assert kube.rayjobs["quickstart-ray"]["metadata"]["annotations"] == {"finetune.dev/generation": "1"}
+    running = {**first, "phase": "Running", "reason": "Training", "message": "the trainer is running"}
+    fixed = {"freezing": {"strategy": "freezeBottom", "layers": 3}}  # the quickstart's is 2; the verdict says 12 is too many
+    ignored = {**running, **reconcile(operator, body(generation=2, status=running, **fixed))}
+    assert ignored["observedGeneration"] == 2 and any(c["type"] == "SpecChangeIgnored" for c in ignored["conditions"])
+    progress.data = INVALID
+    patch = kopf.Patch()
+    operator.poll_progress(body(generation=2, status=ignored, **fixed), patch)
+    rejected = {**ignored, **patch["status"]}
+    assert (rejected["phase"], rejected["reason"], rejected["observedGeneration"]) == ("Failed", "InvalidSpec", 1)
+    assert "spec.freezing.layers: 12 exceeds" in rejected["message"] and "changed since (generation 2)" in rejected["message"]
+    assert not any(c["type"] == "SpecChangeIgnored" for c in rejected["conditions"])
+    assert kube.deleted == ["quickstart-ray"] and kube.rayjobs == {}
+    assert newer_spec_waits(rejected, {"generation": 2}) and not newer_spec_waits(rejected, {"generation": 1})
+
+    # the timer: generation 2 gets its RayJob, and the old verdict is not the new run's
+    patch = kopf.Patch()
+    operator.retry_newer_spec(body(generation=2, status=rejected, **fixed), patch, logger=None)  # type: ignore[arg-type]
+    again = {**rejected, **patch["status"]}
+    assert (again["phase"], again["reason"], again["observedGeneration"]) == ("Pending", "ClusterStarting", 2)
+    assert kube.created == ["quickstart-ray"] * 2 and not newer_spec_waits(again, {"generation": 2})
+    assert kube.rayjobs["quickstart-ray"]["metadata"]["annotations"] == {"finetune.dev/generation": "2"}
+    assert ("Normal", "RayJobCreated") in [e[:2] for e in events[-2:]]
+
+
+def test_a_verdict_on_the_current_spec_waits_for_an_edit():
+    status = {"phase": "Failed", "reason": "InvalidSpec", "observedGeneration": 3}
+    assert not newer_spec_waits(status, {"generation": 3})
+    assert not newer_spec_waits({**status, "reason": "SecretMissing"}, {"generation": 4})
+    assert not newer_spec_waits({}, {"generation": 2})
 
 
 def test_the_trainers_verdict_seen_when_kuberay_retries_stops_the_retries(
