@@ -54,6 +54,15 @@ def test_resume_accepts_none_latest_or_a_checkpoint_uri(resume):
     assert parse_job(minimal_manifest(storage={"uri": "s3://ckpts/x", "resume": resume})).spec.storage.resume == resume
 
 
+def test_a_search_resumes_as_a_whole_not_from_one_checkpoint_uri():
+    search = {"space": {"training.learningRate": {"choice": [1e-4, 3e-4]}}}
+    storage = {"uri": "s3://ckpts/x", "resume": "s3://ckpts/x/default/j/run/trials/trial_00/checkpoint_000"}
+    with pytest.raises(SpecError) as err:
+        parse_job(minimal_manifest(storage=storage, search=search))
+    assert err.value.problems[0][0] == "spec.storage.resume" and "use latest" in err.value.problems[0][1]
+    assert parse_job(minimal_manifest(storage={**storage, "resume": "latest"}, search=search)).spec.storage.resume == "latest"
+
+
 def test_resume_rejects_anything_else():
     found = problems({"uri": "s3://ckpts/x", "resume": "yes"})
     assert found and found[0][0] == "spec.storage.resume" and "none, latest" in found[0][1]

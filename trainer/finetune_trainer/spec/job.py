@@ -98,6 +98,12 @@ class FineTuneJobSpec(SpecModel):
 
     def _search_problems(self, search: SearchSpec, base_problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
         found = [(f"spec.search.{path}", msg) for path, msg in search.check()]
+        if self.storage is not None and self.storage.resume not in {"none", "latest"}:
+            # Tune restores a search as a whole (every trial from its own latest checkpoint); one
+            # checkpoint cannot seed it, and quietly restoring the latest search instead would not
+            # be what the URI asked for
+            found.append(("spec.storage.resume", "a search resumes as a whole: use latest (every trial from its own "
+                                                 "latest checkpoint) or none; a checkpoint URI resumes a single run"))
         ev = self.evaluation
         metric = search.resolved_metric(ev.metric)
         if metric not in ev.resolved_metrics(self.model.task):
