@@ -107,7 +107,7 @@ def one(out: Path, scheduler: str, args, order_seed: int) -> dict[str, Any]:
                    concurrent=args.concurrent, eval_samples=args.eval_samples, space=SPACES[args.space], order_seed=order_seed)
     started = time.time()
     results = run(parse_job(doc)).results
-    key = f"eval_{results['best'].get('metric', 'accuracy')}"
+    key = results["search"]["metric"]  # the reported key, e.g. eval_accuracy
     return {
         "scheduler": scheduler,
         "order_seed": order_seed,
