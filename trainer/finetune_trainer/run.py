@@ -243,7 +243,8 @@ def _status_listener(job: FineTuneJob, run_id: str, publisher: StatusPublisher) 
 
 
 def best_checkpoint(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The checkpoint with the best evaluation.metric among (path, reported metrics) pairs."""
+    """The best-ranked checkpoint (`ranked_metric`: a trial's is the search's metric) among
+    (path, reported metrics) pairs."""
     key, mode = job.spec.ranked_metric()
     best = best_row([metrics for _, metrics in checkpoints], key, mode)
     if not best:
