@@ -16,6 +16,12 @@ from typing import Any
 STATUS_FILE = "status.json"
 
 
+def best_trial(name: str, metric: str, value: float, step: int | None, *, params: dict[str, Any] | None = None,
+               checkpoint: str | None = None) -> dict[str, Any]:
+    """`bestTrial` as the operator reads it (its BestTrial model); a single run is its own trial."""
+    return {"name": name, "metric": metric, "value": value, "step": step, "params": params or {}, "checkpoint": checkpoint}
+
+
 def snapshot(
     job_name: str,
     run_id: str,

@@ -142,7 +142,7 @@ def run(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = 
     results["resumed_from"] = {"checkpoint": persistence.uri(resume_from.path), "step": resumed_step} if resume_from else None
     results = persistence.save_results(run_id, results, model_dir)
     final = rows[-1] if rows else {}
-    best_trial = {"name": run_id, "metric": best["metric"], "value": best["value"], "step": best["step"], "params": {}, "checkpoint": best["checkpoint"]} if best else None
+    best_trial = job_status.best_trial(run_id, best["metric"], best["value"], best["step"], checkpoint=best["checkpoint"]) if best else None
     publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="finished", trials={run_id: "completed"},
                                           step=final.get("step"), total_steps=results["total_steps"], best=best_trial,
                                           model=persistence.model_uri(run_id, model_dir)))
@@ -235,7 +235,7 @@ def _status_listener(job: FineTuneJob, run_id: str, publisher: StatusPublisher) 
             return
         last.update(rows=len(rows), at=time.monotonic())
         top = best_row([r for r in rows if not r.get("baseline")], key, mode)
-        best = {"name": run_id, "metric": key, "value": top[key], "step": top["step"], "params": {}, "checkpoint": None} if top else None
+        best = job_status.best_trial(run_id, key, top[key], top["step"]) if top else None
         publisher.publish(job_status.snapshot(job.name, run_id, kind="single", state="running", step=latest.get("step"),
                                               total_steps=latest.get("total"), best=best))
 

@@ -100,8 +100,8 @@ def final_status(job: FineTuneJob, run_id: str, trials: list[dict[str, Any]], be
     from . import job_status
 
     states = {STATUS_FINISHED: "completed", STATUS_EARLY: "completed", STATUS_STOPPED: "stopped", STATUS_FAILED: "failed"}
-    best_trial = {"name": best["trial"], "metric": best["metric"], "value": best["value"], "step": best["step"],
-                  "params": best["params"], "checkpoint": best["checkpoint"]} if best else None
+    best_trial = job_status.best_trial(best["trial"], best["metric"], best["value"], best["step"], params=best["params"],
+                                       checkpoint=best["checkpoint"]) if best else None
     return job_status.snapshot(
         job.name, run_id, kind="search", state="finished", trials={t["trial"]: states[t["status"]] for t in trials},
         total_trials=len(trials), best=best_trial, model=str(model_dir) if model_dir else None,

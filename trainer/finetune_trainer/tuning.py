@@ -281,8 +281,8 @@ class TrialEvents(tune.Callback):
         if value is None or result.get("baseline"):
             return
         if is_better(value, self.best["value"] if self.best else None, self.mode):
-            self.best = {"name": str(trial), "metric": self.metric, "value": value, "step": result.get("step"),
-                         "params": dict(trial.config), "checkpoint": self._uri(result.get(search_results.CHECKPOINT_KEY))}
+            self.best = job_status.best_trial(str(trial), self.metric, value, result.get("step"), params=dict(trial.config),
+                                              checkpoint=self._uri(result.get(search_results.CHECKPOINT_KEY)))
         self._publish(trials, trial, "running")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
