@@ -118,6 +118,12 @@ def kuberay_says(kubectl: Kubectl, namespace: str, rayjob: str, **status: Any) -
             "-p", json.dumps({"status": status}))
 
 
+def s3_secret(kubectl: Kubectl, namespace: str, s3: Any, name: str = "s3") -> None:
+    """The credentials Secret a user creates for spec.cluster.s3CredentialsSecret."""
+    kubectl("create", "secret", "generic", name, "-n", namespace,
+            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+
+
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
     found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype]
     return found[0] if found else {}

@@ -30,6 +30,7 @@ from tests.e2e.operator_harness import (
     manifest,
     printer_table,
     rayjobs,
+    s3_secret,
     wait_for,
     wait_status,
 )
@@ -210,8 +211,7 @@ def test_operator_restart_creates_no_duplicate_and_status_continues(kubectl: Kub
 def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
         kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
     prefix = f"runs-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "secret", "generic", "s3", "-n", namespace,
-            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    s3_secret(kubectl, namespace, s3)
     apply(kubectl, namespace, manifest("search-freezing.yaml", storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
                                        cluster={"s3CredentialsSecret": {"name": "s3"}}))
     wait_status(kubectl, namespace, "search-freezing", "Pending", phase="Pending", rayJobName="search-freezing-ray")

@@ -25,6 +25,7 @@ from tests.e2e.operator_harness import (
     manifest,
     printer_table,
     rayjobs,
+    s3_secret,
     wait_for,
     wait_status,
 )
@@ -94,23 +95,8 @@ def test_missing_secret_is_stalled_and_checked_again_slowly(kubectl: Kubectl, na
 
 def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_changes(
         kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
-    prefix = f"runs-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "secret", "generic", "s3", "-n", namespace,
-            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
-    # 12 frozen layers pass the CRD and the operator (neither can see the model); the trainer's
-    # preflight finds the model has 6
-    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
-                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
-                                       freezing={"strategy": "freezeBottom", "layers": 12}))
-    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
-    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
-    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
-
-    # the trainer's write, before any training: status.json with state invalid and the problems
-    client, key = s3._client(), f"{prefix}/{namespace}/quickstart/status.json"
-    verdict = job_status.invalid("quickstart", kind="single", problems=[
-        ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
-    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(verdict).encode())
+    prefix = _running_with_12_frozen_layers(kubectl, namespace, s3)
+    _trainer_rejects_12_layers(s3, prefix, namespace)
     stalled = wait_status(kubectl, namespace, "quickstart", "InvalidSpec from the trainer", phase="Failed", reason="InvalidSpec")
     cond = condition(stalled, "Stalled")
     assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
@@ -148,26 +134,16 @@ def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_c
 
 def test_a_fix_written_while_the_rejected_run_ran_runs_once_that_run_is_gone(
         kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
-    prefix = f"runs-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "secret", "generic", "s3", "-n", namespace,
-            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
-    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
-                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
-                                       freezing={"strategy": "freezeBottom", "layers": 12}))
-    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
+    prefix = _running_with_12_frozen_layers(kubectl, namespace, s3)
     [first] = rayjobs(kubectl, namespace)
     assert first["metadata"]["annotations"]["finetune.dev/generation"] == "1"
-    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
-    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
 
     # the user fixes the spec while the run is up: not applied to that run (immutable field)...
     kubectl("patch", "ftj", "quickstart", "-n", namespace, "--type=merge", "-p", '{"spec":{"freezing":{"layers":2}}}')
     ignored = wait_status(kubectl, namespace, "quickstart", "the change reported as ignored", observedGeneration=2)
     assert condition(ignored, "SpecChangeIgnored")["status"] == "True"
     # ...then the trainer rejects the run's (generation 1) spec
-    verdict = job_status.invalid("quickstart", kind="single", problems=[
-        ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
-    s3._client().put_object(Bucket=s3.bucket, Key=f"{prefix}/{namespace}/quickstart/status.json", Body=json.dumps(verdict).encode())
+    _trainer_rejects_12_layers(s3, prefix, namespace)
 
     # the rejected RayJob goes, and generation 2 gets its own, with no further edit
     def second_run() -> dict[str, Any] | None:
@@ -182,4 +158,25 @@ def test_a_fix_written_while_the_rejected_run_ran_runs_once_that_run_is_gone(
     assert ("Warning", "InvalidSpec") in reasons and ("Normal", "RayJobDeleted") in reasons
     assert reasons.count(("Normal", "RayJobCreated")) == 2
     printer_table(kubectl, namespace)
+
+
+def _running_with_12_frozen_layers(kubectl: Kubectl, namespace: str, s3: Any) -> str:
+    """A job that passes the CRD and the operator (neither can see the model) but not the
+    trainer's preflight (the model has 6 layers), Running on its RayJob; returns its S3 prefix."""
+    prefix = f"runs-{uuid.uuid4().hex[:6]}"
+    s3_secret(kubectl, namespace, s3)
+    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
+                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
+                                       freezing={"strategy": "freezeBottom", "layers": 12}))
+    wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
+    kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
+    return prefix
+
+
+def _trainer_rejects_12_layers(s3: Any, prefix: str, namespace: str) -> None:
+    """The trainer's write, before any training: status.json with state invalid and the problems."""
+    verdict = job_status.invalid("quickstart", kind="single", problems=[
+        ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
+    s3._client().put_object(Bucket=s3.bucket, Key=f"{prefix}/{namespace}/quickstart/status.json", Body=json.dumps(verdict).encode())
 
