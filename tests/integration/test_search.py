@@ -173,8 +173,12 @@ def test_two_trials_ran_at_once_on_two_cpus_and_never_three(grid_search):
 
 def test_results_table_and_plots(grid_search):
     results = json.loads((grid_search.run_dir / "results.json").read_text())
+    reports = _tune_reports(grid_search.run_dir)
     for trial in results["trials"]:
         assert {"trial", "params", "value", "steps", "status", "checkpoint"} <= set(trial)
+        # each evaluation says how long the trial had run (bench/asha_replay.py replays trials on these)
+        seconds = [r["time_total_s"] for r in trial["history"]]
+        assert seconds == [r["time_total_s"] for r in reports[trial["trial"]]] and seconds == sorted(seconds) and seconds[-1] > 0
     assert results["best"]["trial"] in {t["trial"] for t in results["trials"]}
     for plot in results["plots"]:
         data = Path(plot).read_bytes()

@@ -50,7 +50,7 @@ def collect(job: FineTuneJob, grid, totals) -> list[dict[str, Any]]:
             "last_value": evals[-1].get(key) if evals else None,
             "checkpoint": best_ckpt.get(CHECKPOINT_KEY) if best_ckpt else None,
             "checkpoints": checkpoints,
-            "history": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_") or k in {"train_loss", "baseline"}} for r in history],
+            "history": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_") or k in {"train_loss", "baseline", "time_total_s"}} for r in history],
         })
     return sorted(trials, key=lambda t: t["trial"])
 
