@@ -50,7 +50,7 @@ def _job(report: dict[str, Any], seed: int):
     a = report["args"]
     doc = search_efficiency.manifest(Path("/nonexistent"), steps=a["steps"], grace=a["grace"], every=a["every"],
                                      scheduler="asha", concurrent=a["concurrent"], eval_samples=a["eval_samples"],
-                                     space=report["space"], order_seed=seed)
+                                     space=report["space"], order_seed=seed, reduction=a.get("reduction_factor", 3))
     return parse_job(doc)
 
 
@@ -109,8 +109,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("result", type=Path, help="a search_efficiency result whose grid arm recorded curves with seconds")
     parser.add_argument("--orders", type=int, default=200, help="order seeds 0..N-1 (grid_order's seed, spec.search.seed)")
+    parser.add_argument("--grace", type=int, help="what if: ASHA's grace period instead of the result's (steps)")
+    parser.add_argument("--reduction-factor", type=int, help="what if: ASHA's reduction factor instead of the result's")
     args = parser.parse_args()
     report = json.loads(args.result.read_text())
+    what_if = {k: v for k, v in (("grace", args.grace), ("reduction_factor", args.reduction_factor)) if v is not None}
+    if what_if:  # the real ASHA runs were made with other settings: nothing to compare them with
+        report["args"] |= what_if
+        report["asha_runs"] = []
+        print(f"what if: {what_if}")
     grid = report["reference_grid"]
     curves = {_key(t["params"]): t["curve"] for t in grid["trials"]}
     if any(not c or len(c[0]) < 3 or c[-1][0] != report["args"]["steps"] for c in curves.values()):

@@ -59,6 +59,7 @@ os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -78,7 +79,7 @@ SPACES = {"full": FULL_SPACE, "small": SMALL_SPACE}
 
 
 def manifest(out: Path, *, steps: int, grace: int, every: int, scheduler: str, concurrent: int, eval_samples: int,
-             space: dict[str, Any], order_seed: int) -> dict[str, Any]:
+             space: dict[str, Any], order_seed: int, reduction: int = 3) -> dict[str, Any]:
     from finetune_trainer.spec import load_document
 
     doc = load_document(ROOT / "examples" / "search-freezing.yaml")
@@ -92,7 +93,7 @@ def manifest(out: Path, *, steps: int, grace: int, every: int, scheduler: str, c
         "algorithm": "grid",
         "maxConcurrentTrials": concurrent,
         "seed": order_seed,  # the grid's order (grid_order); trials' training seed is unchanged
-        "scheduler": {"type": "asha", "gracePeriod": grace, "reductionFactor": 3} if scheduler == "asha" else {"type": "none"},
+        "scheduler": {"type": "asha", "gracePeriod": grace, "reductionFactor": reduction} if scheduler == "asha" else {"type": "none"},
         "budget": {"trialSteps": steps},
         "space": space,
     }
@@ -104,9 +105,13 @@ def one(out: Path, scheduler: str, args, order_seed: int) -> dict[str, Any]:
     from finetune_trainer.spec import parse_job
 
     doc = manifest(out / f"{scheduler}-{order_seed}", steps=args.steps, grace=args.grace, every=args.every, scheduler=scheduler,
-                   concurrent=args.concurrent, eval_samples=args.eval_samples, space=SPACES[args.space], order_seed=order_seed)
+                   concurrent=args.concurrent, eval_samples=args.eval_samples, space=SPACES[args.space], order_seed=order_seed,
+                   reduction=args.reduction_factor)
     started = time.time()
-    results = run(parse_job(doc)).results
+    try:
+        results = run(parse_job(doc)).results
+    finally:  # an arm's checkpoints are GBs (27 trials) and nothing here reads them again
+        shutil.rmtree(doc["spec"]["output"]["dir"], ignore_errors=True)
     key = results["search"]["metric"]  # the reported key, e.g. eval_accuracy
     return {
         "scheduler": scheduler,
@@ -163,6 +168,7 @@ def main() -> None:
                         help="full: freezing x LR schedule x learning rate (27); small: freezing x learning rate (9)")
     parser.add_argument("--steps", type=int, default=45, help="each trial's full budget (optimizer steps)")
     parser.add_argument("--grace", type=int, default=5, help="ASHA grace period (steps)")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor")
     parser.add_argument("--every", type=int, default=5, help="evaluation.everySteps (ASHA decides at evaluations)")
     parser.add_argument("--eval-samples", type=int, default=200, help="validation examples per evaluation")
     parser.add_argument("--concurrent", type=int, default=2)
