@@ -23,7 +23,6 @@ import logging
 import os
 import resource
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from .layers import discover
 from .modeling import load_model
 from .optim import UnfreezeGate, apply_plan, build_scheduler, is_metric_driven, param_groups
 from .persist import MODEL_DIR, is_complete
+from .scratch import checkpoint_folder
 from .spec import FineTuneJob
 
 STATE_FILE = "trainer_state.json"
@@ -261,7 +261,7 @@ class FineTuneRecipe:
         if not checkpoint:
             ray.train.report(row)
             return
-        folder = tempfile.mkdtemp(prefix="ftj-ckpt-")
+        folder = checkpoint_folder()  # swept if this worker is killed mid-report (scratch)
         try:
             self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
             if export:

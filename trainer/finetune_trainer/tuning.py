@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from . import job_status, search_results
+from . import job_status, scratch, search_results
 from .evaluation import is_better
 from .job_status import StatusPublisher
 from .persist import TRIALS_DIR, Persistence, open_storage
@@ -78,6 +78,8 @@ def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | 
         if failure is not None:
             raise failure from err
         raise
+    finally:  # the folders of the trials Tune stopped mid-report on this host (scratch's docstring)
+        scratch.sweep_when_gone()
     trials = search_results.collect(job, grid, totals)
     best = search_results.best_trial(job, trials)
     model_dir = None
