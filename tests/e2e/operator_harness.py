@@ -35,8 +35,10 @@ SECRET_RETRY = 3.0  # seconds: --secret-retry-delay
 WAIT = 20.0  # the deadline of each wait
 
 
-def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> T:
-    """Poll `probe` until it returns something truthy, or fail after `timeout` seconds (no fixed sleeps)."""
+def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05,
+             what: str | Callable[[], str] = "condition") -> T:
+    """Poll `probe` until it returns something truthy, or fail after `timeout` seconds (no fixed sleeps).
+    `what` may be a callable, read when the wait fails (a log as it is then, not as it was before)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -44,7 +46,7 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, interval: flo
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last probe: {last!r}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}; last probe: {last!r}")
 
 
 class OperatorProcess:
@@ -61,8 +63,9 @@ class OperatorProcess:
                 "--progress-interval", str(PROGRESS_INTERVAL), "--secret-retry-delay", str(SECRET_RETRY)]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_for(lambda: self.alive() and http_ok(f"http://127.0.0.1:{self.health_port}/healthz"), timeout=30,
-                 what=f"the operator's liveness endpoint; log:\n{self.output()[-3000:]}")
+        # 60 s: a Python start plus kopf's login takes seconds, and CI machines are shared and loaded
+        wait_for(lambda: self.alive() and http_ok(f"http://127.0.0.1:{self.health_port}/healthz"), timeout=60,
+                 what=lambda: f"the operator's liveness endpoint; log:\n{self.output()[-3000:]}")
         return self
 
     def alive(self) -> bool:
