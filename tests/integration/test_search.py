@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -133,9 +132,7 @@ def test_asha_stops_trials_and_they_keep_their_last_checkpoint(grid_search):
         assert state["step"] == t["steps"]
     # Tune killed the stopped trials' workers mid-report: the local folders they built their last
     # checkpoint in were swept when the search ended (scratch), not left in the temp dir
-    host = f"{scratch.PREFIX}{scratch._host()}-"
-    left = [f.name for f in Path(tempfile.gettempdir()).glob(f"{host}*") if not scratch._alive(int(f.name[len(host):].split("-")[0]))]
-    assert not left
+    assert not scratch.left_by_dead_workers()
 
 
 def test_best_trial_is_the_one_with_the_best_reported_metric(grid_search):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from finetune_trainer import scratch
@@ -52,11 +51,9 @@ def test_hostnames_with_dashes_still_parse(tmp_path: Path, monkeypatch):
 def test_a_killed_worker_not_yet_reaped_counts_as_gone(tmp_path: Path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        # exited but not waited for: a zombie, which answers signal 0
-        for _ in range(100):
-            if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-            time.sleep(0.05)
+        # wait for it to exit without reaping it: a zombie, which answers signal 0
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        os.kill(child.pid, 0)
         folder = tmp_path / f"{scratch.PREFIX}{scratch._host()}-{child.pid}-z"
         folder.mkdir()
         assert scratch.sweep(str(tmp_path)) == [folder]

@@ -30,16 +30,19 @@ def checkpoint_folder(root: str | None = None) -> str:
 
 
 def sweep(root: str | None = None) -> list[Path]:
-    """Remove this host's checkpoint folders whose pid no longer runs. Another host's folders (a
-    temp dir shared between pods) are left alone: its pids are not ours to test."""
-    start = len(PREFIX) + len(_host()) + 1
-    removed = []
-    for folder in _folders(root):
-        pid = folder.name[start:].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    """Remove this host's checkpoint folders whose pid no longer runs."""
+    removed = left_by_dead_workers(root)
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
     return removed
+
+
+def left_by_dead_workers(root: str | None = None) -> list[Path]:
+    """This host's checkpoint folders whose pid no longer runs. Another host's folders (a temp dir
+    shared between pods) are never listed: its pids are not ours to test."""
+    start = len(PREFIX) + len(_host()) + 1
+    return [folder for folder in _folders(root)
+            if (pid := folder.name[start:].split("-", 1)[0]).isdigit() and not _alive(int(pid))]
 
 
 def sweep_when_gone(seconds: float = 30.0) -> list[Path]:
