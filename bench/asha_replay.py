@@ -116,14 +116,15 @@ def main() -> None:
     what_if = {k: v for k, v in (("grace", args.grace), ("reduction_factor", args.reduction_factor)) if v is not None}
     if what_if:  # the real ASHA runs were made with other settings: nothing to compare them with
         report["args"] |= what_if
-        report["asha_runs"] = []
+        report["runs"] = []
         print(f"what if: {what_if}")
     grid = report["reference_grid"]
     curves = {_key(t["params"]): t["curve"] for t in grid["trials"]}
     if any(not c or len(c[0]) < 3 or c[-1][0] != report["args"]["steps"] for c in curves.values()):
         raise SystemExit(f"{args.result}: its grid arm has no full curves with seconds (recorded since bench/search_efficiency.py wrote them)")
 
-    for run in report.get("asha_runs", []):
+    # "asha_runs" in results written before the bench also ran successiveHalving
+    for run in [r for r in report.get("runs", report.get("asha_runs", [])) if r["scheduler"] == "asha"]:
         got = replay(report, run["order_seed"], curves)
         real = {_key(t["params"]): t["steps"] for t in run["trials"]}
         differ = [f"{c}: ran {real[c]}, replay {got['stopped_at'][c]}" for c in real if real[c] != got["stopped_at"][c]]

@@ -93,7 +93,7 @@ def manifest(out: Path, *, steps: int, grace: int, every: int, scheduler: str, c
         "algorithm": "grid",
         "maxConcurrentTrials": concurrent,
         "seed": order_seed,  # the grid's order (grid_order); trials' training seed is unchanged
-        "scheduler": {"type": "asha", "gracePeriod": grace, "reductionFactor": reduction} if scheduler == "asha" else {"type": "none"},
+        "scheduler": {"type": scheduler, "gracePeriod": grace, "reductionFactor": reduction} if scheduler != "none" else {"type": "none"},
         "budget": {"trialSteps": steps},
         "space": space,
     }
@@ -145,7 +145,7 @@ def grid_from(path: Path, args) -> dict[str, Any]:
 
 def _write(path: Path, report: dict[str, Any], args) -> None:
     """The report so far; `met` only once every order seed has run."""
-    runs = report["asha_runs"]
+    runs = report["runs"]
     ratios = [r["trial_steps_ratio"] for r in runs]
     mean_ratio = sum(ratios) / len(ratios) if ratios else None
     worst_gap = max((r["best_gap"] for r in runs), default=None)
@@ -167,8 +167,10 @@ def main() -> None:
     parser.add_argument("--space", choices=sorted(SPACES), default="full",
                         help="full: freezing x LR schedule x learning rate (27); small: freezing x learning rate (9)")
     parser.add_argument("--steps", type=int, default=135, help="each trial's full budget (optimizer steps)")
-    parser.add_argument("--grace", type=int, default=10, help="ASHA grace period (steps)")
-    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor")
+    parser.add_argument("--scheduler", choices=["asha", "successiveHalving"], default="asha",
+                        help="spec.search.scheduler.type of the early-stopping arm")
+    parser.add_argument("--grace", type=int, default=10, help="the scheduler's grace period (steps)")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="the scheduler's reduction factor")
     parser.add_argument("--every", type=int, default=5, help="evaluation.everySteps (ASHA decides at evaluations)")
     parser.add_argument("--eval-samples", type=int, default=200, help="validation examples per evaluation")
     parser.add_argument("--concurrent", type=int, default=2)
@@ -185,24 +187,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         grid = grid_from(args.grid_from, args) if args.grid_from else one(Path(tmp), "none", args, args.order_seeds[0])
         runs: list[dict[str, Any]] = []
-        report |= {"reference_grid": grid, "asha_runs": runs}
+        report |= {"reference_grid": grid, "runs": runs}
         # Written after every arm, so that a run cut short keeps what it finished (a grid arm
         # alone is what --grid-from reads).
         _write(path, report, args)
         for seed in args.order_seeds:
-            asha = one(Path(tmp), "asha", args, seed)
-            asha |= {"trial_steps_ratio": asha["trial_steps"] / grid["trial_steps"], "best_gap": grid["best"] - asha["best"]}
-            runs.append(asha)
+            arm = one(Path(tmp), args.scheduler, args, seed)
+            arm |= {"trial_steps_ratio": arm["trial_steps"] / grid["trial_steps"], "best_gap": grid["best"] - arm["best"]}
+            runs.append(arm)
             _write(path, report, args)
-            print(f"asha, order seed {seed}: best {asha['best']:.4f} with {asha['trial_steps']} trial-steps, "
-                  f"ratio {asha['trial_steps_ratio']:.3f}, gap {asha['best_gap']:+.4f}", flush=True)
+            print(f"{args.scheduler}, order seed {seed}: best {arm['best']:.4f} with {arm['trial_steps']} trial-steps, "
+                  f"ratio {arm['trial_steps_ratio']:.3f}, gap {arm['best_gap']:+.4f}", flush=True)
     ratios = report["trial_steps_ratios"]
     mean_ratio = report["mean_trial_steps_ratio"]
     worst_gap = report["worst_best_gap"]
     print(f"space: {args.space} ({len(grid['trials'])} configurations)")
     print(f"grid: best accuracy {grid['best']:.4f} ({grid['best_trial']}) with {grid['trial_steps']} trial-steps in {grid['wall_seconds']:.0f} s")
     for r in runs:
-        print(f"asha (order seed {r['order_seed']}): best accuracy {r['best']:.4f} ({r['best_trial']}) with {r['trial_steps']} trial-steps "
+        print(f"{args.scheduler} (order seed {r['order_seed']}): best accuracy {r['best']:.4f} ({r['best_trial']}) with {r['trial_steps']} trial-steps "
               f"in {r['wall_seconds']:.0f} s: ratio {r['trial_steps_ratio']:.3f}, gap {r['best_gap']:+.4f}")
     print(f"mean trial-steps ratio {mean_ratio:.3f} (target <= 0.333), worst {max(ratios):.3f}; worst best gap {worst_gap:+.4f} "
           f"(tolerance {args.tolerance}); met: {report['met']}")

@@ -97,7 +97,7 @@ def test_search_metric_must_be_evaluated_and_mode_must_fit_it():
 
 def test_scheduler_and_budget_rules():
     problems = _problems({"scheduler": {"type": "none", "gracePeriod": 5}, "space": SPACE})
-    assert problems == [("spec.search.scheduler.gracePeriod", "only used by scheduler type asha or median")]
+    assert problems == [("spec.search.scheduler.gracePeriod", "only used by scheduler type asha, successiveHalving or median")]
     problems = _problems({"scheduler": {"gracePeriod": 50, "maxSteps": 10}, "space": SPACE})
     assert problems[0][0] == "spec.search.scheduler.gracePeriod"
     problems = _problems({"budget": {"trialSteps": 10}, "space": {"training.maxSteps": {"choice": [5, 10]}}})

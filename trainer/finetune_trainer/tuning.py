@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from . import job_status, scratch, search_results
+from . import halving, job_status, scratch, search_results
 from .evaluation import is_better
 from .job_status import StatusPublisher
 from .persist import TRIALS_DIR, Persistence, open_storage
@@ -70,6 +70,7 @@ def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | 
     publisher = StatusPublisher(persistence.status_writer())
     tuner = build_tuner(job, shared_config(prepared, tracker), persistence, run_id, concurrency, totals, tracker, publisher,
                         restore=restore is not None)
+    gate = halving.start_gate(run_id, concurrency) if search.scheduler.type == "successiveHalving" else None
     try:
         grid = fit_polling(tuner.fit, lambda: _snapshot(tracker), [on_progress] if on_progress else [])
     except BaseException as err:
@@ -79,6 +80,8 @@ def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | 
             raise failure from err
         raise
     finally:  # the folders of the trials Tune stopped mid-report on this host (scratch's docstring)
+        if gate is not None:
+            ray.kill(gate)
         scratch.sweep_when_gone()
     trials = search_results.collect(job, grid, totals)
     best = search_results.best_trial(job, trials)
@@ -145,7 +148,7 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
     seed = search.seed if search.seed is not None else job.spec.training.seed
     trainable = tune.with_resources(tune.with_parameters(
         _trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, persistence=persistence,
-        trials_path=persistence.path(run_id, TRIALS_DIR),
+        trials_path=persistence.path(run_id, TRIALS_DIR), run_id=run_id,
     ), TRIAL_RESOURCES)
     callbacks = [TrialEvents(tracker, totals, publisher, run_id, persistence.uri)]
     if restore:
@@ -163,7 +166,7 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
             metric=metric,
             mode=mode,
             search_alg=searcher(search, metric, mode, seed, concurrency),
-            scheduler=scheduler(job, totals),
+            scheduler=scheduler(job, totals, run_id),
             # a grid is one sample per combination (grid_order); otherwise Tune repeats num_samples
             # for every grid_search combination
             num_samples=search.grid_size() if search.algorithm == "grid" else search.resolved_num_trials() // search.grid_points(),
@@ -204,8 +207,9 @@ def param_space(search: SearchSpec) -> dict[str, Any]:
 
 def searcher(search: SearchSpec, metric: str, mode: str, seed: int, concurrency: int):
     """Tune applies max_concurrent_trials to a Searcher (Optuna) itself, but ignores it for a
-    BasicVariantGenerator passed in, so that one gets the limit directly. A grid runs its
-    combinations in a seeded random order (grid_order says why)."""
+    BasicVariantGenerator passed in, so that one gets the limit directly, except under
+    successiveHalving, whose gate bounds the trials training at once instead (halving's docstring).
+    A grid runs its combinations in a seeded random order (grid_order says why)."""
     if search.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -213,10 +217,11 @@ def searcher(search: SearchSpec, metric: str, mode: str, seed: int, concurrency:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     points = grid_order(search, seed) if search.algorithm == "grid" else None
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=seed, max_concurrent=concurrency)
+    limit = 0 if search.scheduler.type == "successiveHalving" else concurrency  # 0: no limit
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=seed, max_concurrent=limit)
 
 
-def scheduler(job: FineTuneJob, totals: TrialTotals):
+def scheduler(job: FineTuneJob, totals: TrialTotals, run_id: str = ""):
     """Schedulers measure time in optimizer steps (`step` in every report), so gracePeriod means
     the same thing as evaluation.everySteps."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
@@ -228,12 +233,16 @@ def scheduler(job: FineTuneJob, totals: TrialTotals):
     if sched.type == "asha":
         longest = sched.max_steps or totals.steps({})
         return ASHAScheduler(time_attr="step", max_t=longest, grace_period=min(grace, longest), reduction_factor=sched.reduction_factor)
+    if sched.type == "successiveHalving":
+        return halving.SuccessiveHalving(time_attr="step", max_t=sched.max_steps or totals.steps({}), grace_period=grace,
+                                         reduction_factor=sched.reduction_factor, num_trials=search.resolved_num_trials(), run_id=run_id)
     if sched.type == "median":
         return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=2)
     return FIFOScheduler()
 
 
-def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence: Persistence, trials_path: str) -> None:
+def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence: Persistence, trials_path: str,
+           run_id: str) -> None:
     """One trial: the base spec with this trial's values, trained exactly as a plain run is. A
     trial started again (a restored search) reuses its name and folder, where Ray Train finds its
     latest checkpoint and continues from it."""
@@ -244,6 +253,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, An
     assert search is not None
     trial = job.model_copy(update={"spec": trial_spec(job.spec, {**search.fixed_params(), **config})})
     name = tune.get_context().get_trial_name()
+    if search.scheduler.type == "successiveHalving":
+        halving.wait_for_slot(run_id, name)
     make_trainer(trial, shared, persistence=persistence, storage_path=trials_path, name=name,
                  callbacks=[TuneReportCallback()], trial=name).fit()
 

@@ -101,12 +101,16 @@ class Distribution(SpecModel):
 
 
 class SchedulerSpec(SpecModel):
-    type: Literal["asha", "median", "none"] = Field(
-        default="asha", description="asha: successive halving, stops the weaker trials at each rung; median: stops a trial below the median of the others at the same step; none: every trial runs its budget.",
+    type: Literal["asha", "successiveHalving", "median", "none"] = Field(
+        default="asha",
+        description="asha: asynchronous successive halving, a trial reaching a rung goes on only if it is in the top 1/reductionFactor of those that reached it before; "
+                    "successiveHalving: every trial waits, paused, at each rung until all have reached it, then only the top 1/reductionFactor resume from their checkpoint "
+                    "(the same decisions whatever order trials run in; trials wait for the slowest at each rung; random or grid only); "
+                    "median: stops a trial below the median of the others at the same step; none: every trial runs its budget.",
     )
     grace_period: int | None = Field(default=None, ge=1, description="Optimizer steps every trial gets before it can be stopped (default: evaluation.everySteps).")
-    reduction_factor: float = Field(default=3, gt=1, description="asha: only the top 1/reductionFactor of trials go on at each rung.")
-    max_steps: int | None = Field(default=None, ge=1, description="asha: the longest a trial can run (default: the trial's own step count).")
+    reduction_factor: float = Field(default=3, gt=1, description="asha, successiveHalving: only the top 1/reductionFactor of trials go on at each rung.")
+    max_steps: int | None = Field(default=None, ge=1, description="asha, successiveHalving: the longest a trial can run (default: the trial's own step count).")
 
 
 class BudgetSpec(SpecModel):
@@ -177,9 +181,12 @@ class SearchSpec(SpecModel):
             yield "numTrials", f"must be a multiple of {self.grid_points()} (the combinations of the grid: values), so each gets the same number of trials"
         sched = self.scheduler
         if sched.type == "none" and sched.grace_period is not None:
-            yield "scheduler.gracePeriod", "only used by scheduler type asha or median"
-        if sched.type != "asha" and sched.max_steps is not None:
-            yield "scheduler.maxSteps", "only used by scheduler type asha"
+            yield "scheduler.gracePeriod", "only used by scheduler type asha, successiveHalving or median"
+        if sched.type not in ("asha", "successiveHalving") and sched.max_steps is not None:
+            yield "scheduler.maxSteps", "only used by scheduler type asha or successiveHalving"
+        if sched.type == "successiveHalving" and self.algorithm == "tpe":
+            yield "scheduler.type", ("successiveHalving compares every trial at each rung, so all of them are drawn before the first rung, "
+                                     "and tpe learns from finished trials: use asha with tpe, or algorithm: random")
         if sched.max_steps and sched.grace_period and sched.grace_period > sched.max_steps:
             yield "scheduler.gracePeriod", f"larger than scheduler.maxSteps ({sched.max_steps}): no trial could be stopped"
         if "training.maxSteps" in self.space and self.budget.trial_steps:

@@ -1,0 +1,124 @@
+"""A real synchronous successive-halving search: Tune pauses every trial at each rung until all
+have reached it, keeps the best 1/reductionFactor, and those resume from their own checkpoint in a
+new Ray Train run; at most maxConcurrentTrials train at once though every trial exists from the
+start. Checked against what Tune itself wrote for each trial (result.json), not our results.json."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_trainer import scratch
+from finetune_trainer.spec import parse_job
+
+from . import tiny
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+RUNGS = (3, 6, 12)
+
+
+def _tune_reports(run_dir: Path) -> dict[str, list[dict]]:
+    reports = {}
+    for trial_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("trial_")):
+        lines = (trial_dir / "result.json").read_text().splitlines()
+        reports[trial_dir.name] = [json.loads(line) for line in lines if line.strip()]
+    return reports
+
+
+def _evals(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("baseline")]
+
+
+@pytest.fixture(scope="module")
+def halving_search(local_ray, tmp_path_factory):
+    """4 trials (learning rate x freezing), rungs at steps 3, 6 and 12, half kept at each; 2 at a
+    time on 2 CPUs (1 worker x 1 CPU each)."""
+    from finetune_trainer.run import run
+
+    tmp = tmp_path_factory.mktemp("halving")
+    model = tiny.make_model(tmp / "model", "bert", layers=2)
+    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
+    doc = tiny.manifest(
+        tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": 12}, evaluation={"everySteps": 3, "metric": "loss"},
+        resources={"workers": 1, "cpusPerWorker": 1},
+        search={
+            "algorithm": "grid", "maxConcurrentTrials": 2, "seed": 1,
+            "scheduler": {"type": "successiveHalving", "gracePeriod": 3, "reductionFactor": 2},
+            "space": {"training.learningRate": {"choice": [1e-6, 5e-3]},
+                      "freezing.strategy": {"choice": ["none", "featureExtraction"]}},
+        },
+    )
+    return run(parse_job(doc))
+
+
+def test_each_rung_keeps_the_better_half_and_stops_the_rest_there(halving_search):
+    reports = _tune_reports(halving_search.run_dir)
+    assert len(reports) == 4
+    alive = set(reports)
+    for rung, keep in zip(RUNGS[:-1], (2, 1), strict=True):
+        at_rung = {name: next(r["eval_loss"] for r in _evals(reports[name]) if r["step"] == rung) for name in alive}
+        went_on = {name for name in alive if _evals(reports[name])[-1]["step"] > rung}
+        ranked = sorted(at_rung, key=at_rung.get)
+        assert went_on == set(ranked[:keep]), (rung, at_rung, went_on)
+        alive = went_on
+    assert [_evals(reports[n])[-1]["step"] for n in alive] == [12]
+    by_name = {t["trial"]: t for t in halving_search.results["trials"]}
+    assert sorted(t["steps"] for t in by_name.values()) == [3, 3, 6, 12]
+    assert [t["status"] for t in by_name.values() if t["steps"] < 12] == ["stopped by scheduler"] * 3
+    assert halving_search.results["search"]["trial_steps"] == 24
+    assert not scratch.left_by_dead_workers()
+
+
+def test_no_trial_went_past_a_rung_before_every_live_trial_had_reached_it(halving_search):
+    reports = _tune_reports(halving_search.run_dir)
+    for rung in RUNGS[:-1]:
+        reached = [r["timestamp"] for rows in reports.values() for r in _evals(rows) if r["step"] == rung]
+        beyond = [r["timestamp"] for rows in reports.values() for r in _evals(rows) if r["step"] > rung]
+        assert max(reached) <= min(beyond), rung
+
+
+def test_kept_trials_resumed_from_their_checkpoint_in_a_new_process(halving_search):
+    """A paused trial's actor is gone; it goes on in a new one, from the checkpoint of its rung
+    (the last trial to reach a rung is decided on while it runs, and a kept one just goes on)."""
+    reports = _tune_reports(halving_search.run_dir)
+    resumed = 0
+    for name, rows in reports.items():
+        steps = [r["step"] for r in rows]
+        assert steps == sorted(set(steps)), (name, steps)  # nothing trained twice
+        for before, after in itertools.pairwise(rows):
+            if after["pid"] != before["pid"]:
+                assert before["step"] in RUNGS[:-1], (name, [(r["step"], r["pid"]) for r in rows])
+                resumed += 1
+    assert resumed >= 1
+
+
+def test_two_trials_trained_at_once_and_never_three(halving_search):
+    """All four trials exist from the start (the bracket needs them), so this is the gate's doing,
+    not the searcher's: each stretch of one trial actor's reports is one trial training."""
+    reports = _tune_reports(halving_search.run_dir)
+    spans = []
+    for rows in reports.values():
+        for pid in {r["pid"] for r in rows}:
+            mine = [r["timestamp"] for r in rows if r["pid"] == pid]
+            spans.append((min(mine), max(mine)))
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running, most = 0, 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    assert most == 2, spans
+
+
+def test_best_trial_and_status_after_halving(halving_search):
+    reports = _tune_reports(halving_search.run_dir)
+    top = min(r["eval_loss"] for rows in reports.values() for r in _evals(rows))
+    best = halving_search.results["best"]
+    assert best["value"] == pytest.approx(top)
+    status = json.loads((halving_search.run_dir.parent / "status.json").read_text())
+    assert status["state"] == "finished"
+    counts = {k: status["trials"][k] for k in ("total", "completed", "stopped", "running", "failed")}
+    assert counts == {"total": 4, "completed": 1, "stopped": 3, "running": 0, "failed": 0}
