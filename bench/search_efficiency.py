@@ -83,7 +83,7 @@ def manifest(out: Path, *, steps: int, grace: int, every: int, scheduler: str, c
     from finetune_trainer.spec import load_document
 
     doc = load_document(ROOT / "examples" / "search-freezing.yaml")
-    doc["metadata"]["name"] = f"bench-{scheduler}"
+    doc["metadata"]["name"] = f"bench-{scheduler.lower()}"
     spec = doc["spec"]
     spec["evaluation"]["everySteps"] = every
     spec["data"]["maxEvalSamples"] = eval_samples
