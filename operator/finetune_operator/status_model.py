@@ -97,7 +97,8 @@ class TrialCounts(_StatusModel):
     total: int = Field(default=0, ge=0, description="Trials the search runs.")
     completed: int = Field(default=0, ge=0, description="Trials that trained to the end.")
     running: int = Field(default=0, ge=0, description="Trials training now.")
-    stopped: int = Field(default=0, ge=0, description="Trials early stopping ended (ASHA).")
+    waiting: int = Field(default=0, ge=0, description="Trials started but not training now: paused at a rung until the others reach it, or waiting for a training slot (successiveHalving).")
+    stopped: int = Field(default=0, ge=0, description="Trials early stopping ended (asha, successiveHalving, median).")
     failed: int = Field(default=0, ge=0, description="Trials that raised an error.")
 
     def done_text(self) -> str:

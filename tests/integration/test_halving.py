@@ -5,8 +5,11 @@ start. Checked against what Tune itself wrote for each trial (result.json), not 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +55,25 @@ def halving_search(local_ray, tmp_path_factory):
                       "freezing.strategy": {"choice": ["none", "featureExtraction"]}},
         },
     )
-    return run(parse_job(doc))
+    seen: list[dict] = []  # every trial count status.json showed while the search ran
+    done = threading.Event()
+
+    def watch() -> None:
+        status = tmp / "runs" / "t" / "status.json"
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                seen.append(json.loads(status.read_text())["trials"])
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run(parse_job(doc))
+    finally:
+        done.set()
+        watcher.join()
+    result.results["_status_seen"] = seen
+    return result
 
 
 def test_each_rung_keeps_the_better_half_and_stops_the_rest_there(halving_search):
@@ -96,9 +117,11 @@ def test_kept_trials_resumed_from_their_checkpoint_in_a_new_process(halving_sear
     assert resumed >= 1
 
 
-def test_two_trials_trained_at_once_and_never_three(halving_search):
-    """All four trials exist from the start (the bracket needs them), so this is the gate's doing,
-    not the searcher's: each stretch of one trial actor's reports is one trial training."""
+def test_never_more_than_two_trials_trained_at_once(halving_search):
+    """All four trial actors exist from the start (the bracket needs them): each stretch of one
+    actor's reports is one trial training, and no three of them overlap. (That two did overlap is
+    checked from status.json below: report stretches are a few seconds here, and on a loaded
+    machine two can miss each other.)"""
     reports = _tune_reports(halving_search.run_dir)
     spans = []
     for rows in reports.values():
@@ -110,7 +133,7 @@ def test_two_trials_trained_at_once_and_never_three(halving_search):
     for _, delta in events:
         running += delta
         most = max(most, running)
-    assert most == 2, spans
+    assert most <= 2, spans
 
 
 def test_best_trial_and_status_after_halving(halving_search):
@@ -120,5 +143,14 @@ def test_best_trial_and_status_after_halving(halving_search):
     assert best["value"] == pytest.approx(top)
     status = json.loads((halving_search.run_dir.parent / "status.json").read_text())
     assert status["state"] == "finished"
-    counts = {k: status["trials"][k] for k in ("total", "completed", "stopped", "running", "failed")}
-    assert counts == {"total": 4, "completed": 1, "stopped": 3, "running": 0, "failed": 0}
+    counts = {k: status["trials"][k] for k in ("total", "completed", "stopped", "running", "waiting", "failed")}
+    assert counts == {"total": 4, "completed": 1, "stopped": 3, "running": 0, "waiting": 0, "failed": 0}
+
+
+def test_status_said_which_trials_trained_and_which_waited(halving_search):
+    """Four trial actors exist from the start; status.json counts as running only those training
+    (two slots), the others as waiting (for a slot, or paused at a rung)."""
+    seen = halving_search.results["_status_seen"]
+    assert seen and max(c["running"] for c in seen) == 2, seen
+    assert max(c["waiting"] for c in seen) >= 1, seen
+    assert all(c["running"] + c["waiting"] + c["completed"] + c["stopped"] + c["failed"] <= 4 for c in seen)

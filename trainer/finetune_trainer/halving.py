@@ -93,6 +93,17 @@ def wait_for_slot(run_id: str, trial: str, poll_seconds: float = 1.0) -> None:
         time.sleep(poll_seconds)
 
 
+def holders(run_id: str) -> set[str] | None:
+    """The trials holding a slot of this search's gate now (None: the search has no gate)."""
+    if not ray.is_initialized():
+        return None
+    try:
+        gate = ray.get_actor(gate_name(run_id))
+    except ValueError:
+        return None
+    return set(ray.get(gate.state.remote(), timeout=10)["holders"])
+
+
 class SuccessiveHalving(HyperBandScheduler):
     """One HyperBand bracket of `num_trials`, rungs from `rungs`; trials hold a `TrialGate` slot
     only while they train."""
@@ -119,8 +130,8 @@ class SuccessiveHalving(HyperBandScheduler):
             self._trial_info[trial][0].update_trial_stats(trial, last)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
-        if self._time_attr not in result or self._metric not in result:
-            return TrialScheduler.CONTINUE
+        if self._time_attr not in result or self._metric not in result or result.get("baseline"):
+            return TrialScheduler.CONTINUE  # the untouched model's score decides nothing (and Tune logs a 0-step report as a restore)
         action = super().on_trial_result(tune_controller, trial, result)
         if action != TrialScheduler.CONTINUE:
             self._release(trial)
@@ -132,5 +143,7 @@ class SuccessiveHalving(HyperBandScheduler):
             super().on_trial_remove(tune_controller, trial)
 
     def _release(self, trial: Trial) -> None:
-        with contextlib.suppress(ValueError):  # no gate: the scheduler driven alone (bench/asha_replay.py)
+        if not ray.is_initialized():  # driven without Ray (tests/unit/test_halving.py); get_actor would start one
+            return
+        with contextlib.suppress(ValueError):  # no gate of this name
             ray.get_actor(gate_name(self._run_id)).release.remote(str(trial))

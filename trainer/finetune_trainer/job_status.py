@@ -35,7 +35,7 @@ def snapshot(
     best: dict[str, Any] | None = None,
     model: str | None = None,
 ) -> dict[str, Any]:
-    """`trials` maps each started trial to running / completed / stopped / failed."""
+    """`trials` maps each started trial to running / waiting / completed / stopped / failed."""
     states = list((trials or {}).values())
     return {
         "job": job_name,
@@ -47,6 +47,7 @@ def snapshot(
             "total": total_trials,
             "completed": states.count("completed"),
             "running": states.count("running"),
+            "waiting": states.count("waiting"),
             "stopped": states.count("stopped"),
             "failed": states.count("failed"),
         },

@@ -30,7 +30,6 @@ from .run import (
     export_model,
     fit_polling,
     init_ray,
-    make_trainer,
     new_run_id,
     prepare_reporting,
     resume_mode,
@@ -39,6 +38,7 @@ from .run import (
 )
 from .spec import FineTuneJob, SpecError
 from .spec.search import SearchSpec, dropped_params, grid_order, trial_spec
+from .trial import run_trial
 
 # A trial's own actor only waits on its TorchTrainer, whose workers reserve the real CPUs and GPUs
 # through Train's placement group. Tune refuses an empty request, and any CPU sliver would make
@@ -147,7 +147,7 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
     metric, mode = job.spec.ranked_metric()
     seed = search.seed if search.seed is not None else job.spec.training.seed
     trainable = tune.with_resources(tune.with_parameters(
-        _trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, persistence=persistence,
+        run_trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, persistence=persistence,
         trials_path=persistence.path(run_id, TRIALS_DIR), run_id=run_id,
     ), TRIAL_RESOURCES)
     callbacks = [TrialEvents(tracker, totals, publisher, run_id, persistence.uri)]
@@ -241,24 +241,6 @@ def scheduler(job: FineTuneJob, totals: TrialTotals, run_id: str = ""):
     return FIFOScheduler()
 
 
-def _trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence: Persistence, trials_path: str,
-           run_id: str) -> None:
-    """One trial: the base spec with this trial's values, trained exactly as a plain run is. A
-    trial started again (a restored search) reuses its name and folder, where Ray Train finds its
-    latest checkpoint and continues from it."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    job = FineTuneJob.model_validate(base)
-    search = job.spec.search
-    assert search is not None
-    trial = job.model_copy(update={"spec": trial_spec(job.spec, {**search.fixed_params(), **config})})
-    name = tune.get_context().get_trial_name()
-    if search.scheduler.type == "successiveHalving":
-        halving.wait_for_slot(run_id, name)
-    make_trainer(trial, shared, persistence=persistence, storage_path=trials_path, name=name,
-                 callbacks=[TuneReportCallback()], trial=name).fit()
-
-
 def trial_name(trial) -> str:
     """trial_00, trial_01, ... in creation order. Tune's ids differ by searcher (Optuna's are random
     hex), and the creator is copied into every trial, so the order comes from the experiment tag,
@@ -330,6 +312,12 @@ class TrialEvents(tune.Callback):
                    for t in trials if t.status in ("TERMINATED", "ERROR") and str(t) not in self.states}
         search = self.totals.job.spec.search
         assert search is not None
+        # successiveHalving: paused at a rung, or started but without a training slot yet
+        training = halving.holders(self.run_id) if search.scheduler.type == "successiveHalving" else None
+        for t in trials:
+            if self.states.get(str(t)) in ("running", "waiting"):
+                idle = t.status == "PAUSED" or (training is not None and str(t) not in training)
+                self.states[str(t)] = "waiting" if idle else "running"
         self.publisher.publish(job_status.snapshot(
             self.totals.job.name, self.run_id, kind="search", state="running", trials={**earlier, **self.states},
             total_trials=search.resolved_num_trials(), best=self.best,
