@@ -8,7 +8,7 @@ doubled what each waiting one held (~390 MB; 27 of them took 10 GB on a 24 GB ma
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
@@ -16,8 +16,11 @@ from . import halving
 from .spec import FineTuneJob
 from .spec.search import trial_spec
 
+if TYPE_CHECKING:
+    from .persist import Persistence
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence, trials_path: str,
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence: Persistence, trials_path: str,
               run_id: str) -> None:
     """The base spec with this trial's values, trained exactly as a plain run is. A trial started
     again (resumed after a pause, or in a restored search) reuses its name and folder, where Ray
