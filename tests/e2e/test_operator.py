@@ -225,14 +225,15 @@ def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
     checkpoint = s3.uri(f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002")
     best = {"name": "trial_3", "metric": "accuracy", "value": 0.8412,
             "params": {"freezing.strategy": "freezeBottom", "lrSchedule.type": "cosine"}, "checkpoint": checkpoint}
-    trials = {"trial_1": "completed", "trial_2": "stopped", "trial_3": "completed", "trial_4": "running", "trial_5": "running"}
+    trials = {"trial_1": "completed", "trial_2": "stopped", "trial_3": "completed", "trial_4": "running", "trial_5": "running",
+              "trial_6": "waiting"}
     status_json = snapshot("search-freezing", "run-1", kind="search", state="running", trials=trials, total_trials=8,
                            step=90, total_steps=120, best=best)
     client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(status_json).encode())
 
     running = wait_status(kubectl, namespace, "search-freezing", "progress in the status", trialsDone="3/8")
     status = running["status"]
-    assert status["trials"] == {"total": 8, "completed": 2, "running": 2, "stopped": 1, "failed": 0}
+    assert status["trials"] == {"total": 8, "completed": 2, "running": 2, "waiting": 1, "stopped": 1, "failed": 0}
     assert status["bestTrial"]["value"] == 0.8412 and status["bestTrial"]["metric"] == "accuracy"
     assert status["bestCheckpoint"] == checkpoint
     assert "3/8 trials done" in status["message"]

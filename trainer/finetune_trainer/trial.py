@@ -8,6 +8,7 @@ doubled what each waiting one held (~390 MB; 27 of them took 10 GB on a 24 GB ma
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
@@ -22,9 +23,15 @@ if TYPE_CHECKING:
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence: Persistence, trials_path: str,
               run_id: str) -> None:
-    """The base spec with this trial's values, trained exactly as a plain run is. A trial started
-    again (resumed after a pause, or in a restored search) reuses its name and folder, where Ray
-    Train finds its latest checkpoint and continues from it."""
+    """The base spec with this trial's values, trained exactly as a plain run is.
+
+    A trial can start more than once: resumed after a pause at a rung (successiveHalving), or in
+    a restored search. Each start is a new Ray Train run in the trial's folder
+    (`trials/<trial>/start-<time>/checkpoint_*`) that resumes from the trial's latest complete
+    checkpoint, as `--resume` does for a plain run. Not Train's own restore of a run by name: its
+    run snapshot lists every checkpoint it was given, our retention (`persist`, marker-aware)
+    deletes some, and Train then refuses to restore the run ("a checkpoint that does not exist
+    anymore"; seen in the successiveHalving benchmark)."""
     job = FineTuneJob.model_validate(base)
     search = job.spec.search
     assert search is not None
@@ -35,7 +42,11 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
 
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .persist import TRIALS_DIR
     from .run import make_trainer  # the training side, only now (the module's docstring)
+    from .storage import latest_complete
 
-    make_trainer(trial, shared, persistence=persistence, storage_path=trials_path, name=name,
-                 callbacks=[TuneReportCallback()], trial=name).fit()
+    found = latest_complete(persistence.store, persistence.key(run_id, TRIALS_DIR, name))
+    resume = {"resume_from": persistence.checkpoint(found.key)} if found else {}
+    make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
+                 name=f"start-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}", callbacks=[TuneReportCallback()], trial=name).fit()
