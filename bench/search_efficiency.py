@@ -3,12 +3,15 @@
     .venv/bin/python bench/search_efficiency.py                                  # 27 configurations x 135 steps: 1 grid + 3 ASHA runs, ~2.5-3 h on 2 cores
     .venv/bin/python bench/search_efficiency.py --grid-from bench/results/RESULT.json  # the 3 ASHA runs only, ~1.5 h
     .venv/bin/python bench/search_efficiency.py --steps 45 --grace 5             # the first setting (2026-11-22/23 runs), ~1.5 h
+    .venv/bin/python bench/search_efficiency.py --scheduler successiveHalving --grid-from bench/results/RESULT.json  # ~40 min a run
     .venv/bin/python bench/asha_replay.py bench/results/RESULT.json [--grace G]  # ASHA over 200 orders from the grid's curves, seconds
 
 (a) reference: grid search over every configuration, each trained to the full budget, no
     scheduler (what Katib or a shell loop over configs does).
 (b) ours: the same grid of configurations under ASHA (--grace, --reduction-factor 3), once per
-    order seed (below).
+    order seed (below); or, with --scheduler successiveHalving, under synchronous successive
+    halving with the same rungs (finetune_trainer.halving: every trial waits at each rung until
+    all have reached it, so the decisions do not depend on the order).
 
 Both are the real path (`finetune_trainer.run.run` of a manifest with `spec.search`), on the
 quickstart's model and data (examples/search-freezing.yaml with the space replaced by a grid),

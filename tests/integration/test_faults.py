@@ -47,7 +47,7 @@ def assets(tmp_path_factory):
 
 def _doc(tmp: Path, assets, storage: dict | None = None, *, steps: int = 24, every: int = 4, name: str = "t") -> dict:
     model, data = assets
-    doc = tiny.manifest(tmp, model, data, training={"maxSteps": steps, "dropout": 0.0}, evaluation={"everySteps": every},
+    doc = tiny.manifest(tmp, model, data, training={"maxSteps": steps}, evaluation={"everySteps": every},
                         output={"export": "last", "keepCheckpoints": 1})
     doc["metadata"]["name"] = name
     if storage:

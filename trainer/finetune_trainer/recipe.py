@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import rng
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import EarlyStopping, evaluate, is_better
@@ -129,8 +130,9 @@ class FineTuneRecipe:
                   f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}", flush=True)
 
     def _resume(self) -> None:
-        """Continue where a checkpoint left off: DeepSpeed's module and optimizer state, the LR
-        schedule, early stopping, step, history (the unfreezing gate follows the step).
+        """Continue where a checkpoint left off: DeepSpeed's module and optimizer state, the random
+        generators (rng), the LR schedule, early stopping, step, history (the unfreezing gate
+        follows the step).
 
         Ray Train's own checkpoint comes first (a worker-group restart inside this run), else the
         one the driver chose for `--resume` / spec.storage.resume. Either must carry our
@@ -152,6 +154,7 @@ class FineTuneRecipe:
         with checkpoint.as_directory() as folder:
             state = json.loads((Path(folder) / STATE_FILE).read_text())
             self.engine.load_checkpoint(str(Path(folder) / DS_DIR), tag=DS_TAG, load_lr_scheduler_states=False)
+            rng.load(folder, self.rank)  # the dropout masks the uninterrupted run would draw next
         self.scheduler.load_state_dict(state["scheduler"])
         self.stopper.load_state_dict(state["early_stopping"])
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
@@ -264,6 +267,7 @@ class FineTuneRecipe:
         folder = checkpoint_folder()  # swept if this worker is killed mid-report (scratch)
         try:
             self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
+            rng.save(folder, self.rank)
             if export:
                 self._export(os.path.join(folder, MODEL_DIR))
             if self.rank == 0:
