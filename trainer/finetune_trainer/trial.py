@@ -3,7 +3,8 @@
 A module of its own so that a trial actor imports only the spec and Ray Tune (~180 MB) until it
 trains: under successiveHalving every trial's actor exists from the start and most of them wait
 (`halving.wait_for_slot`), and importing the training side (torch, transformers, DeepSpeed) first
-doubled what each waiting one held (~390 MB; 27 of them took 10 GB on a 24 GB machine).
+doubled what each waiting one held (ru_maxrss ~390 MB against ~180 MB; in the 27-trial
+benchmark, 26 waiting actors averaged 409 MB RSS on a 24 GB machine before this module).
 """
 
 from __future__ import annotations
