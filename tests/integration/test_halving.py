@@ -24,14 +24,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 RUNGS = (6, 12, 24)  # evaluations (and checkpoints) every 3 steps: one checkpoint before each rung's is pruned
 
 
-def _tune_reports(run_dir: Path) -> dict[str, list[dict]]:
-    reports = {}
-    for trial_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("trial_")):
-        lines = (trial_dir / "result.json").read_text().splitlines()
-        reports[trial_dir.name] = [json.loads(line) for line in lines if line.strip()]
-    return reports
-
-
 def _evals(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r.get("baseline")]
 
@@ -43,19 +35,8 @@ def halving_search(local_ray, tmp_path_factory):
     from finetune_trainer.run import run
 
     tmp = tmp_path_factory.mktemp("halving")
-    model = tiny.make_model(tmp / "model", "bert", layers=2)
-    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
-    doc = tiny.manifest(
-        tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": 24}, evaluation={"everySteps": 3, "metric": "loss"},
-        resources={"workers": 1, "cpusPerWorker": 1},
-        output={"keepCheckpoints": 1},  # the latest and the best: retention deletes before every resume
-        search={
-            "algorithm": "grid", "maxConcurrentTrials": 2, "seed": 1,
-            "scheduler": {"type": "successiveHalving", "gracePeriod": 6, "reductionFactor": 2},
-            "space": {"training.learningRate": {"choice": [1e-6, 5e-3]},
-                      "freezing.strategy": {"choice": ["none", "featureExtraction"]}},
-        },
-    )
+    doc = tiny.four_trial_grid(tmp, max_steps=24, scheduler={"type": "successiveHalving", "gracePeriod": 6, "reductionFactor": 2},
+                               output={"keepCheckpoints": 1})  # the latest and the best: retention deletes before every resume
     seen: list[dict] = []  # every trial count status.json showed while the search ran
     done = threading.Event()
 
@@ -78,7 +59,7 @@ def halving_search(local_ray, tmp_path_factory):
 
 
 def test_each_rung_keeps_the_better_half_and_stops_the_rest_there(halving_search):
-    reports = _tune_reports(halving_search.run_dir)
+    reports = tiny.tune_reports(halving_search.run_dir)
     assert len(reports) == 4
     alive = set(reports)
     for rung, keep in zip(RUNGS[:-1], (2, 1), strict=True):
@@ -96,7 +77,7 @@ def test_each_rung_keeps_the_better_half_and_stops_the_rest_there(halving_search
 
 
 def test_no_trial_went_past_a_rung_before_every_live_trial_had_reached_it(halving_search):
-    reports = _tune_reports(halving_search.run_dir)
+    reports = tiny.tune_reports(halving_search.run_dir)
     for rung in RUNGS[:-1]:
         reached = [r["timestamp"] for rows in reports.values() for r in _evals(rows) if r["step"] == rung]
         beyond = [r["timestamp"] for rows in reports.values() for r in _evals(rows) if r["step"] > rung]
@@ -108,7 +89,7 @@ def test_kept_trials_resumed_from_their_checkpoint_in_a_new_process(halving_sear
     (the last trial to reach a rung is decided on while it runs, and a kept one just goes on).
     Retention had deleted the checkpoint before the rung's by then, which Ray Train's restore of
     a run by name refuses (trial.py): each start is a new Train run resuming from the latest."""
-    reports = _tune_reports(halving_search.run_dir)
+    reports = tiny.tune_reports(halving_search.run_dir)
     resumed, pruned = 0, 0
     for name, rows in reports.items():
         steps = [r["step"] for r in rows]
@@ -127,22 +108,17 @@ def test_never_more_than_two_trials_trained_at_once(halving_search):
     actor's reports is one trial training, and no three of them overlap. (That two did overlap is
     checked from status.json below: report stretches are a few seconds here, and on a loaded
     machine two can miss each other.)"""
-    reports = _tune_reports(halving_search.run_dir)
+    reports = tiny.tune_reports(halving_search.run_dir)
     spans = []
     for rows in reports.values():
         for pid in {r["pid"] for r in rows}:
             mine = [r["timestamp"] for r in rows if r["pid"] == pid]
             spans.append((min(mine), max(mine)))
-    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    running, most = 0, 0
-    for _, delta in events:
-        running += delta
-        most = max(most, running)
-    assert most <= 2, spans
+    assert tiny.most_at_once(spans) <= 2, spans
 
 
 def test_best_trial_and_status_after_halving(halving_search):
-    reports = _tune_reports(halving_search.run_dir)
+    reports = tiny.tune_reports(halving_search.run_dir)
     top = min(r["eval_loss"] for rows in reports.values() for r in _evals(rows))
     best = halving_search.results["best"]
     assert best["value"] == pytest.approx(top)

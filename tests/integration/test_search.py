@@ -20,16 +20,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _tune_reports(run_dir: Path) -> dict[str, list[dict]]:
-    """What Tune itself wrote for each trial (result.json, one JSON line per report): a record
-    independent of our results.json, to check that against."""
-    reports = {}
-    for trial_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("trial_")):
-        lines = (trial_dir / "result.json").read_text().splitlines()
-        reports[trial_dir.name] = [json.loads(line) for line in lines if line.strip()]
-    return reports
-
-
 @pytest.fixture(scope="module")
 def other_local_ray():
     """A second Ray instance on the machine (someone else's run). Ray's state API inside workers
@@ -83,19 +73,8 @@ def grid_search(local_ray, other_local_ray, tmp_path_factory):
     """
     from finetune_trainer.run import run
 
-    tmp = tmp_path_factory.mktemp("grid")
-    model = tiny.make_model(tmp / "model", "bert", layers=2)
-    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
-    doc = tiny.manifest(
-        tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": 12}, evaluation={"everySteps": 3, "metric": "loss"},
-        resources={"workers": 1, "cpusPerWorker": 1},
-        search={
-            "algorithm": "grid", "maxConcurrentTrials": 2, "seed": 1,
-            "scheduler": {"type": "asha", "gracePeriod": 3, "reductionFactor": 2},
-            "space": {"training.learningRate": {"choice": [1e-6, 5e-3]},
-                      "freezing.strategy": {"choice": ["none", "featureExtraction"]}},
-        },
-    )
+    doc = tiny.four_trial_grid(tmp_path_factory.mktemp("grid"), max_steps=12,
+                               scheduler={"type": "asha", "gracePeriod": 3, "reductionFactor": 2})
     return run(parse_job(doc))
 
 
@@ -123,7 +102,7 @@ def test_asha_stops_trials_and_they_keep_their_last_checkpoint(grid_search):
     assert all(t["steps"] < 12 for t in stopped) and all(t["steps"] == 12 for t in finished)
     spent = grid_search.results["search"]["trial_steps"]
     assert spent == sum(t["steps"] for t in trials) < 4 * 12
-    reports = _tune_reports(grid_search.run_dir)
+    reports = tiny.tune_reports(grid_search.run_dir)
     for t in stopped:
         last = reports[t["trial"]][-1]
         assert last["step"] == t["steps"]
@@ -136,7 +115,7 @@ def test_asha_stops_trials_and_they_keep_their_last_checkpoint(grid_search):
 
 
 def test_best_trial_is_the_one_with_the_best_reported_metric(grid_search):
-    reports = _tune_reports(grid_search.run_dir)
+    reports = tiny.tune_reports(grid_search.run_dir)
     evals = [(r["eval_loss"], name, r["step"]) for name, rows in reports.items() for r in rows if not r.get("baseline")]
     top = min(v for v, _, _ in evals)
     best = grid_search.results["best"]
@@ -164,20 +143,15 @@ def test_status_json_tells_the_operator_what_happened(grid_search):
 
 
 def test_two_trials_ran_at_once_on_two_cpus_and_never_three(grid_search):
-    reports = _tune_reports(grid_search.run_dir)
+    reports = tiny.tune_reports(grid_search.run_dir)
     spans = [(rows[0]["timestamp"], rows[-1]["timestamp"]) for rows in reports.values()]
-    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    running, most = 0, 0
-    for _, delta in events:
-        running += delta
-        most = max(most, running)
-    assert most == 2, spans
+    assert tiny.most_at_once(spans) == 2, spans
     assert grid_search.results["search"]["max_concurrent_trials"] == 2
 
 
 def test_results_table_and_plots(grid_search):
     results = json.loads((grid_search.run_dir / "results.json").read_text())
-    reports = _tune_reports(grid_search.run_dir)
+    reports = tiny.tune_reports(grid_search.run_dir)
     for trial in results["trials"]:
         assert {"trial", "params", "value", "steps", "status", "checkpoint"} <= set(trial)
         # each evaluation says how long the trial had run (bench/asha_replay.py replays trials on these)

@@ -92,3 +92,44 @@ def manifest(tmp: Path, model: Path, data_file: Path, *, task: str = "sequence-c
 def save_manifest(path: Path, doc: dict) -> Path:
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+# --- searches: the 4-trial grid both scheduler tests run, and what Tune itself wrote about it ------
+
+
+def four_trial_grid(tmp: Path, *, max_steps: int, scheduler: dict, **sections) -> dict:
+    """learning rate {1e-6, 5e-3} x freezing {none, featureExtraction}, seeded grid order (seed 1),
+    2 trials at a time of 1 worker x 1 CPU, evaluated (and checkpointed) every 3 steps on loss."""
+    model = make_model(tmp / "model", "bert", layers=2)
+    data = write_jsonl(tmp / "train.jsonl", sentiment_rows(300))
+    return manifest(
+        tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": max_steps}, evaluation={"everySteps": 3, "metric": "loss"},
+        resources={"workers": 1, "cpusPerWorker": 1},
+        search={
+            "algorithm": "grid", "maxConcurrentTrials": 2, "seed": 1, "scheduler": scheduler,
+            "space": {"training.learningRate": {"choice": [1e-6, 5e-3]},
+                      "freezing.strategy": {"choice": ["none", "featureExtraction"]}},
+        },
+        **sections,
+    )
+
+
+def tune_reports(run_dir: Path) -> dict[str, list[dict]]:
+    """What Tune itself wrote for each trial (result.json, one JSON line per report): a record
+    independent of our results.json, to check that against."""
+    reports = {}
+    for trial_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("trial_")):
+        lines = (trial_dir / "result.json").read_text().splitlines()
+        reports[trial_dir.name] = [json.loads(line) for line in lines if line.strip()]
+    return reports
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most (start, end) spans that overlap at any moment; one ending when another starts
+    does not overlap it."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running, most = 0, 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    return most
