@@ -102,6 +102,12 @@ def test_scheduler_and_budget_rules():
     assert problems[0][0] == "spec.search.scheduler.gracePeriod"
     problems = _problems({"budget": {"trialSteps": 10}, "space": {"training.maxSteps": {"choice": [5, 10]}}})
     assert problems[0][0] == "spec.search.budget.trialSteps"
+    # synchronous halving needs every trial drawn before the first rung; tpe draws from finished ones
+    problems = _problems({"algorithm": "tpe", "scheduler": {"type": "successiveHalving"}, "space": SPACE})
+    assert [p for p, _ in problems] == ["spec.search.scheduler.type"] and "use asha with tpe" in problems[0][1]
+    assert _job({"algorithm": "random", "scheduler": {"type": "successiveHalving", "maxSteps": 20}, "space": SPACE}).spec.search.scheduler.max_steps == 20
+    problems = _problems({"scheduler": {"type": "median", "maxSteps": 20}, "space": SPACE})
+    assert problems == [("spec.search.scheduler.maxSteps", "only used by scheduler type asha or successiveHalving")]
     # the budget is a trial's maxSteps: a base everySteps above it is caught per trial
     problems = _problems({"budget": {"trialSteps": 10}, "space": {"freezing.strategy": {"choice": ["none"]}}}, evaluation={"everySteps": 50})
     assert "larger than training.maxSteps (10)" in problems[0][1]
