@@ -18,6 +18,7 @@ from finetune_trainer.spec import SpecError, load_job
 
 from .crd import build_crd
 from .ingress import render_dashboard_ingress
+from .networkpolicy import DEFAULT_KUBERAY_NAMESPACE, render_network_policy
 from .rayjob import render_rayjob
 
 OWN_COMMANDS = ("crd", "render", "operator")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if parsed.command == "operator":
         return _operator(parsed)
     try:
-        job = load_job(parsed.manifest, parsed.overrides)
+        job = load_job(parsed.manifest, parsed.overrides, for_cluster=True)
     except SpecError as err:
         print(f"finetune: {parsed.manifest} is invalid\n{err.render()}", file=sys.stderr)
         return trainer_cli.EXIT_INVALID
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if ingress is not None:  # spec.cluster.dashboard.ingress: a second document, as the operator creates it too
         sys.stdout.write("---\n")
         _print_yaml(ingress)
+    sys.stdout.write("---\n")  # the NetworkPolicy the operator creates first (unless --no-network-policies)
+    _print_yaml(render_network_policy(job, owner_uid=parsed.owner_uid, kuberay_namespace=parsed.kuberay_namespace,
+                                      ingress_controller_namespace=parsed.ingress_controller_namespace))
     return 0
 
 
@@ -57,11 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description="Validate, run and render FineTuneJob manifests.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition (YAML)")
-    render = sub.add_parser("render", help="print the KubeRay RayJob (and dashboard Ingress, if any) the operator creates for a manifest (YAML)")
+    render = sub.add_parser(
+        "render", help="print the KubeRay RayJob, dashboard Ingress (if any) and NetworkPolicy the operator creates for a manifest (YAML)")
     render.add_argument("manifest", help="FineTuneJob YAML")
     render.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="override a spec field, e.g. --set cluster.workers.replicas=4 (repeatable)")
     render.add_argument("--owner-uid", metavar="UID", help="add an ownerReference to the FineTuneJob with this uid")
+    _network_policy_flags(render)
     op = sub.add_parser("operator", help="run the operator (kopf, standalone) against the current Kubernetes context")
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("--namespace", dest="namespaces", action="append", default=[], metavar="NS",
@@ -71,13 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
     op.add_argument("--log-format", choices=("plain", "json"), default="plain")
     op.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
-                    help="how often a running job's status.json is read")
-    op.add_argument("--secret-retry-delay", type=float, default=60.0, metavar="SECONDS",
-                    help="how long a job whose credentials Secret is missing waits before the next check")
+                    help="how often a running job's progress ConfigMap is read")
+    op.add_argument("--no-network-policies", dest="network_policies", action="store_false",
+                    help="create no NetworkPolicy per job (a cluster whose CNI enforces none)")
+    _network_policy_flags(op)
     op.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub.add_parser("validate", help="check a manifest: fields, then data and model fit")
     sub.add_parser("run", help="run a manifest on local Ray (or the cluster in RAY_ADDRESS)")
     return parser
+
+
+def _network_policy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kuberay-namespace", default=DEFAULT_KUBERAY_NAMESPACE, metavar="NS",
+                        help="namespace of KubeRay's operator, admitted to each job's dashboard port (it polls it)")
+    parser.add_argument("--ingress-controller-namespace", metavar="NS",
+                        help="namespace of the Ingress controller, admitted to the dashboard of jobs with an Ingress "
+                             "that name none (spec.cluster.dashboard.ingress.controllerNamespace)")
 
 
 def _operator(parsed: argparse.Namespace) -> int:
@@ -88,7 +103,9 @@ def _operator(parsed: argparse.Namespace) -> int:
         print(f"finetune: the operator needs the operator extra: pip install 'finetune-operator[operator]' ({err})",
               file=sys.stderr)
         return trainer_cli.EXIT_INVALID
-    config = OperatorConfig(progress_interval=parsed.progress_interval, secret_retry_delay=parsed.secret_retry_delay)
+    config = OperatorConfig(progress_interval=parsed.progress_interval,
+                            network_policies=parsed.network_policies, kuberay_namespace=parsed.kuberay_namespace,
+                            ingress_controller_namespace=parsed.ingress_controller_namespace)
     run(namespaces=parsed.namespaces, health_port=parsed.health_port, metrics_port=parsed.metrics_port or None,
         log_format=parsed.log_format, verbose=parsed.verbose, config=config)
     return 0

@@ -1,8 +1,9 @@
 """The kopf handlers: parse the spec -> call the builders -> apply -> write the status once.
 
-    FineTuneJob create / resume / update(spec)  -> `Operator.reconcile`: validate, check the
-        credentials Secret, get-or-create the RayJob (`<job>-ray`, owned by the job), push the
-        live run-policy fields (suspend, deadline, TTL) to it, flag immutable changes
+    FineTuneJob create / resume / update(spec)  -> `Operator.reconcile`: validate (with the
+        shared-cluster rules), get-or-create the job's progress ConfigMap and the ServiceAccount/
+        Role that may write it (trainer_access), then the RayJob (`<job>-ray`, owned by the job),
+        push the live run-policy fields (suspend, deadline, TTL) to it, flag immutable changes
     RayJob event (the ones we manage)           -> `Operator.rayjob_changed`: KubeRay's status
         mapped into the owner's status (status_mapping), Events on phase changes
     FineTuneJob timer while Running             -> `Operator.poll_progress`: the trainer's
@@ -15,14 +16,16 @@
     FineTuneJob event                           -> the jobs-by-phase gauge
 
 Outcomes are kopf's: an invalid spec is a `PermanentError` (Stalled/InvalidSpec, no RayJob, no
-retry until the spec changes); a missing Secret a `TemporaryError` with a long delay (the Secret
-may appear; the status says which field names it). Anything else is retried by kopf with backoff.
+retry until the spec changes). Anything else is retried by kopf with backoff. The operator reads
+no Secret: a credentials Secret the spec names reaches the pods as secretKeyRef, and a missing one
+shows as pods that cannot start (docs/security.md says why the operator does not look).
 
 With spec.cluster.dashboard.ingress, reconcile also gets or creates the dashboard's Ingress
-(ingress.py), and status.dashboardURL is its URL.
+(ingress.py), and status.dashboardURL is its URL. Before the RayJob, it gets or creates the job's
+NetworkPolicy (networkpolicy.py), unless the operator runs with --no-network-policies.
 
-Deletion: the RayJob and the Ingress carry an ownerReference (controller) to the FineTuneJob, so
-Kubernetes' garbage collector deletes them, and KubeRay its Ray cluster, with the job. The only
+Deletion: the RayJob, the Ingress and the NetworkPolicy carry an ownerReference (controller) to the
+FineTuneJob, so Kubernetes' garbage collector deletes them, and KubeRay its Ray cluster, with the job. The only
 thing the operator deletes itself is the RayJob of a spec the trainer rejected; never anything in
 S3: checkpoints and models outlive the FineTuneJob by design. The only finalizer is kopf's own
 (`finetune.dev/operator`), which a progress timer requires so that it is stopped before the object
@@ -47,18 +50,21 @@ from .crd import GROUP, KIND, PLURAL, VERSION
 from .ingress import dashboard_url, render_dashboard_ingress
 from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS, KubeApi, is_conflict
 from .metrics import Metrics
+from .networkpolicy import DEFAULT_KUBERAY_NAMESPACE, ingress_controller_namespace_of, render_network_policy
 from .progress import ProgressSource
-from .rayjob import rayjob_name, render_rayjob, rendered_generation
+from .rayjob import ray_auth_enabled, rayjob_name, render_rayjob, rendered_generation
 from .status_mapping import (
+    RAY_AUTH_DISABLED_MESSAGE,
     apply_progress,
     failed_status,
     next_status,
+    ray_auth_disabled,
     rejected_status,
     spec_change_ignored,
     trainer_problems,
-    waiting_status,
 )
 from .status_model import FineTuneJobStatus, Phase, Reason
+from .trainer_access import render_trainer_access
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}  # rayjob.labels() puts it on every RayJob
 FINALIZER = f"{GROUP}/operator"
@@ -69,8 +75,10 @@ QUIET_HANDLERS = ("rayjob-status", "phase-gauge")  # watch-event handlers whose 
 @dataclass(frozen=True)
 class OperatorConfig:
     progress_interval: float = 30.0  # seconds between status.json reads while a job runs
-    secret_retry_delay: float = 60.0  # seconds before a job whose Secret is missing is looked at again
     conflict_retry_delay: float = 30.0  # a RayJob of that name that is not ours (e.g. still being deleted)
+    network_policies: bool = True  # a NetworkPolicy per job (off: the cluster's CNI enforces none)
+    kuberay_namespace: str = DEFAULT_KUBERAY_NAMESPACE  # admitted to the dashboard port: KubeRay polls it
+    ingress_controller_namespace: str | None = None  # for jobs with an Ingress that name none themselves
 
 
 @dataclass
@@ -89,7 +97,7 @@ class Operator:
         previous, now = _status(body), self.clock()
         existing = self.kube.get_rayjob(namespace, rayjob_name(name))
         try:
-            job = parse_job(_manifest(body))
+            job = parse_job(_manifest(body), for_cluster=True)
         except SpecError as err:
             self._invalid(body, previous, err, existing, patch, generation, now)
         if existing is None and _finished(previous, generation):
@@ -97,8 +105,9 @@ class Operator:
         if existing is not None and existing["metadata"].get("deletionTimestamp"):  # a rejected run's, going
             raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} is being deleted; waiting for it to go",
                                       delay=self.config.conflict_retry_delay)
-        if existing is None:
-            self._check_secret(body, job, previous, patch, generation, now)
+        if existing is None:  # the ServiceAccount, Role and ConfigMap the run reports through
+            self._ensure_trainer_access(body, job, uid)
+        self._ensure_network_policy(body, job, uid)  # before the RayJob: no Ray pod starts unguarded
         rayjob, created = (existing, False) if existing is not None else self.kube.get_or_create_rayjob(
             render_rayjob(job, owner_uid=uid, generation=generation))
         if not _owned_by(rayjob, uid):
@@ -106,6 +115,8 @@ class Operator:
                                       "waiting for it to go", delay=self.config.conflict_retry_delay)
         if created:
             self.post_event(body, "Normal", "RayJobCreated", f"created RayJob {rayjob['metadata']['name']}")
+            if not ray_auth_enabled(rayjob):
+                self.post_event(body, "Warning", Reason.RAY_AUTH_DISABLED, RAY_AUTH_DISABLED_MESSAGE)
         elif live := mutable_patch(render_rayjob(job, owner_uid=uid), rayjob):
             rayjob = self.kube.patch_rayjob_spec(namespace, rayjob["metadata"]["name"], live)
             self.post_event(body, "Normal", "RunPolicyApplied", f"RayJob spec updated: {live}")
@@ -116,6 +127,7 @@ class Operator:
                              ray_job_name=rayjob["metadata"]["name"],
                              dashboard_url=previous.dashboard_url if changed else dashboard_url(job))
         status = spec_change_ignored(status, changed, generation=generation, now=now)
+        status = ray_auth_disabled(status, not ray_auth_enabled(rayjob), generation=generation, now=now)  # the run's, not the spec's
         if changed:
             self.post_event(body, "Warning", Reason.IMMUTABLE_FIELD_CHANGED, _condition_message(status))
         patch.status.update(status_patch(previous, status))
@@ -137,7 +149,7 @@ class Operator:
             return
         previous = _status(body)
         try:
-            job: FineTuneJob | None = parse_job(_manifest(body))
+            job: FineTuneJob | None = parse_job(_manifest(body), for_cluster=True)
         except SpecError:
             job = None
         generation, now = previous.observed_generation or body["metadata"].get("generation", 1), self.clock()
@@ -165,7 +177,7 @@ class Operator:
 
     def poll_progress(self, body: Mapping[str, Any], patch: kopf.Patch) -> None:
         try:
-            job = parse_job(_manifest(body))
+            job = parse_job(_manifest(body), for_cluster=True)
         except SpecError:
             return
         previous, progress = _status(body), self.progress.read(job)
@@ -205,6 +217,23 @@ class Operator:
             self.post_event(body, "Normal", "RayJobDeleted",
                             f"deleted RayJob {meta['name']}: the trainer rejected the spec; fix the fields named and it runs again")
 
+    def _ensure_network_policy(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
+        """Get or create the job's NetworkPolicy (networkpolicy.py), owned by it; one left by an
+        earlier job of the same name (not yet collected) is waited out rather than trusted."""
+        if not self.config.network_policies:
+            return
+        config = self.config
+        policy, created = self.kube.get_or_create_network_policy(render_network_policy(
+            job, owner_uid=uid, kuberay_namespace=config.kuberay_namespace,
+            ingress_controller_namespace=config.ingress_controller_namespace))
+        if not _owned_by(policy, uid):
+            raise kopf.TemporaryError(f"NetworkPolicy {policy['metadata']['name']} exists and is not owned by this "
+                                      "FineTuneJob; waiting for it to go", delay=config.conflict_retry_delay)
+        if created and job.spec.cluster.dashboard.ingress and not ingress_controller_namespace_of(job, config.ingress_controller_namespace):
+            self.post_event(body, "Warning", "DashboardUnreachable", (
+                "the NetworkPolicy admits no Ingress controller to the dashboard: set spec.cluster.dashboard.ingress."
+                "controllerNamespace, or the chart value networkPolicy.ingressControllerNamespace"))
+
     def _ensure_ingress(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
         """spec.cluster.dashboard.ingress: get or create the job's dashboard Ingress, owned by it."""
         ingress = render_dashboard_ingress(job, owner_uid=uid)
@@ -228,26 +257,12 @@ class Operator:
         self.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         raise kopf.PermanentError(f"invalid spec: {message}")
 
-    def _check_secret(self, body: Mapping[str, Any], job: FineTuneJob, previous: FineTuneJobStatus, patch: kopf.Patch,
-                      generation: int, now: datetime) -> None:
-        ref = job.spec.cluster.s3_credentials_secret
-        if ref is None:
-            return
-        data = self.kube.secret_data(job.metadata.namespace, ref.name)
-        wanted = {"accessKeyIdKey": ref.access_key_id_key, "secretAccessKeyKey": ref.secret_access_key_key,
-                  "sessionTokenKey": ref.session_token_key}
-        if data is None:
-            message = (f"spec.cluster.s3CredentialsSecret.name: Secret {ref.name!r} not found in namespace "
-                       f"{job.metadata.namespace}; create it with the keys {ref.access_key_id_key} and "
-                       f"{ref.secret_access_key_key} (checked again every {self.config.secret_retry_delay:g}s)")
-        elif missing := [f"spec.cluster.s3CredentialsSecret.{field} ({key})" for field, key in wanted.items() if key and key not in data]:
-            message = f"Secret {ref.name!r} lacks the key(s) named by {', '.join(missing)}"
-        else:
-            return
-        status = waiting_status(previous, Reason.SECRET_MISSING, message, generation=generation, now=now)
-        patch.status.update(status_patch(previous, status))
-        self.post_event(body, "Warning", Reason.SECRET_MISSING, message)
-        raise kopf.TemporaryError(message, delay=self.config.secret_retry_delay)
+    def _ensure_trainer_access(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
+        """Get or create what the driver reports progress through (trainer_access), owned by the job."""
+        made = [f"{obj['kind']} {obj['metadata']['name']}" for obj in render_trainer_access(job, owner_uid=uid)
+                if self.kube.get_or_create_namespaced(obj)[1]]
+        if made:
+            self.post_event(body, "Normal", "ProgressAccessCreated", f"created {', '.join(made)}")
 
 
 def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:

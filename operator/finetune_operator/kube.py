@@ -1,8 +1,9 @@
 """Every Kubernetes API call the handlers make, in one place (the `kubernetes` client).
 
 Within the chart's RBAC: finetunejobs get / status patch; rayjobs get, create, patch, delete;
-ingresses get, create; secrets get. A 404 is a value (None), a 409 on create means "someone (an
-earlier us) made it": get it instead; `Conflict` is the 409 of a write whose resourceVersion (or
+ingresses get, create; networkpolicies get, create (unless turned off); serviceaccounts, roles,
+rolebindings get, create; configmaps get, create, patch (patch only so that it may grant it to a
+job's Role: RBAC lets nobody grant a right it lacks). No Secrets at all. A 404 is a value (None), a 409 on create means "someone (an earlier us) made it": get it instead; `Conflict` is the 409 of a write whose resourceVersion (or
 uid) precondition failed.
 """
 
@@ -27,6 +28,7 @@ class KubeApi:
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
         self.networking = kubernetes.client.NetworkingV1Api(client)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(client)
 
     def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return _or_none(lambda: self.custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name))
@@ -64,6 +66,18 @@ class KubeApi:
             lambda: self.networking.api_client.sanitize_for_serialization(
                 self.networking.create_namespaced_ingress(namespace, kubernetes.client.V1Ingress.from_dict(ingress))))
 
+    def get_network_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = _or_none(lambda: self.networking.read_namespaced_network_policy(name, namespace))
+        return None if found is None else self.networking.api_client.sanitize_for_serialization(found)
+
+    def get_or_create_network_policy(self, policy: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(the NetworkPolicy, whether this call created it), as get_or_create_rayjob."""
+        namespace = policy["metadata"]["namespace"]
+        return _get_or_create(
+            "NetworkPolicy", policy, lambda name: self.get_network_policy(namespace, name),
+            lambda: self.networking.api_client.sanitize_for_serialization(
+                self.networking.create_namespaced_network_policy(namespace, kubernetes.client.V1NetworkPolicy.from_dict(policy))))
+
     def patch_rayjob_spec(self, namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         return self.custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name, {"spec": dict(spec)})
 
@@ -79,10 +93,26 @@ class KubeApi:
             body["metadata"] = {"resourceVersion": resource_version}
         return self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
 
-    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's base64 `data`, or None when there is no such Secret."""
-        secret = _or_none(lambda: self.core.read_namespaced_secret(name, namespace))
-        return None if secret is None else dict(secret.data or {})
+    def get_or_create_namespaced(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(the object, whether this call created it) for the trainer's access objects
+        (trainer_access: ServiceAccount, ConfigMap, Role, RoleBinding), as get_or_create_rayjob."""
+        read, create = self._typed(obj["kind"])
+        namespace, plain = obj["metadata"]["namespace"], self.core.api_client.sanitize_for_serialization
+        return _get_or_create(obj["kind"], obj, lambda name: plain(_or_none(lambda: read(name, namespace))),
+                              lambda: plain(create(namespace, obj)))
+
+    def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The ConfigMap's `data`, or None when there is no such ConfigMap."""
+        found = _or_none(lambda: self.core.read_namespaced_config_map(name, namespace))
+        return None if found is None else dict(found.data or {})
+
+    def _typed(self, kind: str) -> tuple[Callable[[str, str], Any], Callable[[str, dict[str, Any]], Any]]:
+        return {
+            "ServiceAccount": (self.core.read_namespaced_service_account, self.core.create_namespaced_service_account),
+            "ConfigMap": (self.core.read_namespaced_config_map, self.core.create_namespaced_config_map),
+            "Role": (self.rbac.read_namespaced_role, self.rbac.create_namespaced_role),
+            "RoleBinding": (self.rbac.read_namespaced_role_binding, self.rbac.create_namespaced_role_binding),
+        }[kind]
 
 
 def _get_or_create(kind: str, obj: dict[str, Any], get: Callable[[str], dict[str, Any] | None],

@@ -15,11 +15,17 @@ point at that Service before the cluster exists.
 
 Credentials: S3 keys reach the head and worker containers only as `valueFrom.secretKeyRef` env;
 no secret value is ever copied into the RayJob.
+
+Ray's control plane: `spec.cluster.auth: token` (the default) renders `rayClusterSpec.authOptions:
+{mode: token}`. KubeRay (>= 1.5.1) then creates a Secret named after the RayCluster
+(`status.rayClusterName`, key `auth_token`) and sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (a
+secretKeyRef to it) on every Ray container, the wait-gcs-ready init container and the K8sJobMode
+submitter; the dashboard, job API and GCS then refuse calls without the token (Ray >= 2.52).
+Every pod passes the Pod Security Standards `restricted` profile (pods.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -30,10 +36,11 @@ import yaml
 from finetune_trainer.spec import FineTuneJob
 from finetune_trainer.spec.cluster import MANIFEST_ENV, ClusterSpec, HeadGroupSpec, WorkerGroupSpec
 
+from .children import labels, owner_reference, rayjob_name
 from .crd import GROUP, KIND, VERSION
+from .pods import harden, submitter_template
+from .trainer_access import head_token, pods_service_account
 
-RAYJOB_NAME_MAX = 47  # KubeRay's MaxRayJobNameLength: 53 (RayCluster) - 6 (its random suffix)
-RAYJOB_SUFFIX = "-ray"
 HEAD_SERVICE_SUFFIX = "-head-svc"
 DASHBOARD_PORT = 8265
 WORKER_GROUP = "workers"
@@ -53,17 +60,6 @@ SUBMISSION_MODE = "K8sJobMode"
 ENTRYPOINT = f"python -m finetune_trainer run env:{MANIFEST_ENV} --no-progress"
 
 
-def rayjob_name(job_name: str) -> str:
-    """`<job>-ray`; a name too long for KubeRay keeps a readable prefix plus a hash of the whole."""
-    base = job_name if job_name[:1].isalpha() else f"ft-{job_name}"  # DNS-1035: starts with a letter
-    name = f"{base}{RAYJOB_SUFFIX}"
-    if len(name) <= RAYJOB_NAME_MAX:
-        return name
-    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
-    keep = RAYJOB_NAME_MAX - len(RAYJOB_SUFFIX) - len(digest) - 1
-    return f"{base[:keep].rstrip('-')}-{digest}{RAYJOB_SUFFIX}"
-
-
 def head_service_name(job_name: str) -> str:
     return f"{rayjob_name(job_name)}{HEAD_SERVICE_SUFFIX}"
 
@@ -71,22 +67,6 @@ def head_service_name(job_name: str) -> str:
 def dashboard_url(job: FineTuneJob) -> str:
     """The Ray dashboard of the job's cluster, as reachable inside the Kubernetes cluster."""
     return f"http://{head_service_name(job.name)}.{job.metadata.namespace}.svc:{DASHBOARD_PORT}"
-
-
-def labels(job: FineTuneJob) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "finetune-trainer",
-        "app.kubernetes.io/instance": job.name,
-        "app.kubernetes.io/managed-by": "finetune-operator",
-        f"{GROUP}/job": job.name,
-    }
-
-
-def owner_reference(job: FineTuneJob, uid: str) -> dict[str, Any]:
-    """The FineTuneJob as controller of a child: Kubernetes' garbage collector deletes the child
-    with the job, and the operator recognises its own children by it."""
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job.name, "uid": uid,
-            "controller": True, "blockOwnerDeletion": True}
 
 
 def driver_manifest(job: FineTuneJob) -> dict[str, Any]:
@@ -140,7 +120,8 @@ def render_rayjob(
             "headGroupSpec": {
                 "rayStartParams": head_params,
                 "headService": {"metadata": {"name": head_service_name(job.name)}},
-                "template": _pod(job, "ray-head", head, env, _resources(cluster, head.cpus, head.memory, head.gpus), HEAD_PORTS),
+                "template": harden(_pod(job, "ray-head", head, env, _resources(cluster, head.cpus, head.memory, head.gpus), HEAD_PORTS,
+                                        api_token=True), cluster, head),
             },
             "workerGroupSpecs": [{
                 "groupName": WORKER_GROUP,
@@ -148,10 +129,14 @@ def render_rayjob(
                 "minReplicas": replicas if group.min_replicas is None else group.min_replicas,
                 "maxReplicas": replicas if group.max_replicas is None else group.max_replicas,
                 "rayStartParams": worker_params,
-                "template": _pod(job, "ray-worker", group, env, _resources(cluster, worker_cpus, group.memory, worker_gpus), []),
+                "template": harden(_pod(job, "ray-worker", group, env, _resources(cluster, worker_cpus, group.memory, worker_gpus), []),
+                                   cluster, group),
             }],
         },
     }
+    if cluster.auth == "token":  # KubeRay >= 1.5.1 creates the token Secret and sets RAY_AUTH_* on every Ray container
+        rayjob_spec["rayClusterSpec"]["authOptions"] = {"mode": "token"}
+    rayjob_spec["submitterPodTemplate"] = submitter_template(job, labels(job))
     if policy.active_deadline_seconds is not None:
         rayjob_spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": rayjob_spec}
@@ -167,7 +152,7 @@ def _runtime_env_yaml(job: FineTuneJob) -> str:
 
 
 def _env(cluster: ClusterSpec, storage_env: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": e.name, "value": e.value} for e in cluster.env]
+    env: list[dict[str, Any]] = [e.as_container_env() for e in cluster.env]
     env += [dict(e) for e in storage_env]
     secret = cluster.s3_credentials_secret
     if secret is not None:
@@ -195,18 +180,21 @@ def _resources(cluster: ClusterSpec, cpus: float, memory: str | None, gpus: int)
 
 
 def _pod(job: FineTuneJob, container: str, group: HeadGroupSpec | WorkerGroupSpec, env: list[dict[str, Any]], resources: dict[str, Any],
-         ports: list[dict[str, Any]]) -> dict[str, Any]:
+         ports: list[dict[str, Any]], *, api_token: bool = False) -> dict[str, Any]:
     cluster = job.spec.cluster
     main: dict[str, Any] = {"name": container, "image": cluster.image, "resources": resources}
     if cluster.image_pull_policy:
         main["imagePullPolicy"] = cluster.image_pull_policy
     if ports:
         main["ports"] = [dict(p) for p in ports]
-    if env:
+    if env or api_token:
         main["env"] = [dict(e) for e in env]
-    pod: dict[str, Any] = {"containers": [main]}
-    if cluster.service_account_name:
-        pod["serviceAccountName"] = cluster.service_account_name
+    pod: dict[str, Any] = {"serviceAccountName": pods_service_account(job), "containers": [main]}
+    if api_token:  # the driver's way to report progress (trainer_access); no other container gets a token
+        volume, mount, progress_env = head_token(job)
+        main["env"].append(progress_env)
+        main["volumeMounts"] = [*main.get("volumeMounts", []), mount]
+        pod["volumes"] = [*pod.get("volumes", []), volume]
     if cluster.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in cluster.image_pull_secrets]
     if group.node_selector:
@@ -216,6 +204,12 @@ def _pod(job: FineTuneJob, container: str, group: HeadGroupSpec | WorkerGroupSpe
     if group.priority_class_name:
         pod["priorityClassName"] = group.priority_class_name
     return {"metadata": {"labels": labels(job)}, "spec": pod}
+
+
+def ray_auth_enabled(rayjob: Mapping[str, Any] | None) -> bool:
+    """Whether a RayJob's Ray cluster requires Ray's token (authOptions mode token)."""
+    spec = ((rayjob or {}).get("spec") or {}).get("rayClusterSpec") or {}
+    return (spec.get("authOptions") or {}).get("mode") == "token"
 
 
 def rendered_generation(rayjob: Mapping[str, Any] | None) -> int | None:

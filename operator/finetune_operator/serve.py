@@ -19,7 +19,7 @@ import kubernetes
 from .handlers import QUIET_HANDLERS, Operator, OperatorConfig, register
 from .kube import KubeApi
 from .metrics import Metrics
-from .progress import S3ProgressSource
+from .progress import ConfigMapProgressSource
 
 LOG_FORMATS = {"plain": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
 
@@ -36,7 +36,7 @@ def run(*, namespaces: Sequence[str] = (), health_port: int = 8080, metrics_port
     _load_kube_config()
     kube = KubeApi()
     metrics = Metrics()
-    operator = Operator(kube=kube, progress=S3ProgressSource(kube.secret_data), metrics=metrics, config=config or OperatorConfig())
+    operator = Operator(kube=kube, progress=ConfigMapProgressSource(kube.configmap_data), metrics=metrics, config=config or OperatorConfig())
     registry = kopf.OperatorRegistry()
     register(operator, registry)
     if metrics_port:

@@ -31,7 +31,6 @@ KUBERAY = pathlib.Path("/work/shared/contracts/kuberay-v1.7.0")
 if not KUBERAY.exists():  # the shared checkout sits next to the repository
     KUBERAY = REPO.parent / "shared/contracts/kuberay-v1.7.0"
 PROGRESS_INTERVAL = 0.5  # seconds: --progress-interval, so the S3 test does not wait 30 s
-SECRET_RETRY = 3.0  # seconds: --secret-retry-delay
 WAIT = 20.0  # the deadline of each wait
 
 
@@ -60,7 +59,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         args = [sys.executable, "-m", "finetune_operator.cli", "operator", "--namespace", self.namespace,
                 "--health-port", str(self.health_port), "--metrics-port", str(self.metrics_port),
-                "--progress-interval", str(PROGRESS_INTERVAL), "--secret-retry-delay", str(SECRET_RETRY)]
+                "--progress-interval", str(PROGRESS_INTERVAL),]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         # 60 s: a Python start plus kopf's login takes seconds, and CI machines are shared and loaded

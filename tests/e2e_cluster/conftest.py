@@ -98,7 +98,7 @@ class Operator:
         env = {**os.environ, "KUBECONFIG": str(KUBECONFIG),
                "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}
         args = [sys.executable, "-m", "finetune_operator.cli", "operator", "--namespace", self.namespace,
-                "--health-port", "0", "--metrics-port", "0", "--progress-interval", "5", "--secret-retry-delay", "5"]
+                "--health-port", "0", "--metrics-port", "0", "--progress-interval", "5"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
         return self

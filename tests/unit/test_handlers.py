@@ -1,9 +1,8 @@
-"""The handlers' decisions with the Kubernetes API and S3 faked: what they create, patch, post and
+"""The handlers' decisions with the Kubernetes API faked: what they create, patch, post and
 raise. (tests/e2e/test_operator.py runs the same paths through kopf, kubectl and a real S3.)"""
 
 from __future__ import annotations
 
-import base64
 import copy
 import pathlib
 from datetime import UTC, datetime
@@ -18,7 +17,6 @@ from finetune_operator.changes import immutable_changes, mutable_patch
 from finetune_operator.handlers import Operator, OperatorConfig, newer_spec_waits, status_patch
 from finetune_operator.kube import KubeApi
 from finetune_operator.metrics import Metrics
-from finetune_operator.progress import S3ProgressSource, status_key
 from finetune_operator.rayjob import render_rayjob
 from finetune_operator.status_model import FineTuneJobStatus, Phase
 from finetune_trainer.spec import parse_job
@@ -38,10 +36,10 @@ def body(generation: int = 1, status: dict[str, Any] | None = None, **spec: Any)
 
 
 class FakeKube:
-    def __init__(self, secrets: dict[str, dict[str, str]] | None = None):
+    def __init__(self) -> None:
         self.rayjobs: dict[str, dict[str, Any]] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
-        self.secrets = secrets or {}
+        self.namespaced: dict[tuple[str, str], dict[str, Any]] = {}  # (kind, name): the trainer's access objects
         self.created: list[str] = []
         self.spec_patches: list[dict[str, Any]] = []
         self.status_patches: list[dict[str, Any]] = []
@@ -97,8 +95,12 @@ class FakeKube:
                 current[key] = value
         return self.jobs[name]
 
-    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        return self.secrets.get(name)
+    def get_or_create_namespaced(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key in self.namespaced:
+            return copy.deepcopy(self.namespaced[key]), False
+        self.namespaced[key] = copy.deepcopy(obj)
+        return copy.deepcopy(obj), True
 
 
 class FakeProgress:
@@ -127,7 +129,7 @@ def progress() -> FakeProgress:
 
 @pytest.fixture
 def operator(kube: FakeKube, events: list[tuple[str, str, str]], progress: FakeProgress) -> Operator:
-    return Operator(kube=kube, progress=progress, metrics=Metrics(), config=OperatorConfig(secret_retry_delay=120),  # type: ignore[arg-type]
+    return Operator(kube=kube, progress=progress, metrics=Metrics(), config=OperatorConfig(),  # type: ignore[arg-type]
                     clock=lambda: NOW, post_event=lambda obj, kind, reason, message: events.append((kind, reason, message)))
 
 
@@ -207,25 +209,6 @@ def test_an_invalid_change_to_a_running_job_is_reported_not_applied(operator: Op
     assert "spec.freezing.layers" in ignored["message"] and kube.created == ["quickstart-ray"]
 
 
-def test_a_missing_secret_waits_long_and_says_which_field(operator: Operator, kube: FakeKube, events: list) -> None:
-    obj = body(cluster={"s3CredentialsSecret": {"name": "s3"}})
-    patch = kopf.Patch()
-    with pytest.raises(kopf.TemporaryError) as info:
-        operator.reconcile(obj, patch, logger=None)  # type: ignore[arg-type]
-    assert info.value.delay == 120
-    assert (patch["status"]["phase"], patch["status"]["reason"]) == ("Pending", "SecretMissing")
-    assert "spec.cluster.s3CredentialsSecret.name: Secret 's3' not found" in patch["status"]["message"]
-    assert kube.created == [] and events[0][:2] == ("Warning", "SecretMissing")
-
-    kube.secrets["s3"] = {"AWS_ACCESS_KEY_ID": "YQ=="}  # a key short
-    with pytest.raises(kopf.TemporaryError) as info:
-        operator.reconcile(obj, kopf.Patch(), logger=None)  # type: ignore[arg-type]
-    assert "spec.cluster.s3CredentialsSecret.secretAccessKeyKey (AWS_SECRET_ACCESS_KEY)" in str(info.value)
-
-    kube.secrets["s3"]["AWS_SECRET_ACCESS_KEY"] = "Yg=="
-    assert reconcile(operator, obj)["reason"] == "ClusterStarting" and kube.created == ["quickstart-ray"]
-
-
 def test_suspend_and_deadline_reach_the_live_rayjob_other_changes_are_flagged(operator: Operator, kube: FakeKube,
                                                                                events: list) -> None:
     first = reconcile(operator, body())
@@ -258,7 +241,7 @@ def test_the_operator_subcommand_passes_its_flags_on(monkeypatch: pytest.MonkeyP
     assert cli.main(["operator", "--namespace", "a", "--namespace", "b", "--health-port", "8081", "--metrics-port", "0",
                      "--log-format", "json", "--progress-interval", "5"]) == 0
     assert (seen["namespaces"], seen["health_port"], seen["metrics_port"], seen["log_format"]) == (["a", "b"], 8081, None, "json")
-    assert seen["config"].progress_interval == 5 and seen["config"].secret_retry_delay == 60
+    assert seen["config"].progress_interval == 5
     assert cli.main(["operator", "--all-namespaces"]) == 0 and seen["namespaces"] == []
     with pytest.raises(SystemExit):
         cli.main(["operator", "--all-namespaces", "--namespace", "a"])
@@ -482,17 +465,6 @@ def test_delete_rayjob_names_the_uid_and_takes_gone_or_replaced_as_done() -> Non
     assert api.delete_rayjob("ns", "x-ray", uid="u1") is False  # 409: a newer RayJob of that name
     with pytest.raises(kubernetes.client.ApiException):
         api.delete_rayjob("ns", "x-ray")
-
-
-def test_s3_progress_source_reads_the_jobs_key_with_the_jobs_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    job = parse_job(body(storage={"uri": "s3://bucket/runs/", "endpoint": "http://127.0.0.1:1"},
-                         cluster={"s3CredentialsSecret": {"name": "s3", "accessKeyIdKey": "id", "secretAccessKeyKey": "key"}}))
-    assert status_key(job) == ("bucket", "runs/ns/quickstart/status.json")
-    assert status_key(parse_job(body())) is None
-    secret = {"id": base64.b64encode(b"AKIA").decode(), "key": base64.b64encode(b"s3cr3t").decode()}
-    source = S3ProgressSource(lambda namespace, name: secret if (namespace, name) == ("ns", "s3") else None)
-    assert source._credentials(job) == {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
-    assert S3ProgressSource(lambda *_: None, connect_timeout=0.2).read(job) is None  # nothing listens: None, no raise
 
 
 def test_metrics_count_jobs_by_phase_and_unplanned_errors_only() -> None:

@@ -27,15 +27,18 @@ RELEASE, NAMESPACE = "ft", "finetune-system"
 
 # What the operator does with the API (the interface contract in docs/install.md), no more.
 EXPECTED_RULES = {
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
-    ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("finetune.dev", "finetunejobs/status"): {"patch"},
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("ray.io", "rayclusters"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-    ("", "secrets"): {"get"},
+    ("", "events"): {"create"},
+    ("events.k8s.io", "events"): {"create"},
     ("networking.k8s.io", "ingresses"): {"get", "create"},
-}
+    ("", "serviceaccounts"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
+    ("", "configmaps"): {"get", "create", "patch"},
+}  # no secrets, no rayclusters (docs/security.md lists every verb with the code that needs it)
+NETWORK_POLICY_RULE = {("networking.k8s.io", "networkpolicies"): {"get", "create"}}  # only with networkPolicy.enabled
 
 CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -46,6 +49,9 @@ CASES: dict[str, dict[str, Any]] = {
                      "imagePullSecrets": [{"name": "regcred"}]},
     "resources": {"resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "512Mi"}}},
     "existing-service-account": {"serviceAccount": {"create": False, "name": "ops"}, "rbac": {"create": False}},
+    "network-policies-off": {"networkPolicy": {"enabled": False}},
+    "network-policy-namespaces": {"watchNamespaces": ["team-a"],
+                                  "networkPolicy": {"kuberayNamespace": "ray-system", "ingressControllerNamespace": "ingress-nginx"}},
 }
 
 
@@ -139,7 +145,7 @@ def test_rbac_is_least_privilege(chart, case):
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
                     granted.setdefault((group, resource), set()).update(rule["verbs"])
-        assert granted == EXPECTED_RULES
+        assert granted == EXPECTED_RULES | (NETWORK_POLICY_RULE if values["networkPolicy"]["enabled"] else {})
     account = values["serviceAccount"]["name"] or f"{RELEASE}-finetune-operator"
     for binding in bindings:
         assert binding["roleRef"]["name"] == f"{RELEASE}-finetune-operator"
@@ -159,7 +165,8 @@ def test_deployment_matches_values(chart, case):
     scope = [f"--namespace={ns}" for ns in values["watchNamespaces"]] or ["--all-namespaces"]
     assert container["command"] == ["finetune"]
     assert container["args"] == ["operator", *scope, f"--health-port={values['health']['port']}",
-                                 f"--metrics-port={values['metrics']['port']}", f"--log-format={values['logFormat']}"]
+                                 f"--metrics-port={values['metrics']['port']}", f"--log-format={values['logFormat']}",
+                                 *network_policy_args(values["networkPolicy"])]
     assert container["resources"] == values["resources"]
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -170,6 +177,14 @@ def test_deployment_matches_values(chart, case):
     assert pod.get("imagePullSecrets", []) == values["imagePullSecrets"]
     if not values["serviceAccount"]["create"]:
         assert by_kind(objects, "ServiceAccount") == []
+
+
+def network_policy_args(values: dict[str, Any]) -> list[str]:
+    if not values["enabled"]:
+        return ["--no-network-policies"]
+    kuberay = [f"--kuberay-namespace={values['kuberayNamespace'] or 'kuberay-system'}"]
+    return kuberay + ([f"--ingress-controller-namespace={values['ingressControllerNamespace']}"]
+                      if values["ingressControllerNamespace"] else [])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -186,6 +201,11 @@ def test_operator_cli_accepts_the_args(chart, case):
     assert parsed.all_namespaces is (not values["watchNamespaces"])
     assert (parsed.health_port, parsed.metrics_port, parsed.log_format) == (
         values["health"]["port"], values["metrics"]["port"], values["logFormat"])
+    wanted = values["networkPolicy"]
+    assert parsed.network_policies is wanted["enabled"]
+    if wanted["enabled"]:
+        assert parsed.kuberay_namespace == (wanted["kuberayNamespace"] or "kuberay-system")
+        assert parsed.ingress_controller_namespace == (wanted["ingressControllerNamespace"] or None)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -257,12 +277,29 @@ def test_chart_metadata_and_kuberay_dependency():
     {"logFormat": "xml"},
     {"metrics": {"serviceMonitor": {"enabled": "yes"}}},
     {"resources": {"request": {"cpu": "1"}}},
+    {"networkPolicy": {"enabled": "yes"}},
+    {"networkPolicy": {"enable": False}},
+    {"networkPolicy": {"kuberayNamespace": "Kube_Ray"}},
+    {"networkPolicy": {"ingressControllerNamespace": "ingress nginx"}},
 ])
 def test_schema_rejects_bad_values(chart, bad):
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(bad)
     with pytest.raises(helm.HelmValuesError):
         chart.render(values=bad, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(("values", "admitted"), [
+    ({}, "kuberay-system"),  # where docs/install.md installs KubeRay
+    ({"kuberay": {"enabled": True}}, NAMESPACE),  # the dependency runs in the release's namespace
+    ({"kuberay": {"enabled": True}, "networkPolicy": {"kuberayNamespace": "ray-system"}}, "ray-system"),
+])
+def test_network_policies_admit_kuberays_namespace(values, admitted):
+    with helm.Chart.load(CHART) as fresh:  # rendering with the dependency enabled changes the loaded chart
+        objects, _ = render(fresh, values)
+    (deployment,) = by_kind(objects, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--kuberay-namespace")] == [f"--kuberay-namespace={admitted}"]
 
 
 def test_schema_passes_kuberay_values_through(chart):

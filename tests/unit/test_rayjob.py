@@ -14,7 +14,14 @@ import jsonschema
 import pytest
 import yaml
 
-from finetune_operator.rayjob import dashboard_url, driver_manifest, head_service_name, rayjob_name, render_rayjob
+from finetune_operator.rayjob import (
+    dashboard_url,
+    driver_manifest,
+    head_service_name,
+    ray_auth_enabled,
+    rayjob_name,
+    render_rayjob,
+)
 from finetune_operator.structural import to_json_schema
 from finetune_trainer.spec import load_job, parse_job
 from tests.tiny_models import minimal_manifest
@@ -29,6 +36,25 @@ LABELS = {
     "app.kubernetes.io/managed-by": "finetune-operator",
     "finetune.dev/job": "quickstart",
 }
+# the head's ServiceAccount token (trainer_access): projected, refreshed, for the driver's progress ConfigMap only
+TOKEN_MOUNT = {"name": "progress-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True}
+TOKEN_VOLUME = {"name": "progress-token", "projected": {"defaultMode": 0o444, "sources": [
+    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+]}}
+# the restricted Pod Security Standard, as every pod renders it by default (pods.py)
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+SUBMITTER = {"metadata": {"labels": LABELS}, "spec": {
+    "restartPolicy": "Never",
+    "containers": [{
+        "name": "ray-job-submitter", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+        "resources": {"requests": {"cpu": "500m", "memory": "200Mi", "ephemeral-storage": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "securityContext": CONTAINER_SECURITY,
+    }],
+    "automountServiceAccountToken": False, "securityContext": POD_SECURITY,
+}}
 HEAD_PORTS = [
     {"name": "gcs-server", "containerPort": 6379},
     {"name": "dashboard", "containerPort": 8265},
@@ -39,6 +65,11 @@ HEAD_PORTS = [
 
 @pytest.fixture(scope="module")
 def kuberay() -> jsonschema.Draft202012Validator:
+    return kuberay_validator()
+
+
+def kuberay_validator() -> jsonschema.Draft202012Validator:
+    """KubeRay v1.7.0's RayJob CRD schema as a validator (skips the test where the contract is absent)."""
     if not CONTRACT.exists():
         pytest.skip(f"KubeRay's RayJob CRD is not at {CONTRACT} (the shared contracts folder next to the repository)")
     crd = yaml.safe_load(CONTRACT.read_text())
@@ -66,7 +97,7 @@ FULL = {
     "cluster": {
         "image": "registry.example/trainer:dev", "imagePullPolicy": "Always", "imagePullSecrets": ["regcred"],
         "rayVersion": "2.60.0", "serviceAccountName": "trainer", "gpuResource": "nvidia.com/gpu",
-        "head": {"cpus": 2, "memory": "8Gi", "nodeSelector": {"pool": "cpu"}, "priorityClassName": "high",
+        "head": {"cpus": 2, "memory": "8Gi", "nodeSelector": {"pool": "cpu"}, "priorityClassName": "high", "ephemeralStorage": "30Gi",
                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]},
         "workers": {"replicas": 2, "minReplicas": 1, "maxReplicas": 3, "cpus": 4.5, "memory": "32Gi", "gpus": 2,
                     "nodeSelector": {"pool": "gpu"}, "priorityClassName": "batch",
@@ -74,6 +105,10 @@ FULL = {
         "env": [{"name": "HF_HOME", "value": "/cache"}],
         "s3CredentialsSecret": {"name": "s3", "accessKeyIdKey": "id", "secretAccessKeyKey": "secret", "sessionTokenKey": "token"},
         "dashboard": {"ingress": {"host": "ray-unit.example.com", "className": "nginx", "tlsSecretName": "ray-tls"}},
+        "podSecurityContext": {"runAsUser": 2000, "runAsGroup": 2001, "fsGroup": 2002, "supplementalGroups": [2003],
+                               "runAsNonRoot": True, "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/ray.json"}},
+        "containerSecurityContext": {"allowPrivilegeEscalation": False, "privileged": False,
+                                     "capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}},
     },
     "runPolicy": {"suspend": True, "activeDeadlineSeconds": 7200, "backoffLimit": 2, "ttlSecondsAfterFinished": 60},
 }
@@ -86,10 +121,11 @@ def test_quickstart_renders_to_this_rayjob():
     rendered = render_rayjob(load_job(QUICKSTART), owner_uid="0b9f7c1e-uid")
     runtime_env = rendered["spec"].pop("runtimeEnvYAML")
     assert set(yaml.safe_load(runtime_env)) == {"env_vars"}
-    worker_pod = {"metadata": {"labels": LABELS}, "spec": {"containers": [{
+    worker_pod = {"metadata": {"labels": LABELS}, "spec": {"serviceAccountName": "quickstart-ray", "containers": [{
         "name": "ray-worker", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
-        "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}},
-    }]}}
+        "resources": {"requests": {"cpu": "1", "ephemeral-storage": "10Gi"}, "limits": {"cpu": "1"}},
+        "securityContext": CONTAINER_SECURITY,
+    }], "automountServiceAccountToken": False, "securityContext": POD_SECURITY}}
     assert rendered == {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -105,16 +141,27 @@ def test_quickstart_renders_to_this_rayjob():
             "ttlSecondsAfterFinished": 300,
             "backoffLimit": 0,
             "suspend": False,
+            "submitterPodTemplate": SUBMITTER,
             "rayClusterSpec": {
                 "rayVersion": "2.60.0",
+                "authOptions": {"mode": "token"},
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "1"},
                     "headService": {"metadata": {"name": "quickstart-ray-head-svc"}},
-                    "template": {"metadata": {"labels": LABELS}, "spec": {"containers": [{
-                        "name": "ray-head", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
-                        "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}},
-                        "ports": HEAD_PORTS,
-                    }]}},
+                    "template": {"metadata": {"labels": LABELS}, "spec": {
+                        "serviceAccountName": "quickstart-ray",
+                        "containers": [{
+                            "name": "ray-head", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+                            "resources": {"requests": {"cpu": "1", "memory": "4Gi", "ephemeral-storage": "10Gi"},
+                                          "limits": {"cpu": "1", "memory": "4Gi"}},
+                            "ports": HEAD_PORTS,
+                            "env": [{"name": "FINETUNE_PROGRESS_CONFIGMAP", "value": "quickstart-ray-progress"}],
+                            "volumeMounts": [TOKEN_MOUNT],
+                            "securityContext": CONTAINER_SECURITY,
+                        }],
+                        "volumes": [TOKEN_VOLUME],
+                        "automountServiceAccountToken": False, "securityContext": POD_SECURITY,
+                    }},
                 },
                 "workerGroupSpecs": [{
                     "groupName": "workers", "replicas": 2, "minReplicas": 2, "maxReplicas": 2,
@@ -140,6 +187,9 @@ def test_every_cluster_option_reaches_the_rayjob():
         {"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "token"}}},
     ]
     labels = {**LABELS, "app.kubernetes.io/instance": "unit", "finetune.dev/job": "unit"}
+    full_pod = {"runAsNonRoot": True, "runAsUser": 2000, "runAsGroup": 2001, "fsGroup": 2002, "supplementalGroups": [2003],
+                "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/ray.json"}}
+    full_container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}}
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head == {
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "2"},
@@ -147,14 +197,18 @@ def test_every_cluster_option_reaches_the_rayjob():
         "template": {"metadata": {"labels": labels}, "spec": {
             "containers": [{
                 "name": "ray-head", "image": "registry.example/trainer:dev", "imagePullPolicy": "Always",
-                "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
-                "ports": HEAD_PORTS, "env": env,
+                "resources": {"requests": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "30Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
+                "ports": HEAD_PORTS, "env": [*env, {"name": "FINETUNE_PROGRESS_CONFIGMAP", "value": "unit-ray-progress"}],
+                "volumeMounts": [TOKEN_MOUNT],
+                "securityContext": full_container,
             }],
+            "volumes": [TOKEN_VOLUME],
             "serviceAccountName": "trainer",
             "imagePullSecrets": [{"name": "regcred"}],
             "nodeSelector": {"pool": "cpu"},
             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
             "priorityClassName": "high",
+            "automountServiceAccountToken": False, "securityContext": full_pod,
         }},
     }
     (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
@@ -165,15 +219,22 @@ def test_every_cluster_option_reaches_the_rayjob():
         "template": {"metadata": {"labels": labels}, "spec": {
             "containers": [{
                 "name": "ray-worker", "image": "registry.example/trainer:dev", "imagePullPolicy": "Always",
-                "resources": {"requests": gpu, "limits": gpu}, "env": env,
+                "resources": {"requests": {**gpu, "ephemeral-storage": "66Gi"}, "limits": gpu}, "env": env,  # 2 x 32Gi + 2Gi
+                "securityContext": full_container,
             }],
             "serviceAccountName": "trainer",
             "imagePullSecrets": [{"name": "regcred"}],
             "nodeSelector": {"pool": "gpu"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}],
             "priorityClassName": "batch",
+            "automountServiceAccountToken": False, "securityContext": full_pod,
         }},
     }
+    submitter = spec["submitterPodTemplate"]["spec"]
+    assert submitter["imagePullSecrets"] == [{"name": "regcred"}]
+    assert (submitter["securityContext"], submitter["containers"][0]["securityContext"]) == (full_pod, full_container)
+    assert submitter["containers"][0]["image"] == "registry.example/trainer:dev"
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
 
 
 def test_secrets_are_only_referenced():
@@ -193,6 +254,7 @@ CASES = {
                                           storage_env=[{"name": "AWS_ENDPOINT_URL", "value": "http://s3:9000"}]),
     "long-name": lambda: render_rayjob(parse_job({**minimal_manifest(), "metadata": {"name": "9" + "a" * 62, "namespace": "ml"}})),
     "gpu-defaults": lambda: render_rayjob(job(resources={"workers": 2, "gpusPerWorker": 1})),
+    "auth-disabled": lambda: render_rayjob(job(cluster={"auth": "disabled"})),
 }
 
 
@@ -304,3 +366,24 @@ def test_the_manifest_survives_kuberays_shell_command_line(monkeypatch):
     received = load_job("env:FINETUNE_MANIFEST")
     assert received == original
     assert received.spec.freezing.trainable_patterns == patterns
+
+
+# --- Ray token authentication ------------------------------------------------------------------
+
+
+def test_token_auth_is_the_default_and_disabled_only_when_written():
+    default, disabled = render_rayjob(job()), render_rayjob(job(cluster={"auth": "disabled"}))
+    assert default["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert "authOptions" not in disabled["spec"]["rayClusterSpec"]
+    assert (ray_auth_enabled(default), ray_auth_enabled(disabled), ray_auth_enabled(None)) == (True, False, False)
+    # everything else is the same job: auth changes nothing but authOptions
+    del default["spec"]["rayClusterSpec"]["authOptions"]
+    default["spec"].pop("runtimeEnvYAML"), disabled["spec"].pop("runtimeEnvYAML")
+    assert default == disabled
+
+
+def test_token_auth_leaves_the_token_to_kuberay():
+    """KubeRay creates the Secret and the RAY_AUTH_* env from authOptions; a token of ours in the
+    RayJob would be readable by anyone who may read RayJobs."""
+    rendered = json.dumps(render_rayjob(job(**FULL)))
+    assert "RAY_AUTH" not in rendered and "secretName" not in rendered

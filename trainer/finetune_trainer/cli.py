@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"spec.storage defaults to {EMBEDDED_URI}")
     args = parser.parse_args(argv)
     try:
-        job = load_job(args.manifest, args.overrides)
+        # validate checks a manifest as the operator will; a local run may use this machine's addresses
+        job = load_job(args.manifest, args.overrides, for_cluster=args.command == "validate")
         if args.command == "validate":
             return _validate(job, static=args.static)
         resume = "latest" if args.resume else None

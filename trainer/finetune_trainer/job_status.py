@@ -1,8 +1,9 @@
 """status.json: the small progress object the operator mirrors into `FineTuneJob.status`.
 
 The driver writes it next to the job's runs (a local folder, or the job's S3 prefix) whenever a
-trial starts or ends and at every evaluation. The operator reads it on a timer, so training pods
-need no Kubernetes API rights at all. Its shape is a contract with
+trial starts or ends and at every evaluation, and on Kubernetes also into the job's progress
+ConfigMap (kube_progress), which the operator reads on a timer: the operator needs neither the
+job's storage credentials nor a connection to its storage. Its shape is a contract with
 finetune_operator (see the progress reader there); keys are camelCase like the status they feed.
 """
 
@@ -74,19 +75,29 @@ def invalid(job_name: str, *, kind: str, problems: list[tuple[str, str]]) -> dic
 
 
 class StatusPublisher:
-    """Best effort: a status write that fails is reported once and never stops training."""
+    """Best effort: a status write that fails is reported once per destination and never stops
+    training. Destinations: the job's storage (for people and `finetune run`), and on Kubernetes
+    the job's progress ConfigMap (what the operator reads: kube_progress)."""
 
-    def __init__(self, write: Callable[[dict[str, Any]], None]):
-        self.write = write
-        self.warned = False
+    def __init__(self, *writes: Callable[[dict[str, Any]], None]):
+        self.writes = writes
+        self.warned: set[int] = set()
+
+    @classmethod
+    def for_job(cls, store_write: Callable[[dict[str, Any]], None]) -> StatusPublisher:
+        from .kube_progress import ConfigMapWriter
+
+        in_cluster = ConfigMapWriter.from_environment()
+        return cls(store_write, *([in_cluster] if in_cluster else []))
 
     def publish(self, status: dict[str, Any]) -> None:
-        try:
-            self.write(status)
-        except Exception as err:  # a full disk or a storage hiccup must not end a run
-            if not self.warned:
-                print(f"[finetune] could not write {STATUS_FILE} ({err}); training continues", file=sys.stderr, flush=True)
-                self.warned = True
+        for i, write in enumerate(self.writes):
+            try:
+                write(status)
+            except Exception as err:  # a full disk or a storage hiccup must not end a run
+                if i not in self.warned:
+                    print(f"[finetune] could not write {STATUS_FILE} ({err}); training continues", file=sys.stderr, flush=True)
+                    self.warned.add(i)
 
 
 def store_writer(store, key: str) -> Callable[[dict[str, Any]], None]:

@@ -118,7 +118,7 @@ def run(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = 
     run_id = run_id or new_run_id()
     resume_from, resumed_step = persistence.resume_from(resume_mode(job, resume))
     tracker = ProgressTracker.remote()
-    publisher = StatusPublisher(persistence.status_writer())
+    publisher = StatusPublisher.for_job(persistence.status_writer())
     shared = shared_config(prepared, tracker) | {"resume_from": resume_from}
     trainer = make_trainer(job, shared, persistence=persistence, storage_path=persistence.storage_path, name=run_id)
     listeners = [_status_listener(job, run_id, publisher), *([on_progress] if on_progress else [])]
@@ -157,7 +157,7 @@ def prepare_reporting(job: FineTuneJob, persistence: Persistence) -> Prepared:
         return prepare_job(job)
     except SpecError as err:
         kind = "search" if job.spec.search is not None else "single"
-        StatusPublisher(persistence.status_writer()).publish(job_status.invalid(job.name, kind=kind, problems=err.problems))
+        StatusPublisher.for_job(persistence.status_writer()).publish(job_status.invalid(job.name, kind=kind, problems=err.problems))
         raise
 
 

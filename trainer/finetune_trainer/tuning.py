@@ -67,7 +67,7 @@ def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | 
     concurrency = trials_that_fit(job, ray.cluster_resources())
     tracker = ProgressTracker.remote()
     totals = TrialTotals(job, len(prepared.data.train))
-    publisher = StatusPublisher(persistence.status_writer())
+    publisher = StatusPublisher.for_job(persistence.status_writer())
     tuner = build_tuner(job, shared_config(prepared, tracker), persistence, run_id, concurrency, totals, tracker, publisher,
                         restore=restore is not None)
     gate = halving.start_gate(run_id, concurrency) if search.scheduler.type == "successiveHalving" else None

@@ -61,37 +61,49 @@ namespace or into one ClusterRole. No wildcards. Deliberately absent:
   - customresourcedefinitions: kopf finds resources through API discovery (no RBAC needed); the
     CRD watch only notices CRDs installed after it started (it logs a warning and goes on without).
     Install KubeRay first, or restart the operator after installing it.
-  - secrets list/watch: `get` of the one Secret a job names is enough (the operator checks it
-    exists and reads the job's progress from S3 with it); its name is chosen per job, so
-    resourceNames cannot narrow it.
+  - secrets: none at all. The operator never reads a Secret: a job's credentials reach its pods as
+    secretKeyRef, and its progress comes through the job's ConfigMap (docs/security.md).
+  - rayclusters: KubeRay owns them; the operator reads only its RayJobs' status.
+  - update on finetunejobs (and get/update on their status): kopf and the handlers only patch.
   - kopfpeerings: --standalone.
   - ingresses list/watch/patch/delete: a job's dashboard Ingress (spec.cluster.dashboard.ingress)
     is got by its deterministic name or created, never changed, and Kubernetes' garbage collector
-    deletes it with the FineTuneJob that owns it.
+    deletes it with the FineTuneJob that owns it. The same for networkpolicies (the job's
+    NetworkPolicy), granted only with networkPolicy.enabled, and for the job's progress objects
+    (ServiceAccount, ConfigMap, Role, RoleBinding: trainer_access.py). configmaps `patch` is there
+    only because RBAC lets nobody grant a right it lacks: the job's Role may patch its one ConfigMap.
 */}}
 {{- define "finetune-operator.rules" -}}
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: ["ray.io"]
-  resources: ["rayclusters"]
-  verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
+  verbs: ["create"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["ingresses"]
   verbs: ["get", "create"]
+{{- if .Values.networkPolicy.enabled }}
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
+{{- end }}
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
 {{- end }}

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import SpecModel
+from .network import NetworkSpec
+from .pod_security import ContainerSecurityContextSpec, PodSecurityContextSpec
 
 Problems = Iterator[tuple[str, str]]
 
@@ -29,9 +31,25 @@ _QUANTITY = re.compile(QUANTITY_PATTERN)
 _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 MANIFEST_ENV = "FINETUNE_MANIFEST"  # the FineTuneJob, as JSON, for the driver (`run env:FINETUNE_MANIFEST`)
-RESERVED_ENV = (MANIFEST_ENV,)
+# the ConfigMap the driver writes status.json into, through the job's own ServiceAccount (kube_progress)
+PROGRESS_CONFIGMAP_ENV = "FINETUNE_PROGRESS_CONFIGMAP"
+RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")  # KubeRay sets them from authOptions
+RESERVED_ENV = (MANIFEST_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what the API server accepts for container env names
+_CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AWS_SECURITY")
+
+
+RAY_AUTH_MIN_VERSION = (2, 52, 0)  # Ray's token authentication (RAY_AUTH_MODE=token) first shipped in 2.52.0
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """`2.60.0` -> (2, 60, 0); the numeric prefix of each part (`2.53.0rc1` -> (2, 53, 0))."""
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = re.match(r"\d*", part).group()  # type: ignore[union-attr]
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def memory_bytes(quantity: str) -> int:
@@ -62,9 +80,40 @@ class Toleration(SpecModel):
     toleration_seconds: int | None = Field(default=None, ge=0, description="NoExecute: how long the pod stays after the taint appears.")
 
 
+class SecretKeySelector(SpecModel):
+    """A key of a Secret in the job's namespace (core/v1 SecretKeySelector)."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(min_length=1, max_length=253, description="Key in the Secret.")
+
+
+class EnvVarSource(SpecModel):
+    secret_key_ref: SecretKeySelector = Field(description="The value from a key of a Secret in the job's namespace.")
+
+
 class EnvVar(SpecModel):
     name: str = Field(min_length=1, pattern=_ENV_NAME, description="Variable name.")
-    value: str = Field(default="", description="Literal value (secrets belong in s3CredentialsSecret, never here).")
+    value: str = Field(default="", description="Literal value. Credentials (tokens, keys, passwords) are refused here: use valueFrom.")
+    value_from: EnvVarSource | None = Field(
+        default=None, description="The value from a Secret (secretKeyRef): it reaches the pods as a reference, never copied into the RayJob.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if self.value and self.value_from is not None:
+            raise ValueError("give value or valueFrom, not both")
+        return self
+
+    def as_container_env(self) -> dict[str, Any]:
+        if self.value_from is not None:
+            ref = self.value_from.secret_key_ref
+            return {"name": self.name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        return {"name": self.name, "value": self.value}
+
+
+def credential_name(name: str) -> bool:
+    """An environment variable whose value is a credential, by the names tools read them from
+    (AWS_SECRET_ACCESS_KEY, HF_TOKEN, WANDB_API_KEY, MLFLOW_TRACKING_PASSWORD, ...)."""
+    return name.upper() in S3_ENV or _CREDENTIAL_NAME.search(name.upper()) is not None
 
 
 class S3CredentialsSecret(SpecModel):
@@ -84,6 +133,17 @@ class _GroupSpec(SpecModel):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
     priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
+    ephemeral_storage: str | None = Field(
+        default=None, description="Local disk the pod requests (ephemeral-storage; a request, no limit) for Ray's logs and the "
+        "checkpoint each worker builds in /tmp before uploading it. Default: twice the pod's memory plus 2Gi, at least 10Gi; "
+        "GPU workers: set about 16 bytes per trained parameter per pod.", json_schema_extra=_MEMORY_SCHEMA)
+
+    @field_validator("ephemeral_storage")
+    @classmethod
+    def _disk(cls, value: str | None) -> str | None:
+        if value is not None and memory_bytes(_memory(value) or "0") < 2**30:
+            raise ValueError("under 1Gi: Ray's own logs and session files need more; write e.g. 20Gi")
+        return value
 
 
 class HeadGroupSpec(_GroupSpec):
@@ -133,13 +193,16 @@ class WorkerGroupSpec(_GroupSpec):
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _DNS_NAME = re.compile(DNS_NAME_PATTERN)
 _IPV4 = re.compile(r"^[0-9]+(\.[0-9]+){3}$")
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a namespace name (RFC 1123 label)
+_DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
 
 
 class DashboardIngress(SpecModel):
     """An Ingress per job for its Ray dashboard, so status.dashboardURL opens in a browser without
     a port-forward. The operator creates it next to the RayJob, owned by the FineTuneJob (deleted
-    with it); an Ingress controller must already run in the cluster. The dashboard has no login and
-    can run code on the cluster: put an authenticating proxy in front (annotations)."""
+    with it); an Ingress controller must already run in the cluster. The dashboard can run code on
+    the cluster: it is served over TLS only (tlsSecretName is required), and an authenticating proxy
+    belongs in front of it (annotations, e.g. nginx's auth-url to an oauth2-proxy)."""
 
     host: str = Field(
         min_length=1, max_length=253, description="DNS name the dashboard is served at, e.g. ray-myjob.example.com (no wildcard, no IP address).",
@@ -155,9 +218,40 @@ class DashboardIngress(SpecModel):
         default="/", min_length=1, max_length=1024, pattern=r"^/\S*$",
         description="Path prefix (pathType Prefix). A path other than / needs the controller to strip it before the dashboard (e.g. a rewrite-target annotation).",
     )
-    tls_secret_name: str | None = Field(
-        default=None, min_length=1, max_length=253, description="Secret with the TLS certificate for host; set, the dashboard URL is https."
+    tls_secret_name: str = Field(
+        min_length=1, max_length=253,
+        description="Secret (kubernetes.io/tls) with the certificate for host, e.g. issued by cert-manager; the dashboard URL is https. "
+                    "Required: over plain HTTP the Ray token and the job's control would cross the network readable.",
     )
+    controller_namespace: str | None = Field(
+        default=None, min_length=1, max_length=63, json_schema_extra={"pattern": DNS_LABEL_PATTERN},
+        description="Namespace of the Ingress controller's pods: the job's NetworkPolicy admits them to the dashboard "
+                    "port (8265) only. Default: the operator's (chart value networkPolicy.ingressControllerNamespace).",
+    )
+
+    @field_validator("controller_namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        if value is not None and not _DNS_LABEL.match(value):
+            raise ValueError("not a namespace name: lowercase letters, digits and '-', e.g. ingress-nginx")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_given(cls, data: Any) -> Any:
+        # a missing tlsSecretName reaches its own check (the fix in the message), not pydantic's bare "missing"
+        if isinstance(data, dict) and "tlsSecretName" not in data and "tls_secret_name" not in data:
+            return {**data, "tlsSecretName": None}
+        return data
+
+    @field_validator("tls_secret_name", mode="before")
+    @classmethod
+    def _tls_required(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("required: the dashboard is served over TLS only; create a kubernetes.io/tls Secret for "
+                             "host in the job's namespace (kubectl create secret tls, or a cert-manager Certificate) "
+                             "and name it here")
+        return value
 
     @field_validator("host")
     @classmethod
@@ -191,6 +285,16 @@ class ClusterSpec(SpecModel):
         default=None, description="Secret with S3 credentials, passed to the pods as env from the Secret."
     )
     dashboard: DashboardSpec = Field(default_factory=DashboardSpec, description="How the Ray dashboard is reached: optionally an Ingress per job.")
+    network: NetworkSpec = Field(
+        default_factory=NetworkSpec, description="The job's NetworkPolicy: where the Ray pods may connect to (who may connect to them is fixed).")
+    auth: Literal["token", "disabled"] = Field(
+        default="token", description="Ray's token authentication (KubeRay authOptions): token makes the dashboard, job API and GCS "
+        "require the token KubeRay keeps in a Secret named after the RayCluster; disabled lets anyone who reaches the head's ports "
+        "submit jobs and run code, and the FineTuneJob carries a RayAuthDisabled condition.")
+    pod_security_context: PodSecurityContextSpec = Field(
+        default_factory=PodSecurityContextSpec, description="Pod securityContext of the Ray and submitter pods, within the restricted Pod Security Standard.")
+    container_security_context: ContainerSecurityContextSpec = Field(
+        default_factory=ContainerSecurityContextSpec, description="Container securityContext of the Ray and submitter containers, within the restricted Pod Security Standard.")
 
     def check(self, workers: int, cpus_per_worker: float, gpus_per_worker: float, memory_hungry: str | None) -> Problems:
         """Can the worker group hold one trial's Ray Train workers? Paths are under spec.cluster.
@@ -225,11 +329,19 @@ class ClusterSpec(SpecModel):
                 )
         names = [e.name for e in self.env]
         reserved = set(RESERVED_ENV) | (set(S3_ENV) if self.s3_credentials_secret else set())
+        for i, var in enumerate(self.env):
+            if var.value and credential_name(var.name):
+                # whether or not a Secret is set: a literal lands in the RayJob, `kubectl get -o yaml` and Git
+                yield f"env[{i}].value", (f"{var.name} holds a credential: a literal value would be stored in the "
+                                          "RayJob and in Git; use valueFrom.secretKeyRef {name, key} of a Secret")
         for i, name in enumerate(names):
             if name in reserved:
                 yield f"env[{i}].name", f"{name} is set by the operator" + (" from s3CredentialsSecret" if name in S3_ENV else "")
             elif name in names[:i]:
                 yield f"env[{i}].name", f"{name} is already set by env[{names.index(name)}]"
+        if self.auth == "token" and _version(self.ray_version) < RAY_AUTH_MIN_VERSION:
+            yield "auth", (f"token authentication needs Ray {'.'.join(map(str, RAY_AUTH_MIN_VERSION))} or newer in the image, "
+                           f"rayVersion is {self.ray_version}: use a newer image (and rayVersion), or auth: disabled")
         if memory_hungry and group.memory is None:
             yield "workers.memory", (
                 f"with {memory_hungry} DeepSpeed holds model state in CPU memory: request it with workers.memory "

@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from .base import SpecError, SpecModel
 from .cluster import ClusterSpec, RunPolicySpec
+from .exposure import cluster_problems
 from .model import DataSpec, ModelSpec
 from .runtime import DeepSpeedSpec, OutputSpec, ResourcesSpec
 from .search import SearchSpec, space_problems
@@ -159,8 +160,10 @@ class FineTuneJob(SpecModel):
         return self.metadata.name
 
 
-def parse_job(document: dict[str, Any]) -> FineTuneJob:
-    """Validate a manifest dict completely: fields, then cross-field rules. Raises SpecError."""
+def parse_job(document: dict[str, Any], *, for_cluster: bool = False) -> FineTuneJob:
+    """Validate a manifest dict completely: fields, then cross-field rules. Raises SpecError.
+
+    `for_cluster`: also the rules of a shared cluster (exposure.py), which a local run needs not."""
     if not isinstance(document, dict):
         raise SpecError([("<manifest>", "expected a mapping with apiVersion, kind, metadata and spec")])
     try:
@@ -170,6 +173,10 @@ def parse_job(document: dict[str, Any]) -> FineTuneJob:
     except ValidationError as err:
         raise SpecError.from_validation_error(err) from None
     problems = job.spec.problems()
+    if job.spec.storage is not None:  # needs the job's namespace and name: a rule of the whole manifest
+        problems += job.spec.storage.resume_problems(job.metadata.namespace, job.name)
+    if for_cluster:
+        problems += list(cluster_problems(job.spec))
     if problems:
         raise SpecError(problems)
     return job
@@ -223,5 +230,5 @@ def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str,
     return result
 
 
-def load_job(path: str | Path, overrides: list[str] | None = None) -> FineTuneJob:
-    return parse_job(apply_overrides(load_document(path), overrides or []))
+def load_job(path: str | Path, overrides: list[str] | None = None, *, for_cluster: bool = False) -> FineTuneJob:
+    return parse_job(apply_overrides(load_document(path), overrides or []), for_cluster=for_cluster)
