@@ -7,8 +7,14 @@ name. Its name is deterministic, `<rayjob>-dashboard` (`<job>-ray-dashboard`), s
 gets or creates it and a restart never makes a second one; the FineTuneJob owns it (controller
 reference), so Kubernetes' garbage collector deletes it with the job: the operator never does.
 
-With an Ingress, `status.dashboardURL` is its URL (`https://host/path` when `tlsSecretName` is
-set, else `http://`); without one, the head Service's in-cluster address (rayjob.dashboard_url).
+TLS is not optional: whoever holds the dashboard's address can submit code to the job's cluster, and
+the Ray token (KubeRay's authOptions) travels in each request, so the spec requires `tlsSecretName`
+and the Ingress always carries a `tls` section. Authentication in front of it (e.g. nginx's
+`auth-url` to an oauth2-proxy) is the user's, through `annotations`. The job's NetworkPolicy admits
+the Ingress controller's namespace to the dashboard port (networkpolicy.py).
+
+With an Ingress, `status.dashboardURL` is its URL, `https://host/path`; without one, the head
+Service's in-cluster address (rayjob.dashboard_url).
 """
 
 from __future__ import annotations
@@ -45,8 +51,7 @@ def render_dashboard_ingress(job: FineTuneJob, *, owner_uid: str | None = None) 
     if want.class_name:
         spec["ingressClassName"] = want.class_name
     spec["rules"] = [{"host": want.host, "http": {"paths": [{"path": want.path, "pathType": PATH_TYPE, "backend": backend}]}}]
-    if want.tls_secret_name:
-        spec["tls"] = [{"hosts": [want.host], "secretName": want.tls_secret_name}]
+    spec["tls"] = [{"hosts": [want.host], "secretName": want.tls_secret_name}]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta, "spec": spec}
 
 
@@ -56,4 +61,4 @@ def dashboard_url(job: FineTuneJob) -> str:
     want = job.spec.cluster.dashboard.ingress
     if want is None:
         return service_dashboard_url(job)
-    return f"{'https' if want.tls_secret_name else 'http'}://{want.host}{want.path}"
+    return f"https://{want.host}{want.path}"

@@ -45,6 +45,8 @@ def unknown_fields(obj: Any, model: str, where: str) -> list[str]:
         return [p for i, item in enumerate(obj) for p in unknown_fields(item, model[5:-1], f"{where}[{i}]")]
     if model.lower().startswith(("dict(", "dict[")):
         return [] if isinstance(obj, dict) and all(isinstance(v, str) for v in obj.values()) else [f"{where}: not a map of strings"]
+    if model == "object":  # IntOrString (a NetworkPolicy's port)
+        return [] if type(obj) in (int, str) else [f"{where}: {obj!r} is neither int nor str"]
     if model in {"str", "int", "bool"}:
         return [] if type(obj).__name__ == model else [f"{where}: {obj!r} is not {model}"]
     cls = getattr(kubernetes.client, model)
@@ -86,17 +88,42 @@ def test_the_whole_ingress():
     assert dashboard_url(job(INGRESS)) == "https://ray-unit.example.com/"
 
 
+MINIMAL = {"host": "ray.example.com", "tlsSecretName": "ray-tls"}
+
+
 def test_the_minimal_ingress_takes_defaults():
-    rendered = render_dashboard_ingress(job({"host": "ray.example.com", "path": "/ray/unit"}))
+    rendered = render_dashboard_ingress(job({**MINIMAL, "path": "/ray/unit"}))
     assert "ownerReferences" not in rendered["metadata"] and "annotations" not in rendered["metadata"]
     assert rendered["spec"] == {"rules": [{"host": "ray.example.com", "http": {"paths": [{
         "path": "/ray/unit", "pathType": "Prefix",
-        "backend": {"service": {"name": "unit-ray-head-svc", "port": {"number": 8265}}}}]}}]}
-    assert dashboard_url(job({"host": "ray.example.com", "path": "/ray/unit"})) == "http://ray.example.com/ray/unit"
-    assert job({"host": "ray.example.com"}).spec.cluster.dashboard.ingress.path == "/"
+        "backend": {"service": {"name": "unit-ray-head-svc", "port": {"number": 8265}}}}]}}],
+        "tls": [{"hosts": ["ray.example.com"], "secretName": "ray-tls"}]}
+    assert dashboard_url(job({**MINIMAL, "path": "/ray/unit"})) == "https://ray.example.com/ray/unit"
+    assert job(MINIMAL).spec.cluster.dashboard.ingress.path == "/"
 
 
-@pytest.mark.parametrize("ingress", [INGRESS, {"host": "ray.example.com"}], ids=["every-option", "minimal"])
+@pytest.mark.parametrize("ingress", [{"host": "ray.example.com"}, {"host": "ray.example.com", "tlsSecretName": None}],
+                         ids=["absent", "null"])
+def test_an_ingress_without_tls_is_refused_with_the_fix(ingress):
+    """Plain HTTP would carry the dashboard (which runs code on the cluster) and its token readable."""
+    with pytest.raises(SpecError) as info:
+        job(ingress)
+    [(path, message)] = info.value.problems
+    assert path == "spec.cluster.dashboard.ingress.tlsSecretName"
+    assert "TLS only" in message and "kubectl create secret tls" in message and "cert-manager" in message
+
+
+def test_the_crd_requires_tls_too():
+    """So `kubectl apply` refuses it before the operator sees it."""
+    from finetune_operator.crd import build_crd
+
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    ingress = spec["properties"]["cluster"]["properties"]["dashboard"]["properties"]["ingress"]
+    assert set(ingress["required"]) == {"host", "tlsSecretName"}
+    assert "nullable" not in ingress["properties"]["tlsSecretName"]
+
+
+@pytest.mark.parametrize("ingress", [INGRESS, MINIMAL], ids=["every-option", "minimal"])
 def test_every_field_is_the_real_ingress_apis(ingress):
     assert api_problems(render_dashboard_ingress(job(ingress), owner_uid="uid"), "V1Ingress") == []
 
@@ -113,7 +140,7 @@ def test_the_api_check_catches_a_misspelt_field():
 @pytest.mark.parametrize("name", ["unit", "9lives", "a" * 63])
 def test_the_name_follows_the_rayjobs(name):
     assert ingress_name(name) == f"{rayjob_name(name)}-dashboard"
-    rendered = render_dashboard_ingress(job({"host": "x.example.com"}, name=name))
+    rendered = render_dashboard_ingress(job({**MINIMAL, "host": "x.example.com"}, name=name))
     assert rendered["metadata"]["name"] == ingress_name(name)
     assert rendered["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == head_service_name(name)
     assert re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", ingress_name(name)) and len(ingress_name(name)) <= 253
@@ -126,10 +153,11 @@ def test_the_name_follows_the_rayjobs(name):
     ({"host": "10.0.0.1"}, "spec.cluster.dashboard.ingress.host"),
     ({"host": "ray.example.com", "path": "ray"}, "spec.cluster.dashboard.ingress.path"),
     ({"host": "ray.example.com", "tls": "x"}, "spec.cluster.dashboard.ingress.tls"),
+    ({"host": "ray.example.com", "tlsSecretName": ""}, "spec.cluster.dashboard.ingress.tlsSecretName"),
 ])
 def test_a_bad_ingress_is_a_spec_problem_at_its_field(ingress, path):
     with pytest.raises(SpecError) as info:
-        job(ingress)
+        job({"tlsSecretName": "ray-tls", **ingress})
     assert [p for p, _ in info.value.problems] == [path]
 
 
@@ -138,8 +166,9 @@ def test_render_prints_the_ingress_as_a_second_document(tmp_path, capsys):
     doc = {**minimal_manifest(cluster={"dashboard": {"ingress": INGRESS}}), "metadata": {"name": "unit", "namespace": "ml"}}
     manifest.write_text(yaml.safe_dump(doc))
     assert main(["render", str(manifest), "--owner-uid", "uid-1"]) == 0
-    rayjob, ingress = yaml.safe_load_all(capsys.readouterr().out)
+    rayjob, ingress, policy = yaml.safe_load_all(capsys.readouterr().out)
     assert rayjob["kind"] == "RayJob" and ingress == render_dashboard_ingress(job(INGRESS), owner_uid="uid-1")
+    assert policy["kind"] == "NetworkPolicy"
     manifest.write_text(yaml.safe_dump({**doc, "spec": minimal_manifest()["spec"]}))
     assert main(["render", str(manifest)]) == 0
-    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["RayJob"]
+    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["RayJob", "NetworkPolicy"]

@@ -34,7 +34,8 @@ def test_render_prints_the_rayjob(capsys):
     assert main(["render", str(QUICKSTART), "--owner-uid", "abc", "--set", "cluster.workers.memory=2Gi"]) == 0
     out = capsys.readouterr().out
     expected = render_rayjob(load_job(QUICKSTART, ["cluster.workers.memory=2Gi"]), owner_uid="abc")
-    assert yaml.safe_load(out) == expected
+    rayjob, policy = yaml.safe_load_all(out)  # and the NetworkPolicy (tests/unit/test_networkpolicy.py)
+    assert rayjob == expected and policy["kind"] == "NetworkPolicy"
     assert "runtimeEnvYAML: |" in out  # the driver's manifest reads as a block, not an escaped string
 
 
@@ -77,4 +78,4 @@ def test_python_dash_m_style_entry_runs_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-m", "finetune_operator.cli", "render", str(QUICKSTART)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert yaml.safe_load(done.stdout)["metadata"]["name"] == "quickstart-ray"
+    assert next(yaml.safe_load_all(done.stdout))["metadata"]["name"] == "quickstart-ray"
