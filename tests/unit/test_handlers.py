@@ -17,6 +17,7 @@ from finetune_operator.changes import immutable_changes, mutable_patch
 from finetune_operator.handlers import Operator, OperatorConfig, newer_spec_waits, status_patch
 from finetune_operator.kube import KubeApi
 from finetune_operator.metrics import Metrics
+from finetune_operator.networkpolicy import render_network_policy
 from finetune_operator.rayjob import render_rayjob
 from finetune_operator.status_model import FineTuneJobStatus, Phase
 from finetune_trainer.spec import parse_job
@@ -45,6 +46,7 @@ class FakeKube:
         self.status_patches: list[dict[str, Any]] = []
         self.conflicts = 0  # how many status writes answer 409 Conflict
         self.ingresses: dict[str, dict[str, Any]] = {}
+        self.network_policies: dict[str, dict[str, Any]] = {}
         self.deleted: list[str] = []
 
     def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -72,6 +74,13 @@ class FakeKube:
             return copy.deepcopy(self.ingresses[name]), False
         self.ingresses[name] = copy.deepcopy(ingress)
         return copy.deepcopy(ingress), True
+
+    def get_or_create_network_policy(self, policy: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        name = policy["metadata"]["name"]
+        if name in self.network_policies:
+            return copy.deepcopy(self.network_policies[name]), False
+        self.network_policies[name] = copy.deepcopy(policy)
+        return copy.deepcopy(policy), True
 
     def patch_rayjob_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         self.spec_patches.append(dict(spec))
@@ -154,7 +163,57 @@ def test_create_makes_one_owned_rayjob_and_records_it(operator: Operator, kube: 
     assert kube.created == ["quickstart-ray"] and len(events) == 1 and again == {}
 
 
-DASHBOARD_INGRESS = {"host": "ray-quickstart.example.com", "className": "nginx", "tlsSecretName": "ray-tls"}
+DASHBOARD_INGRESS = {"host": "ray-quickstart.example.com", "className": "nginx", "tlsSecretName": "ray-tls",
+                     "controllerNamespace": "ingress-nginx"}
+
+
+def test_the_network_policy_is_made_before_the_rayjob_and_owned_by_the_job(operator: Operator, kube: FakeKube,
+                                                                          events: list) -> None:
+    status = reconcile(operator, body())
+    policy = kube.network_policies["quickstart-ray-netpol"]
+    assert policy == render_network_policy(parse_job(body()), owner_uid=UID, kuberay_namespace="kuberay-system")
+    assert not [e for e in events if "NetworkPolicy" in e[2] or e[1] == "DashboardUnreachable"]  # no news: every job has one
+    assert reconcile(operator, body(status=status)) == {} and list(kube.network_policies) == ["quickstart-ray-netpol"]
+    # gone while the run runs (deleted by hand): the next look makes it again, the RayJob stays the one
+    kube.network_policies.clear()
+    reconcile(operator, body(status=status))
+    assert list(kube.network_policies) == ["quickstart-ray-netpol"] and kube.created == ["quickstart-ray"]
+
+
+def test_a_policy_the_job_does_not_own_holds_the_rayjob_back(operator: Operator, kube: FakeKube) -> None:
+    """An earlier job of the same name left its policy (the garbage collector has not got to it):
+    trusting it would leave the new pods unguarded once it goes, so no RayJob until it has gone."""
+    stale = render_network_policy(parse_job(body()), owner_uid="uid-of-an-earlier-job")
+    kube.network_policies[stale["metadata"]["name"]] = stale
+    with pytest.raises(kopf.TemporaryError, match="NetworkPolicy quickstart-ray-netpol exists and is not owned"):
+        reconcile(operator, body())
+    assert kube.created == []
+    del kube.network_policies[stale["metadata"]["name"]]
+    reconcile(operator, body())
+    assert kube.created == ["quickstart-ray"]
+    assert kube.network_policies["quickstart-ray-netpol"]["metadata"]["ownerReferences"][0]["uid"] == UID
+
+
+def test_no_policy_when_turned_off(kube: FakeKube, progress: FakeProgress) -> None:
+    off = Operator(kube=kube, progress=progress, metrics=Metrics(), config=OperatorConfig(network_policies=False),  # type: ignore[arg-type]
+                   clock=lambda: NOW, post_event=lambda *_: None)
+    reconcile(off, body())
+    assert kube.created == ["quickstart-ray"] and kube.network_policies == {}
+
+
+@pytest.mark.parametrize(("configured", "warned"), [(None, True), ("ingress-nginx", False)])
+def test_an_ingress_whose_controller_namespace_nobody_named_is_warned_about(kube: FakeKube, progress: FakeProgress,
+                                                                            configured: str | None, warned: bool) -> None:
+    events: list[tuple[str, str]] = []
+    config = OperatorConfig(kuberay_namespace="ray", ingress_controller_namespace=configured)
+    op = Operator(kube=kube, progress=progress, metrics=Metrics(), config=config,  # type: ignore[arg-type]
+                  clock=lambda: NOW, post_event=lambda obj, kind, reason, message: events.append((kind, reason)))
+    ingress = {k: v for k, v in DASHBOARD_INGRESS.items() if k != "controllerNamespace"}
+    reconcile(op, body(cluster={"dashboard": {"ingress": ingress}}))
+    assert (("Warning", "DashboardUnreachable") in events) is warned
+    admitted = [r["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                for r in kube.network_policies["quickstart-ray-netpol"]["spec"]["ingress"] if "namespaceSelector" in r["from"][0]]
+    assert admitted == ["ray", *([configured] if configured else [])]
 
 
 def test_a_dashboard_ingress_is_got_or_created_with_the_rayjob(operator: Operator, kube: FakeKube, events: list) -> None:
