@@ -126,6 +126,17 @@ def s3_secret(kubectl: Kubectl, namespace: str, s3: Any, name: str = "s3") -> No
             f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
 
 
+def trainer_reports(kube_api: Any, namespace: str, job_name: str, status: dict[str, Any]) -> None:
+    """Play the trainer: the driver's own ConfigMapWriter patches the job's progress ConfigMap, as
+    the job's ServiceAccount would in the head pod (here with the emulator's token, over http)."""
+    from finetune_operator.trainer_access import progress_name
+    from finetune_trainer.kube_progress import ConfigMapWriter
+
+    token = kube_api.kubeconfig_path.parent / "trainer-token"
+    token.write_text("emulator-token")
+    ConfigMapWriter(server=kube_api.url, namespace=namespace, name=progress_name(job_name), token_file=token)(status)
+
+
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
     found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype]
     return found[0] if found else {}

@@ -1,9 +1,9 @@
 """The operator end to end: the real `finetune operator` (kopf) process, the real kubectl, the API
-emulator, KubeRay's real CRDs, and a real S3 server for the trainer's progress.
+emulator, KubeRay's real CRDs, and a real S3 server where a job's checkpoints live.
 
 Nothing plays the operator's part; the tests play KubeRay's, by writing the RayJob's status
 subresource as KubeRay's controller would (Initializing -> Running -> Complete, Failed, Suspended),
-and the trainer's, by putting status.json into S3 exactly where and how the trainer writes it.
+and the trainer's, by patching the job's progress ConfigMap with the trainer's own writer.
 Every wait polls with a deadline; nothing sleeps a fixed time.
 """
 
@@ -31,6 +31,7 @@ from tests.e2e.operator_harness import (
     printer_table,
     rayjobs,
     s3_secret,
+    trainer_reports,
     wait_for,
     wait_status,
 )
@@ -208,20 +209,26 @@ def test_operator_restart_creates_no_duplicate_and_status_continues(kubectl: Kub
     assert job(kubectl, namespace, "quickstart")["status"]["phase"] == "Succeeded"
 
 
-def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
-        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
+def test_progress_from_the_trainer_reaches_the_status_and_deletion_keeps_the_checkpoints(
+        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any, kube_api: Any) -> None:
     prefix = f"runs-{uuid.uuid4().hex[:6]}"
     s3_secret(kubectl, namespace, s3)
-    apply(kubectl, namespace, manifest("search-freezing.yaml", storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
+    apply(kubectl, namespace, manifest("search-freezing.yaml", storage={"uri": s3.uri(prefix)},
                                        cluster={"s3CredentialsSecret": {"name": "s3"}}))
     wait_status(kubectl, namespace, "search-freezing", "Pending", phase="Pending", rayJobName="search-freezing-ray")
+    # what the driver reports through: its ConfigMap, and a Role that may patch only that one
+    configmap = get(kubectl, namespace, "configmap", "search-freezing-ray-progress")
+    role = get(kubectl, namespace, "role", "search-freezing-ray-progress")
+    owner = job(kubectl, namespace, "search-freezing")["metadata"]["uid"]
+    assert [r["uid"] for r in configmap["metadata"]["ownerReferences"]] == [owner]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": ["search-freezing-ray-progress"], "verbs": ["patch"]}]
     kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
     wait_status(kubectl, namespace, "search-freezing", "Running", phase="Running")
 
-    # the trainer's write: finetune_trainer.job_status.snapshot, at <uri>/<namespace>/<job>/status.json
+    # the trainer's write: finetune_trainer.job_status.snapshot, through its ConfigMap writer
     from finetune_trainer.job_status import snapshot
 
-    client, key = s3._client(), f"{prefix}/{namespace}/search-freezing/status.json"
     checkpoint = s3.uri(f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002")
     best = {"name": "trial_3", "metric": "accuracy", "value": 0.8412,
             "params": {"freezing.strategy": "freezeBottom", "lrSchedule.type": "cosine"}, "checkpoint": checkpoint}
@@ -229,7 +236,7 @@ def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
               "trial_6": "waiting"}
     status_json = snapshot("search-freezing", "run-1", kind="search", state="running", trials=trials, total_trials=8,
                            step=90, total_steps=120, best=best)
-    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(status_json).encode())
+    trainer_reports(kube_api, namespace, "search-freezing", status_json)
 
     running = wait_status(kubectl, namespace, "search-freezing", "progress in the status", trialsDone="3/8")
     status = running["status"]
@@ -244,7 +251,7 @@ def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
     final = snapshot("search-freezing", "run-1", kind="search", state="finished", total_trials=8,
                      trials={f"trial_{i}": "completed" if i % 2 else "stopped" for i in range(1, 9)},
                      best={**best, "value": 0.8533}, model=s3.uri(f"{prefix}/{namespace}/search-freezing/run-1/model"))
-    client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(final).encode())
+    trainer_reports(kube_api, namespace, "search-freezing", final)
     kuberay_says(kubectl, namespace, "search-freezing-ray", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
     done = wait_status(kubectl, namespace, "search-freezing", "Succeeded with the final progress", phase="Succeeded",
                        trialsDone="8/8")
@@ -252,12 +259,12 @@ def test_progress_from_s3_reaches_the_status_and_deletion_keeps_the_checkpoints(
     printer_table(kubectl, namespace)
 
     # deleting the job deletes the RayJob (garbage collection), never the user's data
-    client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002/model.safetensors",
-                      Body=b"weights")
+    client, key = s3._client(), f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002/model.safetensors"
+    client.put_object(Bucket=s3.bucket, Key=key, Body=b"weights")
     kubectl("delete", "ftj", "search-freezing", "-n", namespace, "--timeout=20s")
     wait_for(lambda: rayjobs(kubectl, namespace) == [], timeout=WAIT, what="the RayJob to be garbage-collected")
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])}
-    assert keys == {key, f"{prefix}/{namespace}/search-freezing/run-1/trial_3/checkpoint_000002/model.safetensors"}
+    assert keys == {key}
     assert kubectl("get", "secret", "s3", "-n", namespace, "-o", "name").stdout.strip() == "secret/s3"
 
 

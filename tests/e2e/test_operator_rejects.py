@@ -1,14 +1,12 @@
 """The operator end to end, where a job cannot run as written: specs the operator rejects before
-any RayJob, a missing Secret, and the trainer's own verdict from inside the cluster. The same
-real parts as test_operator.py: the `finetune operator` (kopf) process, kubectl, the API emulator,
-KubeRay's CRDs and an S3 server; the tests play KubeRay and the trainer.
+any RayJob, and the trainer's own verdict from inside the cluster. The same real parts as
+test_operator.py: the `finetune operator` (kopf) process, kubectl, the API emulator and KubeRay's
+CRDs; the tests play KubeRay and the trainer (through the trainer's own ConfigMap writer).
 """
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from typing import Any
 
 from finetune_trainer import job_status
@@ -25,7 +23,7 @@ from tests.e2e.operator_harness import (
     manifest,
     printer_table,
     rayjobs,
-    s3_secret,
+    trainer_reports,
     wait_for,
     wait_status,
 )
@@ -71,32 +69,10 @@ def test_gpus_on_zero_workers_is_an_invalid_spec(kubectl: Kubectl, namespace: st
     assert rayjobs(kubectl, namespace) == []
 
 
-def test_missing_secret_is_stalled_and_checked_again_slowly(kubectl: Kubectl, namespace: str,
-                                                            operator: OperatorProcess) -> None:
-    apply(kubectl, namespace, manifest(cluster={"s3CredentialsSecret": {"name": "s3-creds"}}))
-    stalled = wait_status(kubectl, namespace, "quickstart", "SecretMissing", reason="SecretMissing")
-    cond = condition(stalled, "Stalled")
-    assert (cond["status"], cond["reason"]) == ("True", "SecretMissing")
-    assert "spec.cluster.s3CredentialsSecret" in cond["message"] and "s3-creds" in cond["message"]
-    assert stalled["status"]["phase"] == "Pending"  # not failed: creating the Secret un-sticks it
-    assert rayjobs(kubectl, namespace) == []
-    first_try = attempts(operator, namespace, "quickstart")
-    assert first_try <= 2  # the retry waits --secret-retry-delay, it does not spin
-
-    kubectl("create", "secret", "generic", "s3-creds", "-n", namespace,
-            "--from-literal=AWS_ACCESS_KEY_ID=a", "--from-literal=AWS_SECRET_ACCESS_KEY=b")
-    wait_status(kubectl, namespace, "quickstart", "Pending once the Secret exists", phase="Pending",
-                reason="ClusterStarting", rayJobName="quickstart-ray")
-    [rayjob] = rayjobs(kubectl, namespace)
-    env = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}} in env
-    assert condition(job(kubectl, namespace, "quickstart"), "Stalled")["status"] == "False"
-
-
 def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_changes(
-        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
-    prefix = _running_with_12_frozen_layers(kubectl, namespace, s3)
-    _trainer_rejects_12_layers(s3, prefix, namespace)
+        kubectl: Kubectl, namespace: str, operator: OperatorProcess, kube_api: Any) -> None:
+    _running_with_12_frozen_layers(kubectl, namespace)
+    _trainer_rejects_12_layers(kube_api, namespace)
     stalled = wait_status(kubectl, namespace, "quickstart", "InvalidSpec from the trainer", phase="Failed", reason="InvalidSpec")
     cond = condition(stalled, "Stalled")
     assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
@@ -122,7 +98,7 @@ def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_c
                         rayJobName="quickstart-ray")
     assert condition(fixed, "Stalled")["status"] == "False"
     assert [r["metadata"]["name"] for r in rayjobs(kubectl, namespace)] == ["quickstart-ray"]
-    # ...which the old verdict, still in S3 until the new driver writes, does not stop
+    # ...which the old verdict, still in the progress ConfigMap until the new driver writes, does not stop
     kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
     wait_status(kubectl, namespace, "quickstart", "Running again", phase="Running", observedGeneration=2)
     deadline = time.monotonic() + 2  # four progress ticks
@@ -133,8 +109,8 @@ def test_the_trainers_verdict_stalls_the_job_deletes_the_rayjob_until_the_spec_c
 
 
 def test_a_fix_written_while_the_rejected_run_ran_runs_once_that_run_is_gone(
-        kubectl: Kubectl, namespace: str, operator: OperatorProcess, s3: Any) -> None:
-    prefix = _running_with_12_frozen_layers(kubectl, namespace, s3)
+        kubectl: Kubectl, namespace: str, operator: OperatorProcess, kube_api: Any) -> None:
+    _running_with_12_frozen_layers(kubectl, namespace)
     [first] = rayjobs(kubectl, namespace)
     assert first["metadata"]["annotations"]["finetune.dev/generation"] == "1"
 
@@ -143,7 +119,7 @@ def test_a_fix_written_while_the_rejected_run_ran_runs_once_that_run_is_gone(
     ignored = wait_status(kubectl, namespace, "quickstart", "the change reported as ignored", observedGeneration=2)
     assert condition(ignored, "SpecChangeIgnored")["status"] == "True"
     # ...then the trainer rejects the run's (generation 1) spec
-    _trainer_rejects_12_layers(s3, prefix, namespace)
+    _trainer_rejects_12_layers(kube_api, namespace)
 
     # the rejected RayJob goes, and generation 2 gets its own, with no further edit
     def second_run() -> dict[str, Any] | None:
@@ -160,23 +136,17 @@ def test_a_fix_written_while_the_rejected_run_ran_runs_once_that_run_is_gone(
     printer_table(kubectl, namespace)
 
 
-def _running_with_12_frozen_layers(kubectl: Kubectl, namespace: str, s3: Any) -> str:
+def _running_with_12_frozen_layers(kubectl: Kubectl, namespace: str) -> None:
     """A job that passes the CRD and the operator (neither can see the model) but not the
-    trainer's preflight (the model has 6 layers), Running on its RayJob; returns its S3 prefix."""
-    prefix = f"runs-{uuid.uuid4().hex[:6]}"
-    s3_secret(kubectl, namespace, s3)
-    apply(kubectl, namespace, manifest(storage={"uri": s3.uri(prefix), "endpoint": s3.endpoint},
-                                       cluster={"s3CredentialsSecret": {"name": "s3"}},
-                                       freezing={"strategy": "freezeBottom", "layers": 12}))
+    trainer's preflight (the model has 6 layers), Running on its RayJob."""
+    apply(kubectl, namespace, manifest(freezing={"strategy": "freezeBottom", "layers": 12}))
     wait_status(kubectl, namespace, "quickstart", "Pending", phase="Pending", rayJobName="quickstart-ray")
     kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Running", jobStatus="RUNNING")
     wait_status(kubectl, namespace, "quickstart", "Running", phase="Running")
-    return prefix
 
 
-def _trainer_rejects_12_layers(s3: Any, prefix: str, namespace: str) -> None:
+def _trainer_rejects_12_layers(kube_api: Any, namespace: str) -> None:
     """The trainer's write, before any training: status.json with state invalid and the problems."""
     verdict = job_status.invalid("quickstart", kind="single", problems=[
         ("spec.freezing.layers", "12 exceeds the 6 layers of the model; use at most 6 or a fraction like 0.5")])
-    s3._client().put_object(Bucket=s3.bucket, Key=f"{prefix}/{namespace}/quickstart/status.json", Body=json.dumps(verdict).encode())
-
+    trainer_reports(kube_api, namespace, "quickstart", verdict)

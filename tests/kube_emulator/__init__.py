@@ -59,6 +59,11 @@ class KubeEmulator:
 
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
 
+    def requests_seen(self) -> list[tuple[str, str, str]]:
+        """(method, path, User-Agent) of every request served so far, oldest first: what a test
+        checks a client never asked for (e.g. the operator reading a Secret)."""
+        return self.call(lambda: [(r.method, r.url.path, r.headers.get("User-Agent", "")) for r in self.handler._requests])
+
     def configure_kubernetes_client(self) -> None:
         """Point the `kubernetes` client (and kopf's login through it) at this emulator.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from itertools import pairwise
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -37,7 +38,9 @@ RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")  # KubeRay sets them from aut
 RESERVED_ENV = (MANIFEST_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what the API server accepts for container env names
-_CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AWS_SECURITY")
+# words of a variable name (split at _ - .) that say it holds a credential; TOKENIZERS_PARALLELISM does not
+_CREDENTIAL_WORDS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
+_CREDENTIAL_PAIRS = {("API", "KEY"), ("ACCESS", "KEY"), ("PRIVATE", "KEY"), ("SECRET", "KEY"), ("SECURITY", "TOKEN")}
 
 
 RAY_AUTH_MIN_VERSION = (2, 52, 0)  # Ray's token authentication (RAY_AUTH_MODE=token) first shipped in 2.52.0
@@ -113,7 +116,8 @@ class EnvVar(SpecModel):
 def credential_name(name: str) -> bool:
     """An environment variable whose value is a credential, by the names tools read them from
     (AWS_SECRET_ACCESS_KEY, HF_TOKEN, WANDB_API_KEY, MLFLOW_TRACKING_PASSWORD, ...)."""
-    return name.upper() in S3_ENV or _CREDENTIAL_NAME.search(name.upper()) is not None
+    words = re.split(r"[-_.]", name.upper())
+    return bool(_CREDENTIAL_WORDS.intersection(words)) or bool(_CREDENTIAL_PAIRS.intersection(pairwise(words)))
 
 
 class S3CredentialsSecret(SpecModel):
