@@ -10,8 +10,9 @@ rayjob.labels) and admits:
   chosen at run time, so listing ports would break it;
 - the dashboard port (8265) from the submitter: KubeRay's K8sJobMode runs `ray job submit` in a
   Kubernetes Job named like the RayJob, and the Job controller labels its pods
-  `batch.kubernetes.io/job-name: <rayjob>` (Kubernetes >= 1.27; KubeRay's default submitter
-  template carries no labels of its own);
+  `batch.kubernetes.io/job-name: <rayjob>` (Kubernetes >= 1.27). KubeRay's default submitter
+  template carries no labels of its own; ours (pods.submitter_template) carries the job's, so the
+  submitter is also one of the job's own pods, and this rule keeps it admitted should it not;
 - the dashboard port from KubeRay's namespace: the RayJob controller polls the job's state through
   the dashboard's HTTP API at the head Service;
 - with spec.cluster.dashboard.ingress, the dashboard port from the Ingress controller's namespace.

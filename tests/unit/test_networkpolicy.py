@@ -110,6 +110,9 @@ def test_every_example_renders_a_policy_around_its_rayjobs_pods(path):
     selector = policy["spec"]["podSelector"]["matchLabels"]
     for template in templates:  # the head and every worker group are inside the policy
         assert selector.items() <= template["metadata"]["labels"].items()
+    submitter_labels = rayjob["spec"].get("submitterPodTemplate", {}).get("metadata", {}).get("labels", {})
+    if submitter_labels:  # ours carries the job's labels: the submitter is one of the job's own pods
+        assert selector.items() <= submitter_labels.items()
     assert policy["metadata"]["name"] == network_policy_name(example.name) == f"{rayjob['metadata']['name']}-netpol"
     assert policy["metadata"]["ownerReferences"] == rayjob["metadata"]["ownerReferences"]
     submitter = policy["spec"]["ingress"][1]["from"][0]["podSelector"]["matchLabels"]
