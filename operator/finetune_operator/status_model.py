@@ -59,6 +59,9 @@ class ConditionType(StrEnum):
     # domain condition: True while the spec holds a change the running RayJob cannot take (the
     # message names the fields and what to do); absent otherwise
     SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+    # domain condition: True while the job's Ray cluster runs without token authentication
+    # (spec.cluster.auth: disabled); absent otherwise
+    RAY_AUTH_DISABLED = "RayAuthDisabled"
 
 
 class Reason(StrEnum):
@@ -70,13 +73,14 @@ class Reason(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
-    SECRET_MISSING = "SecretMissing"  # spec.cluster.s3CredentialsSecret names no Secret (retried slowly)
+    SECRET_MISSING = "SecretMissing"  # no longer set (the operator reads no Secret); kept so older statuses still parse
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"  # a spec change the existing RayJob cannot take
     JOB_SUBMITTED = "JobSubmitted"  # the Ray cluster is up; the trainer's Ray job is pending
     RETRYING = "Retrying"  # the run failed and KubeRay retries it on a new Ray cluster (runPolicy.backoffLimit)
     SUSPENDING = "Suspending"  # runPolicy.suspend: KubeRay is deleting the Ray cluster
     STOPPED = "Stopped"  # the Ray job was stopped (ray job stop) before it finished
     RAYJOB_INVALID = "RayJobInvalid"  # KubeRay rejected the RayJob (ValidationFailed)
+    RAY_AUTH_DISABLED = "RayAuthDisabled"  # spec.cluster.auth: disabled (a Warning Event and condition)
 
 
 class Condition(_StatusModel):
