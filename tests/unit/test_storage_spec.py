@@ -29,7 +29,7 @@ def test_storage_is_optional_and_defaults_are_safe():
 def test_every_field_in_camel_case():
     spec = parse_job(minimal_manifest(storage={
         "uri": "s3://b-1/x/y", "endpoint": "http://127.0.0.1:8333/", "region": "eu-west-1",
-        "addressing": "virtual", "verifyTls": False, "resume": "s3://b-1/x/y/default/j/run-1/checkpoint_1",
+        "addressing": "virtual", "verifyTls": False, "resume": "s3://b-1/x/y/default/unit/run-1/checkpoint_1",
     })).spec.storage
     assert spec.endpoint == "http://127.0.0.1:8333"  # trailing slash dropped
     assert spec.addressing == "virtual" and spec.verify_tls is False
@@ -49,7 +49,7 @@ def test_endpoint_is_an_http_url_without_a_path(endpoint):
     assert "http://host:port" in found[0][1]
 
 
-@pytest.mark.parametrize("resume", ["none", "latest", "s3://ckpts/x/default/j/run/checkpoint_000"])
+@pytest.mark.parametrize("resume", ["none", "latest", "s3://ckpts/x/default/unit/run/checkpoint_000"])
 def test_resume_accepts_none_latest_or_a_checkpoint_uri(resume):
     assert parse_job(minimal_manifest(storage={"uri": "s3://ckpts/x", "resume": resume})).spec.storage.resume == resume
 
@@ -96,4 +96,4 @@ def test_crd_schema_carries_storage():
 
     schema = FineTuneJobSpec.model_json_schema(by_alias=True)
     storage = schema["$defs"]["StorageSpec"]["properties"]
-    assert set(storage) == {"uri", "endpoint", "region", "addressing", "verifyTls", "resume"}
+    assert set(storage) == {"uri", "endpoint", "region", "addressing", "verifyTls", "resume", "allowResumeOutsideJob"}

@@ -45,7 +45,6 @@ from .storage import (
     upload_dir,
     write_json,
 )
-from .storage.checkpoints import MARKER
 
 RESULTS_FILE = "results.json"
 MODEL_DIR = "model"  # the exported model beside results.json, and inside each checkpoint (recipe)
@@ -61,6 +60,7 @@ class Persistence:
     filesystem: Any | None  # pyarrow.fs.S3FileSystem on S3; None for a local folder
     local_dir: Path  # <output.dir>/<job> on this machine: the local copy of the model and results
     remote: bool
+    allow_resume_outside_job: bool = False  # spec.storage.allowResumeOutsideJob
 
     # ------------------------------------------------------------------ paths
     def key(self, *parts: str) -> str:
@@ -109,7 +109,15 @@ class Persistence:
 
     # ------------------------------------------------------------------ resume
     def resume_from(self, resume: str, *, runs_under: str = ""):
-        """`none` | `latest` | a checkpoint URI -> (Ray Checkpoint, step) or (None, None)."""
+        """`none` | `latest` | a checkpoint URI -> (Ray Checkpoint, step) or (None, None).
+
+        A URI outside the job's own folder is refused unless the spec allows it: the spec's
+        validation says so first; this check holds for any caller (a library's `run(resume=...)`)."""
+        if resume not in {"none", "latest"} and not self.allow_resume_outside_job:
+            key = self.store.key_of(resume)
+            if not key.startswith(self.key() + "/"):
+                raise StorageError(f"spec.storage.resume: {resume} is outside this job's folder {self.store.uri(self.key())}/; "
+                                   "set spec.storage.allowResumeOutsideJob: true only if you trust whoever can write there")
         found = resume_point(self.store, resume, self.key(runs_under))
         if found is None:
             if resume != "none":
@@ -175,14 +183,5 @@ def open_storage(job: FineTuneJob, credentials: Credentials | None = None) -> Pe
     preflight(spec.storage, credentials, namespace=namespace, job=job.name)
     rs = ray_storage(spec.storage, namespace, job.name, credentials)
     return Persistence(S3Store(spec.storage, credentials), job_location(spec.storage, namespace, job.name).key,
-                       rs.storage_path, rs.filesystem, local_dir, remote=True)
-
-
-def is_complete(checkpoint) -> bool:
-    """Whether a Ray Checkpoint (on its own filesystem) carries our marker. Workers check what
-    they are handed before loading it. A storage error propagates (the worker fails and Ray
-    retries it): answering "incomplete" then would silently start from step 0."""
-    from pyarrow.fs import FileType
-
-    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{MARKER}")
-    return info.type == FileType.File
+                       rs.storage_path, rs.filesystem, local_dir, remote=True,
+                       allow_resume_outside_job=spec.storage.allow_resume_outside_job)

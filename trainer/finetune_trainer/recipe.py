@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import rng
+from . import deepspeed_load, rng
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import EarlyStopping, evaluate, is_better
@@ -39,9 +39,10 @@ from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import discover
 from .modeling import load_model
 from .optim import UnfreezeGate, apply_plan, build_scheduler, is_metric_driven, param_groups
-from .persist import MODEL_DIR, is_complete
+from .persist import MODEL_DIR
 from .scratch import checkpoint_folder
 from .spec import FineTuneJob
+from .storage.integrity import write_file_hashes
 
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
@@ -73,6 +74,7 @@ class FineTuneRecipe:
         self.progress = config.get("progress")
         self.trial: str | None = config.get("trial")  # set when this run is one trial of a search
         self.resume_from = config.get("resume_from")  # a complete checkpoint of an earlier run (--resume)
+        self.persistence = config.get("persistence")  # where this run's earlier checkpoints are, should Ray's latest be refused
         self.resumed_step: int | None = None
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -132,28 +134,21 @@ class FineTuneRecipe:
     def _resume(self) -> None:
         """Continue where a checkpoint left off: DeepSpeed's module and optimizer state, the random
         generators (rng), the LR schedule, early stopping, step, history (the unfreezing gate
-        follows the step).
-
-        Ray Train's own checkpoint comes first (a worker-group restart inside this run), else the
-        one the driver chose for `--resume` / spec.storage.resume. Either must carry our
-        `_COMPLETE.json`: Ray may know of a checkpoint whose marker was never written (the
-        driver died in between); that one is skipped, never loaded half."""
+        follows the step). Which checkpoint, and the checks before any of its files is read:
+        resume.py (Ray Train's latest of this run, its earlier ones, the driver's resume point;
+        each verified by hash on every rank; DeepSpeed reads with weights_only)."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None and not is_complete(checkpoint):
-            if self.rank == 0:
-                print(f"[finetune] this run's latest checkpoint {checkpoint.path} is not complete (no marker); not resuming from it", flush=True)
-            checkpoint = None
-        if checkpoint is None and self.resume_from is not None:
-            if not is_complete(self.resume_from):  # the driver checked it; it must not have changed since
-                raise RuntimeError(f"the checkpoint to resume from, {self.resume_from.path}, is no longer complete")
-            checkpoint = self.resume_from
-        if checkpoint is None:
-            return
-        with checkpoint.as_directory() as folder:
+        from .resume import open_verified
+
+        with contextlib.ExitStack() as stack:
+            found = open_verified(stack, rank=self.rank, world=self.world, device=self.device, own=ray.train.get_checkpoint(),
+                                  persistence=self.persistence, resume_from=self.resume_from)
+            if found is None:
+                return
+            path, folder = found
             state = json.loads((Path(folder) / STATE_FILE).read_text())
-            self.engine.load_checkpoint(str(Path(folder) / DS_DIR), tag=DS_TAG, load_lr_scheduler_states=False)
+            deepspeed_load.load(self.engine, Path(folder) / DS_DIR, DS_TAG)
             rng.load(folder, self.rank)  # the dropout masks the uninterrupted run would draw next
         self.scheduler.load_state_dict(state["scheduler"])
         self.stopper.load_state_dict(state["early_stopping"])
@@ -161,7 +156,7 @@ class FineTuneRecipe:
         self.history, self.tokens, self.train_seconds = state["history"], state["tokens"], state["train_seconds"]
         self.resumed_step = self.step
         if self.rank == 0:
-            print(f"[finetune] resumed from step {self.step} ({checkpoint.path})", flush=True)
+            print(f"[finetune] resumed from step {self.step} ({path})", flush=True)
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
@@ -272,6 +267,7 @@ class FineTuneRecipe:
                 self._export(os.path.join(folder, MODEL_DIR))
             if self.rank == 0:
                 Path(folder, STATE_FILE).write_text(json.dumps(self._state()))
+            write_file_hashes(folder, self.rank)  # last: the hashes of everything this worker wrote (storage.integrity)
             from ray.train import Checkpoint
 
             ray.train.report(row, checkpoint=Checkpoint.from_directory(folder))

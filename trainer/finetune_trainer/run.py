@@ -192,7 +192,7 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
     storage["callbacks"] += callbacks or []
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, **shared},
+        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
         run_config=RunConfig(name=name, **storage),
     )

@@ -45,9 +45,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
 
     from .persist import TRIALS_DIR
     from .run import make_trainer  # the training side, only now (the module's docstring)
-    from .storage import latest_complete
+    from .storage import resume_point
 
-    found = latest_complete(persistence.store, persistence.key(run_id, TRIALS_DIR, name))
+    # verified by hash; checkpoints that all fail stop the trial rather than restart it from step 0
+    found = resume_point(persistence.store, "latest", persistence.key(run_id, TRIALS_DIR, name))
     resume = {"resume_from": persistence.checkpoint(found.key)} if found else {}
     make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
                  name=f"start-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}", callbacks=[TuneReportCallback()], trial=name).fit()

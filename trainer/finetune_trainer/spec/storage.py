@@ -72,7 +72,14 @@ class StorageSpec(SpecModel):
     resume: str = Field(
         default="none",
         description="none: start fresh. latest: continue from the newest complete checkpoint of this job "
-        "(any earlier run). Or the s3:// URI of one checkpoint directory.",
+        "(any earlier run). Or the s3:// URI of one checkpoint directory under this job's own prefix "
+        "(<uri>/<namespace>/<job name>/).",
+    )
+    allow_resume_outside_job: bool = Field(
+        default=False,
+        description="Let resume name a checkpoint outside this job's own prefix (another job's, another "
+        "bucket's). A loaded checkpoint's weights and state become this job's: set true only if you trust "
+        "whoever can write there.",
     )
 
     @model_validator(mode="before")
@@ -106,6 +113,20 @@ class StorageSpec(SpecModel):
             except ValueError as err:
                 raise ValueError(f"must be none, latest or the s3:// URI of a checkpoint: {err}") from None
         return resume
+
+    def resume_problems(self, namespace: str, job: str) -> list[tuple[str, str]]:
+        """A resume URI must lie under the job's own prefix unless allowResumeOutsideJob says
+        otherwise: whoever can write elsewhere in the bucket (another team, another job's
+        author) must not get their files loaded into this job by a typo or a copied manifest."""
+        if self.resume in {"none", "latest"} or self.allow_resume_outside_job:
+            return []
+        own = "/".join(p for p in (self.prefix, namespace, job) if p)
+        bucket, key = split_s3_uri(self.resume)
+        if bucket == self.bucket and key.startswith(own + "/"):
+            return []
+        return [("spec.storage.resume", f"{self.resume} is outside this job's own prefix s3://{self.bucket}/{own}/: "
+                 "name a checkpoint of this job, or set spec.storage.allowResumeOutsideJob: true if you trust "
+                 "whoever can write there (a loaded checkpoint's weights and state become this job's)")]
 
     @property
     def bucket(self) -> str:

@@ -7,6 +7,8 @@ All S3 I/O of the trainer goes through this package:
     (S3Store, LocalStore) and `preflight`;
   - `checkpoints`: the `_COMPLETE.json` manifest, latest/best complete checkpoint, retention,
     atomic JSON writes;
+  - `integrity`: the SHA-256 of every file in the manifest, the workers' hash sidecars, and the
+    check of a local copy before anything reads it;
   - `ray_callback` (imports Ray, so not re-exported here): the controller callback that marks
     each reported checkpoint complete.
 """
@@ -25,7 +27,16 @@ from .checkpoints import (
     upload_dir,
     write_json,
 )
-from .errors import AccessDenied, BucketMissing, EndpointUnreachable, StorageError, StorageUnavailable, classify
+from .errors import (
+    AccessDenied,
+    BucketMissing,
+    CheckpointRefused,
+    EndpointUnreachable,
+    StorageError,
+    StorageUnavailable,
+    classify,
+)
+from .integrity import verify_local, write_file_hashes
 from .s3 import (
     ATTEMPTS,
     Credentials,
@@ -48,6 +59,7 @@ __all__ = [
     "MARKER",
     "AccessDenied",
     "BucketMissing",
+    "CheckpointRefused",
     "CompleteCheckpoint",
     "Credentials",
     "EndpointUnreachable",
@@ -75,5 +87,7 @@ __all__ = [
     "resume_point",
     "s3_client",
     "upload_dir",
+    "verify_local",
+    "write_file_hashes",
     "write_json",
 ]

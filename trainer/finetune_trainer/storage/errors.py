@@ -4,7 +4,8 @@
     ├── EndpointUnreachable   nothing answers at the endpoint (refused, DNS, TLS, timeout)
     ├── BucketMissing         the endpoint answers, the bucket does not exist
     ├── AccessDenied          the credentials are unknown, wrong, or lack a permission
-    └── StorageUnavailable    the service answered before but keeps failing: retries exhausted
+    ├── StorageUnavailable    the service answered before but keeps failing: retries exhausted
+    └── CheckpointRefused     a checkpoint's files do not match its marker (hashes): never loaded
 
 `classify(err, ...)` turns a botocore / pyarrow / OS error into one of these; callers catch
 `StorageError` and print its message (one line), never a stack trace.
@@ -37,6 +38,11 @@ class AccessDenied(StorageError):
 
 class StorageUnavailable(StorageError):
     pass
+
+
+class CheckpointRefused(StorageError):
+    """A checkpoint whose marker is missing, unreadable or of an older version, or whose files
+    differ from what the marker lists (a hash, a size, a file missing or one it does not list)."""
 
 
 _ACCESS_CODES = {

@@ -7,6 +7,10 @@ it holds that report from *every* worker. So at `after_report` all files of the 
 in storage, and the marker written there is last. A marker written by rank 0 before its own
 report could precede other ranks' uploads; one written after it would need an extra barrier.
 If the controller dies before the marker is written, the directory simply never counts.
+
+The marker lists every file with its SHA-256: taken from each worker's `_sha256_rank_<N>.json`
+(the recipe writes it last into its folder) where the stored size matches, read back otherwise
+(`integrity`); the controller never downloads a large checkpoint to hash it.
 """
 
 from __future__ import annotations

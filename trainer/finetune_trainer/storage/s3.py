@@ -139,6 +139,7 @@ class Store(Protocol):
 
     def list(self, prefix: str) -> dict[str, ObjectInfo]: ...
     def read(self, key: str) -> bytes | None: ...  # None when missing
+    def sha256(self, key: str) -> str | None: ...  # hex digest, streamed; None when missing
     def write(self, key: str, data: bytes) -> None: ...  # atomic: readers see old or new, whole
     def delete(self, keys: Iterable[str]) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...  # large files in parts, atomic per object
@@ -197,6 +198,20 @@ class S3Store:
                     return None
                 raise
 
+    def sha256(self, key: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        from .integrity import CHUNK, sha256_stream
+
+        with self._call(f"reading {self.uri(key)}"):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                    return None
+                raise
+            return sha256_stream(body.iter_chunks(CHUNK))
+
     def write(self, key: str, data: bytes) -> None:
         with self._call(f"writing {self.uri(key)}"):
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data)  # one PUT: atomic per object
@@ -247,6 +262,12 @@ class LocalStore:
     def read(self, key: str) -> bytes | None:
         path = self.root / key
         return path.read_bytes() if path.is_file() else None
+
+    def sha256(self, key: str) -> str | None:
+        from .integrity import sha256_file
+
+        path = self.root / key
+        return sha256_file(path) if path.is_file() else None
 
     def write(self, key: str, data: bytes) -> None:
         path = self.root / key
