@@ -188,6 +188,25 @@ def spec_change_ignored(previous: FineTuneJobStatus, fields: Sequence[str], *, g
     return status
 
 
+RAY_AUTH_DISABLED_MESSAGE = (
+    "spec.cluster.auth is disabled: the Ray dashboard, job API and GCS of this job accept anyone who reaches "
+    "the head's ports (any pod the network lets through) and let them submit jobs and run code with the "
+    "job's credentials; remove spec.cluster.auth (token is the default) unless the network is closed to all others"
+)
+
+
+def ray_auth_disabled(previous: FineTuneJobStatus, disabled: bool, *, generation: int, now: datetime) -> FineTuneJobStatus:
+    """The RayAuthDisabled condition: True (with the risk spelled out) while the job's Ray cluster
+    runs without token authentication, absent otherwise."""
+    status = previous.model_copy(deep=True)
+    if not disabled:
+        status.conditions = [c for c in status.conditions if c.type != ConditionType.RAY_AUTH_DISABLED]
+        return status
+    status.conditions = _set_condition(status.conditions, ConditionType.RAY_AUTH_DISABLED, True, Reason.RAY_AUTH_DISABLED,
+                                       RAY_AUTH_DISABLED_MESSAGE, generation, now)
+    return status
+
+
 def trainer_problems(progress: Mapping[str, Any] | None, *, rayjob: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
     """The spec problems the trainer's preflight found inside the Ray cluster (what the operator
     cannot see: the model's layer count, the data's columns), from a status.json whose `state` is
