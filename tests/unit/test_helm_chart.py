@@ -347,3 +347,26 @@ def test_install_dry_run(tmp_path, case):
         rendered, _ = render(fresh, CASES[case])
     assert sorted(installed, key=_identity) == sorted(rendered, key=_identity)
     assert "kubectl get ftj" in release["notes"]
+
+
+def test_security_md_names_every_verb_the_chart_grants(chart):
+    """docs/security.md's RBAC table: one row per group and resource, every verb granted, with the
+    code that needs it. A verb added to the chart without its reason there fails here."""
+    table: dict[tuple[str, str], set[str]] = {}
+    for line in (ROOT / "docs" / "security.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        groups = [g.strip().strip("`").strip('"') for g in cells[0].split(",")]
+        resources = [r.strip().strip("`") for r in cells[1].split(",")]
+        for group in groups:
+            for resource in resources:
+                table[(group, resource)] = {v.strip() for v in cells[2].split(",")}
+        assert cells[3], f"no reason given for {cells[0]} {cells[1]}"
+    objects, _ = render(chart, {})
+    (role,) = by_kind(objects, "ClusterRole")
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert set(rule["verbs"]) <= table.get((group, resource), set()), (group, resource, rule["verbs"])
+    assert ("", "secrets") not in table
