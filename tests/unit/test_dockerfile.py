@@ -174,3 +174,11 @@ def test_dockerignore_keeps_the_context_small():
             sources = [w for w in arg.split() if not w.startswith("--")][:-1]
             copied |= {s.rstrip("/") for s in sources}
     assert copied <= included, f"COPY sources the .dockerignore leaves out: {sorted(copied - included)}"
+
+
+def test_trainer_image_runs_as_the_uid_the_pods_declare(stages):
+    """runAsUser/runAsGroup of every Ray pod default to these (pod_security.py); a USER change in the
+    Dockerfile without them would run the pods as a user the image's files do not belong to."""
+    from finetune_trainer.spec.pod_security import TRAINER_GID, TRAINER_UID
+
+    assert stages["trainer"].args("USER")[-1] == f"{TRAINER_UID}:{TRAINER_GID}"

@@ -545,3 +545,24 @@ def test_metrics_count_jobs_by_phase_and_unplanned_errors_only() -> None:
 class _Logger:
     def info(self, *args: Any) -> None:
         pass
+
+
+def test_a_job_without_ray_auth_says_so_in_an_event_and_a_condition(operator: Operator, kube: FakeKube, events: list) -> None:
+    status = reconcile(operator, body(cluster={"auth": "disabled"}))
+    assert "authOptions" not in kube.rayjobs["quickstart-ray"]["spec"]["rayClusterSpec"]
+    mine = [e for e in events if e[1] in ("RayJobCreated", "RayAuthDisabled")]
+    assert [e[:2] for e in mine] == [("Normal", "RayJobCreated"), ("Warning", "RayAuthDisabled")]
+    assert "accept anyone" in mine[-1][2]
+    (condition,) = [c for c in status["conditions"] if c["type"] == "RayAuthDisabled"]
+    assert (condition["status"], condition["reason"]) == ("True", "RayAuthDisabled")
+    assert "spec.cluster.auth" in condition["message"] and "dashboard" in condition["message"]
+    # resumed after a restart: the condition stays, no second Warning
+    seen = len(events)
+    assert reconcile(operator, body(status=status, cluster={"auth": "disabled"})) == {}
+    assert len(events) == seen
+
+
+def test_a_job_with_ray_auth_carries_no_such_condition(operator: Operator, kube: FakeKube, events: list) -> None:
+    status = reconcile(operator, body())
+    assert kube.rayjobs["quickstart-ray"]["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert "RayAuthDisabled" not in [c["type"] for c in status["conditions"]] + [e[1] for e in events]

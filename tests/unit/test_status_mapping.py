@@ -285,3 +285,17 @@ def test_a_rejected_run_is_stalled_invalid_spec_and_stays_so_for_its_generation(
 def test_a_verdict_carries_no_progress():
     running = apply_progress(FineTuneJobStatus(phase=Phase.RUNNING, reason=Reason.TRAINING), PROGRESS)
     assert apply_progress(running, INVALID) == running
+
+
+def test_ray_auth_disabled_is_a_condition_while_it_lasts_and_keeps_its_transition_time():
+    from finetune_operator.status_mapping import ray_auth_disabled
+
+    start = FineTuneJobStatus(phase=Phase.RUNNING, reason=Reason.TRAINING)
+    on = ray_auth_disabled(start, True, generation=1, now=T0)
+    (cond,) = [c for c in on.conditions if c.type == "RayAuthDisabled"]
+    assert (cond.status, cond.reason, cond.last_transition_time) == ("True", "RayAuthDisabled", T0)
+    assert "accept anyone" in cond.message
+    later = ray_auth_disabled(on, True, generation=2, now=T0 + timedelta(hours=1))
+    assert [c.last_transition_time for c in later.conditions if c.type == "RayAuthDisabled"] == [T0]
+    assert "RayAuthDisabled" not in [c.type for c in ray_auth_disabled(later, False, generation=3, now=T0).conditions]
+    assert (later.phase, later.reason) == (Phase.RUNNING, Reason.TRAINING)  # the condition alone changes
