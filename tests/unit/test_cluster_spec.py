@@ -165,3 +165,13 @@ def test_manifest_from_a_missing_environment_variable(monkeypatch):
     with pytest.raises(SpecError) as err:
         load_job("env:FT_TEST_MISSING")
     assert err.value.problems == [("<manifest>", "environment variable FT_TEST_MISSING is not set")]
+
+
+@pytest.mark.parametrize(("memory", "disk"), [(None, "10Gi"), ("512Mi", "10Gi"), ("4Gi", "10Gi"), ("8Gi", "18Gi"), ("1000M", "10Gi"),
+                                              ("32Gi", "66Gi"), ("100G", "189Gi")])
+def test_ephemeral_storage_default_is_twice_the_memory_plus_rays_logs(memory, disk):
+    from finetune_trainer.spec.cluster import WorkerGroupSpec
+    from finetune_trainer.spec.pod_security import default_ephemeral_storage
+
+    assert default_ephemeral_storage(memory_bytes(memory) if memory else None) == disk
+    assert WorkerGroupSpec(memory=memory, ephemeralStorage="40Gi").ephemeral_storage == "40Gi"
