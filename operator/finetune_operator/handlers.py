@@ -258,11 +258,10 @@ class Operator:
         raise kopf.PermanentError(f"invalid spec: {message}")
 
     def _ensure_trainer_access(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
-        """Get or create what the driver reports progress through (trainer_access), owned by the job."""
-        made = [f"{obj['kind']} {obj['metadata']['name']}" for obj in render_trainer_access(job, owner_uid=uid)
-                if self.kube.get_or_create_namespaced(obj)[1]]
-        if made:
-            self.post_event(body, "Normal", "ProgressAccessCreated", f"created {', '.join(made)}")
+        """Get or create what the driver reports progress through (trainer_access), owned by the job.
+        No Event: they come and go with the RayJob's, which has one."""
+        for obj in render_trainer_access(job, owner_uid=uid):
+            self.kube.get_or_create_namespaced(obj)
 
 
 def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:

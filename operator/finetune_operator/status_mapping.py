@@ -147,23 +147,10 @@ def next_status(
 
 def failed_status(previous: FineTuneJobStatus, reason: Reason, message: str, *, generation: int,
                   now: datetime) -> FineTuneJobStatus:
-    """Invalid spec, missing Secret: no RayJob, Stalled with the reason and a message naming the field."""
+    """Invalid spec: no RayJob, Stalled with the reason and a message naming the field."""
     status = previous.model_copy(deep=True)
     status.observed_generation = generation
     status.phase = _reachable(previous.phase, Phase.FAILED, new_generation=True) or previous.phase
-    status.reason, status.message = reason, message
-    status.completion_time = None
-    return _conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)
-
-
-def waiting_status(previous: FineTuneJobStatus, reason: Reason, message: str, *, generation: int,
-                   now: datetime) -> FineTuneJobStatus:
-    """Stalled but not failed: the operator waits for something a person must fix (the Secret) and
-    retries slowly; the phase stays Pending."""
-    status = previous.model_copy(deep=True)
-    status.observed_generation = generation
-    if previous.phase is None or previous.phase.is_terminal():
-        status.phase = Phase.PENDING
     status.reason, status.message = reason, message
     status.completion_time = None
     return _conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)

@@ -73,7 +73,6 @@ class Reason(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
-    SECRET_MISSING = "SecretMissing"  # no longer set (the operator reads no Secret); kept so older statuses still parse
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"  # a spec change the existing RayJob cannot take
     JOB_SUBMITTED = "JobSubmitted"  # the Ray cluster is up; the trainer's Ray job is pending
     RETRYING = "Retrying"  # the run failed and KubeRay retries it on a new Ray cluster (runPolicy.backoffLimit)

@@ -92,12 +92,6 @@ CASES = {
     "suspended": (
         job(FineTuneJobStatus(phase=Phase.SUSPENDED, reason=Reason.SUSPENDED, message="runPolicy.suspend is true", observed_generation=1)),
         "Suspended", "Suspended: runPolicy.suspend is true"),
-    "secret missing: pending but stalled": (
-        job(FineTuneJobStatus(phase=Phase.PENDING, reason=Reason.SECRET_MISSING, observed_generation=1, conditions=[
-            cond(R, "False", Reason.SECRET_MISSING, "Secret 's3' not found"),
-            cond(RC, "False", Reason.SECRET_MISSING, "Secret 's3' not found"),
-            cond(S, "True", Reason.SECRET_MISSING, "Secret 's3' not found")])),
-        "Degraded", "SecretMissing: Secret 's3' not found"),
     "retrying": (
         job(FineTuneJobStatus(phase=Phase.PENDING, reason=Reason.RETRYING, observed_generation=1, conditions=[
             cond(RC, "True", Reason.RETRYING, "the run failed; KubeRay retries it"), cond(S, "False", Reason.RETRYING)])),

@@ -20,7 +20,6 @@ from finetune_operator.status_mapping import (
     rejected_status,
     spec_change_ignored,
     trainer_problems,
-    waiting_status,
 )
 from finetune_operator.status_model import ALLOWED_TRANSITIONS, FineTuneJobStatus, Phase, Reason
 
@@ -180,9 +179,6 @@ def test_invalid_spec_and_missing_secret():
     fixed = next_status(failed, {}, generation=2, now=T1, ray_job_name=RAYJOB)  # the fixed spec's RayJob, just created
     assert (fixed.phase, conds(fixed)["Stalled"]) == (Phase.PENDING, ("False", "ClusterStarting"))
 
-    waiting = waiting_status(FineTuneJobStatus(), Reason.SECRET_MISSING, "spec.cluster.s3CredentialsSecret.name: ...",
-                             generation=1, now=T0)
-    assert (waiting.phase, waiting.reason, conds(waiting)["Stalled"]) == (Phase.PENDING, Reason.SECRET_MISSING, ("True", "SecretMissing"))
 
 
 def test_spec_change_ignored_is_a_domain_condition_set_and_cleared():

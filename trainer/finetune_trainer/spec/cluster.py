@@ -333,16 +333,15 @@ class ClusterSpec(SpecModel):
                 )
         names = [e.name for e in self.env]
         reserved = set(RESERVED_ENV) | (set(S3_ENV) if self.s3_credentials_secret else set())
-        for i, var in enumerate(self.env):
-            if var.value and credential_name(var.name):
-                # whether or not a Secret is set: a literal lands in the RayJob, `kubectl get -o yaml` and Git
-                yield f"env[{i}].value", (f"{var.name} holds a credential: a literal value would be stored in the "
-                                          "RayJob and in Git; use valueFrom.secretKeyRef {name, key} of a Secret")
-        for i, name in enumerate(names):
+        for i, (name, var) in enumerate(zip(names, self.env, strict=True)):
             if name in reserved:
                 yield f"env[{i}].name", f"{name} is set by the operator" + (" from s3CredentialsSecret" if name in S3_ENV else "")
             elif name in names[:i]:
                 yield f"env[{i}].name", f"{name} is already set by env[{names.index(name)}]"
+            elif var.value and credential_name(name):
+                # whether or not a Secret is set: a literal lands in the RayJob, `kubectl get -o yaml` and Git
+                yield f"env[{i}].value", (f"{name} holds a credential: a literal value would be stored in the "
+                                          "RayJob and in Git; use valueFrom.secretKeyRef {name, key} of a Secret")
         if self.auth == "token" and _version(self.ray_version) < RAY_AUTH_MIN_VERSION:
             yield "auth", (f"token authentication needs Ray {'.'.join(map(str, RAY_AUTH_MIN_VERSION))} or newer in the image, "
                            f"rayVersion is {self.ray_version}: use a newer image (and rayVersion), or auth: disabled")
