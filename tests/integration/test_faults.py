@@ -374,3 +374,71 @@ def test_killed_search_resumes_without_rerunning_finished_trials(local_ray, s3_s
     pickles = [k for k in store.list(prefix) if k.endswith(".pkl")]
     assert pickles, "expected Tune's tuner.pkl in the bucket"
     assert [k for k in store.list(prefix) if secret in (store.read(k) or b"")] == []
+
+
+# --- a planted pickle in the latest checkpoint: resuming never runs it ----------------------------------
+
+
+class _Planted:
+    """Unpickling it creates `path` (os.mknod): what someone who can write to the bucket or the
+    folder would hide in a checkpoint file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mknod, (str(self.path),))
+
+
+def test_a_planted_pickle_in_the_latest_checkpoint_is_never_unpickled(local_ray, assets, tmp_path, capsys):
+    """The real trainer on a local folder: a planted DeepSpeed model-states file, then a planted RNG
+    file, in the newest checkpoint: refused by hash, the previous verified checkpoint is used. Then
+    a planted file whose marker was rewritten to match (someone who can also write the marker): the
+    hashes pass, DeepSpeed's loader (weights_only) refuses it, and the run fails clearly. No sentinel."""
+    from finetune_trainer.cli import main
+    from finetune_trainer.storage import LocalStore, mark_complete
+
+    sentinel = tmp_path / "planted-pickle-ran"
+    doc = _doc(tmp_path, assets, steps=12, every=4)
+    doc["spec"]["output"]["keepCheckpoints"] = 3  # the latest plus 3 best: every checkpoint stays
+    doc["spec"]["runPolicy"] = {"workerRestarts": 0}  # the last case fails at once, not after retries
+    manifest = tiny.save_manifest(tmp_path / "job.yaml", doc)
+    store = LocalStore(tmp_path / "runs" / "t")
+    assert main(["run", str(manifest), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def plant(checkpoint, name: str) -> None:
+        torch.save({"module": _Planted(sentinel)}, Path(store.uri(f"{checkpoint.key}/{name}")))
+
+    def resumed_step() -> int:
+        assert main(["run", str(manifest), "--no-progress", "--resume"]) == 0
+        newest_run = max(k.split("/")[0] for k in store.list("") if k.endswith("/results.json") and k.count("/") == 1)
+        results = json.loads(store.read(f"{newest_run}/results.json"))
+        return results["resumed_from"]["step"]
+
+    # 1. DeepSpeed's model states in the newest checkpoint (step 12): refused, step 8 is used
+    done = list_complete_checkpoints(store, "")
+    assert [c.step for c in done] == [4, 8, 12]
+    plant(done[-1], "deepspeed/state/mp_rank_00_model_states.pt")
+    assert resumed_step() == 8
+    assert not sentinel.exists()
+
+    # 2. the RNG file of the new newest checkpoint (the resumed run's step 12): both step-12s are refused
+    time.sleep(1)  # a new run id (run-<seconds>)
+    newest = list_complete_checkpoints(store, "")[-1]
+    assert newest.step == 12 and newest.key != done[-1].key
+    plant(newest, "rng_state_0.safetensors")
+    assert resumed_step() == 8
+    assert not sentinel.exists()
+
+    # 3. planted and the marker rewritten to match: verification passes, torch.load(weights_only) refuses
+    time.sleep(1)
+    newest = list_complete_checkpoints(store, "")[-1]
+    plant(newest, "deepspeed/state/mp_rank_00_model_states.pt")
+    for sidecar in Path(store.uri(newest.key)).glob("_sha256_rank_*.json"):
+        sidecar.unlink()  # so every hash is taken from the files as they are now
+    mark_complete(store, newest.key, {"step": newest.step})
+    assert main(["run", str(manifest), "--no-progress", "--resume"]) != 0
+    out, err = capsys.readouterr()
+    assert "Weights only load failed" in out + err, (out + err)[-3000:]
+    assert not sentinel.exists()

@@ -17,6 +17,7 @@ from finetune_trainer.storage import (
     MARKER,
     AccessDenied,
     BucketMissing,
+    CheckpointRefused,
     Credentials,
     EndpointUnreachable,
     LocalStore,
@@ -215,6 +216,38 @@ def test_partial_checkpoints_are_never_latest_or_best(store_and_prefix):
             read_complete(store, bad)
     assert read_complete(store, good.key).step == 10
     assert latest_complete(store, f"{job}/nothing-here") is None
+
+
+def test_a_changed_or_planted_file_makes_a_checkpoint_refused_and_the_previous_one_latest(store_and_prefix):
+    """Same-size corruption (S3: the ETag differs as well; locally only the SHA-256 sees it) and a
+    file the marker does not list: neither checkpoint is loaded; the previous verified one is."""
+    store, job = store_and_prefix
+    good = _checkpoint(store, f"{job}/run-1/checkpoint_001", step=10, loss=0.9)
+    changed = _checkpoint(store, f"{job}/run-1/checkpoint_002", step=20, loss=0.5)
+    store.write(f"{changed.key}/deepspeed/state/mp_rank_00_model_states.pt", b"\x01" * 100)  # same size, other bytes
+    assert latest_complete(store, job) == good and resume_point(store, "latest", job) == good
+    with pytest.raises(CheckpointRefused):
+        read_complete(store, changed.key)
+    planted = _checkpoint(store, f"{job}/run-2/checkpoint_001", step=30, loss=0.1)
+    store.write(f"{planted.key}/deepspeed/state/zero_pp_rank_9_mp_rank_00_optim_states.pt", b"not listed")
+    assert planted.key not in [c.key for c in list_complete_checkpoints(store, job)]
+    assert latest_complete(store, job) == good and best_complete(store, job, "eval_loss", "min") == good
+    with pytest.raises(CheckpointRefused, match="does not list"):
+        read_complete(store, planted.key)
+
+
+def test_a_resume_uri_outside_the_job_is_refused_at_run_time_unless_allowed(s3_spec, tmp_path):
+    """The spec refuses it first (tests/unit/test_checkpoint_integrity.py); this is the trainer's own check."""
+    from finetune_trainer.persist import Persistence
+
+    spec, creds = s3_spec
+    store = S3Store(spec, creds)
+    other = _checkpoint(store, f"{job_location(spec, 'default', 'other').key}/run-1/checkpoint_001", step=3)
+    own = Persistence(store, job_location(spec, "default", "j").key, "", pyarrow_filesystem(spec, creds), tmp_path, remote=True)
+    with pytest.raises(StorageError, match=r"spec\.storage\.resume: .* is outside this job's folder"):
+        own.resume_from(other.uri)
+    own.allow_resume_outside_job = True
+    assert own.resume_from(other.uri)[1] == 3
 
 
 def test_retention_keeps_the_newest_and_the_best_and_never_the_only_one(store_and_prefix):
