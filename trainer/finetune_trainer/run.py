@@ -69,7 +69,15 @@ class RunResult:
 
 
 def init_ray() -> None:
-    """Join the cluster when there is one (KubeRay sets RAY_ADDRESS); else a loopback-only local Ray."""
+    """Join the cluster when there is one (KubeRay sets RAY_ADDRESS); else a loopback-only local Ray.
+
+    Ray token authentication needs nothing here, and must get nothing: ray.init reads RAY_AUTH_MODE
+    and the token (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token)
+    from the environment every Ray process inherits, which KubeRay's authOptions fills from the
+    Secret it creates. A new local Ray (Ray 2.60) runs in token mode unless RAY_AUTH_MODE=disabled,
+    writing a new ~/.ray/auth_token when no token is given. No token or auth variable may go into
+    `runtime_env`: the dashboard's job API shows a job's env_vars. tests/integration/test_ray_auth.py.
+    """
     if ray.is_initialized():
         return
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
