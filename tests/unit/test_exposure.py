@@ -81,7 +81,7 @@ def test_a_credential_from_a_secret_reference_is_accepted_and_rendered_as_one() 
     assert any("value or valueFrom" in m for _, m in _problems(both))
 
 
-@pytest.mark.parametrize("name", ["RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "FINETUNE_PROGRESS_CONFIGMAP"])
+@pytest.mark.parametrize("name", ["RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "FINETUNE_PROGRESS_CONFIGMAP"])
 def test_what_kuberay_and_the_operator_set_cannot_be_overridden(name: str) -> None:
     doc = minimal_manifest(cluster={"env": [{"name": name, "value": "disabled"}]})
     assert ("spec.cluster.env[0].name", f"{name} is set by the operator") in _problems(doc)

@@ -34,7 +34,7 @@ _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, 
 MANIFEST_ENV = "FINETUNE_MANIFEST"  # the FineTuneJob, as JSON, for the driver (`run env:FINETUNE_MANIFEST`)
 # the ConfigMap the driver writes status.json into, through the job's own ServiceAccount (kube_progress)
 PROGRESS_CONFIGMAP_ENV = "FINETUNE_PROGRESS_CONFIGMAP"
-RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")  # KubeRay sets them from authOptions
+RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # KubeRay sets the first two (authOptions); the path would only blur which token Ray uses
 RESERVED_ENV = (MANIFEST_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what the API server accepts for container env names
