@@ -89,12 +89,14 @@ def _never_seen(password: str, kubectl: Kubectl, namespace: str, operator: Opera
     assert password not in operator.output(), "a password in the operator's log"
 
 
-def _secret_reads(kube_api: Any) -> list[tuple[str, str, str]]:
-    return [r for r in kube_api.requests_seen() if "/secrets" in r[1] and r[0] != "POST"]
+def _secret_reads(kube_api: Any, since: int) -> list[tuple[str, str, str]]:
+    """Reads of any Secret since request number `since` (the emulator serves the whole session)."""
+    return [r for r in kube_api.requests_seen()[since:] if "/secrets" in r[1] and r[0] != "POST"]
 
 
 def test_a_job_cannot_make_the_operator_send_another_teams_secret_to_its_endpoint(
         kubectl: Kubectl, namespace: str, operator: OperatorProcess, kube_api: Any, listener: Listener) -> None:
+    since = len(kube_api.requests_seen())
     password = _other_teams_secret(kubectl, namespace)
     stolen = {"name": "team-b-db", "accessKeyIdKey": "password", "secretAccessKeyKey": "password"}
     apply(kubectl, namespace, manifest(name="exfil", storage={"uri": "s3://loot/x", "endpoint": f"http://127.0.0.1:{listener.port}"},
@@ -117,7 +119,7 @@ def test_a_job_cannot_make_the_operator_send_another_teams_secret_to_its_endpoin
     assert {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "team-b-db", "key": "password"}}} in env
 
     assert listener.received == b"" and listener.connections == 0
-    assert _secret_reads(kube_api) == [], "the operator read a Secret"
+    assert _secret_reads(kube_api, since) == [], "the operator read a Secret"
     _never_seen(password, kubectl, namespace, operator)
 
 
