@@ -54,29 +54,13 @@ class KubeApi:
             raise
         return True
 
-    def get_ingress(self, namespace: str, name: str) -> dict[str, Any] | None:
-        found = _or_none(lambda: self.networking.read_namespaced_ingress(name, namespace))
-        return None if found is None else self.networking.api_client.sanitize_for_serialization(found)
-
     def get_or_create_ingress(self, ingress: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """(the Ingress, whether this call created it), as get_or_create_rayjob."""
-        namespace = ingress["metadata"]["namespace"]
-        return _get_or_create(
-            "Ingress", ingress, lambda name: self.get_ingress(namespace, name),
-            lambda: self.networking.api_client.sanitize_for_serialization(
-                self.networking.create_namespaced_ingress(namespace, kubernetes.client.V1Ingress.from_dict(ingress))))
-
-    def get_network_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
-        found = _or_none(lambda: self.networking.read_namespaced_network_policy(name, namespace))
-        return None if found is None else self.networking.api_client.sanitize_for_serialization(found)
+        return self.get_or_create_namespaced(ingress)
 
     def get_or_create_network_policy(self, policy: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """(the NetworkPolicy, whether this call created it), as get_or_create_rayjob."""
-        namespace = policy["metadata"]["namespace"]
-        return _get_or_create(
-            "NetworkPolicy", policy, lambda name: self.get_network_policy(namespace, name),
-            lambda: self.networking.api_client.sanitize_for_serialization(
-                self.networking.create_namespaced_network_policy(namespace, kubernetes.client.V1NetworkPolicy.from_dict(policy))))
+        return self.get_or_create_namespaced(policy)
 
     def patch_rayjob_spec(self, namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         return self.custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name, {"spec": dict(spec)})
@@ -94,8 +78,8 @@ class KubeApi:
         return self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
 
     def get_or_create_namespaced(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """(the object, whether this call created it) for the trainer's access objects
-        (trainer_access: ServiceAccount, ConfigMap, Role, RoleBinding), as get_or_create_rayjob."""
+        """(the object, whether this call created it), as get_or_create_rayjob, for the built-in kinds
+        a job owns: its Ingress, NetworkPolicy, and the trainer's access objects (trainer_access)."""
         read, create = self._typed(obj["kind"])
         namespace, plain = obj["metadata"]["namespace"], self.core.api_client.sanitize_for_serialization
         return _get_or_create(obj["kind"], obj, lambda name: plain(_or_none(lambda: read(name, namespace))),
@@ -112,6 +96,8 @@ class KubeApi:
             "ConfigMap": (self.core.read_namespaced_config_map, self.core.create_namespaced_config_map),
             "Role": (self.rbac.read_namespaced_role, self.rbac.create_namespaced_role),
             "RoleBinding": (self.rbac.read_namespaced_role_binding, self.rbac.create_namespaced_role_binding),
+            "Ingress": (self.networking.read_namespaced_ingress, self.networking.create_namespaced_ingress),
+            "NetworkPolicy": (self.networking.read_namespaced_network_policy, self.networking.create_namespaced_network_policy),
         }[kind]
 
 
