@@ -20,6 +20,7 @@ from .crd import build_crd
 from .ingress import render_dashboard_ingress
 from .networkpolicy import DEFAULT_KUBERAY_NAMESPACE, render_network_policy
 from .rayjob import render_rayjob
+from .trainer_access import render_trainer_access
 
 OWN_COMMANDS = ("crd", "render", "operator")
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write("---\n")  # the NetworkPolicy the operator creates first (unless --no-network-policies)
     _print_yaml(render_network_policy(job, owner_uid=parsed.owner_uid, kuberay_namespace=parsed.kuberay_namespace,
                                       ingress_controller_namespace=parsed.ingress_controller_namespace))
+    for obj in render_trainer_access(job, owner_uid=parsed.owner_uid):  # what the driver reports progress through
+        sys.stdout.write("---\n")
+        _print_yaml(obj)
     return 0
 
 
@@ -62,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition (YAML)")
     render = sub.add_parser(
-        "render", help="print the KubeRay RayJob, dashboard Ingress (if any) and NetworkPolicy the operator creates for a manifest (YAML)")
+        "render", help="print what the operator creates for a manifest (YAML): the KubeRay RayJob, the dashboard Ingress (if any), the NetworkPolicy, and the ServiceAccount, ConfigMap, Role and RoleBinding the driver reports progress through")
     render.add_argument("manifest", help="FineTuneJob YAML")
     render.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="override a spec field, e.g. --set cluster.workers.replicas=4 (repeatable)")

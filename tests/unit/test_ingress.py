@@ -166,9 +166,9 @@ def test_render_prints_the_ingress_as_a_second_document(tmp_path, capsys):
     doc = {**minimal_manifest(cluster={"dashboard": {"ingress": INGRESS}}), "metadata": {"name": "unit", "namespace": "ml"}}
     manifest.write_text(yaml.safe_dump(doc))
     assert main(["render", str(manifest), "--owner-uid", "uid-1"]) == 0
-    rayjob, ingress, policy = yaml.safe_load_all(capsys.readouterr().out)
+    rayjob, ingress, policy, *_ = yaml.safe_load_all(capsys.readouterr().out)
     assert rayjob["kind"] == "RayJob" and ingress == render_dashboard_ingress(job(INGRESS), owner_uid="uid-1")
     assert policy["kind"] == "NetworkPolicy"
     manifest.write_text(yaml.safe_dump({**doc, "spec": minimal_manifest()["spec"]}))
     assert main(["render", str(manifest)]) == 0
-    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["RayJob", "NetworkPolicy"]
+    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["RayJob", "NetworkPolicy", *["ServiceAccount", "ConfigMap", "Role", "RoleBinding"]]

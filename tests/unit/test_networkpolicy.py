@@ -207,12 +207,12 @@ def test_render_prints_the_policy_as_the_last_document(tmp_path, capsys):
     assert main(["render", str(manifest), "--owner-uid", "uid-1", "--kuberay-namespace", "ray",
                  "--ingress-controller-namespace", "traefik"]) == 0
     kinds = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in kinds] == ["RayJob", "Ingress", "NetworkPolicy"]
-    assert kinds[-1] == render_network_policy(parse_job(doc), owner_uid="uid-1", kuberay_namespace="ray",
+    assert [d["kind"] for d in kinds] == ["RayJob", "Ingress", "NetworkPolicy", *["ServiceAccount", "ConfigMap", "Role", "RoleBinding"]]
+    assert kinds[2] == render_network_policy(parse_job(doc), owner_uid="uid-1", kuberay_namespace="ray",
                                               ingress_controller_namespace="traefik")
     manifest.write_text(yaml.safe_dump({**doc, "spec": minimal_manifest()["spec"]}))
     assert main(["render", str(manifest)]) == 0
     plain = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in plain] == ["RayJob", "NetworkPolicy"]
-    assert plain[-1]["spec"]["ingress"][2]["from"] == [from_namespace("kuberay-system")]
-    assert plain[-1]["metadata"]["name"] == f"{rayjob_name('unit')}-netpol"
+    assert [d["kind"] for d in plain] == ["RayJob", "NetworkPolicy", *["ServiceAccount", "ConfigMap", "Role", "RoleBinding"]]
+    assert plain[1]["spec"]["ingress"][2]["from"] == [from_namespace("kuberay-system")]
+    assert plain[1]["metadata"]["name"] == f"{rayjob_name('unit')}-netpol"

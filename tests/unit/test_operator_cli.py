@@ -13,6 +13,7 @@ import yaml
 from finetune_operator.cli import main
 from finetune_operator.crd import build_crd
 from finetune_operator.rayjob import render_rayjob
+from finetune_operator.trainer_access import render_trainer_access
 from finetune_trainer.cli import EXIT_INVALID
 from finetune_trainer.spec import load_job
 
@@ -34,8 +35,9 @@ def test_render_prints_the_rayjob(capsys):
     assert main(["render", str(QUICKSTART), "--owner-uid", "abc", "--set", "cluster.workers.memory=2Gi"]) == 0
     out = capsys.readouterr().out
     expected = render_rayjob(load_job(QUICKSTART, ["cluster.workers.memory=2Gi"]), owner_uid="abc")
-    rayjob, policy = yaml.safe_load_all(out)  # and the NetworkPolicy (tests/unit/test_networkpolicy.py)
+    rayjob, policy, *access = yaml.safe_load_all(out)  # and the NetworkPolicy (tests/unit/test_networkpolicy.py)
     assert rayjob == expected and policy["kind"] == "NetworkPolicy"
+    assert access == render_trainer_access(load_job(QUICKSTART), owner_uid="abc")  # tests/unit/test_trainer_access.py
     assert "runtimeEnvYAML: |" in out  # the driver's manifest reads as a block, not an escaped string
 
 
