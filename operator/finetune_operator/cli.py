@@ -116,7 +116,11 @@ def _operator(parsed: argparse.Namespace) -> int:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the RayJob's runtimeEnvYAML) as `|` blocks, readable and diffable."""
+    """Multi-line strings (the RayJob's runtimeEnvYAML) as `|` blocks, readable and diffable; a
+    value used twice (the NetworkPolicy's own-pods selector) written out twice, not as `*id001`."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 _Dumper.add_representer(

@@ -39,6 +39,7 @@ def test_render_prints_the_rayjob(capsys):
     assert rayjob == expected and policy["kind"] == "NetworkPolicy"
     assert access == render_trainer_access(load_job(QUICKSTART), owner_uid="abc")  # tests/unit/test_trainer_access.py
     assert "runtimeEnvYAML: |" in out  # the driver's manifest reads as a block, not an escaped string
+    assert "&id" not in out and "*id" not in out  # no YAML aliases for values used twice
 
 
 def test_render_of_an_invalid_manifest_names_each_problem(tmp_path, capsys):
