@@ -259,9 +259,14 @@ class Operator:
 
     def _ensure_trainer_access(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
         """Get or create what the driver reports progress through (trainer_access), owned by the job.
-        No Event: they come and go with the RayJob's, which has one."""
-        for obj in render_trainer_access(job, owner_uid=uid):
-            self.kube.get_or_create_namespaced(obj)
+        One of these names not owned by this job (an earlier job's, not yet collected, or made by
+        hand) is waited out rather than trusted: it could bind the Role to someone else, or vanish
+        under the run. No Event: they come and go with the RayJob's, which has one."""
+        for want in render_trainer_access(job, owner_uid=uid):
+            found, _ = self.kube.get_or_create_namespaced(want)
+            if not _owned_by(found, uid):
+                raise kopf.TemporaryError(f"{want['kind']} {want['metadata']['name']} exists and is not owned by this "
+                                          "FineTuneJob; waiting for it to go", delay=self.config.conflict_retry_delay)
 
 
 def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:

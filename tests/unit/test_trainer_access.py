@@ -161,3 +161,16 @@ def test_outside_a_pod_set_up_by_the_operator_there_is_no_configmap_writer(monke
     monkeypatch.setenv("FINETUNE_PROGRESS_CONFIGMAP", "x-ray-progress")
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     assert ConfigMapWriter.from_environment() is None  # no token mounted here
+
+
+def test_an_access_object_of_that_name_not_owned_by_the_job_holds_the_run_back():
+    kube = FakeKube()
+    kube.get_or_create_network_policy = lambda np: (np, True)  # type: ignore[attr-defined]
+    operator = Operator(kube=kube, progress=ConfigMapProgressSource(lambda *_: None), metrics=Metrics(),  # type: ignore[arg-type]
+                        config=OperatorConfig(), post_event=lambda *_: None)
+    planted = render_trainer_access(job(), owner_uid="someone-else")[3]  # a RoleBinding to another account
+    planted["subjects"] = [{"kind": "ServiceAccount", "name": "intruder", "namespace": "ns"}]
+    kube.namespaced[("RoleBinding", "quickstart-ray-progress")] = planted
+    with pytest.raises(kopf.TemporaryError, match="RoleBinding quickstart-ray-progress exists and is not owned"):
+        operator.reconcile(body(), kopf.Patch(), logger=None)  # type: ignore[arg-type]
+    assert kube.rayjobs == {}
