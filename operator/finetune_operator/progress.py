@@ -22,8 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from finetune_trainer.spec import FineTuneJob
+from finetune_trainer.spec.cluster import PROGRESS_KEY
 
-from .trainer_access import PROGRESS_KEY, progress_name
+from .trainer_access import progress_name
 
 MAX_BYTES = 1 << 20  # a status object is a few hundred bytes; refuse to load something else whole
 

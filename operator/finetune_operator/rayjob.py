@@ -187,14 +187,13 @@ def _pod(job: FineTuneJob, container: str, group: HeadGroupSpec | WorkerGroupSpe
         main["imagePullPolicy"] = cluster.image_pull_policy
     if ports:
         main["ports"] = [dict(p) for p in ports]
-    if env or api_token:
-        main["env"] = [dict(e) for e in env]
     pod: dict[str, Any] = {"serviceAccountName": pods_service_account(job), "containers": [main]}
     if api_token:  # the driver's way to report progress (trainer_access); no other container gets a token
         volume, mount, progress_env = head_token(job)
-        main["env"].append(progress_env)
-        main["volumeMounts"] = [*main.get("volumeMounts", []), mount]
-        pod["volumes"] = [*pod.get("volumes", []), volume]
+        env = [*env, progress_env]
+        main["volumeMounts"], pod["volumes"] = [mount], [volume]
+    if env:
+        main["env"] = [dict(e) for e in env]
     if cluster.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": s} for s in cluster.image_pull_secrets]
     if group.node_selector:

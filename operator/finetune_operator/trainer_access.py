@@ -27,7 +27,6 @@ from finetune_trainer.spec.cluster import PROGRESS_CONFIGMAP_ENV
 from .children import labels, owner_reference, rayjob_name
 
 PROGRESS_SUFFIX = "-progress"
-PROGRESS_KEY = "status.json"  # finetune_trainer.job_status.STATUS_FILE: the ConfigMap key the driver writes
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where in-cluster clients look
 TOKEN_SECONDS = 3600  # the kubelet refreshes a projected token well before it expires
 TOKEN_VOLUME = "progress-token"

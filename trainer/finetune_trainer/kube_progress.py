@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .spec.cluster import PROGRESS_CONFIGMAP_ENV
+from .spec.cluster import PROGRESS_CONFIGMAP_ENV, PROGRESS_KEY
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-STATUS_KEY = "status.json"  # job_status.STATUS_FILE; the operator reads this key
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class ConfigMapWriter:
                    ca_file=SERVICE_ACCOUNT_DIR / "ca.crt")
 
     def __call__(self, status: dict[str, Any]) -> None:
-        body = json.dumps({"data": {STATUS_KEY: json.dumps(status)}}).encode()
+        body = json.dumps({"data": {PROGRESS_KEY: json.dumps(status)}}).encode()
         request = urllib.request.Request(
             f"{self.server}/api/v1/namespaces/{self.namespace}/configmaps/{self.name}", data=body, method="PATCH",
             headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}",

@@ -34,6 +34,7 @@ _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, 
 MANIFEST_ENV = "FINETUNE_MANIFEST"  # the FineTuneJob, as JSON, for the driver (`run env:FINETUNE_MANIFEST`)
 # the ConfigMap the driver writes status.json into, through the job's own ServiceAccount (kube_progress)
 PROGRESS_CONFIGMAP_ENV = "FINETUNE_PROGRESS_CONFIGMAP"
+PROGRESS_KEY = "status.json"  # the ConfigMap key it writes and the operator reads (job_status.STATUS_FILE's content)
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # KubeRay sets the first two (authOptions); the path would only blur which token Ray uses
 RESERVED_ENV = (MANIFEST_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -333,7 +334,8 @@ class ClusterSpec(SpecModel):
                 )
         names = [e.name for e in self.env]
         reserved = set(RESERVED_ENV) | (set(S3_ENV) if self.s3_credentials_secret else set())
-        for i, (name, var) in enumerate(zip(names, self.env, strict=True)):
+        for i, var in enumerate(self.env):
+            name = var.name
             if name in reserved:
                 yield f"env[{i}].name", f"{name} is set by the operator" + (" from s3CredentialsSecret" if name in S3_ENV else "")
             elif name in names[:i]:
