@@ -3,7 +3,9 @@
 The driver (finetune_trainer.job_status, through finetune_trainer.kube_progress) patches
 `<rayjob>-progress` (trainer_access) whenever a trial starts or ends and at every evaluation; the
 operator reads it on a timer. Besides progress, the object may carry the trainer's preflight
-verdict (`state: invalid` with `problems`); status_mapping.trainer_problems reads that.
+verdict (`state: invalid` with `problems`); status_mapping.trainer_problems reads that. Its shape
+is `finetune_trainer.spec.progress.ProgressDocument`, the model the trainer builds it from: this
+module returns that model, or None, and nothing downstream reads a raw key.
 
 Why a ConfigMap and not the job's S3 storage, as before: reading S3 needed the Secret the job
 names and a connection to the endpoint the job's author wrote, both with the operator's own
@@ -11,18 +13,18 @@ rights (a confused deputy: docs/security.md). Now the operator talks to the API 
 needs no Secret. What it reads is still written by code the job's author controls: it is data,
 bounded in size and parsed as JSON, never trusted for more than the job's own status.
 
-`ProgressSource` is the seam: the handlers take any object with `read(job) -> dict | None`.
+`ProgressSource` is the seam: the handlers take any object with `read(job) -> ProgressDocument | None`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 from finetune_trainer.spec import FineTuneJob
 from finetune_trainer.spec.cluster import PROGRESS_KEY
+from finetune_trainer.spec.progress import ProgressDocument
 
 from .trainer_access import progress_name
 
@@ -34,7 +36,7 @@ ConfigMapReader = Callable[[str, str], Mapping[str, str] | None]  # (namespace, 
 
 
 class ProgressSource(Protocol):
-    def read(self, job: FineTuneJob) -> dict[str, Any] | None:
+    def read(self, job: FineTuneJob) -> ProgressDocument | None:
         """The job's latest status.json, or None when there is none (yet) or it cannot be read."""
 
 
@@ -44,7 +46,7 @@ class ConfigMapProgressSource:
     def __init__(self, read_configmap: ConfigMapReader):
         self.read_configmap = read_configmap
 
-    def read(self, job: FineTuneJob) -> dict[str, Any] | None:
+    def read(self, job: FineTuneJob) -> ProgressDocument | None:
         namespace, name = job.metadata.namespace, progress_name(job.name)
         try:
             data = self.read_configmap(namespace, name)
@@ -57,9 +59,8 @@ class ConfigMapProgressSource:
         if len(raw) > MAX_BYTES:
             log.warning("ConfigMap %s/%s: %s is larger than %d bytes; ignored", namespace, name, PROGRESS_KEY, MAX_BYTES)
             return None
-        try:
-            status = json.loads(raw)
-        except ValueError as err:
-            log.warning("ConfigMap %s/%s: %s is not JSON: %s", namespace, name, PROGRESS_KEY, err)
-            return None
-        return status if isinstance(status, dict) else None
+        document = ProgressDocument.read(raw)
+        if document is None:
+            log.warning("ConfigMap %s/%s: %s is not a progress document (spec.progress.ProgressDocument); ignored",
+                        namespace, name, PROGRESS_KEY)
+        return document

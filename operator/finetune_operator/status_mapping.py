@@ -39,9 +39,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from finetune_trainer.spec.progress import INVALID, ProgressDocument
 
 from .status_model import (
     BestTrial,
@@ -50,7 +50,6 @@ from .status_model import (
     FineTuneJobStatus,
     Phase,
     Reason,
-    TrialCounts,
     can_transition,
 )
 
@@ -59,7 +58,6 @@ DEPLOYMENT_STATUSES = ("", "Initializing", "Running", "Complete", "Failed", "Val
                        "Suspended", "Retrying", "Waiting", "Scheduling", "Scheduled")
 JOB_STATUSES = ("", "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED", "SCHEDULED")
 TERMINAL_JOB_STATUSES = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})
-TRAINER_INVALID = "invalid"  # status.json `state` when the trainer's preflight rejects the spec
 
 
 @dataclass(frozen=True)
@@ -194,21 +192,19 @@ def ray_auth_disabled(previous: FineTuneJobStatus, disabled: bool, *, generation
     return status
 
 
-def trainer_problems(progress: Mapping[str, Any] | None, *, rayjob: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+def trainer_problems(progress: ProgressDocument | None, *, rayjob: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
     """The spec problems the trainer's preflight found inside the Ray cluster (what the operator
     cannot see: the model's layer count, the data's columns), from a status.json whose `state` is
     `invalid`; empty for any other state.
 
     `rayjob` is the job's current RayJob: a status.json last written before it was created is a
     previous run's (the one whose fix started this run), so its verdict is not this run's."""
-    if not progress or progress.get("state") != TRAINER_INVALID:
+    if progress is None or progress.state != INVALID:
         return []
-    written = _utc(_time(progress.get("updated")))
-    run_created = _utc(_time(((rayjob or {}).get("metadata") or {}).get("creationTimestamp")))
+    written, run_created = _utc(progress.updated), _utc(_time(((rayjob or {}).get("metadata") or {}).get("creationTimestamp")))
     if run_created is not None and written is not None and written < run_created:
         return []
-    problems = [(str(p["path"]), str(p["message"])) for p in progress.get("problems") or []
-                if isinstance(p, Mapping) and p.get("path") and p.get("message")]
+    problems = [(p.path, p.message) for p in progress.problems]
     return problems or [("spec", "the trainer found the spec invalid before training (it named no field)")]
 
 
@@ -227,24 +223,23 @@ def rejected_status(previous: FineTuneJobStatus, problems: Sequence[tuple[str, s
     return status
 
 
-def apply_progress(previous: FineTuneJobStatus, progress: Mapping[str, Any] | None) -> FineTuneJobStatus:
+def apply_progress(previous: FineTuneJobStatus, progress: ProgressDocument | None) -> FineTuneJobStatus:
     """Mirror the trainer's status.json (trials, best trial, best checkpoint) into the status.
 
-    A malformed object changes nothing: progress is best effort, the phase comes from KubeRay. Nor
-    does a verdict (`state: invalid`, see trainer_problems): it carries no progress."""
-    if not progress or progress.get("state") == TRAINER_INVALID:
-        return previous
-    try:
-        trials = TrialCounts.model_validate(progress.get("trials") or {})
-        best = BestTrial.model_validate(progress["bestTrial"]) if progress.get("bestTrial") else None
-    except (ValidationError, TypeError, AttributeError):
+    No document (none yet, or one progress.py could not parse) changes nothing: progress is best
+    effort, the phase comes from KubeRay. Nor does a verdict (`state: invalid`, see
+    trainer_problems): it carries no progress."""
+    if progress is None or progress.state == INVALID:
         return previous
     status = previous.model_copy(deep=True)
-    status.trials, status.trials_done = trials, trials.done_text()
-    if best is not None:
-        status.best_trial = best
-    checkpoint = progress.get("bestCheckpoint") or (best.checkpoint if best else None)
-    if isinstance(checkpoint, str) and checkpoint:
+    trials = progress.trials or status.trials
+    if trials is not None:
+        status.trials, status.trials_done = trials.model_copy(), trials.done_text()
+    best = progress.best_trial
+    if best is not None:  # the status shows the trial without the trainer's extras (its step)
+        status.best_trial = BestTrial.model_validate(best.model_dump())
+    checkpoint = progress.best_checkpoint or (best.checkpoint if best else None)
+    if checkpoint:
         status.best_checkpoint = checkpoint
     if status.phase == Phase.RUNNING and status.reason == Reason.TRAINING:
         status.message = _with_progress("the trainer is running", status)
@@ -292,7 +287,7 @@ def _conditioned(status: FineTuneJobStatus, generation: int, now: datetime, *, r
 def _set_condition(conditions: list[Condition], ctype: str, value: bool, reason: str, message: str, generation: int,
                    now: datetime) -> list[Condition]:
     """Replace (or add) one condition; its lastTransitionTime moves only when its status changes."""
-    text = "True" if value else "False"
+    text: Literal["True", "False"] = "True" if value else "False"
     old = next((c for c in conditions if c.type == ctype), None)
     since = old.last_transition_time if old is not None and old.status == text else now
     new = Condition(type=str(ctype), status=text, reason=str(reason), message=message[:32768],

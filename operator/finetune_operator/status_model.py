@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from finetune_trainer.spec import progress
+
 
 class _StatusModel(BaseModel):
     # extra="ignore": a status written by another operator version must still be readable
@@ -96,25 +98,11 @@ class Condition(_StatusModel):
     observed_generation: int | None = Field(default=None, ge=0, description="The spec generation this condition is about.")
 
 
-class TrialCounts(_StatusModel):
-    total: int = Field(default=0, ge=0, description="Trials the search runs.")
-    completed: int = Field(default=0, ge=0, description="Trials that trained to the end.")
-    running: int = Field(default=0, ge=0, description="Trials training now.")
-    waiting: int = Field(default=0, ge=0, description="Trials started but not training now: paused at a rung until the others reach it, or waiting for a training slot (successiveHalving).")
-    stopped: int = Field(default=0, ge=0, description="Trials early stopping ended (asha, successiveHalving, median).")
-    failed: int = Field(default=0, ge=0, description="Trials that raised an error.")
-
-    def done_text(self) -> str:
-        """`3/6`: finished trials (completed, stopped or failed) of all, for the printer column."""
-        return f"{self.completed + self.stopped + self.failed}/{self.total}"
-
-
-class BestTrial(_StatusModel):
-    name: str = Field(description="Ray Tune trial id.")
-    metric: str = Field(description="The metric that ranks trials, e.g. accuracy.")
-    value: float = Field(description="Its best value in this trial.")
-    params: dict[str, Any] = Field(default_factory=dict, description="The trial's sampled settings (free-form).")
-    checkpoint: str | None = Field(default=None, description="URI of the trial's best checkpoint.")
+# `status.trials` and `status.bestTrial` are the trainer's progress document's counts and best
+# trial (without its step) as they are: one definition, in the spec package, for both documents.
+# A field added there appears here, and in the CRD's status schema, on purpose.
+TrialCounts = progress.TrialCounts
+BestTrial = progress.TrialSummary
 
 
 class FineTuneJobStatus(_StatusModel):

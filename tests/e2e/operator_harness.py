@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from finetune_trainer.spec.progress import ProgressDocument
+
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 T = TypeVar("T")
@@ -126,7 +128,7 @@ def s3_secret(kubectl: Kubectl, namespace: str, s3: Any, name: str = "s3") -> No
             f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
 
 
-def trainer_reports(kube_api: Any, namespace: str, job_name: str, status: dict[str, Any]) -> None:
+def trainer_reports(kube_api: Any, namespace: str, job_name: str, status: ProgressDocument) -> None:
     """Play the trainer: the driver's own ConfigMapWriter patches the job's progress ConfigMap, as
     the job's ServiceAccount would in the head pod (here with the emulator's token, over http)."""
     from finetune_operator.trainer_access import progress_name
@@ -134,7 +136,7 @@ def trainer_reports(kube_api: Any, namespace: str, job_name: str, status: dict[s
 
     token = kube_api.kubeconfig_path.parent / "trainer-token"
     token.write_text("emulator-token")
-    ConfigMapWriter(server=kube_api.url, namespace=namespace, name=progress_name(job_name), token_file=token)(status)
+    ConfigMapWriter(server=kube_api.url, namespace=namespace, name=progress_name(job_name), token_file=token)(status.as_dict())
 
 
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:

@@ -348,16 +348,17 @@ def test_killed_search_resumes_without_rerunning_finished_trials(local_ray, s3_s
     assert second < 16, "the second trial had finished before the kill"
 
     from finetune_trainer import job_status
+    from finetune_trainer.spec.progress import ProgressDocument
 
-    published: list[dict] = []  # every status.json the restored driver writes, as it writes it
+    published: list[ProgressDocument] = []  # every status.json the restored driver writes, as it writes it
     write = job_status.StatusPublisher.publish
     monkeypatch.setattr(job_status.StatusPublisher, "publish", lambda self, status: (published.append(status), write(self, status))[1])
     code = main(["run", str(manifest), "--no-progress", "--resume"])
     out, err = capsys.readouterr()
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
     # while it ran, the counts were the whole search's: trial_00, ended before the kill, counted too
-    counts = [s["trials"] for s in published if s["kind"] == "search" and s["state"] == "running" and s["trials"]["running"]]
-    assert counts and all(c["completed"] == 1 and c["total"] == 2 for c in counts), counts
+    counts = [s.trials for s in published if s.kind == "search" and s.state == "running" and s.trials and s.trials.running]
+    assert counts and all(c.completed == 1 and c.total == 2 for c in counts), counts
     after = list_complete_checkpoints(store, prefix)
     # trial_00 trained nothing more (no new checkpoint); trial_01 went on to the end, from its checkpoint
     assert sorted(c.key for c in after if "/trials/trial_00/" in c.key) == first_trial

@@ -21,6 +21,7 @@ from finetune_operator.networkpolicy import render_network_policy
 from finetune_operator.rayjob import render_rayjob
 from finetune_operator.status_model import FineTuneJobStatus, Phase
 from finetune_trainer.spec import parse_job
+from finetune_trainer.spec.progress import ProgressDocument
 
 QUICKSTART = pathlib.Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -113,12 +114,18 @@ class FakeKube:
 
 
 class FakeProgress:
+    """The job's ConfigMap as the trainer left it (`data`: the status.json object), read as progress.py does."""
+
     def __init__(self, data: dict[str, Any] | None = None):
         self.data, self.reads = data, 0
 
-    def read(self, job: Any) -> dict[str, Any] | None:
+    def read(self, job: Any) -> ProgressDocument | None:
         self.reads += 1
-        return self.data
+        return None if self.data is None else ProgressDocument.read(self.data)
+
+
+# what every status.json says besides its progress (job_status.snapshot writes them all)
+WRITTEN = {"job": "quickstart", "run": "run-1", "updated": "2026-01-01T11:59:00+00:00", "kind": "search", "state": "running"}
 
 
 @pytest.fixture
@@ -324,7 +331,7 @@ def test_rayjob_status_flows_into_the_owner_with_events(operator: Operator, kube
     assert kube.jobs["quickstart"]["status"]["rayClusterName"] == "quickstart-ray-abc"
     assert events[-1][:2] == ("Normal", "Training")
 
-    progress.data = {"trials": {"total": 4, "completed": 4}, "bestTrial": {"name": "t1", "metric": "accuracy", "value": 0.9}}
+    progress.data = {**WRITTEN, "trials": {"total": 4, "completed": 4}, "bestTrial": {"name": "t1", "metric": "accuracy", "value": 0.9}}
     rayjob["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
     operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
     final = kube.jobs["quickstart"]["status"]
@@ -364,7 +371,7 @@ def test_poll_progress_writes_only_what_changed(operator: Operator, progress: Fa
     patch = kopf.Patch()
     operator.poll_progress(body(status=running), patch)
     assert dict(patch) == {}  # nothing to read yet
-    progress.data = {"trials": {"total": 8, "completed": 3, "running": 2}}
+    progress.data = {**WRITTEN, "trials": {"total": 8, "completed": 3, "running": 2}}
     operator.poll_progress(body(status=running), patch)
     assert patch["status"]["trialsDone"] == "3/8" and "3/8 trials done" in patch["status"]["message"]
 

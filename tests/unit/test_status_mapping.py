@@ -22,6 +22,7 @@ from finetune_operator.status_mapping import (
     trainer_problems,
 )
 from finetune_operator.status_model import ALLOWED_TRANSITIONS, FineTuneJobStatus, Phase, Reason
+from finetune_trainer.spec.progress import ProgressDocument
 
 T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
@@ -207,7 +208,7 @@ PROGRESS = {
 def test_progress_fills_trials_best_trial_and_checkpoint():
     running = next_status(FineTuneJobStatus(), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, generation=1, now=T0,
                           ray_job_name=RAYJOB)
-    status = apply_progress(running, PROGRESS)
+    status = apply_progress(running, doc(PROGRESS))
     assert status.trials_done == "3/8"
     assert status.trials is not None and status.trials.running == 2
     assert status.best_trial is not None and (status.best_trial.metric, status.best_trial.value) == ("accuracy", 0.8412)
@@ -220,15 +221,21 @@ def test_progress_fills_trials_best_trial_and_checkpoint():
     assert "3/8 trials done" in again.message
 
 
-@pytest.mark.parametrize("bad", [None, {}, {"trials": "many"}, {"trials": {"total": -1}}, {"bestTrial": {"name": "x"}}])
+def doc(data: dict | None) -> ProgressDocument | None:
+    """What progress.py hands on: the typed document, or None for none or one that is not one."""
+    return None if data is None else ProgressDocument.read(data)
+
+
+@pytest.mark.parametrize("bad", [None, {}, {**PROGRESS, "trials": "many"}, {**PROGRESS, "trials": {"total": -1}},
+                                 {**PROGRESS, "bestTrial": {"name": "x"}}, {**PROGRESS, "state": "exploded"}])
 def test_malformed_progress_changes_nothing(bad):
     before = FineTuneJobStatus(phase=Phase.RUNNING)
-    assert apply_progress(before, bad) == before
+    assert doc(bad) is None and apply_progress(before, doc(bad)) == before
 
 
 def test_a_single_run_has_no_best_trial_yet():
-    status = apply_progress(FineTuneJobStatus(phase=Phase.RUNNING), {**PROGRESS, "trials": {"total": 1, "running": 1},
-                                                                     "bestTrial": None, "bestCheckpoint": None})
+    status = apply_progress(FineTuneJobStatus(phase=Phase.RUNNING), doc({**PROGRESS, "trials": {"total": 1, "running": 1},
+                                                                         "bestTrial": None, "bestCheckpoint": None}))
     assert (status.trials_done, status.best_trial, status.best_checkpoint) == ("0/1", None, None)
 
 
@@ -239,30 +246,31 @@ INVALID = {"job": "search", "run": "run-2", "updated": "2026-01-01T10:03:00+00:0
 
 
 def test_the_trainers_verdict_names_each_field():
-    assert trainer_problems(INVALID) == [("spec.freezing.layers", INVALID["problems"][0]["message"])]
-    two = {**INVALID, "problems": [*INVALID["problems"], {"path": "spec.data.textColumn", "message": "no such column"}, "junk"]}
-    assert [p for p, _ in trainer_problems(two)] == ["spec.freezing.layers", "spec.data.textColumn"]
-    assert trainer_problems({**INVALID, "problems": []}) == [
+    assert trainer_problems(doc(INVALID)) == [("spec.freezing.layers", INVALID["problems"][0]["message"])]
+    two = {**INVALID, "problems": [*INVALID["problems"], {"path": "spec.data.textColumn", "message": "no such column"}, "junk",
+                                   {"path": "spec.x"}]}  # entries naming no field or saying nothing are dropped
+    assert [p for p, _ in trainer_problems(doc(two))] == ["spec.freezing.layers", "spec.data.textColumn"]
+    assert trainer_problems(doc({**INVALID, "problems": []})) == [
         ("spec", "the trainer found the spec invalid before training (it named no field)")]
     for other in (None, {}, PROGRESS, {**INVALID, "state": "failed"}):
-        assert trainer_problems(other) == []
+        assert trainer_problems(doc(other)) == []
 
 
 def test_a_verdict_older_than_the_rayjob_is_a_previous_runs():
     def rayjob(created: str) -> dict:
         return {"metadata": {"name": RAYJOB, "creationTimestamp": created}}
 
-    assert trainer_problems(INVALID, rayjob=rayjob("2026-01-01T10:00:00Z"))  # this run's
-    assert trainer_problems(INVALID, rayjob=rayjob("2026-01-01T10:05:00Z")) == []  # the fixed spec's new run
-    assert trainer_problems({**INVALID, "updated": "2026-01-01T10:03:00"}, rayjob=rayjob("2026-01-01T10:05:00Z")) == []
-    assert trainer_problems({**INVALID, "updated": "yesterday"}, rayjob=rayjob("2026-01-01T10:05:00Z"))  # cannot tell: believed
-    assert trainer_problems(INVALID, rayjob={"metadata": {}}) and trainer_problems(INVALID, rayjob=None)
+    assert trainer_problems(doc(INVALID), rayjob=rayjob("2026-01-01T10:00:00Z"))  # this run's
+    assert trainer_problems(doc(INVALID), rayjob=rayjob("2026-01-01T10:05:00Z")) == []  # the fixed spec's new run
+    assert trainer_problems(doc({**INVALID, "updated": "2026-01-01T10:03:00"}), rayjob=rayjob("2026-01-01T10:05:00Z")) == []
+    assert doc({**INVALID, "updated": "yesterday"}) is None  # no time, no document (the trainer always writes one)
+    assert trainer_problems(doc(INVALID), rayjob={"metadata": {}}) and trainer_problems(doc(INVALID), rayjob=None)
 
 
 def test_a_rejected_run_is_stalled_invalid_spec_and_stays_so_for_its_generation():
     running = next_status(FineTuneJobStatus(), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
                                                 "rayClusterName": "job-ray-abc"}, generation=1, now=T0, ray_job_name=RAYJOB)
-    rejected = rejected_status(running, trainer_problems(INVALID), generation=1, now=T1)
+    rejected = rejected_status(running, trainer_problems(doc(INVALID)), generation=1, now=T1)
     assert (rejected.phase, rejected.reason) == (Phase.FAILED, Reason.INVALID_SPEC)
     assert conds(rejected) == {"Ready": ("False", "InvalidSpec"), "Reconciling": ("False", "InvalidSpec"),
                                "Stalled": ("True", "InvalidSpec")}
@@ -279,8 +287,8 @@ def test_a_rejected_run_is_stalled_invalid_spec_and_stays_so_for_its_generation(
 
 
 def test_a_verdict_carries_no_progress():
-    running = apply_progress(FineTuneJobStatus(phase=Phase.RUNNING, reason=Reason.TRAINING), PROGRESS)
-    assert apply_progress(running, INVALID) == running
+    running = apply_progress(FineTuneJobStatus(phase=Phase.RUNNING, reason=Reason.TRAINING), doc(PROGRESS))
+    assert apply_progress(running, doc(INVALID)) == running
 
 
 def test_ray_auth_disabled_is_a_condition_while_it_lasts_and_keeps_its_transition_time():

@@ -19,7 +19,7 @@ from finetune_operator.metrics import Metrics
 from finetune_operator.progress import MAX_BYTES, ConfigMapProgressSource
 from finetune_operator.rayjob import render_rayjob
 from finetune_operator.trainer_access import pods_service_account, progress_name, render_trainer_access
-from finetune_trainer.job_status import StatusPublisher
+from finetune_trainer.job_status import StatusPublisher, snapshot
 from finetune_trainer.kube_progress import ConfigMapWriter
 from finetune_trainer.spec import parse_job
 from tests.tiny_models import minimal_manifest
@@ -77,12 +77,16 @@ def test_progress_is_read_from_the_configmap_and_bad_content_is_ignored():
     def source(data: dict[str, str] | None) -> ConfigMapProgressSource:
         return ConfigMapProgressSource(lambda namespace, name: seen.append((namespace, name)) or data)
 
-    assert source({"status.json": json.dumps({"state": "running", "step": 3})}).read(spec_job) == {"state": "running", "step": 3}
+    written = snapshot("quickstart", "run-1", kind="single", state="running", step=3, total_steps=10)
+    read = source({"status.json": json.dumps(written.as_dict())}).read(spec_job)
+    assert read == written and read is not None and (read.state, read.step) == ("running", 3)
     assert seen[-1] == ("team-a", progress_name("quickstart"))
     assert source(None).read(spec_job) is None  # not created yet
     assert source({}).read(spec_job) is None  # created, nothing written yet
     assert source({"status.json": "{not json"}).read(spec_job) is None
     assert source({"status.json": "[1, 2]"}).read(spec_job) is None
+    assert source({"status.json": json.dumps({"state": "running", "step": 3})}).read(spec_job) is None  # no job, no time
+    assert source({"status.json": json.dumps({**written.as_dict(), "state": "exploded"})}).read(spec_job) is None
     assert source({"status.json": " " * (MAX_BYTES + 1)}).read(spec_job) is None
 
     def failing(namespace: str, name: str) -> dict[str, str]:
@@ -151,7 +155,7 @@ def test_the_driver_merge_patches_its_configmap_with_the_mounted_token(api_serve
 
     token.write_text("rotated-and-refused")  # read at every write: a refused write is reported, training goes on
     publisher = StatusPublisher(lambda status: None, write)
-    publisher.publish({"state": "running"})
+    publisher.publish(snapshot("quickstart", "run-1", kind="single", state="running"))
     assert publisher.warned == {1}
 
 

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import SpecModel
 from .network import NetworkSpec
 from .pod_security import ContainerSecurityContextSpec, PodSecurityContextSpec
+from .progress import STATUS_FILE
 
 Problems = Iterator[tuple[str, str]]
 
@@ -34,7 +35,7 @@ _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, 
 MANIFEST_ENV = "FINETUNE_MANIFEST"  # the FineTuneJob, as JSON, for the driver (`run env:FINETUNE_MANIFEST`)
 # the ConfigMap the driver writes status.json into, through the job's own ServiceAccount (kube_progress)
 PROGRESS_CONFIGMAP_ENV = "FINETUNE_PROGRESS_CONFIGMAP"
-PROGRESS_KEY = "status.json"  # the ConfigMap key it writes and the operator reads (job_status.STATUS_FILE's content)
+PROGRESS_KEY = STATUS_FILE  # the ConfigMap key it writes and the operator reads: the progress document
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # KubeRay sets the first two (authOptions); the path would only blur which token Ray uses
 RESERVED_ENV = (MANIFEST_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

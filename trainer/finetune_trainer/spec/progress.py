@@ -1,0 +1,124 @@
+"""status.json, typed once: the progress document the trainer writes and the operator reads.
+
+The driver (finetune_trainer.job_status) builds a `ProgressDocument` whenever a trial starts or
+ends and at every evaluation, and writes it to the job's storage and, on Kubernetes, into the
+job's progress ConfigMap (kube_progress); the operator (finetune_operator.progress) parses it back
+into this model and mirrors it into `FineTuneJob.status` (status_mapping). Keys are camelCase like
+the status they feed.
+
+Unlike the FineTuneJob spec, this is data from another program, possibly of another version:
+unknown fields are ignored (a newer trainer may add some), and `version` says which shape was
+written. Version 1 is the shape written before the field existed, so a document without it is
+read as version 1. A change an older reader would misread gets a new version number, not a new
+meaning for an old field.
+
+`TrialCounts` and `TrialSummary` are also the operator's `status.trials` and `status.bestTrial`
+(finetune_operator.status_model): the status mirrors them as they are, so they are defined once,
+here, and their descriptions reach the CRD's status schema.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+STATUS_FILE = "status.json"  # the document's name: next to the job's runs in storage, and its ConfigMap key
+PROGRESS_VERSION = 1  # the shape this module writes; a document without `version` is a version 1 one
+
+# `state`: what the driver is doing. `invalid` is not progress but a verdict: the trainer's
+# preflight inside the Ray cluster rejected the spec (`problems` names the fields).
+State = Literal["running", "finished", "failed", "invalid"]
+RUNNING: Final = "running"
+FINISHED: Final = "finished"
+FAILED: Final = "failed"
+INVALID: Final = "invalid"
+# what each started trial is doing, as the driver counts them into `TrialCounts`
+TRIAL_STATES = ("running", "waiting", "completed", "stopped", "failed")
+
+
+class _Document(BaseModel):
+    # extra="ignore": written by the trainer, maybe a newer one; what this reader does not know it skips
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class TrialCounts(_Document):
+    total: int = Field(default=0, ge=0, description="Trials the search runs.")
+    completed: int = Field(default=0, ge=0, description="Trials that trained to the end.")
+    running: int = Field(default=0, ge=0, description="Trials training now.")
+    waiting: int = Field(default=0, ge=0, description="Trials started but not training now: paused at a rung until the others reach it, or waiting for a training slot (successiveHalving).")
+    stopped: int = Field(default=0, ge=0, description="Trials early stopping ended (asha, successiveHalving, median).")
+    failed: int = Field(default=0, ge=0, description="Trials that raised an error.")
+
+    @classmethod
+    def of(cls, trials: dict[str, str], total: int) -> TrialCounts:
+        """Counts from `trial -> running / waiting / completed / stopped / failed`."""
+        states = list(trials.values())
+        return cls(total=total, **{state: states.count(state) for state in TRIAL_STATES})
+
+    def done_text(self) -> str:
+        """`3/6`: finished trials (completed, stopped or failed) of all, for the printer column."""
+        return f"{self.completed + self.stopped + self.failed}/{self.total}"
+
+
+class TrialSummary(_Document):
+    # a trial as `status.bestTrial` shows it (no docstring: the status field's description stands in the CRD)
+    name: str = Field(description="Ray Tune trial id.")
+    metric: str = Field(description="The metric that ranks trials, e.g. accuracy.")
+    value: float = Field(description="Its best value in this trial.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The trial's sampled settings (free-form).")
+    checkpoint: str | None = Field(default=None, description="URI of the trial's best checkpoint.")
+
+
+class BestTrial(TrialSummary):
+    """The best trial so far; a single run is its own trial. `step`: where its best value was seen."""
+
+    step: int | None = None
+
+
+class Problem(_Document):
+    path: str = Field(min_length=1)  # the spec field, e.g. spec.freezing.layers
+    message: str = Field(min_length=1)  # what is wrong and how to fix it
+
+
+class ProgressDocument(_Document):
+    """One status.json. `trials`, `step` and the best are progress (states running, finished,
+    failed); `problems` is the verdict of state `invalid`, which carries no progress."""
+
+    version: int = Field(default=PROGRESS_VERSION, ge=1)
+    job: str
+    run: str | None = None
+    updated: datetime
+    state: State
+    kind: str  # single or search
+    trials: TrialCounts | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    best_trial: BestTrial | None = None
+    best_checkpoint: str | None = None
+    model: str | None = None
+    problems: list[Problem] = Field(default_factory=list)
+
+    @field_validator("problems", mode="before")
+    @classmethod
+    def _named_problems(cls, value: Any) -> Any:
+        """Entries that name no field and say nothing are dropped, not a reason to lose the rest."""
+        if not isinstance(value, list):
+            return value
+        return [p for p in value if isinstance(p, Problem) or (isinstance(p, dict) and p.get("path") and p.get("message"))]
+
+    @classmethod
+    def read(cls, data: str | bytes | dict[str, Any]) -> ProgressDocument | None:
+        """The document in `data` (JSON text or its parsed object); None when it is not one."""
+        try:
+            if isinstance(data, dict):
+                return cls.model_validate(data)
+            return cls.model_validate_json(data)
+        except ValidationError:
+            return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object written to status.json (camelCase; fields without a value left out)."""
+        return self.model_dump(by_alias=True, mode="json", exclude_none=True)
