@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import os
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: stay on loopback
 os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 import argparse
@@ -68,6 +67,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from finetune_trainer import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -166,6 +167,7 @@ def _write(path: Path, report: dict[str, Any], args) -> None:
 
 
 def main() -> None:
+    environment.prepare()  # as the CLI does, before Ray is imported: loopback, a GCS port of its own
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", choices=sorted(SPACES), default="full",
                         help="full: freezing x LR schedule x learning rate (27); small: freezing x learning rate (9)")

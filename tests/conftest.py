@@ -1,15 +1,18 @@
 """Shared test set-up: everything stays on loopback and offline, Ray is started once per session.
 
-Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported, so it is set here before any
-test module can import Ray: the local Ray then advertises 127.0.0.1 and torch.distributed's
-rendezvous (gloo, pinned to `lo`) never leaves the machine.
+The test session is an entry point like `finetune run`: it prepares the process environment
+(finetune_trainer.environment) before any test module can import Ray, so the local Ray advertises
+127.0.0.1, torch.distributed's rendezvous (gloo, pinned to `lo`) never leaves the machine, and the
+session's Ray has a GCS port of its own.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from finetune_trainer import environment
+
+environment.prepare()
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

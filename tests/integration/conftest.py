@@ -16,7 +16,7 @@ def local_ray(s3_server):  # noqa: F811  (the fixture imported above)
     so Ray's workers read them from there."""
     import ray
 
-    from finetune_trainer.run import init_ray
+    from finetune_trainer.driver import init_ray
 
     os.environ.update(s3_server.env())
     init_ray()

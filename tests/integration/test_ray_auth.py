@@ -38,8 +38,11 @@ AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # which mode it runs in. The dashboard URL goes to the test, which then probes it from outside.
 PROBE = """
 import json, os, sys
+from finetune_trainer import environment
+
+environment.prepare()  # as `finetune run` does, first
 import ray
-from finetune_trainer.run import init_ray
+from finetune_trainer.driver import init_ray
 
 init_ray()
 
@@ -61,8 +64,11 @@ ray.shutdown()
 # head container's environment, RAY_AUTH_MODE and RAY_AUTH_TOKEN included.
 CLUSTER_DRIVER = """
 import os
+from finetune_trainer import environment
+
+environment.prepare()  # as `python -m finetune_trainer` does, first (RAY_ADDRESS is set: nothing to do)
 import ray
-from finetune_trainer.run import init_ray
+from finetune_trainer.driver import init_ray
 
 init_ray()
 

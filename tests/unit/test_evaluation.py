@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune_trainer.data import TokenizedSplit
-from finetune_trainer.evaluation import EarlyStopping, _metrics, best_row, evaluate, is_better
+from finetune_trainer.evaluation import _metrics, evaluate
+from finetune_trainer.ranking import EarlyStopping, best_row, is_better
 from tests.tiny_models import tiny_bert, tiny_llama
 
 

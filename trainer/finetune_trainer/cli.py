@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import environment
 from .embedded_s3 import EmbeddedS3Error
 from .spec import SpecError, load_job
 from .storage.errors import AccessDenied, BucketMissing, EndpointUnreachable, StorageError
@@ -21,6 +22,7 @@ EMBEDDED_URI = "s3://finetune/runs"
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment.prepare()  # before anything imports Ray (environment's docstring)
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("validate", "check a manifest: fields, then data and model fit"), ("run", "run a manifest on local Ray (or the cluster in RAY_ADDRESS)")):

@@ -22,6 +22,7 @@ S3 one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ RESULTS_FILE = "results.json"
 MODEL_DIR = "model"  # the exported model beside results.json, and inside each checkpoint (recipe)
 TRIALS_DIR = "trials"
 TUNE_STATE_PREFIX = "experiment_state"  # Ray Tune's experiment checkpoint in a run's folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,9 +124,9 @@ class Persistence:
         found = resume_point(self.store, resume, self.key(runs_under))
         if found is None:
             if resume != "none":
-                print(f"[finetune] resume: no complete checkpoint under {self.store.uri(self.key(runs_under))}; starting fresh", flush=True)
+                log.info("resume: no complete checkpoint under %s; starting fresh", self.store.uri(self.key(runs_under)))
             return None, None
-        print(f"[finetune] resume: from {found.uri} (step {found.step})", flush=True)
+        log.info("resume: from %s (step %s)", found.uri, found.step)
         return self.checkpoint(found.key), found.step
 
     def latest_search(self) -> str | None:

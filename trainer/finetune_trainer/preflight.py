@@ -12,7 +12,6 @@ from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import UnmappableModel, discover
 from .modeling import load_tokenizer, offline_if_local, resolve_model_dir
 from .modeling import skeleton as model_skeleton
-from .recipe import steps_per_epoch
 from .sources import SourceError
 from .spec import FineTuneJob, SpecError
 from .spec.search import search_combinations, trial_spec
@@ -49,7 +48,7 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     names = [n for n, _ in skeleton.named_parameters()]
     t = spec.training
     workers = world_size or spec.resources.workers
-    per_epoch = steps_per_epoch(len(data.train), workers, t.per_device_batch_size, t.gradient_accumulation_steps)
+    per_epoch = t.steps_per_epoch(len(data.train), workers)
     try:
         layer_map = discover(skeleton)
     except UnmappableModel as err:

@@ -34,12 +34,13 @@ import torch.distributed as dist
 from . import deepspeed_load, rng
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
-from .evaluation import EarlyStopping, evaluate, is_better
+from .evaluation import evaluate
 from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import discover
 from .modeling import load_model
 from .optim import UnfreezeGate, apply_plan, build_scheduler, is_metric_driven, param_groups
 from .persist import MODEL_DIR
+from .ranking import EarlyStopping, is_better
 from .scratch import checkpoint_folder
 from .spec import FineTuneJob
 from .storage.integrity import write_file_hashes
@@ -47,17 +48,6 @@ from .storage.integrity import write_file_hashes
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
-
-
-def steps_per_epoch(num_train: int, world_size: int, micro_batch: int, accumulation: int) -> int:
-    """Optimizer steps per pass: every rank gets the same number of full micro-batches."""
-    return max(1, (num_train // world_size) // (micro_batch * accumulation))
-
-
-def total_steps(job: FineTuneJob, num_train: int, world_size: int) -> int:
-    t = job.spec.training
-    per_epoch = steps_per_epoch(num_train, world_size, t.per_device_batch_size, t.gradient_accumulation_steps)
-    return t.max_steps or max(1, round((t.epochs or 1.0) * per_epoch))
 
 
 class FineTuneRecipe:
@@ -99,8 +89,8 @@ class FineTuneRecipe:
         model = load_model(
             self.model_dir, self.spec.model, num_labels=self.num_labels, dropout=t.dropout, pad_token_id=self.pad_id
         )
-        self.per_epoch = steps_per_epoch(len(self.data.train), self.world, t.per_device_batch_size, t.gradient_accumulation_steps)
-        self.total = total_steps(self.job, len(self.data.train), self.world)
+        self.per_epoch = t.steps_per_epoch(len(self.data.train), self.world)
+        self.total = t.total_steps(len(self.data.train), self.world)
         self.plan: FreezePlan = plan_freezing(
             self.spec.freezing,
             [n for n, _ in model.named_parameters()],

@@ -10,11 +10,16 @@ import math
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .evaluation import best_row
+from . import job_status
+from .ranking import best_row
 from .spec import FineTuneJob
+from .spec.progress import ProgressDocument
 from .spec.search import dropped_params
+
+if TYPE_CHECKING:
+    from .preflight import Prepared
 
 CHECKPOINT_KEY = "checkpoint_path"  # what ray.tune.integration.ray_train.TuneReportCallback adds
 STATUS_FINISHED, STATUS_EARLY, STATUS_STOPPED, STATUS_FAILED = "finished", "early-stopped", "stopped by scheduler", "failed"
@@ -66,10 +71,13 @@ def best_trial(job: FineTuneJob, trials: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
-def results(job, prepared, trials, best, test, model_dir, run_dir: Path, concurrency: int, started: float, preflight_seconds: float) -> dict[str, Any]:
+def results(job: FineTuneJob, prepared: Prepared, trials: list[dict[str, Any]], best: dict[str, Any], test: dict[str, Any],
+            model_dir: Path | None, run_dir: Path, concurrency: int, started: float, preflight_seconds: float) -> dict[str, Any]:
     search = job.spec.search
-    baseline = next((r for t in trials for r in t["history"] if r.get("baseline")), {})
-    best_row = next((r for t in trials if t["trial"] == best.get("trial") for r in t["history"] if r.get("step") == best.get("step") and not r.get("baseline")), {})
+    assert search is not None
+    baseline: dict[str, Any] = next((r for t in trials for r in t["history"] if r.get("baseline")), {})
+    best_eval: dict[str, Any] = next((r for t in trials if t["trial"] == best.get("trial") for r in t["history"]
+                                      if r.get("step") == best.get("step") and not r.get("baseline")), {})
     strip = lambda row: {k[5:]: v for k, v in (row or {}).items() if k.startswith("eval_")}  # noqa: E731
     return {
         "job": job.name,
@@ -88,7 +96,7 @@ def results(job, prepared, trials, best, test, model_dir, run_dir: Path, concurr
         },
         "model": str(model_dir) if model_dir else None,
         "best": {k: v for k, v in best.items() if k != "checkpoints"},
-        "metrics": {"validation": {"baseline": strip(baseline), "finetuned": strip(best_row)}, "test": test},
+        "metrics": {"validation": {"baseline": strip(baseline), "finetuned": strip(best_eval)}, "test": test},
         "trials": [{k: v for k, v in t.items() if k != "checkpoints"} for t in trials],
         "timings": {"total_seconds": time.time() - started, "preflight_seconds": preflight_seconds},
         "data": prepared.data.stats,
@@ -96,9 +104,8 @@ def results(job, prepared, trials, best, test, model_dir, run_dir: Path, concurr
     }
 
 
-def final_status(job: FineTuneJob, run_id: str, trials: list[dict[str, Any]], best: dict[str, Any], model_dir) -> dict[str, Any]:
-    from . import job_status
-
+def final_status(job: FineTuneJob, run_id: str, trials: list[dict[str, Any]], best: dict[str, Any],
+                 model_dir: Path | str | None) -> ProgressDocument:
     states = {STATUS_FINISHED: "completed", STATUS_EARLY: "completed", STATUS_STOPPED: "stopped", STATUS_FAILED: "failed"}
     best_trial = job_status.best_trial(best["trial"], best["metric"], best["value"], best["step"], params=best["params"],
                                        checkpoint=best["checkpoint"]) if best else None

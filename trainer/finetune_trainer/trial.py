@@ -43,8 +43,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
 
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .driver import make_trainer  # the training side, only now (the module's docstring)
     from .persist import TRIALS_DIR
-    from .run import make_trainer  # the training side, only now (the module's docstring)
     from .storage import resume_point
 
     # verified by hash; checkpoints that all fail stop the trial rather than restart it from step 0

@@ -1,8 +1,8 @@
-"""The search driver: a Ray Tune search in which every trial is a full distributed training run.
+"""The search flow: a Ray Tune search in which every trial is a full distributed training run.
 
-Reads top to bottom: preflight (the base spec, and every freezing plan the space can produce,
-against the real model) -> how many trials fit the Ray cluster at once -> a Tune function
-trainable per trial that builds the trial's spec and runs the same `TorchTrainer` a plain run
+Reads top to bottom, inside the session (session.py: storage, preflight of the base spec and of
+every freezing plan the space can produce, Ray, tracker, status) -> how many trials fit the Ray
+cluster at once -> a Tune function trainable per trial that builds the trial's spec and runs the same `TorchTrainer` a plain run
 uses, relaying each evaluation to Tune (so ASHA can stop it) -> the best trial's best checkpoint
 exported and scored on the test split -> results.json, the trials table and the plots.
 
@@ -12,73 +12,44 @@ Ray 2.43+ runs Train inside Tune this way (a function trainable that calls `trai
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray import tune
 
 from . import halving, job_status, scratch, search_results
-from .evaluation import is_better
+from .driver import Listener, RunResult, export_model, fit_polling, score_test
 from .job_status import StatusPublisher
-from .persist import TRIALS_DIR, Persistence, open_storage
-from .recipe import total_steps
-from .run import (
-    ProgressTracker,
-    RunResult,
-    export_model,
-    fit_polling,
-    init_ray,
-    new_run_id,
-    prepare_reporting,
-    resume_mode,
-    score_test,
-    shared_config,
-)
+from .persist import TRIALS_DIR, Persistence
+from .ranking import is_better
+from .session import DriverSession
 from .spec import FineTuneJob, SpecError
 from .spec.search import SearchSpec, dropped_params, grid_order, trial_spec
 from .trial import run_trial
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # A trial's own actor only waits on its TorchTrainer, whose workers reserve the real CPUs and GPUs
 # through Train's placement group. Tune refuses an empty request, and any CPU sliver would make
 # trials that exactly fill a machine (2 workers x 1 CPU on 2 cores) never fit; so the actor asks
 # for logical memory only, which Train's workers do not claim.
-TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+TRIAL_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 256 * 2**20}
 
 
-def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | None = None, run_id: str | None = None,
-               resume: str | None = None) -> RunResult:
-    """With `resume` (or spec.storage.resume) other than none, the job's latest search is restored
-    (Tune's experiment state from storage): finished trials keep their results, unfinished and
-    errored ones start again, each continuing from its own latest complete checkpoint."""
-    started = time.time()
-    persistence = open_storage(job)  # S3 preflight first
-    prepared = prepare_reporting(job, persistence)  # also checks every freezing plan the space can produce
-    preflight_seconds = time.time() - started
-    init_ray()
+def run_search(session: DriverSession, on_progress: Listener | None = None) -> RunResult:
+    job, persistence, prepared, run_id = session.job, session.persistence, session.prepared, session.run_id
     search = job.spec.search
     assert search is not None
-    restore = persistence.latest_search() if resume_mode(job, resume) != "none" else None
-    if resume_mode(job, resume) != "none" and restore is None:
-        print("[finetune] resume: no earlier search of this job in storage; starting a new one", flush=True)
-    run_id = restore or run_id or new_run_id()
-    run_dir = persistence.local_dir / run_id
     concurrency = trials_that_fit(job, ray.cluster_resources())
-    tracker = ProgressTracker.remote()
     totals = TrialTotals(job, len(prepared.data.train))
-    publisher = StatusPublisher.for_job(persistence.status_writer())
-    tuner = build_tuner(job, shared_config(prepared, tracker), persistence, run_id, concurrency, totals, tracker, publisher,
-                        restore=restore is not None)
+    tuner = build_tuner(job, session.shared(), persistence, run_id, concurrency, totals, session.tracker, session.publisher,
+                        restore=session.restored)
     gate = halving.start_gate(run_id, concurrency) if search.scheduler.type == "successiveHalving" else None
     try:
-        grid = fit_polling(tuner.fit, lambda: _snapshot(tracker), [on_progress] if on_progress else [])
-    except BaseException as err:
-        publisher.publish(job_status.snapshot(job.name, run_id, kind="search", state="failed", total_trials=search.resolved_num_trials()))
-        failure = persistence.storage_failure(err)
-        if failure is not None:
-            raise failure from err
-        raise
+        grid = fit_polling(tuner.fit, lambda: _snapshot(session.tracker), [on_progress] if on_progress else [])
     finally:  # the folders of the trials Tune stopped mid-report on this host (scratch's docstring)
         if gate is not None:
             ray.kill(gate)
@@ -89,16 +60,17 @@ def run_search(job: FineTuneJob, *, on_progress: Callable[[dict, list], None] | 
     if best:
         trial_job = totals.trial_job(best["params"])
         checkpoints = persistence.complete_only(best["checkpoints"], persistence.key(run_id, TRIALS_DIR))
-        model_dir = export_model(trial_job, checkpoints, prepared, run_dir, filesystem=persistence.filesystem)
+        model_dir = export_model(trial_job, checkpoints, prepared, session.run_dir, filesystem=persistence.filesystem)
     for row in [*trials, *([best] if best else [])]:  # Ray's paths ("bucket/key" on S3) -> URIs people can use
         row["checkpoint"] = persistence.uri(row["checkpoint"]) if row.get("checkpoint") else row.get("checkpoint")
     test = score_test(prepared, model_dir) if prepared.data.test is not None else {}
-    results = search_results.results(job, prepared, trials, best, test, model_dir, run_dir, concurrency, started, preflight_seconds)
-    results["plots"] = search_results.plot(job, trials, run_dir)
-    results["restored"] = restore is not None
+    results = search_results.results(job, prepared, trials, best, test, model_dir, session.run_dir, concurrency,
+                                     session.started, session.preflight_seconds)
+    results["plots"] = search_results.plot(job, trials, session.run_dir)
+    results["restored"] = session.restored
     results = persistence.save_results(run_id, results, model_dir)
-    publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)))
-    return RunResult(run_dir, results)
+    session.publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)))
+    return RunResult(session.run_dir, results)
 
 
 class TrialTotals:
@@ -114,8 +86,8 @@ class TrialTotals:
         return self.job.model_copy(update={"spec": trial_spec(self.job.spec, {**search.fixed_params(), **params})})
 
     def steps(self, params: dict[str, Any]) -> int:
-        trial = self.trial_job(params)
-        return total_steps(trial, self.num_train, trial.spec.resources.workers)
+        spec = self.trial_job(params).spec
+        return spec.training.total_steps(self.num_train, spec.resources.workers)
 
 
 def trials_that_fit(job: FineTuneJob, cluster: dict[str, float]) -> int:
@@ -134,7 +106,7 @@ def trials_that_fit(job: FineTuneJob, cluster: dict[str, float]) -> int:
         raise SpecError([("spec.resources", f"one trial needs {cpus:g} CPUs{gpus} (workers x cpusPerWorker); the Ray cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs")])
     wanted = min(search.max_concurrent_trials, search.resolved_num_trials())
     if wanted > fit:
-        print(f"[finetune] search: {fit} trial(s) at a time, not {wanted}: each needs {cpus:g} CPUs and the cluster has {cluster.get('CPU', 0):g}", flush=True)
+        log.info("search: %d trial(s) at a time, not %d: each needs %g CPUs and the cluster has %g", fit, wanted, cpus, cluster.get("CPU", 0))
     return min(wanted, fit)
 
 
@@ -150,12 +122,13 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
         run_trial, base=job.model_dump(by_alias=True, mode="json"), shared=shared, persistence=persistence,
         trials_path=persistence.path(run_id, TRIALS_DIR), run_id=run_id,
     ), TRIAL_RESOURCES)
-    callbacks = [TrialEvents(tracker, totals, publisher, run_id, persistence.uri)]
+    callbacks: list[tune.Callback] = [TrialEvents(tracker, totals, publisher, run_id, persistence.uri)]
     if restore:
         tuner = tune.Tuner.restore(persistence.path(run_id), trainable=trainable, param_space=param_space(search),
                                    resume_unfinished=True, resume_errored=False, restart_errored=True,
                                    storage_filesystem=persistence.filesystem)
         # the stored RunConfig holds the interrupted driver's callbacks (a dead tracker): use ours
+        assert tuner._local_tuner is not None  # a Tuner restored in this process is local
         tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
     stop = {"time_total_s": search.budget.trial_seconds} if search.budget.trial_seconds else None
@@ -190,19 +163,25 @@ def param_space(search: SearchSpec) -> dict[str, Any]:
     space: dict[str, Any] = {}
     for path, dist in search.space.items():
         if search.algorithm == "grid":
-            space[path] = tune.choice(dist.grid_values())
+            space[path] = tune.choice(_given(dist.grid_values()))
         elif dist.kind == "grid":
-            space[path] = tune.grid_search(dist.grid_values())
+            space[path] = tune.grid_search(_given(dist.grid_values()))
         elif dist.kind == "choice":
-            space[path] = tune.choice(dist.choice)
+            space[path] = tune.choice(_given(dist.choice))
         elif dist.kind == "uniform":
-            space[path] = tune.uniform(*dist.uniform)
+            space[path] = tune.uniform(*_given(dist.uniform))
         elif dist.kind == "loguniform":
-            space[path] = tune.loguniform(*dist.loguniform)
+            space[path] = tune.loguniform(*_given(dist.loguniform))
         else:
-            low, high = dist.randint
+            low, high = _given(dist.randint)
             space[path] = tune.randint(low, high + 1)
     return space
+
+
+def _given(value: list[_T] | None) -> list[_T]:
+    """The distribution's field named by its `kind` (the spec's validation makes it the one set)."""
+    assert value is not None
+    return value
 
 
 def searcher(search: SearchSpec, metric: str, mode: str, seed: int, concurrency: int):

@@ -18,11 +18,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from .job import FineTuneJobSpec
+from .storage import StorageSpec
 
 # loopback, "this host", link-local (AWS/GCP/Azure IMDS at 169.254.169.254), AWS's IPv6 IMDS
 BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
@@ -60,9 +58,8 @@ def _address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return None
 
 
-def cluster_problems(spec: FineTuneJobSpec) -> Iterator[tuple[str, str]]:
-    """(yaml path, message) for what may not run on a shared cluster."""
-    storage = spec.storage
+def cluster_problems(storage: StorageSpec | None) -> Iterator[tuple[str, str]]:
+    """(yaml path, message) for what may not run on a shared cluster: today, where spec.storage points."""
     if storage is not None and storage.endpoint:
         host = urlsplit(storage.endpoint).hostname or ""
         if why := blocked_address(host):

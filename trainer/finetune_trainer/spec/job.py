@@ -176,7 +176,7 @@ def parse_job(document: dict[str, Any], *, for_cluster: bool = False) -> FineTun
     if job.spec.storage is not None:  # needs the job's namespace and name: a rule of the whole manifest
         problems += job.spec.storage.resume_problems(job.metadata.namespace, job.name)
     if for_cluster:
-        problems += list(cluster_problems(job.spec))
+        problems += list(cluster_problems(job.spec.storage))
     if problems:
         raise SpecError(problems)
     return job

@@ -31,6 +31,15 @@ class TrainingSpec(SpecModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables it.")
     seed: int = Field(default=42, ge=0, description="Seeds data order, splits and new weights.")
 
+    def steps_per_epoch(self, num_train: int, world_size: int) -> int:
+        """Optimizer steps per pass: every rank gets the same number of full micro-batches."""
+        return max(1, (num_train // world_size) // (self.per_device_batch_size * self.gradient_accumulation_steps))
+
+    def total_steps(self, num_train: int, world_size: int) -> int:
+        """The run's optimizer steps: maxSteps, else `epochs` passes (at least one step). Here, not in
+        the recipe, because the driver and the search's schedulers need it without torch."""
+        return self.max_steps or max(1, round((self.epochs or 1.0) * self.steps_per_epoch(num_train, world_size)))
+
 
 # which strategy reads each strategy-specific field (the other fields apply to every strategy)
 FREEZING_FIELD_USERS = {"layers": "freezeBottom", "unfreeze_every": "gradual", "trainable_patterns": "patterns", "frozen_patterns": "patterns"}

@@ -1,0 +1,215 @@
+"""The driver's toolkit, shared by the single-run flow (`single`) and the search flow (`tuning`,
+and each search trial, `trial`): Ray, the progress tracker, the TorchTrainer of a run or trial,
+fit with progress polling, export of the chosen checkpoint's model, and the test-split scoring.
+
+No flow lives here and nothing here imports a flow, so every flow imports this module and none
+imports another (tests/unit/test_architecture.py checks for cycles). Torch is imported only inside
+the Ray tasks and workers these functions start (`recipe`, `scoring`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from . import environment
+from .persist import MODEL_DIR, Persistence
+from .ranking import best_row
+from .spec import FineTuneJob
+
+if TYPE_CHECKING:
+    from .preflight import Prepared
+
+Listener = Callable[[dict[str, Any], list[dict[str, Any]]], None]  # (latest progress, every reported row)
+
+
+@ray.remote(num_cpus=0)
+class ProgressTracker:
+    """Rank 0 of every run (or trial) sends step progress and each reported row here; the driver polls it."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] = {}
+        self.by_trial: dict[str, dict[str, Any]] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def update(self, progress: dict[str, Any]) -> None:
+        self.latest = progress
+        if progress.get("trial"):
+            self.by_trial[progress["trial"]] = progress
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def snapshot(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return self.latest, self.rows
+
+    def trials(self) -> dict[str, dict[str, Any]]:
+        return self.by_trial
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[str, Any]
+
+
+def init_ray() -> None:
+    """Join the cluster when there is one (KubeRay sets RAY_ADDRESS); else a loopback-only local Ray.
+
+    Ray token authentication needs nothing here, and must get nothing: ray.init reads RAY_AUTH_MODE
+    and the token (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token)
+    from the environment every Ray process inherits, which KubeRay's authOptions fills from the
+    Secret it creates. A new local Ray (Ray 2.60) runs in token mode unless RAY_AUTH_MODE=disabled,
+    writing a new ~/.ray/auth_token when no token is given. No token or auth variable may go into
+    `runtime_env`: the dashboard's job API shows a job's env_vars. tests/integration/test_ray_auth.py.
+
+    A local Ray's process environment (loopback, its GCS port) is the entry point's to set, before
+    Ray is imported: `environment.prepare`.
+    """
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+        return
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: keep torch.distributed traffic on loopback
+    address = environment.local_gcs_address()
+    if address:  # every worker told its own cluster (environment's docstring says why)
+        env["RAY_ADDRESS"] = address
+    ray.init(
+        address="local",  # a new instance, never one a stale /tmp/ray/ray_current_cluster points at
+        include_dashboard=True,  # also serves Ray's state API, which Train needs to clean up workers
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+    )
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+
+
+def resume_mode(job: FineTuneJob, resume: str | None) -> str:
+    return resume or (job.spec.storage.resume if job.spec.storage else "none")
+
+
+def shared_config(prepared: Prepared, tracker: Any) -> dict[str, Any]:
+    """What every worker of every run or trial reads besides its job: one copy of the data in the object store."""
+    return {
+        "model_dir": prepared.model_dir,
+        "data": ray.put(prepared.data),
+        "pad_token_id": prepared.tokenizer.pad_token_id,
+        "progress": tracker,
+    }
+
+
+def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persistence, storage_path: str, name: str,
+                 callbacks: list | None = None, trial: str | None = None):
+    """The TorchTrainer of a run or a trial: checkpoints through `persistence` (marked complete by
+    its callback, pruned by our retention), worker-group restarts from the latest complete one."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .recipe import train_loop_per_worker  # torch, only where a trainer is built
+
+    res = job.spec.resources
+    worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
+    storage = persistence.run_config_args(job, storage_path=storage_path)
+    storage["callbacks"] += callbacks or []
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence, **shared},
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
+        run_config=RunConfig(name=name, **storage),
+    )
+
+
+def fit_polling(fit: Callable[[], Any], snapshot: Callable[[], tuple[dict[str, Any], list[dict[str, Any]]]],
+                listeners: list[Listener]) -> Any:
+    """fit() while a thread hands a progress snapshot to every listener each 0.5 s, and once at the end."""
+
+    def tell() -> None:
+        latest, rows = snapshot()
+        for listener in listeners:
+            listener(latest, rows)
+
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.5):
+            with contextlib.suppress(Exception):  # a slow poll must never break the run it reports on
+                tell()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        return fit()
+    finally:
+        done.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            tell()
+
+
+def best_checkpoint(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The best-ranked checkpoint (`ranked_metric`: a trial's is the search's metric) among
+    (path, reported metrics) pairs."""
+    key, mode = job.spec.ranked_metric()
+    best = best_row([metrics for _, metrics in checkpoints], key, mode)
+    if not best:
+        return {}
+    path = next(path for path, metrics in checkpoints if metrics is best)
+    return {"step": best["step"], "metric": key, "value": best[key], "checkpoint": path, "metrics": best}
+
+
+def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]], prepared: Prepared, run_dir: Path,
+                 *, filesystem=None) -> Path | None:
+    """Copy the chosen checkpoint's Hugging Face model next to results.json, atomically."""
+    from ray.train import Checkpoint
+
+    spec = job.spec
+    candidates = [(path, m) for path, m in checkpoints if m.get("has_model")]
+    if spec.output.export == "none" or not candidates:
+        return None
+    if spec.output.export == "last":
+        path = max(candidates, key=lambda pm: pm[1]["step"])[0]
+    else:
+        path = best_checkpoint(job, candidates)["checkpoint"]
+    target, partial = run_dir / MODEL_DIR, run_dir / (MODEL_DIR + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
+        shutil.copytree(Path(folder) / MODEL_DIR, partial)
+    prepared.tokenizer.save_pretrained(partial)
+    if prepared.data.label_names:
+        _label_names_into_config(partial / "config.json", prepared.data.label_names)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def _label_names_into_config(config_path: Path, names: list[str]) -> None:
+    """So `pipeline("text-classification", model=...)` prints class names, not LABEL_0."""
+    config = json.loads(config_path.read_text())
+    config["id2label"] = dict(enumerate(names))
+    config["label2id"] = {n: i for i, n in enumerate(names)}
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def score_test(prepared: Prepared, model_dir: Path | None) -> dict[str, dict[str, float]]:
+    """Baseline and fine-tuned model on the test split, as one Ray task with a worker's resources."""
+    from .scoring import score_models
+
+    res = prepared.job.spec.resources
+    task = ray.remote(score_models).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker or 0)
+    models = {"baseline": prepared.model_dir} | ({"finetuned": str(model_dir)} if model_dir else {})
+    return ray.get(task.remote(prepared.job.model_dump(by_alias=True, mode="json"), models, prepared.data, prepared.tokenizer.pad_token_id))

@@ -1,0 +1,57 @@
+"""Which evaluation is better, the best row, and early stopping: torch-free.
+
+The driver ranks checkpoints and trials and the search's callbacks pick the best trial with these,
+and the recipe stops early with the same rule, so the comparison is written once, here, in a module
+that pulls in neither torch nor pandas (tests/unit/test_architecture.py checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` in direction `mode` (min/max)."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def best_row(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
+    """The row with the best `key` in direction `mode` among those that have it ({} if none)."""
+    scored = [r for r in rows if r.get(key) is not None]
+    if not scored:
+        return {}
+    return (min if mode == "min" else max)(scored, key=lambda r: r[key])
+
+
+@dataclass
+class EarlyStopping:
+    """Patience on a metric, with a minimum change that counts as improvement.
+
+    transformers' EarlyStoppingCallback only plugs into its Trainer; this loop is our own, so the
+    same rule (patience, threshold) is kept here, with its state saved in checkpoints.
+    """
+
+    mode: str
+    patience: int | None
+    min_delta: float = 0.0
+    best: float | None = None
+    bad_evals: int = 0
+    history: list[float] = field(default_factory=list)
+
+    def update(self, value: float) -> bool:
+        """Record an evaluation; True when training should stop."""
+        self.history.append(value)
+        if is_better(value, self.best, self.mode, self.min_delta):
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals, self.history = state["best"], state["bad_evals"], list(state["history"])
