@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
+from pydantic_core import ErrorDetails
 
 
 class SpecModel(BaseModel):
@@ -59,7 +60,7 @@ def _path(prefix: str, loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "<manifest>"
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: ErrorDetails) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]

@@ -15,6 +15,7 @@ from itertools import pairwise
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 
 from .base import SpecModel
 from .network import NetworkSpec
@@ -70,7 +71,7 @@ def _memory(value: str | None) -> str | None:
     return value
 
 
-_MEMORY_SCHEMA = {"pattern": QUANTITY_PATTERN}
+_MEMORY_SCHEMA: JsonDict = {"pattern": QUANTITY_PATTERN}
 
 
 class Toleration(SpecModel):

@@ -199,9 +199,9 @@ def space_problems(search: SearchSpec, base: BaseModel) -> list[tuple[str, str]]
     found: list[tuple[str, str]] = []
     for path in search.space:
         where = f"spec.search.space.{path}"
-        problem = _path_problem(type(base), path)
-        if problem:
-            found.append((where, problem))
+        bad_path = _path_problem(type(base), path)
+        if bad_path:
+            found.append((where, bad_path))
             continue
         for value in search.space[path].candidates():
             try:
@@ -213,12 +213,13 @@ def space_problems(search: SearchSpec, base: BaseModel) -> list[tuple[str, str]]
     seen: set[tuple[str, str]] = set()
     for sampled in search_combinations(search):
         params = {**search.fixed_params(), **sampled}
+        problem: tuple[str, str] | None
         try:
             spec = trial_spec(base, params)
         except ValidationError as err:
             problem = ("spec.search.space", f"{_fmt(params)}: {_first_message(err)}")
         else:
-            issues = spec.problems()  # type: ignore[attr-defined]
+            issues = spec.problems()
             problem = ("spec.search.space", f"{_fmt(params)}: {issues[0][0]}: {issues[0][1]}") if issues else None
         if problem and problem[1] not in {m for _, m in seen}:
             seen.add(problem)

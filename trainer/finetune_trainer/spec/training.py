@@ -225,7 +225,7 @@ class EvaluationSpec(SpecModel):
     early_stopping: EarlyStoppingSpec | None = Field(default=None, description="Stop when the metric stops improving.")
 
     def resolved_metrics(self, task: str) -> list[str]:
-        chosen = list(self.metrics) if self.metrics else list(METRICS_BY_TASK[task])
+        chosen: list[str] = list(self.metrics) if self.metrics else list(METRICS_BY_TASK[task])
         return chosen if self.metric in chosen else [*chosen, self.metric]
 
     def resolved_mode(self) -> str:
