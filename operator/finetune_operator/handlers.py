@@ -15,6 +15,11 @@
         the newer spec once the rejected RayJob is gone
     FineTuneJob event                           -> the jobs-by-phase gauge
 
+Every status write goes through `status_writer.write_status` (read the job, compute from that
+read, patch with its resourceVersion, recompute on a conflict), never kopf's `patch.status`: the
+three writers above run concurrently, and a write computed from an older body must not land over
+a newer one (status_writer says why).
+
 Outcomes are kopf's: an invalid spec is a `PermanentError` (Stalled/InvalidSpec, no RayJob, no
 retry until the spec changes). Anything else is retried by kopf with backoff. The operator reads
 no Secret: a credentials Secret the spec names reaches the pods as secretKeyRef, and a missing one
@@ -38,17 +43,16 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import kopf
-from pydantic import ValidationError
 
 from finetune_trainer.spec import FineTuneJob, SpecError, parse_job
 
 from .changes import immutable_changes, mutable_patch
 from .crd import GROUP, KIND, PLURAL, VERSION
 from .ingress import dashboard_url, render_dashboard_ingress
-from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS, KubeApi, is_conflict
+from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS, KubeApi
 from .metrics import Metrics
 from .networkpolicy import DEFAULT_KUBERAY_NAMESPACE, ingress_controller_namespace_of, render_network_policy
 from .progress import ProgressSource
@@ -64,11 +68,11 @@ from .status_mapping import (
     trainer_problems,
 )
 from .status_model import FineTuneJobStatus, Phase, Reason
+from .status_writer import plain, read_status, write_status
 from .trainer_access import render_trainer_access
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}  # rayjob.labels() puts it on every RayJob
 FINALIZER = f"{GROUP}/operator"
-CONFLICT_ATTEMPTS = 3
 QUIET_HANDLERS = ("rayjob-status", "phase-gauge")  # watch-event handlers whose every success is no news
 
 
@@ -89,17 +93,17 @@ class Operator:
     config: OperatorConfig = OperatorConfig()
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     post_event: Callable[[Mapping[str, Any], str, str, str], None] = lambda body, kind, reason, message: kopf.event(
-        dict(body), type=kind, reason=reason, message=message)  # a Kubernetes Event on the FineTuneJob
+        cast(kopf.Body, body), type=kind, reason=reason, message=message)  # a Kubernetes Event on the FineTuneJob
 
-    def reconcile(self, body: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    def reconcile(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
         meta = body["metadata"]
         namespace, name, uid, generation = meta["namespace"], meta["name"], meta["uid"], meta.get("generation", 1)
-        previous, now = _status(body), self.clock()
+        previous, now = read_status(body), self.clock()
         existing = self.kube.get_rayjob(namespace, rayjob_name(name))
         try:
             job = parse_job(_manifest(body), for_cluster=True)
         except SpecError as err:
-            self._invalid(body, previous, err, existing, patch, generation, now)
+            self._invalid(body, err, existing, generation, now)
         if existing is None and _finished(previous, generation):
             return  # its RayJob was removed after the run ended: never re-run a finished job on a restart
         if existing is not None and existing["metadata"].get("deletionTimestamp"):  # a rejected run's, going
@@ -123,73 +127,79 @@ class Operator:
         changed = [] if created else immutable_changes(job, rayjob)
         if not changed:  # a changed spec reaches neither the run nor its dashboard
             self._ensure_ingress(body, job, uid)
-        status = next_status(previous, rayjob.get("status"), generation=generation, now=now,
-                             ray_job_name=rayjob["metadata"]["name"],
-                             dashboard_url=previous.dashboard_url if changed else dashboard_url(job))
-        status = spec_change_ignored(status, changed, generation=generation, now=now)
-        status = ray_auth_disabled(status, not ray_auth_enabled(rayjob), generation=generation, now=now)  # the run's, not the spec's
-        if changed:
-            self.post_event(body, "Warning", Reason.IMMUTABLE_FIELD_CHANGED, _condition_message(status))
-        patch.status.update(status_patch(previous, status))
+        url, auth_disabled, name_of_run = previous.dashboard_url if changed else dashboard_url(job), not ray_auth_enabled(rayjob), rayjob["metadata"]["name"]
+
+        def change(current: FineTuneJobStatus, _: Mapping[str, Any]) -> FineTuneJobStatus:
+            status = next_status(current, rayjob.get("status"), generation=generation, now=now, ray_job_name=name_of_run,
+                                 dashboard_url=current.dashboard_url if changed else url)
+            status = spec_change_ignored(status, changed, generation=generation, now=now)
+            return ray_auth_disabled(status, auth_disabled, generation=generation, now=now)  # the run's, not the spec's
+
+        written = write_status(self.kube, namespace, name, uid, change)
+        if changed and written is not None:
+            self.post_event(body, "Warning", Reason.IMMUTABLE_FIELD_CHANGED, _condition_message(written.status))
 
     def rayjob_changed(self, event_type: str, rayjob: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
         owner = _owner(rayjob)
         if owner is None or event_type == "DELETED":
             return
-        for attempt in range(CONFLICT_ATTEMPTS):  # the job's status has other writers: write only over what was read
-            try:
-                return self._mirror(rayjob, owner, logger)
-            except Exception as err:
-                if not is_conflict(err) or attempt == CONFLICT_ATTEMPTS - 1:
-                    raise
-
-    def _mirror(self, rayjob: Mapping[str, Any], owner: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
-        body = self.kube.get_job(rayjob["metadata"]["namespace"], owner["name"])
-        if body is None or body["metadata"].get("uid") != owner["uid"] or body["metadata"].get("deletionTimestamp"):
-            return
-        previous = _status(body)
-        try:
-            job: FineTuneJob | None = parse_job(_manifest(body), for_cluster=True)
-        except SpecError:
-            job = None
-        generation, now = previous.observed_generation or body["metadata"].get("generation", 1), self.clock()
-        status = next_status(previous, rayjob.get("status"), now=now, generation=generation, ray_job_name=rayjob["metadata"]["name"],
-                             dashboard_url=previous.dashboard_url or (dashboard_url(job) if job else None))  # reconcile sets it
+        now = self.clock()
         problems: list[tuple[str, str]] = []
-        # the run ended or KubeRay retries it: the last trials finished since the last tick, or the
-        # trainer's preflight rejected the spec (then no retry may run it again)
-        if job is not None and _ended(previous, status):
-            progress = self.progress.read(job)
-            problems = trainer_problems(progress, rayjob=rayjob)
-            status = self._rejected(body, status, problems, rayjob) if problems else apply_progress(status, progress)
-        moved = status.phase != previous.phase and status.phase is not None
-        patch = status_patch(previous, status)
-        if not patch:
+
+        def change(previous: FineTuneJobStatus, body: Mapping[str, Any]) -> FineTuneJobStatus:
+            nonlocal problems
+            try:
+                job: FineTuneJob | None = parse_job(_manifest(body), for_cluster=True)
+            except SpecError:
+                job = None
+            generation = previous.observed_generation or body["metadata"].get("generation", 1)
+            status = next_status(previous, rayjob.get("status"), now=now, generation=generation, ray_job_name=rayjob["metadata"]["name"],
+                                 dashboard_url=previous.dashboard_url or (dashboard_url(job) if job else None))  # reconcile sets it
+            problems = []
+            # the run ended or KubeRay retries it: the last trials finished since the last tick, or the
+            # trainer's preflight rejected the spec (then no retry may run it again)
+            if job is not None and _ended(previous, status):
+                progress = self.progress.read(job)
+                problems = trainer_problems(progress, rayjob=rayjob)
+                status = self._rejected(body, status, problems, rayjob) if problems else apply_progress(status, progress)
+            return status
+
+        written = write_status(self.kube, rayjob["metadata"]["namespace"], owner["name"], owner["uid"], change)
+        if written is None or not written.wrote:
             return
-        self.kube.patch_job_status(body["metadata"]["namespace"], owner["name"], patch,
-                                   resource_version=body["metadata"].get("resourceVersion"))
-        if moved:
+        previous, status = written.previous, written.status
+        if status.phase != previous.phase and status.phase is not None:
             logger.info(f"{KIND} {owner['name']}: {previous.phase} -> {status.phase} ({status.reason})")
             kind = "Warning" if status.phase == Phase.FAILED else "Normal"
-            self.post_event(body, kind, str(status.reason or status.phase), f"{status.phase}: {status.message}")
+            self.post_event(written.body, kind, str(status.reason or status.phase), f"{status.phase}: {status.message}")
         if problems:
-            self._drop_run(body, rayjob)
+            self._drop_run(written.body, rayjob)
 
-    def poll_progress(self, body: Mapping[str, Any], patch: kopf.Patch) -> None:
+    def poll_progress(self, body: Mapping[str, Any]) -> None:
+        """The timer's tick while the job runs: the trainer's status.json into the status. Its write
+        is computed from the status as it is when written: a tick that began while the job was
+        Running and ends after the mirror wrote the run's end changes nothing (the mirror has
+        already read the last progress)."""
         try:
             job = parse_job(_manifest(body), for_cluster=True)
         except SpecError:
             return
-        previous, progress = _status(body), self.progress.read(job)
+        progress, rayjob, problems = self.progress.read(job), None, []
         if trainer_problems(progress):  # only a verdict makes the RayJob worth a read: is it this run's?
             rayjob = self.kube.get_rayjob(job.metadata.namespace, rayjob_name(job.name))
-            if problems := trainer_problems(progress, rayjob=rayjob):
-                status = self._rejected(body, previous, problems, rayjob)
-                patch.status.update(status_patch(previous, status))
-                self.post_event(body, "Warning", Reason.INVALID_SPEC, status.message or "")
-                self._drop_run(body, rayjob)
-                return
-        patch.status.update(status_patch(previous, apply_progress(previous, progress)))
+            problems = trainer_problems(progress, rayjob=rayjob)
+
+        def change(previous: FineTuneJobStatus, fresh: Mapping[str, Any]) -> FineTuneJobStatus:
+            if previous.phase != Phase.RUNNING:  # ended (or started over) since the tick began: not the timer's to say
+                return previous
+            return self._rejected(fresh, previous, problems, rayjob) if problems else apply_progress(previous, progress)
+
+        meta = body["metadata"]
+        if problems:  # the RayJob first: once the status says rejected, `retry_newer_spec` must find it gone or going
+            self._drop_run(body, rayjob)
+        written = write_status(self.kube, meta["namespace"], meta["name"], meta["uid"], change)
+        if problems and written is not None and written.wrote:
+            self.post_event(written.body, "Warning", Reason.INVALID_SPEC, written.status.message or "")
 
     def _rejected(self, body: Mapping[str, Any], previous: FineTuneJobStatus, problems: list[tuple[str, str]],
                   rayjob: Mapping[str, Any] | None) -> FineTuneJobStatus:
@@ -201,10 +211,10 @@ class Operator:
         run = rendered_generation(rayjob) or previous.observed_generation or current
         return rejected_status(previous, problems, generation=run, now=self.clock(), newer=current if current > run else None)
 
-    def retry_newer_spec(self, body: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    def retry_newer_spec(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
         """A rejected run's spec was changed while it ran: reconcile the newer spec, which creates
         its RayJob once the rejected one is gone (until then reconcile asks to be retried)."""
-        self.reconcile(body, patch, logger)
+        self.reconcile(body, logger)
 
     def _drop_run(self, body: Mapping[str, Any], rayjob: Mapping[str, Any] | None) -> None:
         """Delete the RayJob of a rejected spec: its Ray cluster goes, and KubeRay's backoffLimit
@@ -244,16 +254,19 @@ class Operator:
             self.post_event(body, "Normal", "IngressCreated",
                             f"created Ingress {ingress['metadata']['name']}: the Ray dashboard is at {dashboard_url(job)}")
 
-    def _invalid(self, body: Mapping[str, Any], previous: FineTuneJobStatus, err: SpecError,
-                 existing: Mapping[str, Any] | None, patch: kopf.Patch, generation: int, now: datetime) -> NoReturn:
+    def _invalid(self, body: Mapping[str, Any], err: SpecError, existing: Mapping[str, Any] | None, generation: int,
+                 now: datetime) -> NoReturn:
+        meta = body["metadata"]
         message = "; ".join(f"{path}: {msg}" for path, msg in err.problems)
-        if existing is not None and _owned_by(existing, body["metadata"]["uid"]):
-            # the run goes on with the valid spec it started from; the new one is reported, not applied
-            status = spec_change_ignored(previous, [p for p, _ in err.problems], generation=generation, now=now,
-                                         reason=Reason.INVALID_SPEC, detail=f"the changed spec is invalid, not applied: {message}")
-        else:
-            status = failed_status(previous, Reason.INVALID_SPEC, f"invalid spec: {message}", generation=generation, now=now)
-        patch.status.update(status_patch(previous, status))
+        running = existing is not None and _owned_by(existing, meta["uid"])
+
+        def change(previous: FineTuneJobStatus, _: Mapping[str, Any]) -> FineTuneJobStatus:
+            if running:  # the run goes on with the valid spec it started from; the new one is reported, not applied
+                return spec_change_ignored(previous, [p for p, _ in err.problems], generation=generation, now=now,
+                                           reason=Reason.INVALID_SPEC, detail=f"the changed spec is invalid, not applied: {message}")
+            return failed_status(previous, Reason.INVALID_SPEC, f"invalid spec: {message}", generation=generation, now=now)
+
+        write_status(self.kube, meta["namespace"], meta["name"], meta["uid"], change)
         self.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         raise kopf.PermanentError(f"invalid spec: {message}")
 
@@ -292,9 +305,9 @@ def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="create")
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="resume")
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry, id="update")
-    def on_job(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+    def on_job(body: kopf.Body, logger: Any, **_: Any) -> None:
         with operator.metrics.reconcile("reconcile"):
-            operator.reconcile(body, patch, logger)
+            operator.reconcile(body, logger)
 
     @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=registry, id="rayjob-status")
     def on_rayjob(type: str, body: kopf.Body, logger: Any, **_: Any) -> None:
@@ -303,35 +316,19 @@ def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry, id="progress",
                 when=lambda status, **_: status.get("phase") == Phase.RUNNING)
-    def on_tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def on_tick(body: kopf.Body, **_: Any) -> None:
         with operator.metrics.reconcile("progress"):
-            operator.poll_progress(body, patch)
+            operator.poll_progress(body)
 
     @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry, id="newer-spec",
                 when=lambda status, meta, **_: newer_spec_waits(status, meta))
-    def on_newer_spec(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+    def on_newer_spec(body: kopf.Body, logger: Any, **_: Any) -> None:
         with operator.metrics.reconcile("reconcile"):
-            operator.retry_newer_spec(body, patch, logger)
+            operator.retry_newer_spec(body, logger)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="phase-gauge")
-    def on_job_event(type: str, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
-        operator.metrics.job_seen(namespace, name, status.get("phase"), deleted=type == "DELETED")
-
-
-def status_patch(previous: FineTuneJobStatus, new: FineTuneJobStatus) -> dict[str, Any]:
-    """The merge patch from one status to the next: changed top-level fields, None for removed ones."""
-    old, want = previous.to_patch(), new.to_patch()
-    patch: dict[str, Any] = {key: value for key, value in want.items() if old.get(key) != value}
-    patch.update({key: None for key in old if key not in want})
-    return patch
-
-
-def _status(body: Mapping[str, Any]) -> FineTuneJobStatus:
-    """The status as written; one we cannot read (hand-edited, a future version's) is started afresh."""
-    try:
-        return FineTuneJobStatus.model_validate(_plain(body.get("status") or {}))
-    except ValidationError:
-        return FineTuneJobStatus()
+    def on_job_event(type: str, name: str, namespace: str | None, status: kopf.Status, **_: Any) -> None:
+        operator.metrics.job_seen(namespace or "", name, status.get("phase"), deleted=type == "DELETED")
 
 
 def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,16 +336,7 @@ def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     return {"apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": body.get("kind", KIND),
             "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")},
-            "spec": _plain(body.get("spec") or {})}
-
-
-def _plain(value: Any) -> Any:
-    """kopf's bodies are read-only views; parse_job wants plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+            "spec": plain(body.get("spec") or {})}
 
 
 def _owner(rayjob: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ uid) precondition failed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 
@@ -39,7 +39,7 @@ class KubeApi:
         namespace = rayjob["metadata"]["namespace"]
         return _get_or_create(
             "RayJob", rayjob, lambda name: self.get_rayjob(namespace, name),
-            lambda: self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, rayjob))
+            lambda: cast(dict[str, Any], self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, rayjob)))
 
     def delete_rayjob(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
         """Delete the RayJob (KubeRay then deletes its Ray cluster); with `uid`, only that very
@@ -63,7 +63,8 @@ class KubeApi:
         return self.get_or_create_namespaced(policy)
 
     def patch_rayjob_spec(self, namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-        return self.custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name, {"spec": dict(spec)})
+        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYJOBS, name,
+                                                                              {"spec": dict(spec)}))
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return _or_none(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
@@ -75,7 +76,7 @@ class KubeApi:
         body: dict[str, Any] = {"status": dict(status)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        return self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
+        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body))
 
     def get_or_create_namespaced(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """(the object, whether this call created it), as get_or_create_rayjob, for the built-in kinds
@@ -90,15 +91,17 @@ class KubeApi:
         found = _or_none(lambda: self.core.read_namespaced_config_map(name, namespace))
         return None if found is None else dict(found.data or {})
 
-    def _typed(self, kind: str) -> tuple[Callable[[str, str], Any], Callable[[str, dict[str, Any]], Any]]:
-        return {
+    def _typed(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """(read(name, namespace), create(namespace, body)) of the client for one built-in kind."""
+        calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
             "ServiceAccount": (self.core.read_namespaced_service_account, self.core.create_namespaced_service_account),
             "ConfigMap": (self.core.read_namespaced_config_map, self.core.create_namespaced_config_map),
             "Role": (self.rbac.read_namespaced_role, self.rbac.create_namespaced_role),
             "RoleBinding": (self.rbac.read_namespaced_role_binding, self.rbac.create_namespaced_role_binding),
             "Ingress": (self.networking.read_namespaced_ingress, self.networking.create_namespaced_ingress),
             "NetworkPolicy": (self.networking.read_namespaced_network_policy, self.networking.create_namespaced_network_policy),
-        }[kind]
+        }
+        return calls[kind]
 
 
 def _get_or_create(kind: str, obj: dict[str, Any], get: Callable[[str], dict[str, Any] | None],

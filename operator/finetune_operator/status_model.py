@@ -15,7 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from finetune_trainer.spec import progress
+# `status.trials` and `status.bestTrial` are the trainer's progress document's counts and best
+# trial (without its step) as they are: one definition, in the spec package, for both documents.
+# A field added there appears here, and in the CRD's status schema, on purpose.
+from finetune_trainer.spec.progress import TrialCounts
+from finetune_trainer.spec.progress import TrialSummary as BestTrial
 
 
 class _StatusModel(BaseModel):
@@ -96,13 +100,6 @@ class Condition(_StatusModel):
     message: str = Field(default="", max_length=32768, description="What happened, for people.")
     last_transition_time: datetime = Field(description="When status last changed.")
     observed_generation: int | None = Field(default=None, ge=0, description="The spec generation this condition is about.")
-
-
-# `status.trials` and `status.bestTrial` are the trainer's progress document's counts and best
-# trial (without its step) as they are: one definition, in the spec package, for both documents.
-# A field added there appears here, and in the CRD's status schema, on purpose.
-TrialCounts = progress.TrialCounts
-BestTrial = progress.TrialSummary
 
 
 class FineTuneJobStatus(_StatusModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pathlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +15,13 @@ import pytest
 import yaml
 
 from finetune_operator.changes import immutable_changes, mutable_patch
-from finetune_operator.handlers import Operator, OperatorConfig, newer_spec_waits, status_patch
+from finetune_operator.handlers import Operator, OperatorConfig, newer_spec_waits
 from finetune_operator.kube import KubeApi
 from finetune_operator.metrics import Metrics
 from finetune_operator.networkpolicy import render_network_policy
 from finetune_operator.rayjob import render_rayjob
 from finetune_operator.status_model import FineTuneJobStatus, Phase
+from finetune_operator.status_writer import status_patch
 from finetune_trainer.spec import parse_job
 from finetune_trainer.spec.progress import ProgressDocument
 
@@ -30,7 +32,7 @@ UID = "0b6f1d1e-0000-4000-8000-000000000001"
 
 def body(generation: int = 1, status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
     doc = yaml.safe_load(QUICKSTART.read_text())
-    doc["metadata"].update(namespace="ns", uid=UID, generation=generation)
+    doc["metadata"].update(namespace="ns", uid=UID, generation=generation, resourceVersion="1")
     doc["spec"].update(copy.deepcopy(spec))
     if status is not None:
         doc["status"] = status
@@ -93,9 +95,11 @@ class FakeKube:
 
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any], *,
                          resource_version: str | None = None) -> dict[str, Any]:
-        if self.conflicts:
-            self.conflicts -= 1
+        meta = self.jobs[name]["metadata"]
+        if self.conflicts or (resource_version is not None and resource_version != meta.get("resourceVersion")):
+            self.conflicts = max(self.conflicts - 1, 0)
             raise kubernetes.client.ApiException(status=409)
+        meta["resourceVersion"] = str(int(meta.get("resourceVersion") or 0) + 1)  # every write makes a new version
         self.status_patches.append(dict(status))
         current = self.jobs[name].setdefault("status", {})
         for key, value in status.items():
@@ -149,10 +153,26 @@ def operator(kube: FakeKube, events: list[tuple[str, str, str]], progress: FakeP
                     clock=lambda: NOW, post_event=lambda obj, kind, reason, message: events.append((kind, reason, message)))
 
 
+def handled(operator: Operator, obj: dict[str, Any], handler: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """`obj` as the API server holds it (what write_status reads), then `handler(obj)`: the status
+    it wrote, its patches merged; {} when it wrote none."""
+    kube: FakeKube = operator.kube  # type: ignore[assignment]
+    kube.jobs[obj["metadata"]["name"]] = copy.deepcopy(obj)
+    mark = len(kube.status_patches)
+    handler(obj)
+    merged: dict[str, Any] = {}
+    for patch in kube.status_patches[mark:]:
+        merged.update(patch)
+    return merged
+
+
 def reconcile(operator: Operator, obj: dict[str, Any]) -> dict[str, Any]:
-    patch = kopf.Patch()
-    operator.reconcile(obj, patch, logger=None)  # type: ignore[arg-type]
-    return dict(patch.get("status", {}))
+    return handled(operator, obj, lambda o: operator.reconcile(o, logger=None))  # type: ignore[arg-type]
+
+
+def tick(operator: Operator, obj: dict[str, Any]) -> dict[str, Any]:
+    """The progress timer once."""
+    return handled(operator, obj, operator.poll_progress)
 
 
 def test_create_makes_one_owned_rayjob_and_records_it(operator: Operator, kube: FakeKube, events: list) -> None:
@@ -252,11 +272,10 @@ def test_an_ingress_added_to_a_running_job_is_flagged_not_applied(operator: Oper
 def test_invalid_spec_is_permanent_names_every_field_and_creates_nothing(operator: Operator, kube: FakeKube,
                                                                          events: list) -> None:
     bad = body(freezing={"strategy": "freezeBottom"}, deepspeed={"zeroStage": 2, "offloadParams": True})
-    patch = kopf.Patch()
     with pytest.raises(kopf.PermanentError) as info:
-        operator.reconcile(bad, patch, logger=None)  # type: ignore[arg-type]
+        reconcile(operator, bad)
     assert "spec.freezing.layers" in str(info.value) and "spec.deepspeed.offloadParams" in str(info.value)
-    status = patch["status"]
+    status = kube.jobs["quickstart"]["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
     stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert stalled["status"] == "True" and "spec.freezing.layers" in stalled["message"]
@@ -265,11 +284,10 @@ def test_invalid_spec_is_permanent_names_every_field_and_creates_nothing(operato
 
 def test_an_invalid_change_to_a_running_job_is_reported_not_applied(operator: Operator, kube: FakeKube) -> None:
     first = reconcile(operator, body())
-    patch = kopf.Patch()
     with pytest.raises(kopf.PermanentError):
-        operator.reconcile(body(generation=2, status=first, freezing={"strategy": "freezeBottom"}), patch, logger=None)  # type: ignore[arg-type]
-    status = patch["status"]
-    assert "phase" not in status  # still Pending: the run goes on
+        reconcile(operator, body(generation=2, status=first, freezing={"strategy": "freezeBottom"}))
+    status = kube.status_patches[-1]
+    assert "phase" not in status and kube.jobs["quickstart"]["status"]["phase"] == "Pending"  # the run goes on
     ignored = next(c for c in status["conditions"] if c["type"] == "SpecChangeIgnored")
     assert (ignored["status"], ignored["reason"]) == ("True", "InvalidSpec")
     assert "spec.freezing.layers" in ignored["message"] and kube.created == ["quickstart-ray"]
@@ -359,21 +377,21 @@ def test_a_conflicting_status_write_is_recomputed_from_a_fresh_read(operator: Op
 
 def test_rayjob_events_for_a_gone_or_replaced_owner_are_ignored(operator: Operator, kube: FakeKube) -> None:
     reconcile(operator, body())
+    del kube.jobs["quickstart"]
+    writes = len(kube.status_patches)
     rayjob = kube.rayjobs["quickstart-ray"]
     operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())  # no FineTuneJob
     kube.jobs["quickstart"] = {**body(), "metadata": {**body()["metadata"], "uid": "a-new-one"}}
     operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
-    assert kube.status_patches == []
+    assert len(kube.status_patches) == writes
 
 
 def test_poll_progress_writes_only_what_changed(operator: Operator, progress: FakeProgress) -> None:
     running = {"phase": "Running", "reason": "Training", "message": "the trainer is running"}
-    patch = kopf.Patch()
-    operator.poll_progress(body(status=running), patch)
-    assert dict(patch) == {}  # nothing to read yet
+    assert tick(operator, body(status=running)) == {}  # nothing to read yet
     progress.data = {**WRITTEN, "trials": {"total": 8, "completed": 3, "running": 2}}
-    operator.poll_progress(body(status=running), patch)
-    assert patch["status"]["trialsDone"] == "3/8" and "3/8 trials done" in patch["status"]["message"]
+    status = tick(operator, body(status=running))
+    assert status["trialsDone"] == "3/8" and "3/8 trials done" in status["message"] and "phase" not in status
 
 
 INVALID = {"job": "quickstart", "run": "run-1", "updated": "2026-01-01T11:59:00+00:00", "kind": "train", "state": "invalid",
@@ -385,16 +403,14 @@ def test_the_trainers_verdict_on_a_tick_stalls_the_job_and_deletes_its_rayjob_un
     first = reconcile(operator, body())
     running = {**first, "phase": "Running", "reason": "Training", "message": "the trainer is running"}
     progress.data = INVALID
-    patch = kopf.Patch()
-    operator.poll_progress(body(status=running), patch)
-    status = patch["status"]
+    status = tick(operator, body(status=running))
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
     stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", "InvalidSpec")
     assert "spec.freezing.layers: 12 exceeds the 6 layers" in stalled["message"]
     assert kube.deleted == ["quickstart-ray"] and kube.rayjobs == {}
-    assert [e[:2] for e in events[1:]] == [("Warning", "InvalidSpec"), ("Normal", "RayJobDeleted")]
-    assert "spec.freezing.layers" in events[1][2]
+    assert [e[:2] for e in events[1:]] == [("Normal", "RayJobDeleted"), ("Warning", "InvalidSpec")]
+    assert "spec.freezing.layers" in events[2][2]
 
     # a restart resumes the job: its generation was rejected, so no RayJob comes back
     rejected = {**running, **status}
@@ -404,9 +420,8 @@ def test_the_trainers_verdict_on_a_tick_stalls_the_job_and_deletes_its_rayjob_un
     again = reconcile(operator, body(generation=2, status=rejected, freezing={"strategy": "freezeBottom", "layers": 2}))
     assert (again["phase"], again["reason"]) == ("Pending", "ClusterStarting") and kube.created == ["quickstart-ray"] * 2
     kube.rayjobs["quickstart-ray"]["metadata"]["creationTimestamp"] = "2026-01-01T12:00:00Z"
-    patch = kopf.Patch()
-    operator.poll_progress(body(generation=2, status={**rejected, **again, "phase": "Running"}), patch)
-    assert "phase" not in patch.get("status", {}) and kube.deleted == ["quickstart-ray"]
+    assert "phase" not in tick(operator, body(generation=2, status={**rejected, **again, "phase": "Running"}))
+    assert kube.deleted == ["quickstart-ray"]
 
 
 def test_a_verdict_on_a_run_whose_spec_changed_since_runs_the_newer_spec_when_its_rayjob_is_gone(
@@ -415,14 +430,13 @@ def test_a_verdict_on_a_run_whose_spec_changed_since_runs_the_newer_spec_when_it
     not applied to that run, and must not need a third edit to run."""
     first = reconcile(operator, body())
     assert kube.rayjobs["quickstart-ray"]["metadata"]["annotations"] == {"finetune.dev/generation": "1"}
+    kube.rayjobs["quickstart-ray"]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
     running = {**first, "phase": "Running", "reason": "Training", "message": "the trainer is running"}
     fixed = {"freezing": {"strategy": "freezeBottom", "layers": 3}}  # the quickstart's is 2; the verdict says 12 is too many
     ignored = {**running, **reconcile(operator, body(generation=2, status=running, **fixed))}
     assert ignored["observedGeneration"] == 2 and any(c["type"] == "SpecChangeIgnored" for c in ignored["conditions"])
     progress.data = INVALID
-    patch = kopf.Patch()
-    operator.poll_progress(body(generation=2, status=ignored, **fixed), patch)
-    rejected = {**ignored, **patch["status"]}
+    rejected = {**ignored, **tick(operator, body(generation=2, status=ignored, **fixed))}
     assert (rejected["phase"], rejected["reason"], rejected["observedGeneration"]) == ("Failed", "InvalidSpec", 1)
     assert "spec.freezing.layers: 12 exceeds" in rejected["message"] and "changed since (generation 2)" in rejected["message"]
     assert not any(c["type"] == "SpecChangeIgnored" for c in rejected["conditions"])
@@ -430,9 +444,8 @@ def test_a_verdict_on_a_run_whose_spec_changed_since_runs_the_newer_spec_when_it
     assert newer_spec_waits(rejected, {"generation": 2}) and not newer_spec_waits(rejected, {"generation": 1})
 
     # the timer: generation 2 gets its RayJob, and the old verdict is not the new run's
-    patch = kopf.Patch()
-    operator.retry_newer_spec(body(generation=2, status=rejected, **fixed), patch, logger=None)  # type: ignore[arg-type]
-    again = {**rejected, **patch["status"]}
+    again = {**rejected, **handled(operator, body(generation=2, status=rejected, **fixed),
+                                   lambda o: operator.retry_newer_spec(o, logger=None))}  # type: ignore[arg-type]
     assert (again["phase"], again["reason"], again["observedGeneration"]) == ("Pending", "ClusterStarting", 2)
     assert kube.created == ["quickstart-ray"] * 2 and not newer_spec_waits(again, {"generation": 2})
     assert kube.rayjobs["quickstart-ray"]["metadata"]["annotations"] == {"finetune.dev/generation": "2"}

@@ -106,11 +106,11 @@ def test_reconcile_creates_the_access_objects_before_the_rayjob_and_reads_no_sec
     operator = Operator(kube=kube, progress=ConfigMapProgressSource(lambda *_: None), metrics=Metrics(),  # type: ignore[arg-type]
                         config=OperatorConfig(), post_event=lambda obj, kind, reason, message: events.append((kind, reason, message)))
     obj = body(cluster={"s3CredentialsSecret": {"name": "team-b-db", "accessKeyIdKey": "password"}})
-    operator.reconcile(obj, kopf.Patch(), logger=None)  # type: ignore[arg-type]
+    operator.reconcile(obj, logger=None)  # type: ignore[arg-type]
     assert order == ["ServiceAccount", "ConfigMap", "Role", "RoleBinding", "RayJob"]
     assert not hasattr(kube, "secret_data")  # the seam has no way to read a Secret
     before = copy.deepcopy(kube.namespaced)
-    operator.reconcile(obj, kopf.Patch(), logger=None)  # type: ignore[arg-type]
+    operator.reconcile(obj, logger=None)  # type: ignore[arg-type]
     assert kube.namespaced == before and order.count("RayJob") == 1
 
 
@@ -176,5 +176,5 @@ def test_an_access_object_of_that_name_not_owned_by_the_job_holds_the_run_back()
     planted["subjects"] = [{"kind": "ServiceAccount", "name": "intruder", "namespace": "ns"}]
     kube.namespaced[("RoleBinding", "quickstart-ray-progress")] = planted
     with pytest.raises(kopf.TemporaryError, match="RoleBinding quickstart-ray-progress exists and is not owned"):
-        operator.reconcile(body(), kopf.Patch(), logger=None)  # type: ignore[arg-type]
+        operator.reconcile(body(), logger=None)  # type: ignore[arg-type]
     assert kube.rayjobs == {}
