@@ -111,7 +111,7 @@ def embedded_s3(*, bucket: str = "finetune", data_dir: str | Path | None = None,
 
     split_s3_uri(f"s3://{bucket}")  # a bad bucket name fails here, not as a startup timeout
     temp = None if data_dir else tempfile.mkdtemp(prefix="ftj-s3-")
-    root = Path(data_dir or temp).resolve()
+    root = Path(data_dir or str(temp)).resolve()
     root.mkdir(parents=True, exist_ok=True)
     access_key, secret_key = keys or ("ftj" + secrets.token_hex(8), secrets.token_hex(20))
     config = root / "s3-identities.json"

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 import ray
+from ray.actor import ActorProxy
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import HyperBandScheduler, TrialScheduler
 from ray.tune.schedulers.hyperband import _Bracket
@@ -47,7 +48,6 @@ def gate_name(run_id: str) -> str:
     return f"finetune-trial-gate-{run_id}"
 
 
-@ray.remote(num_cpus=0)
 class TrialGate:
     """`slots` trials train at once; the others wait their turn in the order they asked."""
 
@@ -76,15 +76,20 @@ class TrialGate:
         return {"slots": self.slots, "holders": sorted(self.holders), "waiting": list(self.waiting)}
 
 
-def start_gate(run_id: str, slots: int):
+# Wrapped rather than decorated: a class decorator does not change the class's type for a type
+# checker, so `TrialGate.options(...)` would not type-check; this is Ray's ActorClass[TrialGate].
+_TrialGateActor = ray.remote(num_cpus=0)(TrialGate)
+
+
+def start_gate(run_id: str, slots: int) -> ActorProxy[TrialGate]:
     """The gate of this search, named so that trials and the scheduler find it without holding a
     handle (both are pickled into Tune's experiment state)."""
-    return TrialGate.options(name=gate_name(run_id), get_if_exists=True, lifetime=None).remote(slots)
+    return _TrialGateActor.options(name=gate_name(run_id), get_if_exists=True, lifetime=None).remote(slots)
 
 
 def wait_for_slot(run_id: str, trial: str, poll_seconds: float = 1.0) -> None:
     """Blocks the trial until it may train. Called in the trial's own actor."""
-    gate = ray.get_actor(gate_name(run_id))
+    gate: Any = ray.get_actor(gate_name(run_id))  # as in holders: Ray types a handle's methods as Never
     shown = False
     while not ray.get(gate.acquire.remote(trial)):
         if not shown:
@@ -98,10 +103,11 @@ def holders(run_id: str) -> set[str] | None:
     if not ray.is_initialized():
         return None
     try:
-        gate = ray.get_actor(gate_name(run_id))
+        gate: Any = ray.get_actor(gate_name(run_id))  # Ray types a handle's methods as Never: called untyped
     except ValueError:
         return None
-    return set(ray.get(gate.state.remote(), timeout=10)["holders"])
+    state: dict[str, Any] = ray.get(gate.state.remote(), timeout=10)
+    return set(state["holders"])
 
 
 class SuccessiveHalving(HyperBandScheduler):

@@ -99,15 +99,15 @@ def print_search_summary(results: dict[str, Any], run_dir: Path) -> None:
         table.add_row(t["trial"] + mark, fmt_params(t["params"], t["unused_params"]), _fmt(t["value"]), f"{t['steps']}/{t['total_steps']}", status, checkpoint)
     console.print(table)
     if best:
-        unused = next((t["unused_params"] for t in results["trials"] if t["trial"] == best["trial"]), [])
+        unused: list[str] = next((t["unused_params"] for t in results["trials"] if t["trial"] == best["trial"]), [])
         shown = {k: v for k, v in best["params"].items() if k not in unused}
         console.print(f"best: {best['trial']} at step {best['step']}: {metric}={best['value']:.4f} ({fmt_params(shown)})")
     val, test = results["metrics"]["validation"], results["metrics"]["test"]
     for split, pair in (("validation", val), ("test", test)):
         before, after = pair.get("baseline") or {}, pair.get("finetuned") or {}
-        shown = [m for m in sorted(set(before) | set(after)) if m not in {"examples", "tokens"}]
-        if shown:
-            console.print(f"{split}: " + "  ".join(f"{m} {_fmt(before.get(m))} -> {_fmt(after.get(m))}" for m in shown))
+        metrics = [m for m in sorted(set(before) | set(after)) if m not in {"examples", "tokens"}]
+        if metrics:
+            console.print(f"{split}: " + "  ".join(f"{m} {_fmt(before.get(m))} -> {_fmt(after.get(m))}" for m in metrics))
     console.print(f"trial-steps spent: {search['trial_steps']} · {_fmt(results['timings']['total_seconds'], 1)} s total")
     console.print(f"model: {results['model']}\nplots: {', '.join(results.get('plots') or []) or '—'}\nresults: {run_dir / 'results.json'}")
 

@@ -17,6 +17,9 @@ from .spec import FineTuneJob
 
 
 def score_models(job_doc: dict[str, Any], models: dict[str, str], data: PreparedData, pad_token_id: int) -> dict[str, dict[str, float]]:
+    if data.test is None:
+        raise ValueError("score_models needs the test split; the driver scores only when spec.data.test is set")
+    test = data.test
     job = FineTuneJob.model_validate(job_doc)
     spec = job.spec
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,7 +32,7 @@ def score_models(job_doc: dict[str, Any], models: dict[str, str], data: Prepared
         torch.manual_seed(spec.training.seed)  # the baseline's new head: the same one training started from
         model = load_model(folder, spec.model, num_labels=num_labels, dropout=None, pad_token_id=pad_token_id).to(device)
         metrics = evaluate(
-            model, data.test, task=spec.model.task, batch_size=spec.training.per_device_batch_size * 2,
+            model, test, task=spec.model.task, batch_size=spec.training.per_device_batch_size * 2,
             pad_token_id=pad_token_id, device=device, num_labels=num_labels,
         )
         scores[name] = {k: v for k, v in metrics.items() if k in wanted}

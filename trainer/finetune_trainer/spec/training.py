@@ -228,7 +228,7 @@ class EvaluationSpec(SpecModel):
         chosen: list[str] = list(self.metrics) if self.metrics else list(METRICS_BY_TASK[task])
         return chosen if self.metric in chosen else [*chosen, self.metric]
 
-    def resolved_mode(self) -> str:
+    def resolved_mode(self) -> Literal["min", "max"]:
         return self.mode or ("max" if self.metric in MAXIMIZED else "min")
 
     def check(self, task: str) -> Problems:

@@ -113,12 +113,14 @@ def _error_code(err: BaseException) -> str:
 
 
 def _is_connection_error(err: BaseException) -> bool:
+    boto_errors: tuple[type[BaseException], ...]
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+        boto_errors = (BotoConnectionError, EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)
     except ImportError:  # pragma: no cover - boto3 is in the trainer extra
-        BotoConnectionError = EndpointConnectionError = ConnectTimeoutError = ReadTimeoutError = ()  # type: ignore[assignment]
-    if isinstance(err, (BotoConnectionError, EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionError, TimeoutError)):
+        boto_errors = ()
+    if isinstance(err, (*boto_errors, ConnectionError, TimeoutError)):
         return True
     return bool(_UNREACHABLE_TEXT.search(str(err)))
 

@@ -41,7 +41,7 @@ CHUNK = 1 << 20
 def sha256_stream(stream: BinaryIO | Iterable[bytes]) -> str:
     digest = hashlib.sha256()
     if hasattr(stream, "read"):
-        while chunk := stream.read(CHUNK):  # type: ignore[union-attr]
+        while chunk := stream.read(CHUNK):
             digest.update(chunk)
     else:
         for chunk in stream:

@@ -15,7 +15,7 @@ The marker lists every file with its SHA-256: taken from each worker's `_sha256_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from ray.train import UserCallback
 
@@ -32,10 +32,10 @@ class CheckpointCompletion(UserCallback):
     """
 
     def __init__(self, store: Store, *, retention: bool = False, keep_latest: int = 1, keep_best: int = 0,
-                 metric: str | None = None, mode: str = "min"):
+                 metric: str | None = None, mode: Literal["min", "max"] = "min"):
         self.store = store
         self.retention = retention
-        self.prune_args = {"keep_latest": keep_latest, "keep_best": keep_best, "metric": metric, "mode": mode}
+        self.keep_latest, self.keep_best, self.metric, self.mode = keep_latest, keep_best, metric, mode
         self.completed: list[str] = []
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
@@ -46,4 +46,5 @@ class CheckpointCompletion(UserCallback):
         done = mark_complete(self.store, key, {"step": row.get("step"), "metrics": row})
         self.completed.append(done.key)
         if self.retention:
-            prune(self.store, done.parent, **self.prune_args)
+            prune(self.store, done.parent, keep_latest=self.keep_latest, keep_best=self.keep_best, metric=self.metric,
+                  mode=self.mode)
