@@ -106,6 +106,19 @@ def test_discovery_serves_builtins_and_version(kubectl: Kubectl) -> None:
         assert name in resources
 
 
+def test_a_crd_whose_schema_is_not_structural_is_refused(kubectl: Kubectl) -> None:
+    """As the API server does: a field without a type, and a default its own field refuses, are
+    422 Invalid naming the schema path, and nothing is served for the group."""
+    broken = WIDGET_CRD.replace("widgets.example.dev", "gadgets.example.dev").replace("Widget", "Gadget").replace(
+        "widget", "gadget").replace("wdg", "gdg").replace("size: {type: integer, minimum: 1}", "size: {minimum: 1}").replace(
+        "default: red", "default: green")
+    refused = kubectl("apply", "-f", "-", input=broken, check=False)
+    assert refused.returncode != 0
+    assert "spec.versions[0].schema.openAPIV3Schema" in refused.stderr, refused.stderr
+    assert "<root>.spec.size: needs a non-empty type" in refused.stderr and "default 'green'" in refused.stderr
+    assert "gadgets" not in kubectl("api-resources", "-o", "name").stdout
+
+
 def test_crd_makes_kind_served_with_short_name_and_printer_columns(kubectl: Kubectl, widget_crd: str, namespace: str) -> None:
     created = kubectl("apply", "-f", "-", input=widget("w1", namespace))
     assert "widget.example.dev/w1 created" in created.stdout

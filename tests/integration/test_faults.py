@@ -261,7 +261,7 @@ def test_driver_killed_then_resume_continues_from_the_latest_complete_checkpoint
     assert latest_complete(store, prefix) == killed_at
 
     assert main(["run", str(manifest), "--no-progress", "--resume"]) == 0
-    out = capsys.readouterr().out
+    out = "".join(capsys.readouterr())  # the evaluation rows on stdout, the logs (the driver's, the workers') on stderr
     assert f"resume: from {killed_at.uri} (step {killed_at.step})" in out
     results = json.loads(store.read(f"{prefix}/{_newest_run(store, prefix)}/results.json"))
     steps = [row["step"] for row in results["history"]]
@@ -366,7 +366,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(local_ray, s3_s
     run = before[first_trial[-1]].key.split("/trials/")[0].rpartition("/")[2]
     results = json.loads(store.read(f"{prefix}/{run}/results.json"))
     assert results["restored"] is True and {t["trial"]: t["steps"] for t in results["trials"]} == {"trial_00": 16, "trial_01": 16}
-    resumed = {int(m) for m in re.findall(r"resumed from step (\d+) \([^)]*/trials/trial_01/", out)}
+    resumed = {int(m) for m in re.findall(r"resumed from step (\d+) \([^)]*/trials/trial_01/", out + err)}  # a worker's log line
     print(f"search killed with trial_00 done and trial_01 at step {second}; restored run {run}; trial_01 resumed from {resumed}")
     assert resumed == {second}, out[-3000:]
     assert results["model"].startswith("s3://") and json.loads(store.read(f"{prefix}/status.json"))["state"] == "finished"

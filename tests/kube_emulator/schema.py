@@ -1,10 +1,26 @@
-"""Structural-schema handling for custom objects: defaulting, pruning and validation.
+"""Structural schemas, the one engine for the emulator and the tests: what the API server demands
+of a CRD's schema, and what it does with a custom object under that schema.
 
 A real API server runs a custom object through its CRD's `openAPIV3Schema` on every write:
 unknown fields are dropped (or rejected under `fieldValidation=Strict`, which kubectl sends by
-default), `default`s are filled in, and violations come back as 422 with one cause per field.
-Tests that rely on the CRD rejecting a bad FineTuneJob need the same here; the subset covered is
-what CRDs generated from pydantic and KubeRay's CRDs use.
+default), `default`s are filled in, and violations come back as 422 with one cause per field
+(`admit`). Tests that rely on the CRD rejecting a bad FineTuneJob need the same here, and so do
+the unit tests that check the generated CRD and the rendered RayJobs against KubeRay's (they call
+`admit` directly); the subset covered is what CRDs generated from pydantic and KubeRay's CRDs use.
+
+Before any of that, the server refuses a CRD whose schema is not structural (`structural_problems`,
+checked by the emulator when a CRD is written, and by tests/unit/test_crd.py on ours). The rules
+(Kubernetes docs, "Specifying a structural schema"; apiextensions-apiserver `ValidateStructural`):
+1. the root, every field (properties / additionalProperties) and every array item has a
+   non-empty `type`, except under `x-kubernetes-int-or-string` or
+   `x-kubernetes-preserve-unknown-fields: true`;
+2. a field named inside allOf/anyOf/oneOf/not is also named outside them;
+3. no description/type/default/additionalProperties/nullable inside allOf/anyOf/oneOf/not
+   (the int-or-string forms excepted);
+4. root `metadata` may only restrict `name` and `generateName`.
+Plus what v1 CRD validation rejects outright: `$ref`, `additionalProperties` next to
+`properties`, `additionalProperties: false`, `uniqueItems: true`, `x-kubernetes-preserve-unknown-fields: false`,
+type `null`, and defaults that do not validate (by the same validation objects get).
 """
 
 from __future__ import annotations
@@ -15,6 +31,8 @@ import re
 from typing import Any
 
 ROOT_FIELDS = ("apiVersion", "kind", "metadata")
+TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean"})
+JUNCTORS = ("allOf", "anyOf", "oneOf", "not")
 Causes = list[tuple[str, str]]
 
 
@@ -169,3 +187,97 @@ def admit(obj: dict[str, Any], schema: dict[str, Any]) -> tuple[dict[str, Any], 
     _validate(body, {**schema, "required": root_required}, "", causes)
     obj = {**{k: obj[k] for k in ROOT_FIELDS if k in obj}, **body}
     return obj, unknown, causes
+
+
+# --- the schema itself: is it structural? ---------------------------------------------------------
+
+
+def crd_problems(crd: dict[str, Any]) -> Causes:
+    """Every served version's schema that the API server would refuse, as (path, message) causes."""
+    found: Causes = []
+    for i, version in enumerate((crd.get("spec") or {}).get("versions") or []):
+        openapi = (version.get("schema") or {}).get("openAPIV3Schema")
+        if openapi is not None:
+            path = f"spec.versions[{i}].schema.openAPIV3Schema"
+            found += [(path, problem) for problem in structural_problems(openapi)]
+    return found
+
+
+def structural_problems(schema: dict[str, Any]) -> list[str]:
+    """Every rule `schema` (an openAPIV3Schema) breaks, as `path: message`; empty when structural."""
+    found: list[str] = []
+    if schema.get("type") != "object":
+        found.append("<root>: the root must be type: object")
+    if "additionalProperties" in schema:
+        found.append("<root>: additionalProperties is not allowed at the root")
+    meta = schema.get("properties", {}).get("metadata")
+    if meta is not None:
+        extra = set(meta.get("properties", {})) - {"name", "generateName"}
+        if extra or set(meta) - {"type", "properties", "description"}:
+            found.append("metadata: only metadata.name and metadata.generateName may be restricted")
+    _walk(schema, "<root>", found, field=True)
+    return found
+
+
+def _walk(node: Any, path: str, found: list[str], *, field: bool) -> None:
+    if not isinstance(node, dict):
+        found.append(f"{path}: a schema must be a mapping")
+        return
+    free = node.get("x-kubernetes-preserve-unknown-fields") is True
+    int_or_string = node.get("x-kubernetes-int-or-string") is True
+    for key in ("$ref", "$defs", "definitions", "$schema", "$id"):
+        if key in node:
+            found.append(f"{path}: {key} is not allowed (inline every definition)")
+    kind = node.get("type")
+    if field and not kind and not (free or int_or_string):
+        found.append(f"{path}: needs a non-empty type (or x-kubernetes-preserve-unknown-fields / int-or-string)")
+    if kind is not None and kind not in TYPES:
+        found.append(f"{path}: type {kind!r} is not one of {sorted(TYPES)}")
+    if int_or_string and kind:
+        found.append(f"{path}: x-kubernetes-int-or-string must not set a type")
+    if "x-kubernetes-preserve-unknown-fields" in node and not free:
+        found.append(f"{path}: x-kubernetes-preserve-unknown-fields must be true or left out")
+    if "nullable" in node and not isinstance(node["nullable"], bool):
+        found.append(f"{path}: nullable must be a boolean")
+    if node.get("uniqueItems") is True:
+        found.append(f"{path}: uniqueItems: true is not allowed")
+    if "properties" in node and "additionalProperties" in node:
+        found.append(f"{path}: properties and additionalProperties are mutually exclusive")
+    if isinstance(node.get("additionalProperties"), bool):
+        found.append(f"{path}: additionalProperties must be a schema, not a boolean")
+    if ("properties" in node or "additionalProperties" in node) and kind not in (None, "object"):
+        found.append(f"{path}: properties need type: object")
+    if "items" in node and not isinstance(node["items"], dict):
+        found.append(f"{path}: items must be one schema")
+    if "default" in node:
+        found += [f"{path}: default {node['default']!r}: {why}" for why in _default_problems(node["default"], node)]
+    for junctor in JUNCTORS:
+        if junctor in node:
+            _check_junctor(node, junctor, path, found, int_or_string)
+    for name, sub in node.get("properties", {}).items():
+        _walk(sub, f"{path}.{name}", found, field=True)
+    if isinstance(node.get("additionalProperties"), dict):
+        _walk(node["additionalProperties"], f"{path}.*", found, field=True)
+    if isinstance(node.get("items"), dict):
+        _walk(node["items"], f"{path}[]", found, field=True)
+
+
+def _check_junctor(node: dict[str, Any], junctor: str, path: str, found: list[str], int_or_string: bool) -> None:
+    members = node[junctor] if isinstance(node[junctor], list) else [node[junctor]]
+    if int_or_string and junctor == "anyOf" and sorted(m.get("type", "") for m in members) == ["integer", "string"]:
+        return
+    outside = set(node.get("properties", {}))
+    for i, member in enumerate(members):
+        where = f"{path}.{junctor}[{i}]"
+        for key in ("description", "type", "default", "additionalProperties", "nullable"):
+            if key in member:
+                found.append(f"{where}: {key} is not allowed inside {junctor}")
+        for name in set(member.get("properties", {})) - outside:
+            found.append(f"{where}: field {name} must also be specified outside {junctor}")
+
+
+def _default_problems(value: Any, node: dict[str, Any]) -> list[str]:
+    """A default is validated as a value of its field would be (the server's own messages)."""
+    if value is None:
+        return [] if node.get("nullable") else ["is null but the field is not nullable"]
+    return [message for _, message in _errors(value, node, "default")]

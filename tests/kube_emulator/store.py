@@ -142,6 +142,8 @@ class Store:
         size = len(json.dumps(obj["metadata"].get("annotations") or {}, separators=(",", ":")))
         if size > MAX_ANNOTATIONS_BYTES:
             raise errors.invalid(rdef.kind, rdef.group, name, [("metadata.annotations", f"Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes")])
+        if rdef.plural == "customresourcedefinitions" and (problems := schema.crd_problems(obj)):
+            raise errors.invalid(rdef.kind, rdef.group, name, problems)  # a schema the server cannot prune or default by
         if not rdef.custom:
             return obj, []
         obj, pruned, causes = schema.admit(obj, rdef.schemas.get(version) or {})

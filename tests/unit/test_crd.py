@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 from pydantic import BaseModel
@@ -22,8 +21,8 @@ from finetune_operator.status_model import (
     TrialCounts,
     can_transition,
 )
-from finetune_operator.structural import apply_defaults, structural_problems, to_json_schema
 from finetune_trainer.spec import TrainingSpec, load_document, parse_job
+from tests.kube_emulator.schema import admit, structural_problems
 from tests.tiny_models import minimal_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +30,6 @@ EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
 CRD = build_crd()
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
-VALIDATOR = jsonschema.Draft202012Validator(to_json_schema(SCHEMA))
 
 
 def _walk(node: dict[str, Any], path: str = ""):
@@ -48,7 +46,11 @@ NODES = dict(_walk(SCHEMA))
 
 
 def errors(document: dict[str, Any]) -> list[str]:
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in VALIDATOR.iter_errors(document)]
+    """What the API server says to `kubectl apply` of `document` under this CRD: the emulator's
+    admission (tests/kube_emulator/schema.py), unknown fields refused as kubectl's strict
+    field validation refuses them."""
+    _, unknown, causes = admit(document, SCHEMA)
+    return [f"{path}: unknown field" for path in unknown] + [f"{path}: {message}" for path, message in causes]
 
 
 # --- identity ------------------------------------------------------------------------------
@@ -104,8 +106,9 @@ def test_no_refs_no_null_unions_no_pydantic_leftovers():
          "must also be specified outside"),
         ({"type": "object", "properties": {"metadata": {"type": "object", "properties": {"labels": {"type": "object"}}}}},
          "only metadata.name"),
-        ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1, "default": 0}}}, "below the minimum"),
-        ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"], "default": "y"}}}, "is not one of"),
+        ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1, "default": 0}}},
+         "should be greater than or equal to 1"),
+        ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"], "default": "y"}}}, "Unsupported value"),
         ({"type": "object", "properties": {"a": {"type": "string", "default": None}}}, "not nullable"),
         ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True, "items": {"type": "string"}}}},
          "uniqueItems"),
@@ -193,7 +196,9 @@ def test_what_the_spec_accepts_the_crd_accepts(document):
 @pytest.mark.parametrize("document", MANIFESTS)
 def test_api_server_defaulting_does_not_change_the_job(document):
     """The API server fills defaults before the operator reads the object: the job must mean the same."""
-    defaulted = apply_defaults(SCHEMA, document)
+    defaulted, unknown, causes = admit(document, SCHEMA)
+    assert (unknown, causes) == ([], [])
+    assert defaulted != document  # the server filled defaults in: there is something to compare
     assert parse_job(defaulted).model_dump() == parse_job(document).model_dump()
 
 

@@ -24,12 +24,12 @@ import pytest
 from finetune_operator.rayjob import render_rayjob
 from finetune_trainer.spec import SpecError, load_job, parse_job
 from tests.tiny_models import minimal_manifest
-from tests.unit.test_rayjob import kuberay_errors, kuberay_validator
+from tests.unit.test_rayjob import kuberay_errors, kuberay_schema
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
 Template = dict[str, Any]
-_kuberay = functools.cache(kuberay_validator)  # building the validator from the CRD takes seconds
+_kuberay = functools.cache(kuberay_schema)  # read and parse the CRD once
 
 # --- the profile, from the documentation ------------------------------------------------------
 

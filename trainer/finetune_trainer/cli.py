@@ -6,12 +6,13 @@ Library errors become one clear message and a non-zero exit, never a stack trace
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import environment
+from . import environment, logs
 from .embedded_s3 import EmbeddedS3Error
 from .spec import SpecError, load_job
 from .storage.errors import AccessDenied, BucketMissing, EndpointUnreachable, StorageError
@@ -19,6 +20,8 @@ from .storage.errors import AccessDenied, BucketMissing, EndpointUnreachable, St
 EXIT_INVALID = 2
 EXIT_FAILED = 1
 EMBEDDED_URI = "s3://finetune/runs"
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("manifest", help="FineTuneJob YAML")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                        help="override a spec field, e.g. --set training.maxSteps=20 (repeatable)")
+        p.add_argument("-v", "--verbose", action="count", default=0,
+                       help="debug logs, and Ray, transformers and DeepSpeed at their own (noisy) defaults")
     sub.choices["validate"].add_argument("--static", action="store_true", help="fields only; do not read the model or data")
     run_parser = sub.choices["run"]
     run_parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
@@ -39,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                             help=f"start a local S3 server (SeaweedFS, data in <output.dir>/.s3) for this run; "
                                  f"spec.storage defaults to {EMBEDDED_URI}")
     args = parser.parse_args(argv)
+    logs.configure(args.verbose)
+    logs.quiet_third_party(args.verbose)  # before transformers or Ray is imported (logs' docstring)
     try:
         # validate checks a manifest as the operator will; a local run may use this machine's addresses
         job = load_job(args.manifest, args.overrides, for_cluster=args.command == "validate")
@@ -63,21 +70,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(job, *, static: bool) -> int:
+    from .report import say
+
     if not static:
         from .preflight import prepare_job
 
         prepared = prepare_job(job)
-        print(f"data: {prepared.data.stats['rows']}")
-        print(f"model: {prepared.model_class} from {prepared.model_dir}")
-        print(f"freezing: {prepared.plan.summary()}")
+        say(f"data: {prepared.data.stats['rows']}")
+        say(f"model: {prepared.model_class} from {prepared.model_dir}")
+        say(f"freezing: {prepared.plan.summary()}")
     search = job.spec.search
     if search is not None:
         ev = job.spec.evaluation
-        print(f"search: {search.resolved_num_trials()} trials, {search.algorithm}, scheduler {search.scheduler.type}, "
-              f"best by {search.resolved_metric(ev.metric)} ({search.resolved_mode(ev.metric)}), up to {search.max_concurrent_trials} at a time")
+        say(f"search: {search.resolved_num_trials()} trials, {search.algorithm}, scheduler {search.scheduler.type}, "
+            f"best by {search.resolved_metric(ev.metric)} ({search.resolved_mode(ev.metric)}), up to {search.max_concurrent_trials} at a time")
         for path, dist in search.space.items():
-            print(f"  {path}: {dist.kind} {getattr(dist, dist.kind)}")
-    print(f"{job.name}: valid")
+            say(f"  {path}: {dist.kind} {getattr(dist, dist.kind)}")
+    say(f"{job.name}: valid")
     return 0
 
 
@@ -91,7 +100,7 @@ def _run_with_embedded_s3(job, *, progress: bool, resume: str | None) -> int:
     with embedded_s3(bucket=storage.bucket, data_dir=Path(job.spec.output.dir) / ".s3") as s3:
         os.environ.update(s3.env())  # read by this process and by the local Ray it starts next (workers inherit it)
         storage = storage.model_copy(update={"endpoint": s3.endpoint, "region": s3.region, "addressing": "path"})
-        print(f"[finetune] embedded S3 at {s3.endpoint}: {storage.uri}", flush=True)
+        log.info("embedded S3 at %s: %s", s3.endpoint, storage.uri)
         return _run(job.model_copy(update={"spec": job.spec.model_copy(update={"storage": storage})}), progress=progress, resume=resume)
 
 
@@ -121,10 +130,10 @@ def _print_rows():
     seen: list[int] = [0]
 
     def show(_latest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        from .report import format_row
+        from .report import format_row, say
 
         for row in rows[seen[0] :]:
-            print(format_row(row), flush=True)
+            say(format_row(row))
         seen[0] = len(rows)
 
     return show

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from . import environment
+from . import environment, logs
 from .persist import MODEL_DIR, Persistence
 from .ranking import best_row
 from .spec import FineTuneJob
@@ -74,14 +74,16 @@ def init_ray() -> None:
     `runtime_env`: the dashboard's job API shows a job's env_vars. tests/integration/test_ray_auth.py.
 
     A local Ray's process environment (loopback, its GCS port) is the entry point's to set, before
-    Ray is imported: `environment.prepare`.
+    Ray is imported: `environment.prepare`. How much Ray and the workers say is `logs`'s (the
+    verbosity the entry point gave `logs.configure`).
     """
     if ray.is_initialized():
         return
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
+        ray.init(runtime_env={"env_vars": env | logs.worker_env(local=False)}, logging_level=logs.ray_log_level())
         return
+    env |= logs.worker_env(local=True)
     env["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: keep torch.distributed traffic on loopback
     address = environment.local_gcs_address()
     if address:  # every worker told its own cluster (environment's docstring says why)
@@ -92,6 +94,7 @@ def init_ray() -> None:
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
         log_to_driver=True,
+        logging_level=logs.ray_log_level(),
     )
 
 
@@ -117,7 +120,7 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
                  callbacks: list | None = None, trial: str | None = None):
     """The TorchTrainer of a run or a trial: checkpoints through `persistence` (marked complete by
     its callback, pruned by our retention), worker-group restarts from the latest complete one."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .recipe import train_loop_per_worker  # torch, only where a trainer is built
@@ -130,7 +133,7 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
-        run_config=RunConfig(name=name, **storage),
+        run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()), **storage),
     )
 
 

@@ -25,6 +25,7 @@ What Tune does and what is ours:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -33,6 +34,8 @@ from ray.actor import ActorProxy
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import HyperBandScheduler, TrialScheduler
 from ray.tune.schedulers.hyperband import _Bracket
+
+log = logging.getLogger(__name__)
 
 
 def rungs(grace: int, max_t: int, reduction_factor: float) -> list[int]:
@@ -93,7 +96,7 @@ def wait_for_slot(run_id: str, trial: str, poll_seconds: float = 1.0) -> None:
     shown = False
     while not ray.get(gate.acquire.remote(trial)):
         if not shown:
-            print(f"[finetune] {trial}: waiting for one of the search's training slots", flush=True)
+            log.info("%s: waiting for one of the search's training slots", trial)
             shown = True
         time.sleep(poll_seconds)
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import deepspeed_load, rng
+from . import deepspeed_load, logs, rng
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
@@ -48,6 +48,8 @@ from .storage.integrity import write_file_hashes
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
+
+log0 = logs.rank_zero(logging.getLogger(__name__))  # what every rank would say alike, said once
 
 
 class FineTuneRecipe:
@@ -117,9 +119,8 @@ class FineTuneRecipe:
         self.step, self.best, self.best_step, self.history = 0, None, None, []
         self.tokens, self.train_seconds = 0, 0.0
         self._resume()
-        if self.rank == 0:
-            print(f"[finetune] {type(model).__name__}: {self.plan.summary()}; precision {self.precision}; "
-                  f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}", flush=True)
+        log0.info("%s: %s; precision %s; MASTER_ADDR=%s", type(model).__name__, self.plan.summary(), self.precision,
+                  os.environ.get("MASTER_ADDR"))
 
     def _resume(self) -> None:
         """Continue where a checkpoint left off: DeepSpeed's module and optimizer state, the random
@@ -145,8 +146,7 @@ class FineTuneRecipe:
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.history, self.tokens, self.train_seconds = state["history"], state["tokens"], state["train_seconds"]
         self.resumed_step = self.step
-        if self.rank == 0:
-            print(f"[finetune] resumed from step {self.step} ({path})", flush=True)
+        log0.info("resumed from step %d (%s)", self.step, path)
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
@@ -174,8 +174,8 @@ class FineTuneRecipe:
                 if not is_metric_driven(self.spec.lr_schedule) and self.engine.was_step_applied():
                     self.scheduler.step()
                 opened = self.gate.apply(self.step)
-                if opened and self.rank == 0:
-                    print(f"[finetune] step {self.step}: unfroze {', '.join(opened)}", flush=True)
+                if opened:
+                    log0.info("step %d: unfroze %s", self.step, ", ".join(opened))
                 self._progress(losses[-t.gradient_accumulation_steps :])
                 if self.step % ev.every_steps == 0 or self.step >= self.total:
                     self.train_seconds += self._seconds_since(clock)
@@ -311,14 +311,7 @@ class FineTuneRecipe:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    # Ray Train logs every report and checkpoint of every rank at INFO; our own rows say the same once
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # ...including "Reporting training result N: TrainingReport(...)" from a logger Ray names by
-    # its file path (getLogger(__file__)), outside the ray.train hierarchy
-    with contextlib.suppress(ImportError):  # a private module: gone in some later Ray, the line goes too
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logs.configure_worker()  # our logger, the driver's verbosity, third-party noise held back (logs.py)
     recipe = FineTuneRecipe(config)
     try:
         recipe.setup()

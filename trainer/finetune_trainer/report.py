@@ -1,4 +1,8 @@
-"""What a person sees in the terminal: live progress, one line per evaluation, the final table."""
+"""What a person sees on stdout: live progress, one line per evaluation, the final table; the
+CLI's other output (`validate`) goes through `say`. Logs go to stderr (`logs`).
+
+Colour and progress bars only on a terminal: in a file, a pipe or `kubectl logs` the evaluation
+lines are the progress, and nothing writes escape codes."""
 
 from __future__ import annotations
 
@@ -21,9 +25,15 @@ def format_row(row: dict[str, Any]) -> str:
     return f"[eval] {trial}{label}: {metrics}{train}"
 
 
+def say(text: str) -> None:
+    """One line (or block) of the CLI's own output, as written: no markup, no highlighting."""
+    print(text, flush=True)
+
+
 class LiveProgress:
     def __init__(self) -> None:
         self.console = _console()
+        self.bars = self.console.is_terminal  # a log gets the rows; a bar's final frame says nothing more
         self.progress = Progress(
             TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
@@ -39,6 +49,8 @@ class LiveProgress:
                 self.progress.update(self.tasks[row["trial"]], info="stopped by the scheduler")
                 self.progress.stop_task(self.tasks[row["trial"]])
         self.printed = len(rows)
+        if not self.bars:
+            return
         for progress in (latest["trials"].values() if "trials" in latest else [latest] if latest else []):
             name = progress.get("trial")
             if name not in self.tasks:
@@ -120,8 +132,9 @@ def _relative(path: str, root: Path) -> str:
 
 
 def _console() -> Console:
-    """A terminal's own width; in a log (CI, kubectl logs) wide enough that tables do not wrap."""
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    """A terminal's own width and colours; in a log (CI, kubectl logs) no colour even where
+    FORCE_COLOR is set, and wide enough that tables do not wrap."""
+    return Console() if sys.stdout.isatty() else Console(width=160, color_system=None, force_terminal=False)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

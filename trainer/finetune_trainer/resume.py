@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def open_verified(stack: contextlib.ExitStack, *, rank: int, world: int, device: torch.device, own: Any,
@@ -77,7 +80,7 @@ def _choose(stack: contextlib.ExitStack, candidates: Iterator[Any]) -> tuple[Any
         problem = verify(folder)
         if problem is None:
             return checkpoint, folder, refused
-        print(f"[finetune] not resuming from {checkpoint.path}: {problem}", flush=True)
+        log.warning("not resuming from %s: %s", checkpoint.path, problem)
         refused.append(f"{checkpoint.path}: {problem}")
     return None, None, refused
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from . import halving
+from . import halving, logs
 from .spec import FineTuneJob
 from .spec.search import trial_spec
 
@@ -33,6 +33,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
     run snapshot lists every checkpoint it was given, our retention (`persist`, marker-aware)
     deletes some, and Train then refuses to restore the run ("a checkpoint that does not exist
     anymore"; seen in the successiveHalving benchmark)."""
+    logs.configure_worker()  # this trial actor's own lines (waiting for a slot, resume) reach the driver
     job = FineTuneJob.model_validate(base)
     search = job.spec.search
     assert search is not None
