@@ -184,16 +184,14 @@ class _BelowError(logging.Filter):
 
 def _quiet_loaded_libraries() -> None:
     """The environment above is read at import: a library this process has imported already is
-    told directly."""
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
+    told directly. Looked up, not imported: this module loads neither (test_architecture)."""
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    hub_utils = sys.modules.get("huggingface_hub.utils")
+    if hub_utils is not None:
+        hub_utils.disable_progress_bars()
 
 
 def world_rank() -> int:
