@@ -1,10 +1,11 @@
 # The two commands of the README:  `make quickstart`  and  `make test`.
+# CI (.ci/run) runs `make lint test`; `make test-fast` is the developer's loop (unit + e2e, minutes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test lint
+.PHONY: setup quickstart test test-fast lint
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-examples.txt
@@ -23,5 +24,11 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# No real Ray training (tests/integration) and no real cluster (tests/e2e_cluster): the spec,
+# builders, handlers, and the operator against the in-process API server.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit tests/e2e
+
 lint: $(STAMP)
 	$(BIN)/ruff check trainer operator tests bench
+	$(BIN)/mypy  # what it checks, and how strictly: [tool.mypy] in pyproject.toml

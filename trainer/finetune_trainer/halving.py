@@ -27,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import ray
-from ray.actor import ActorProxy
+from ray.actor import ActorHandle
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import HyperBandScheduler, TrialScheduler
 from ray.tune.schedulers.hyperband import _Bracket
@@ -84,10 +84,12 @@ class TrialGate:
 _TrialGateActor = ray.remote(num_cpus=0)(TrialGate)
 
 
-def start_gate(run_id: str, slots: int) -> ActorProxy[TrialGate]:
+def start_gate(run_id: str, slots: int) -> ActorHandle[TrialGate]:
     """The gate of this search, named so that trials and the scheduler find it without holding a
     handle (both are pickled into Tune's experiment state)."""
-    return _TrialGateActor.options(name=gate_name(run_id), get_if_exists=True, lifetime=None).remote(slots)
+    gate = _TrialGateActor.options(name=gate_name(run_id), get_if_exists=True, lifetime=None).remote(slots)
+    # Ray types it as ActorProxy (handle | class), so that method calls type-check; it is the handle
+    return cast("ActorHandle[TrialGate]", gate)
 
 
 def wait_for_slot(run_id: str, trial: str, poll_seconds: float = 1.0) -> None:

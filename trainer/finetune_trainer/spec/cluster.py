@@ -53,8 +53,8 @@ def _version(text: str) -> tuple[int, ...]:
     """`2.60.0` -> (2, 60, 0); the numeric prefix of each part (`2.53.0rc1` -> (2, 53, 0))."""
     parts = []
     for part in text.split(".")[:3]:
-        digits = re.match(r"\d*", part).group()  # type: ignore[union-attr]
-        parts.append(int(digits or 0))
+        digits = re.match(r"\d*", part)  # `\d*` matches every string, if only the empty prefix
+        parts.append(int(digits.group() or 0) if digits else 0)
     return tuple(parts)
 
 
