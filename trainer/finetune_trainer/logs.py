@@ -74,7 +74,7 @@ class _Formatter(logging.Formatter):
         return f"{code}{line}\x1b[0m" if code else line
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler):
     """Writes to the given stream, or to whatever sys.stderr is when a record is emitted (so a
     test's captured stderr, replaced after `configure`, still gets it)."""
 
@@ -206,7 +206,7 @@ def world_rank() -> int:
         return 0
 
 
-class _RankZero(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _RankZero(logging.LoggerAdapter):
     def isEnabledFor(self, level: int) -> bool:
         return self.logger.isEnabledFor(level) and world_rank() == 0
 
@@ -214,7 +214,7 @@ class _RankZero(logging.LoggerAdapter):  # type: ignore[type-arg]
         return msg, kwargs
 
 
-def rank_zero(logger: logging.Logger) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+def rank_zero(logger: logging.Logger) -> logging.LoggerAdapter:
     """`logger`, but only Ray Train's world rank 0 logs through it: a line every worker would
     write the same is written once."""
     return _RankZero(logger, {})
