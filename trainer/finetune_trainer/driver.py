@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -79,9 +80,10 @@ def init_ray() -> None:
     """
     if ray.is_initialized():
         return
+    level = logging.getLevelNamesMapping()[logs.ray_log_level()]  # ray.init takes the number
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env | logs.worker_env(local=False)}, logging_level=logs.ray_log_level())
+        ray.init(runtime_env={"env_vars": env | logs.worker_env(local=False)}, logging_level=level)
         return
     env |= logs.worker_env(local=True)
     env["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: keep torch.distributed traffic on loopback
@@ -94,7 +96,7 @@ def init_ray() -> None:
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
         log_to_driver=True,
-        logging_level=logs.ray_log_level(),
+        logging_level=level,
     )
 
 
@@ -120,8 +122,10 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
                  callbacks: list | None = None, trial: str | None = None):
     """The TorchTrainer of a run or a trial: checkpoints through `persistence` (marked complete by
     its callback, pruned by our retention), worker-group restarts from the latest complete one."""
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    # Train V2's own classes (what `ray.train` and `ray.train.torch` re-export when V2 is on, Ray's
+    # default), named directly: a type checker would take V1's from their unconditional imports
+    from ray.train.v2.api.config import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     from .recipe import train_loop_per_worker  # torch, only where a trainer is built
 

@@ -80,7 +80,7 @@ class Persistence:
     # ------------------------------------------------------------------ Ray
     def run_config_args(self, job: FineTuneJob, *, storage_path: str) -> dict[str, Any]:
         """RunConfig keyword arguments every TorchTrainer of the job gets (single run or trial)."""
-        from ray.train import CheckpointConfig, FailureConfig
+        from ray.train.v2.api.config import CheckpointConfig, FailureConfig  # V2's, as in driver.make_trainer
 
         from .storage.ray_callback import CheckpointCompletion
 

@@ -49,6 +49,7 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     t = spec.training
     workers = world_size or spec.resources.workers
     per_epoch = t.steps_per_epoch(len(data.train), workers)
+    unmappable: str | None
     try:
         layer_map = discover(skeleton)
     except UnmappableModel as err:

@@ -116,7 +116,10 @@ class FineTuneRecipe:
             patience=self.spec.evaluation.early_stopping.patience if self.spec.evaluation.early_stopping else None,
             min_delta=self.spec.evaluation.early_stopping.min_delta if self.spec.evaluation.early_stopping else 0.0,
         )
-        self.step, self.best, self.best_step, self.history = 0, None, None, []
+        self.step = 0
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.history: list[dict[str, Any]] = []
         self.tokens, self.train_seconds = 0, 0.0
         self._resume()
         log0.info("%s: %s; precision %s; MASTER_ADDR=%s", type(model).__name__, self.plan.summary(), self.precision,
@@ -199,6 +202,8 @@ class FineTuneRecipe:
         return [mine[i : i + t.per_device_batch_size].tolist() for i in range(0, usable, t.per_device_batch_size)]
 
     def _evaluate(self) -> dict[str, float]:
+        if self.data.validation is None:  # data.prepare carves one unless the spec gave none to carve
+            raise ValueError("the trainer evaluates on the validation split, and the prepared data has none")
         metrics = evaluate(
             self.engine.module, self.data.validation, task=self.spec.model.task,
             batch_size=self.spec.training.per_device_batch_size * 2, pad_token_id=self.pad_id,
