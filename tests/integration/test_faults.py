@@ -1,6 +1,7 @@
 """Faults against real processes and a real S3 server (SeaweedFS on loopback): a Ray Train worker
-SIGKILLed mid-run, the driver SIGKILLed and `--resume`d, checkpoints cut short, a wrong secret
-key, the S3 server stopped mid-run. Tiny models, few steps; every wait polls with a deadline."""
+SIGKILLed mid-run, the driver SIGKILLed and `--resume`d, checkpoints cut short, a search's driver
+killed, a planted pickle. Tiny models, few steps; every wait polls with a deadline. The storage
+faults (a wrong secret key, the server stopped mid-run) are in test_storage_faults.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,75 +22,19 @@ from safetensors.torch import load_file
 from finetune_trainer.spec import parse_job
 from finetune_trainer.storage import (
     MARKER,
-    Credentials,
     S3Store,
-    StorageUnavailable,
     job_location,
     latest_complete,
     list_complete_checkpoints,
-    read_complete,
 )
 
-from . import tiny
+from . import fault_kit, tiny
+from .fault_kit import ROOT, in_thread, job_doc, storage_of, wait_for
 
 # deadlines are generous: on a shared 2-core machine under load a run can take 5x its quiet time
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    return tiny.make_model(tmp / "model", "bert", layers=2), tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
-
-
-def _doc(tmp: Path, assets, storage: dict | None = None, *, steps: int = 24, every: int = 4, name: str = "t") -> dict:
-    model, data = assets
-    doc = tiny.manifest(tmp, model, data, training={"maxSteps": steps}, evaluation={"everySteps": every},
-                        output={"export": "last", "keepCheckpoints": 1})
-    doc["metadata"]["name"] = name
-    if storage:
-        doc["spec"]["storage"] = storage
-    return doc
-
-
-def _storage(s3_spec, monkeypatch=None) -> tuple[dict, S3Store, str]:
-    """spec.storage for a manifest, a store to look with, the StorageSpec; with `monkeypatch`, the
-    keys go into this process's environment (where an in-process run reads them)."""
-    spec, creds = s3_spec
-    if monkeypatch is not None:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds.access_key)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds.secret_key)
-    return {"uri": spec.uri, "endpoint": spec.endpoint}, S3Store(spec, creds), spec
-
-
-def _wait(what: str, check, timeout: float, every: float = 0.2, box: dict | None = None):
-    """Poll `check` until it returns something truthy; `box` (from _in_thread): stop early if the run ended."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        if box and ("error" in box or "result" in box):
-            raise AssertionError(f"the run ended while waiting for {what}: {box.get('error') or 'finished'}")
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _in_thread(fn):
-    """Run fn in a thread; returns (thread, box) where box gets 'result' or 'error'."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as err:  # handed to the test
-            box["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
+assets = fault_kit.assets  # the module's tiny model and data set (a module-scoped fixture)
 
 
 def _driver(manifest: Path, log: Path, env: dict) -> subprocess.Popen:
@@ -145,28 +89,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-# --- (d) wrong secret key: the preflight's verdict, exit 2, no Ray -----------------------------------
-
-
-def test_wrong_secret_key_fails_the_cli_at_once_without_starting_ray(s3_spec, assets, tmp_path):
-    storage, store, spec = _storage(s3_spec)
-    manifest = tiny.save_manifest(tmp_path / "job.yaml", _doc(tmp_path, assets, storage))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_spec[1].access_key, "AWS_SECRET_ACCESS_KEY": "not-the-secret",
-           "RAY_ADDRESS": ""}
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    seconds = time.monotonic() - started
-    assert done.returncode == 2, done.stderr[-2000:]
-    line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith("finetune: storage: ") and "SignatureDoesNotMatch" in line and "AWS_SECRET_ACCESS_KEY" in line
-    assert "Traceback" not in done.stderr
-    assert "Ray" not in done.stdout + done.stderr.replace(line, "")  # nothing started: no Ray banner, no Ray log
-    assert not (tmp_path / "runs").exists()  # no data read into the output folder, no status written
-    assert store.list(spec.prefix) == {}
-    assert seconds < 60
-
-
 # --- (a) a Ray Train worker SIGKILLed mid-run ------------------------------------------------------
 
 
@@ -182,14 +104,14 @@ def _train_workers() -> list[int]:
 def test_worker_killed_mid_run_continues_from_its_checkpoint_to_the_same_model(local_ray, s3_spec, assets, tmp_path, monkeypatch):
     from finetune_trainer.run import run
 
-    reference = run(parse_job(_doc(tmp_path / "ref", assets, name="ref")))  # uninterrupted, same seed, local folder
+    reference = run(parse_job(job_doc(tmp_path / "ref", assets, name="ref")))  # uninterrupted, same seed, local folder
 
-    storage, store, spec = _storage(s3_spec, monkeypatch)
-    job = parse_job(_doc(tmp_path, assets, storage))
+    storage, store, spec = storage_of(s3_spec, monkeypatch)
+    job = parse_job(job_doc(tmp_path, assets, storage))
     prefix = job_location(job.spec.storage, "default", "t").key
-    thread, box = _in_thread(lambda: run(job))
-    first = _wait("a complete checkpoint in S3", lambda: latest_complete(store, prefix), 300, box=box)
-    pids = _wait("the Ray Train workers", _train_workers, 30)
+    thread, box = in_thread(lambda: run(job))
+    first = wait_for("a complete checkpoint in S3", lambda: latest_complete(store, prefix), 300, box=box)
+    pids = wait_for("the Ray Train workers", _train_workers, 30)
     assert thread.is_alive() and first.step < 24, "the run ended before the kill"
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(400)
@@ -228,13 +150,13 @@ def test_driver_killed_then_resume_continues_from_the_latest_complete_checkpoint
                                                                                monkeypatch):
     from finetune_trainer.cli import main
 
-    storage, store, _ = _storage(s3_spec, monkeypatch)
-    manifest = tiny.save_manifest(tmp_path / "job.yaml", _doc(tmp_path, assets, storage, steps=40))
-    prefix = job_location(parse_job(_doc(tmp_path, assets, storage)).spec.storage, "default", "t").key
+    storage, store, _ = storage_of(s3_spec, monkeypatch)
+    manifest = tiny.save_manifest(tmp_path / "job.yaml", job_doc(tmp_path, assets, storage, steps=40))
+    prefix = job_location(parse_job(job_doc(tmp_path, assets, storage)).spec.storage, "default", "t").key
     log = tmp_path / "driver.log"
     driver = _driver(manifest, log, dict(os.environ))
     try:
-        first = _wait("the first complete checkpoint", _while_running(driver, log, lambda: latest_complete(store, prefix)), 400)
+        first = wait_for("the first complete checkpoint", _while_running(driver, log, lambda: latest_complete(store, prefix)), 400)
     except AssertionError as err:
         raise AssertionError(f"{err}\n{log.read_text(errors='replace')[-3000:]}") from None
     finally:
@@ -278,52 +200,14 @@ def _newest_run(store: S3Store, prefix: str) -> str:
     return max(runs)
 
 
-# --- (e) the S3 server stops mid-run ---------------------------------------------------------------
-
-
-def test_server_stopped_mid_run_fails_clearly_and_the_last_complete_checkpoint_survives(local_ray, assets, tmp_path, monkeypatch):
-    from finetune_trainer.embedded_s3 import embedded_s3
-    from finetune_trainer.run import run
-
-    data_dir = tmp_path / "s3"
-    keys = (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])  # those Ray's workers have
-    with embedded_s3(bucket="ftj-stop", data_dir=data_dir, keys=keys) as server:
-        spec = server.storage_spec("p")
-        creds = Credentials(server.access_key, server.secret_key)
-        store = S3Store(spec, creds)
-        doc = _doc(tmp_path, assets, {"uri": spec.uri, "endpoint": spec.endpoint}, steps=60)
-        doc["spec"]["runPolicy"] = {"workerRestarts": 1}  # one restart: it retries, and the test stays short
-        job = parse_job(doc)
-        prefix = job_location(spec, "default", "t").key
-        thread, box = _in_thread(lambda: run(job))
-        last = _wait("a complete checkpoint", lambda: latest_complete(store, prefix), 300, box=box)
-    stopped = time.monotonic()
-    thread.join(300)
-    assert not thread.is_alive(), "the run hangs with its storage gone"
-    seconds = time.monotonic() - stopped
-    assert "error" in box, "the run finished without storage"
-    print(f"failed {seconds:.0f} s after the server stopped: {box['error']!r}")
-    assert isinstance(box["error"], StorageUnavailable), repr(box["error"])  # what the CLI prints as one line
-    assert "stopped answering" in str(box["error"]) and "last complete checkpoint is still there" in str(box["error"])
-
-    with embedded_s3(bucket="ftj-stop", data_dir=data_dir) as again:  # the same data, new keys
-        store = S3Store(again.storage_spec("p"), Credentials(again.access_key, again.secret_key))
-        done = list_complete_checkpoints(store, prefix)
-        assert done and done[-1].step >= last.step
-        for c in done:
-            assert read_complete(store, c.key).files == c.files  # every listed file there, at its size
-        state = json.loads(store.read(f"{done[-1].key}/trainer_state.json"))
-        assert state["step"] == done[-1].step
-
-
 # --- a search's driver SIGKILLed, then `--resume`: Tune restores it; finished trials are not rerun ----
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(local_ray, s3_spec, assets, tmp_path, capsys, monkeypatch):
     from finetune_trainer.cli import main
 
-    storage, store, _ = _storage(s3_spec, monkeypatch)
-    doc = _doc(tmp_path, assets, storage, steps=16, name="s")
+    storage, store, _ = storage_of(s3_spec, monkeypatch)
+    doc = job_doc(tmp_path, assets, storage, steps=16, name="s")
     doc["spec"]["resources"] = {"workers": 1, "cpusPerWorker": 1}
     doc["spec"]["search"] = {"algorithm": "grid", "maxConcurrentTrials": 1, "scheduler": {"type": "none"},
                              "space": {"training.learningRate": {"choice": [5e-3, 1e-3]}}}
@@ -336,7 +220,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(local_ray, s3_s
         return [c for c in list_complete_checkpoints(store, prefix) if "/trials/trial_01/" in c.key]
 
     try:
-        _wait("the second trial's first checkpoint", _while_running(driver, log, second_trial_started), 500, every=0.5)
+        wait_for("the second trial's first checkpoint", _while_running(driver, log, second_trial_started), 500, every=0.5)
     except AssertionError as err:
         raise AssertionError(f"{err}\n{log.read_text(errors='replace')[-3000:]}") from None
     finally:
@@ -400,7 +284,7 @@ def test_a_planted_pickle_in_the_latest_checkpoint_is_never_unpickled(local_ray,
     from finetune_trainer.storage import LocalStore, mark_complete
 
     sentinel = tmp_path / "planted-pickle-ran"
-    doc = _doc(tmp_path, assets, steps=12, every=4)
+    doc = job_doc(tmp_path, assets, steps=12, every=4)
     doc["spec"]["output"]["keepCheckpoints"] = 3  # the latest plus 3 best: every checkpoint stays
     doc["spec"]["runPolicy"] = {"workerRestarts": 0}  # the last case fails at once, not after retries
     manifest = tiny.save_manifest(tmp_path / "job.yaml", doc)
