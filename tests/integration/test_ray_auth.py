@@ -172,6 +172,7 @@ def token_head(tmp_path):
         head.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)  # reaped: an unwaited Popen is a ResourceWarning, an error in the tests
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

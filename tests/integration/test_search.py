@@ -50,11 +50,12 @@ def other_local_ray():
                 break
         time.sleep(0.2)
     yield port
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops its processes at once on SIGINT, not SIGTERM
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)  # reaped: an unwaited Popen is a ResourceWarning, an error in the tests
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
