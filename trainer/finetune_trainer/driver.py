@@ -122,10 +122,10 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
                  callbacks: list | None = None, trial: str | None = None):
     """The TorchTrainer of a run or a trial: checkpoints through `persistence` (marked complete by
     its callback, pruned by our retention), worker-group restarts from the latest complete one."""
-    # Train V2's own classes (what `ray.train` and `ray.train.torch` re-export when V2 is on, Ray's
-    # default), named directly: a type checker would take V1's from their unconditional imports
-    from ray.train.v2.api.config import LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.v2.torch.torch_trainer import TorchTrainer
+    # the public names: Ray Train V2's classes at run time (V2 is Ray 2.60's default); a type checker
+    # reads ray.train's unconditional V1 imports instead, hence the one ignore below
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     from .recipe import train_loop_per_worker  # torch, only where a trainer is built
 
@@ -137,7 +137,7 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
-        run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()), **storage),
+        run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()), **storage),  # type: ignore[call-arg]  # V2's field (above)
     )
 
 

@@ -80,7 +80,7 @@ class Persistence:
     # ------------------------------------------------------------------ Ray
     def run_config_args(self, job: FineTuneJob, *, storage_path: str) -> dict[str, Any]:
         """RunConfig keyword arguments every TorchTrainer of the job gets (single run or trial)."""
-        from ray.train.v2.api.config import CheckpointConfig, FailureConfig  # V2's, as in driver.make_trainer
+        from ray.train import CheckpointConfig, FailureConfig
 
         from .storage.ray_callback import CheckpointCompletion
 
@@ -93,7 +93,8 @@ class Persistence:
             "storage_filesystem": self.filesystem,
             # bounded both ways: a dead worker restarts the group, and so (at most as often) does a
             # failing controller; -1, Ray's controller default, could retry forever on dead storage
-            "failure_config": FailureConfig(max_failures=restarts, controller_failure_limit=restarts),
+            # (a V2 field: a type checker reads ray.train's V1 class, hence the ignore; driver.make_trainer)
+            "failure_config": FailureConfig(max_failures=restarts, controller_failure_limit=restarts),  # type: ignore[call-arg]
             "checkpoint_config": CheckpointConfig(num_to_keep=None),  # retention is our prune, marker-aware
             "callbacks": [completion],
         }
