@@ -58,19 +58,19 @@ class DriverSession:
 
     def __enter__(self) -> DriverSession:
         self.persistence = open_storage(self.job)  # S3 preflight: a bad endpoint or key fails here, first
+        self.publisher = StatusPublisher.for_job(self.persistence.status_writer())  # the preflight's verdict goes through it too
         self.prepared = self._prepare()
         self.preflight_seconds = time.time() - self.started
         init_ray()
         self.run_id, self.restored = self._choose_run_id()
         self.tracker = ProgressTracker.remote()  # type: ignore[attr-defined]  # ray.remote's class wrapper is untyped
-        self.publisher = StatusPublisher.for_job(self.persistence.status_writer())
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         if err is None:
             return
         if isinstance(err, SpecError):  # found once Ray was up (e.g. no trial fits the cluster): a verdict
-            self.publisher.publish(job_status.invalid(self.job.name, kind=self.kind, problems=err.problems))
+            self._publish_invalid(err)
             return
         search = self.job.spec.search
         total = search.resolved_num_trials() if search is not None else 1
@@ -100,9 +100,12 @@ class DriverSession:
         try:
             return prepare_job(self.job)
         except SpecError as err:
-            StatusPublisher.for_job(self.persistence.status_writer()).publish(
-                job_status.invalid(self.job.name, kind=self.kind, problems=err.problems))
+            self._publish_invalid(err)
             raise
+
+    def _publish_invalid(self, err: SpecError) -> None:
+        """status.json `invalid` naming the fields: the operator's Stalled/InvalidSpec."""
+        self.publisher.publish(job_status.invalid(self.job.name, kind=self.kind, problems=err.problems))
 
     def _choose_run_id(self) -> tuple[str, bool]:
         """A search with resume other than none restores the job's latest search in storage (Tune's
