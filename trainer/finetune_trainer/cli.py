@@ -73,10 +73,13 @@ def _validate(job, *, static: bool) -> int:
     from .report import say
 
     if not static:
+        from .data_checks import summary
         from .preflight import prepare_job
 
-        prepared = prepare_job(job)
+        prepared = prepare_job(job)  # its warnings (held-out rows repeating train, ...) come through the logger
         say(f"data: {prepared.data.stats['rows']}")
+        for line in summary(prepared.data.stats):
+            say(f"  {line}")
         say(f"model: {prepared.model_class} from {prepared.model_dir}")
         say(f"freezing: {prepared.plan.summary()}")
     search = job.spec.search

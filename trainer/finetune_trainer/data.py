@@ -1,9 +1,12 @@
 """From `spec.data` to tokenized train / validation / test splits the trainer batches.
 
 Order of work, cheapest checks first: read each table, check the named columns exist,
-drop rows without text, shuffle with the job's seed (the quickstart corpus is sorted by
-label, so an unshuffled tail split would hold one class only), carve the held-out splits,
-cap the row counts, map labels, and only then tokenize (batched, fast tokenizers).
+drop rows without text (refused above `spec.data.maxDroppedFraction`), shuffle with the job's
+seed (the quickstart corpus is sorted by label, so an unshuffled tail split would hold one class
+only), carve the held-out splits, cap the row counts, count held-out rows that repeat a training
+text, map labels (a class no training row has: `data_checks.missing_classes`), and only then
+tokenize (batched, fast tokenizers). The checks' figures go into `stats`, which results.json
+carries as its `data` section; data_checks.py says what each check is for.
 
 Examples are stored unpadded (`list[np.ndarray]`); `TokenizedSplit.batch` pads a batch to
 its own longest example, which is what makes short-text CPU training cheap.
@@ -19,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import data_checks
 from .sources import SourceError, resolve_local
 from .spec import DataSource, DataSpec
 
@@ -112,19 +116,27 @@ def prepare(
     """Read, check, split, label and tokenize `data` for `task`; raises `DataError`.
 
     `stats` holds, per split: `rows` (examples; blocks when packing), `tokens`,
-    `table_rows` (rows that went into tokenizing) and `dropped_empty` (rows without
-    text/label in each file read); plus `train_label_counts` for classification.
+    `table_rows` (rows that went into tokenizing); per file read: `file_rows`,
+    `dropped_empty` (rows without text/label) and `dropped_empty_by_field` (per spec field, a
+    row empty in two fields counts under both); `duplicates_of_train` (per held-out split, its
+    rows whose text is also a training row's); for classification `train_label_counts` and
+    `classes_missing_from_train`.
     """
     columns = _required_columns(data, task)
-    stats: dict[str, Any] = {"rows": {}, "tokens": {}, "table_rows": {}, "dropped_empty": {}}
-    frames = _read_frames(data, columns, seed, stats["dropped_empty"])
+    stats: dict[str, Any] = {"rows": {}, "tokens": {}, "table_rows": {}, "file_rows": {},
+                             "dropped_empty": {}, "dropped_empty_by_field": {}}  # fmt: skip
+    frames = _read_frames(data, columns, seed, stats)
     full_train = frames["train"]
     assert full_train is not None
     _carve_and_cap(frames, data)
+    stats["duplicates_of_train"] = data_checks.duplicates_by_split(frames, columns)
     label_names = None
     if task == "sequence-classification":
         # Classes come from the whole train file, so a split or a cap never changes them.
         label_names = _label_names(data, full_train[data.label_field], num_labels)
+        ids = _label_ids(full_train[data.label_field], label_names, data)
+        if problem := data_checks.class_not_in_file(data, label_names, ids, num_labels):
+            raise DataError(problem)
     splits: dict[str, TokenizedSplit | None] = {}
     for name, frame in frames.items():
         if frame is None:
@@ -137,8 +149,9 @@ def prepare(
             labels = _label_ids(frame[data.label_field], label_names, data)
             split = _tokenize_classification(frame, labels, data, tokenizer)
             if name == "train":
-                counts = np.bincount(labels, minlength=len(label_names)).tolist()
-                stats["train_label_counts"] = dict(zip(label_names, counts, strict=True))
+                counts = np.bincount(labels, minlength=len(label_names))
+                stats["train_label_counts"] = dict(zip(label_names, counts.tolist(), strict=True))
+                stats["classes_missing_from_train"] = data_checks.missing_classes(label_names, counts)
         else:
             split = _tokenize_causal(frame, data, tokenizer, name)
         splits[name] = split
@@ -146,13 +159,18 @@ def prepare(
         stats["tokens"][name] = split.num_tokens()
     train = splits["train"]
     assert train is not None
+    data_checks.warn(stats)
     return PreparedData(train, splits["validation"], splits["test"], label_names, stats)
 
 
 def _read_frames(
-    data: DataSpec, columns: dict[str, str], seed: int, dropped: dict[str, int]
+    data: DataSpec, columns: dict[str, str], seed: int, stats: dict[str, Any]
 ) -> dict[str, pd.DataFrame | None]:
-    """Each given file read, checked, cleaned and shuffled; None where a file is not given."""
+    """Each given file read, checked, cleaned and shuffled; None where a file is not given.
+
+    Refuses a file that loses more than `spec.data.maxDroppedFraction` of its rows to empty
+    cells, before anything is shuffled or tokenized.
+    """
     frames: dict[str, pd.DataFrame | None] = {}
     for stream, name in enumerate(SPLITS):
         source = getattr(data, name)
@@ -161,7 +179,15 @@ def _read_frames(
             continue
         frame = read_table(source, f"spec.data.{name}")
         _check_columns(frame, columns, source.path)
-        frame, dropped[name] = _drop_empty(frame, columns)
+        keep, by_field = data_checks.empty_cells(frame, columns)
+        stats["file_rows"][name], stats["dropped_empty"][name] = len(frame), int((~keep).sum())
+        stats["dropped_empty_by_field"][name] = by_field
+        problem = data_checks.dropped_share_problem(
+            name, source.path, len(frame), int((~keep).sum()), by_field, data.max_dropped_fraction
+        )
+        if problem:
+            raise DataError(f"spec.data.maxDroppedFraction: {problem}")
+        frame = frame.loc[keep].reset_index(drop=True)
         # Every file is shuffled, not only train: capped validation/test rows must be a
         # fair sample too. One generator per file keeps each order independent.
         order = np.random.default_rng([seed, stream]).permutation(len(frame))
@@ -219,16 +245,6 @@ def _check_columns(frame: pd.DataFrame, columns: dict[str, str], path: str) -> N
                 f"spec.data.{spec_field}: column {column!r} not in {path}; "
                 f"columns are: {', '.join(have) or '(none)'}"
             )
-
-
-def _drop_empty(frame: pd.DataFrame, columns: dict[str, str]) -> tuple[pd.DataFrame, int]:
-    """Drop rows whose text (or label) is missing or blank; they cannot become examples."""
-    keep = np.ones(len(frame), dtype=bool)
-    for column in columns.values():
-        values = frame[column]
-        blank = values.isna() | values.astype(str).str.strip().eq("")
-        keep &= ~blank.to_numpy(dtype=bool)
-    return frame.loc[keep].reset_index(drop=True), int((~keep).sum())
 
 
 def _carve(n: int, file: DataSource | None, fraction: float | None) -> int:

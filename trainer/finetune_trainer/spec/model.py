@@ -94,6 +94,11 @@ class DataSpec(SpecModel):
     max_train_samples: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
     max_eval_samples: int | None = Field(default=None, ge=1, description="Use at most this many validation rows.")
     max_test_samples: int | None = Field(default=None, ge=1, description="Use at most this many test rows.")
+    max_dropped_fraction: float = Field(
+        default=0.1, ge=0, le=1,
+        description="Refuse a data file in which more than this share of rows has an empty text or label "
+        "(such rows are dropped); 1 trains on whatever is left.",
+    )  # fmt: skip
 
     def check(self, task: str) -> Problems:
         for name in ("train", "validation", "test"):
