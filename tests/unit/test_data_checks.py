@@ -83,6 +83,26 @@ def test_more_dropped_than_allowed_is_refused_naming_the_field(tmp_path, tokeniz
     assert "(10%, over the 5% allowed): textField empty in 1, labelField empty in 1" in message
     # at the limit is allowed; the default (0.1) is that limit here
     assert len(prepare(spec(train=path, validationSplit=0.2), CLS, tokenizer, seed=0).train) == 14
+    many = jsonl(tmp_path / "m.jsonl", [*two_class_rows(86), *[{"text": "", "label": "a"}] * 9])
+    with pytest.raises(DataError, match=r"9 of 95 rows of train .* \(9\.47%, over the 9% allowed\)"):
+        prepare(spec(train=many, validationSplit=0.2, maxDroppedFraction=0.09), CLS, tokenizer, seed=0)
+
+
+@needs_model
+def test_the_runs_preflight_refuses_naming_the_field(tmp_path):
+    """A run (CLI or the operator's RayJob) fails its preflight with a SpecError, which the session
+    publishes as status `invalid`: the operator's Stalled/InvalidSpec."""
+    from finetune_trainer.preflight import prepare_job
+    from finetune_trainer.spec import FineTuneJob, SpecError
+
+    rows = [*two_class_rows(10), *[{"text": None, "label": "a"}] * 5]
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["spec"]["data"] = {"train": jsonl(tmp_path / "t.jsonl", rows), "validationSplit": 0.2}
+    with pytest.raises(SpecError) as info:
+        prepare_job(FineTuneJob.model_validate(doc))
+    ((path, message),) = info.value.problems
+    assert path == "spec.data.maxDroppedFraction"
+    assert message.startswith("5 of 15 rows of train") and "textField empty in 5" in message
 
 
 def test_the_held_out_file_has_its_own_share(tmp_path, tokenizer):

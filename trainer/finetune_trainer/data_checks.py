@@ -55,9 +55,14 @@ def dropped_share_problem(
     reasons = ", ".join(f"{field} empty in {n}" for field, n in by_field.items() if n)
     return (
         f"{dropped} of {read} rows of {split} ({path}) have an empty text or label "
-        f"({dropped / read:.0%}, over the {limit:.0%} allowed): {reasons}; check the column names "
+        f"({_percent(dropped / read)}, over the {_percent(limit)} allowed): {reasons}; check the column names "
         "and the file's encoding, or raise spec.data.maxDroppedFraction (up to 1) to train on the rest"
     )
+
+
+def _percent(share: float) -> str:
+    """10%, 10.4%, 0.5%: never "10%, over the 10% allowed" for a share just above the limit."""
+    return f"{100 * share:.3g}%"
 
 
 def text_hashes(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
