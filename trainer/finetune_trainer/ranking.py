@@ -7,20 +7,35 @@ that pulls in neither torch nor pandas (tests/unit/test_architecture.py checks).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 
-def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Whether `value` beats `best` by more than `min_delta` in direction `mode` (min/max)."""
-    if best is None:
+def finite(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_better(value: float | None, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` in direction `mode` (min/max).
+
+    A NaN or infinite value is worse than anything and never better; a best that is not finite
+    (one kept before this rule, or loaded from an old checkpoint) is beaten by any finite value.
+    Without that, a NaN first evaluation would freeze the best: every comparison with NaN is False.
+    """
+    if not finite(value):
+        return False
+    assert value is not None
+    if best is None or not finite(best):
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 def best_row(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
-    """The row with the best `key` in direction `mode` among those that have it ({} if none)."""
-    scored = [r for r in rows if r.get(key) is not None]
+    """The row with the best `key` in direction `mode` among those where it is a finite number
+    ({} if none): a row whose metric is NaN or infinite is never the best."""
+    scored = [r for r in rows if finite(r.get(key))]
     if not scored:
         return {}
     return (min if mode == "min" else max)(scored, key=lambda r: r[key])
@@ -42,7 +57,8 @@ class EarlyStopping:
     history: list[float] = field(default_factory=list)
 
     def update(self, value: float) -> bool:
-        """Record an evaluation; True when training should stop."""
+        """Record an evaluation; True when training should stop. A non-finite value counts as an
+        evaluation without improvement and never becomes the best (`is_better`)."""
         self.history.append(value)
         if is_better(value, self.best, self.mode, self.min_delta):
             self.best, self.bad_evals = value, 0
