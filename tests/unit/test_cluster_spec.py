@@ -111,7 +111,7 @@ def test_bad_memory_quantity_is_reported_at_its_path(quantity):
          "spec.cluster.env[0].name", ["s3CredentialsSecret"]),
         ({"cluster": {"env": [{"name": "1BAD"}]}}, "spec.cluster.env[0].name", ["pattern"]),
         ({"cluster": {"workers": {"replicas": -1}}}, "spec.cluster.workers.replicas", ["greater than or equal to 0"]),
-        ({"cluster": {"head": {"cpus": 0}}}, "spec.cluster.head.cpus", ["greater than 0"]),
+        ({"cluster": {"head": {"cpus": 0}}}, "spec.cluster.head.cpus", ["greater than or equal to 1"]),
         ({"cluster": {"workerz": {}}}, "spec.cluster.workerz", ["unknown field"]),
         ({"runPolicy": {"activeDeadlineSeconds": 0}}, "spec.runPolicy.activeDeadlineSeconds", ["greater than or equal to 1"]),
         ({"runPolicy": {"backoffLimit": -1}}, "spec.runPolicy.backoffLimit", ["greater than or equal to 0"]),

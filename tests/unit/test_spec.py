@@ -288,7 +288,7 @@ def test_data_source_shorthand_and_format_from_extension(train, path, fmt):
             ["greater than or equal to 1"],
         ),
         ({"spec.resources.workers": 0}, "spec.resources.workers", ["greater than or equal to 1"]),
-        ({"spec.resources.cpusPerWorker": 0}, "spec.resources.cpusPerWorker", ["greater than 0"]),
+        ({"spec.resources.cpusPerWorker": 0}, "spec.resources.cpusPerWorker", ["greater than or equal to 0.0001"]),
         (
             {"spec.output.keepCheckpoints": 0},
             "spec.output.keepCheckpoints",

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import environment, logs
 from .embedded_s3 import EmbeddedS3Error
-from .spec import SpecError, load_job
+from .spec import ManifestFileError, SpecError, load_job
 from .storage.errors import AccessDenied, BucketMissing, EndpointUnreachable, StorageError
 
 EXIT_INVALID = 2
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except EmbeddedS3Error as err:
         print(f"finetune: --embedded-s3: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except ManifestFileError as err:  # the file itself (a directory, binary, not UTF-8, too large): one line
+        print(f"finetune: {err.render()}", file=sys.stderr)
+        return EXIT_INVALID
     except SpecError as err:
         print(f"finetune: {args.manifest} is invalid\n{err.render()}", file=sys.stderr)
         return EXIT_INVALID

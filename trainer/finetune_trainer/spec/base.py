@@ -2,6 +2,7 @@
 
 Users write camelCase YAML (the Kubernetes convention); Python sees snake_case. Unknown
 fields are errors, not silently dropped: a typo in a manifest must never become a default.
+Types are strict, as the API server's: a value the CRD would refuse is refused here too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ class SpecModel(BaseModel):
         extra="forbid",
         validate_default=True,
         frozen=False,
+        # as the CRD's schema (and so the API server) reads a manifest: `true` and "3" are not
+        # integers, "1e-4" is not a number; an int is a float. No inf or nan (JSON has none).
+        strict=True,
+        allow_inf_nan=False,
     )
 
     def to_manifest(self) -> dict[str, Any]:
@@ -70,5 +75,6 @@ def _message(err: ErrorDetails) -> str:
         return "required field is missing"
     value = err.get("input")
     if err["type"] not in {"value_error", "assertion_error"} and not isinstance(value, dict):
-        msg = f"{msg} (got {value!r})"
+        shown = repr(value)  # a 1000-value list or a 300-character name: enough of it to recognise
+        msg = f"{msg} (got {shown if len(shown) <= 80 else shown[:60] + ' ...' + shown[-12:]})"
     return msg

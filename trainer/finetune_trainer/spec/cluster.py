@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
 from .base import SpecModel
+from .limits import INT32_MAX
 from .network import NetworkSpec
 from .pod_security import ContainerSecurityContextSpec, PodSecurityContextSpec
 from .progress import STATUS_FILE
@@ -33,6 +34,9 @@ QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
 _QUANTITY = re.compile(QUANTITY_PATTERN)
 _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+MAX_WORKER_PODS = 4096  # replicas, min/max: KubeRay's are int32; a RayCluster this size is already an outlier
+MAX_POD_CPUS = 1024  # head.cpus, workers.cpus (the largest machines have a few hundred)
+MAX_POD_GPUS = 16  # head.gpus, workers.gpus (a node holds 8, rarely 16)
 MANIFEST_ENV = "FINETUNE_MANIFEST"  # the FineTuneJob, as JSON, for the driver (`run env:FINETUNE_MANIFEST`)
 # the ConfigMap the driver writes status.json into, through the job's own ServiceAccount (kube_progress)
 PROGRESS_CONFIGMAP_ENV = "FINETUNE_PROGRESS_CONFIGMAP"
@@ -83,7 +87,7 @@ class Toleration(SpecModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(default=None, ge=0, description="NoExecute: how long the pod stays after the taint appears.")
+    toleration_seconds: int | None = Field(default=None, ge=0, le=INT32_MAX, description="NoExecute: how long the pod stays after the taint appears.")
 
 
 class SecretKeySelector(SpecModel):
@@ -154,9 +158,10 @@ class _GroupSpec(SpecModel):
 
 
 class HeadGroupSpec(_GroupSpec):
-    cpus: float = Field(default=1, gt=0, description="CPUs of the head pod (requests = limits); Ray sees the whole part.")
+    cpus: float = Field(default=1, ge=1, le=MAX_POD_CPUS,
+                        description="CPUs of the head pod (requests = limits); Ray sees the whole part, so at least 1.")
     memory: str = Field(default="4Gi", description="Memory of the head pod (requests = limits): Ray's GCS, dashboard and the driver.", json_schema_extra=_MEMORY_SCHEMA)
-    gpus: int = Field(default=0, ge=0, description="GPUs of the head pod; the head runs the driver, not the training.")
+    gpus: int = Field(default=0, ge=0, le=MAX_POD_GPUS, description="GPUs of the head pod; the head runs the driver, not the training.")
 
     @field_validator("memory")
     @classmethod
@@ -166,18 +171,19 @@ class HeadGroupSpec(_GroupSpec):
 
 class WorkerGroupSpec(_GroupSpec):
     replicas: int | None = Field(
-        default=None, ge=0, description="Worker pods KubeRay starts. Default: one per Ray Train worker running at once (resources.workers, times search.maxConcurrentTrials)."
+        default=None, ge=0, le=MAX_WORKER_PODS, description="Worker pods KubeRay starts. Default: one per Ray Train worker running at once (resources.workers, times search.maxConcurrentTrials)."
     )
-    min_replicas: int | None = Field(default=None, ge=0, description="Lower bound for replicas. Default: replicas.")
-    max_replicas: int | None = Field(default=None, ge=0, description="Upper bound for replicas. Default: replicas.")
+    min_replicas: int | None = Field(default=None, ge=0, le=MAX_WORKER_PODS, description="Lower bound for replicas. Default: replicas.")
+    max_replicas: int | None = Field(default=None, ge=0, le=MAX_WORKER_PODS, description="Upper bound for replicas. Default: replicas.")
     cpus: float | None = Field(
-        default=None, gt=0, description="CPUs of each worker pod (requests = limits). Default: resources.cpusPerWorker."
+        default=None, ge=1, le=MAX_POD_CPUS,
+        description="CPUs of each worker pod (requests = limits); Ray sees the whole part, so at least 1. Default: resources.cpusPerWorker, rounded up."
     )
     memory: str | None = Field(
         default=None, description="Memory of each worker pod (requests = limits), e.g. 16Gi. Default: none requested.",
         json_schema_extra=_MEMORY_SCHEMA,
     )
-    gpus: int | None = Field(default=None, ge=0, description="GPUs of each worker pod. Default: resources.gpusPerWorker.")
+    gpus: int | None = Field(default=None, ge=0, le=MAX_POD_GPUS, description="GPUs of each worker pod. Default: resources.gpusPerWorker.")
 
     @field_validator("memory")
     @classmethod
@@ -359,7 +365,7 @@ class ClusterSpec(SpecModel):
 class RunPolicySpec(SpecModel):
     suspend: bool = Field(default=False, description="Create the RayJob suspended: no pods until this turns false.")
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail the run when it has taken longer than this (cluster start included)."
+        default=None, ge=1, le=INT32_MAX, description="Fail the run when it has taken longer than this (cluster start included)."
     )
     backoff_limit: int = Field(default=0, ge=0, le=100, description="Retries of a failed run, each on a new Ray cluster.")
     worker_restarts: int = Field(
@@ -369,5 +375,5 @@ class RunPolicySpec(SpecModel):
                     "controller, e.g. storage that stopped answering.",
     )
     ttl_seconds_after_finished: int = Field(
-        default=300, ge=0, description="Seconds the Ray cluster (and dashboard) stays after the run ends, for logs."
+        default=300, ge=0, le=INT32_MAX, description="Seconds the Ray cluster (and dashboard) stays after the run ends, for logs."
     )

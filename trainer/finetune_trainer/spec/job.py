@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -14,8 +15,9 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from .base import SpecError, SpecModel
 from .cluster import ClusterSpec, RunPolicySpec
 from .exposure import cluster_problems
+from .limits import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_VALUES, json_size_problems, raw_problems
 from .model import DataSpec, ModelSpec
-from .runtime import DeepSpeedSpec, OutputSpec, ResourcesSpec
+from .runtime import MAX_RAY_WORKERS, DeepSpeedSpec, OutputSpec, ResourcesSpec
 from .search import SearchSpec, space_problems
 from .storage import StorageSpec
 from .training import MAXIMIZED, EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
@@ -25,12 +27,22 @@ KIND = "FineTuneJob"
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; Kubernetes (YAML 1.2/JSON)
-    reads it as a number. Resolve it as a float here too, so `--set` values and untyped fields
-    (deepspeed.config, lrSchedule.options) get the number a cluster would see."""
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~5x faster
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_MERGE = "tag:yaml.org,2002:merge"
 
 
+class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """YAML as Kubernetes reads it. PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string;
+    Kubernetes (YAML 1.2/JSON) reads it as a number: resolved as a float here too, so `--set`
+    values and untyped fields (deepspeed.config, lrSchedule.options) get the number a cluster
+    would see. Unquoted dates stay strings, as kubectl keeps them (JSON has no date)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -71,9 +83,10 @@ class FineTuneJobSpec(SpecModel):
             "data": self.data.check(task),
             "freezing": self.freezing.check(),
             "lrSchedule": self.lr_schedule.check(),
-            "deepspeed": self.deepspeed.check(),
+            "deepspeed": itertools.chain(self.deepspeed.check(), self.deepspeed.config_problems(self.training.max_grad_norm)),
             "evaluation": self.evaluation.check(task),
             "resources": self.resources.check(),
+            "training": self.training.non_finite_problems(self.deepspeed.zero_stage, self.deepspeed.config),
         }
         for section, problems in sections.items():
             found += [(f"spec.{section}.{path}", msg) for path, msg in problems]
@@ -92,6 +105,11 @@ class FineTuneJobSpec(SpecModel):
         if self.lr_schedule.type == "polynomial" and lr_end is not None and lr_end >= lr:
             # transformers raises on this when the run starts; say it at validation instead
             found.append(("spec.lrSchedule.lrEnd", f"must be below training.learningRate ({lr}): polynomial decays to lrEnd"))
+        if self.ray_workers_at_once() > MAX_RAY_WORKERS and self.search is not None:
+            found.append(("spec.search.maxConcurrentTrials", (
+                f"{self.search.max_concurrent_trials} trials at once x {self.resources.workers} workers each is "
+                f"{self.ray_workers_at_once()} Ray Train workers, over {MAX_RAY_WORKERS}; lower it or resources.workers")))
+            return found  # the cluster's default size derives from it
         found += [(f"spec.cluster.{path}", msg) for path, msg in self._cluster_problems()]
         if self.search is not None:
             found += self._search_problems(self.search, found)
@@ -161,11 +179,17 @@ class FineTuneJob(SpecModel):
 
 
 def parse_job(document: dict[str, Any], *, for_cluster: bool = False) -> FineTuneJob:
-    """Validate a manifest dict completely: fields, then cross-field rules. Raises SpecError.
+    """Validate a manifest dict completely: its raw shape (limits.py), fields, then cross-field
+    rules. Raises SpecError, and nothing else for any input a YAML or JSON parser can produce.
 
     `for_cluster`: also the rules of a shared cluster (exposure.py), which a local run needs not."""
     if not isinstance(document, dict):
         raise SpecError([("<manifest>", "expected a mapping with apiVersion, kind, metadata and spec")])
+    problems = raw_problems(document)  # first: everything after it may recurse or take time per value
+    if not problems and for_cluster:
+        problems = json_size_problems(document.get("spec"))
+    if problems:
+        raise SpecError(problems)
     try:
         # camelCase keys only, as the CRD schema has them: a snake_case key the cluster would
         # reject (or prune to a default) must not pass here
@@ -185,24 +209,113 @@ def parse_job(document: dict[str, Any], *, for_cluster: bool = False) -> FineTun
 def load_document(path: str | Path) -> dict[str, Any]:
     text = _source_text(path)
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+        docs = [d for d in _load_all(text) if d is not None]
     except yaml.YAMLError as err:
-        raise SpecError([("<manifest>", f"not valid YAML: {err}")]) from None
+        raise SpecError([("<manifest>", f"{path}: not valid YAML: {_one_line(err)}")]) from None
+    except RecursionError:  # `[[[[...` thousands deep: PyYAML's constructor recurses
+        raise SpecError([("<manifest>", f"{path}: nested deeper than {MAX_DEPTH} levels")]) from None
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if len(jobs) != 1:
         raise SpecError([("<manifest>", f"{path} must hold exactly one {KIND} document (found {len(jobs)})")])
+    problems = raw_problems(jobs[0])  # before --set copies it (recursively)
+    if problems:
+        raise SpecError(problems)
     return jobs[0]
+
+
+def _load_all(text: str) -> Iterator[Any]:
+    """yaml.load_all, refusing a key written twice in one mapping: YAML says keys are unique, PyYAML
+    keeps the last one silently, and kubectl refuses the manifest. Checked on the composed nodes,
+    where the key's path and lines are still known."""
+    loader = _Loader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            duplicate = _duplicate_key(node)
+            if duplicate:
+                raise SpecError([duplicate])
+            yield loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _duplicate_key(root: yaml.Node) -> tuple[str, str] | None:
+    stack: list[tuple[str, yaml.Node]] = [("", root)]
+    visited: set[int] = set()  # an alias is the same node again: walked once
+    while stack:
+        path, node = stack.pop()
+        if len(visited) > MAX_VALUES:  # an alias bomb: raw_problems names it once it is constructed
+            break
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key, line = key_node.value, key_node.start_mark.line + 1
+                where = f"{path}.{key}" if path else key
+                if key in lines:
+                    return where, f"duplicate key (lines {lines[key]} and {line}): YAML keeps only one of them; write it once"
+                lines[key] = line
+                stack.append((where, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+    return None
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line excerpt of the file: the problem and where."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem or err.context} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
+class ManifestFileError(SpecError):
+    """The file itself cannot be a manifest (missing, a directory, binary, not UTF-8, too large):
+    one line naming the file, before any YAML is parsed."""
+
+    def __init__(self, path: str | Path, why: str):
+        self.path, self.why = str(path), why
+        super().__init__([("<manifest>", f"{path}: {why}")])
+
+    def render(self) -> str:
+        return f"{self.path}: {self.why}"
 
 
 def _source_text(path: str | Path) -> str:
     """A file, or `env:NAME`: the manifest in an environment variable (how the operator's RayJob
-    hands the FineTuneJob to the driver, without a ConfigMap or a volume)."""
+    hands the FineTuneJob to the driver, without a ConfigMap or a volume). Its size is checked
+    before it is read, so a huge file costs nothing."""
     if isinstance(path, str) and path.startswith("env:"):
         name = path[len("env:") :]
         if name not in os.environ:
             raise SpecError([("<manifest>", f"environment variable {name} is not set")])
-        return os.environ[name]
-    return Path(path).read_text()
+        data = os.environ[name].encode("utf-8", "surrogateescape")
+    else:
+        file = Path(path)
+        try:
+            if file.is_dir():
+                raise ManifestFileError(path, "is a directory, not a manifest file")
+            size = file.stat().st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise ManifestFileError(path, f"{size} bytes, over the {MAX_MANIFEST_BYTES // 1024} KiB a manifest may be")
+            data = file.read_bytes()
+        except FileNotFoundError:
+            raise ManifestFileError(path, "no such file") from None
+        except OSError as err:
+            raise ManifestFileError(path, f"cannot be read: {err.strerror or err}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestFileError(path, f"{len(data)} bytes, over the {MAX_MANIFEST_BYTES // 1024} KiB a manifest may be")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ManifestFileError(path, f"is a binary file (a NUL byte at offset {nul}), not YAML")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestFileError(path, f"is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})") from None
 
 
 def apply_overrides(document: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

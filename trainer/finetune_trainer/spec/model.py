@@ -22,7 +22,7 @@ class ModelSpec(SpecModel):
     source: str = Field(min_length=1, description=f"Where the pre-trained model is: {SOURCE_HELP}.")
     task: Task = Field(description="What the model is fine-tuned for; picks the head.")
     num_labels: int | None = Field(
-        default=None, ge=2, description="Classes for sequence-classification; default: from data."
+        default=None, ge=2, le=100_000, description="Classes for sequence-classification; default: from data."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="dtype the weights are loaded in (training precision is deepspeed.precision)."

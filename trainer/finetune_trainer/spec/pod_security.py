@@ -44,6 +44,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .base import SpecModel
+from .limits import INT32_MAX
 
 # The trainer image's user (Dockerfile, trainer stage: `USER 1000:100`, the `ray` user of
 # rayproject/ray). runAsNonRoot needs a numeric uid it can check without reading /etc/passwd.
@@ -95,11 +96,11 @@ class PodSecurityContextSpec(SpecModel):
 
     run_as_user: int | None = Field(
         default=None, description="uid the containers run as. Default: 1000, the trainer image's user. 0 (root) is refused.",
-        json_schema_extra={"minimum": 1},
+        json_schema_extra={"minimum": 1}, le=INT32_MAX,
     )
-    run_as_group: int | None = Field(default=None, ge=0, description="Primary gid of the container processes. Default: 100.")
-    fs_group: int | None = Field(default=None, ge=0, description="Group that owns mounted volumes. Default: 100.")
-    supplemental_groups: list[Annotated[int, Field(ge=0)]] = Field(
+    run_as_group: int | None = Field(default=None, ge=0, le=INT32_MAX, description="Primary gid of the container processes. Default: 100.")
+    fs_group: int | None = Field(default=None, ge=0, le=INT32_MAX, description="Group that owns mounted volumes. Default: 100.")
+    supplemental_groups: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(
         default_factory=list, description="Further gids of the container processes (e.g. to read a group-owned volume).")
     run_as_non_root: bool | None = Field(
         default=None, description="Always true (the kubelet refuses to start a container as uid 0); false is refused.",

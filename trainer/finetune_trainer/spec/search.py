@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from .base import SpecModel
+from .limits import INT32_MAX
 from .training import MAXIMIZED, Metric
 
 Problems = Iterator[tuple[str, str]]
@@ -33,6 +34,12 @@ NOT_SEARCHABLE = {
 MAX_CHECKED_COMBINATIONS = 512
 # Integer ranges up to this size are checked (and gridded) value by value.
 MAX_ENUMERATED_INTS = 64
+# Values one choice or grid may list: a longer list is a range written out (use randint/uniform).
+MAX_DISCRETE_VALUES = 1000
+# Trials one search may run; also the most combinations an `algorithm: grid` search may have.
+MAX_TRIALS = 10000
+MAX_CONCURRENT_TRIALS = 1024
+MAX_SECONDS = 366 * 24 * 3600  # budget times: a year (Tune's clock arithmetic overflows far above)
 
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -42,11 +49,11 @@ class Distribution(SpecModel):
     """Exactly one of the keys. Bounds are inclusive."""
 
     choice: list[Any] | None = Field(
-        default=None, min_length=1, description="Pick one of these values (strings, numbers or booleans).",
+        default=None, min_length=1, max_length=MAX_DISCRETE_VALUES, description="Pick one of these values (strings, numbers or booleans).",
         json_schema_extra={"items": {"x-kubernetes-preserve-unknown-fields": True}},
     )
     grid: list[Any] | None = Field(
-        default=None, min_length=1,
+        default=None, min_length=1, max_length=MAX_DISCRETE_VALUES,
         description="Every one of these values, each with numTrials / (grid size) sampled trials (Ray Tune's grid_search): "
         "so every freezing strategy gets its trials, whatever the sampler draws for the rest.",
         json_schema_extra={"items": {"x-kubernetes-preserve-unknown-fields": True}},
@@ -90,8 +97,19 @@ class Distribution(SpecModel):
             return list(range(low, high + 1))
         return [low, high]
 
+    def size(self) -> int | None:
+        """How many values a discrete distribution has (counted, never listed: a randint may span
+        billions); None for continuous ones."""
+        if self.kind in ("choice", "grid"):
+            return len(getattr(self, self.kind) or [])
+        if self.kind == "randint":
+            low, high = self.randint or (0, 0)
+            return max(0, high - low + 1)
+        return None
+
     def grid_values(self) -> list[Any] | None:
-        """All values, when the distribution is discrete; None for continuous ones."""
+        """All values, when the distribution is discrete; None for continuous ones. Only for a
+        space whose size check() has bounded (SearchSpec.check: at most MAX_TRIALS combinations)."""
         if self.kind in ("choice", "grid"):
             return list(getattr(self, self.kind) or [])
         if self.kind == "randint":
@@ -108,15 +126,15 @@ class SchedulerSpec(SpecModel):
                     "(the same decisions whatever order trials run in; trials wait for the slowest at each rung; random or grid only); "
                     "median: stops a trial below the median of the others at the same step; none: every trial runs its budget.",
     )
-    grace_period: int | None = Field(default=None, ge=1, description="Optimizer steps every trial gets before it can be stopped (default: evaluation.everySteps).")
-    reduction_factor: float = Field(default=3, gt=1, description="asha, successiveHalving: only the top 1/reductionFactor of trials go on at each rung.")
-    max_steps: int | None = Field(default=None, ge=1, description="asha, successiveHalving: the longest a trial can run (default: the trial's own step count).")
+    grace_period: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Optimizer steps every trial gets before it can be stopped (default: evaluation.everySteps).")
+    reduction_factor: float = Field(default=3, gt=1, le=1000, description="asha, successiveHalving: only the top 1/reductionFactor of trials go on at each rung.")
+    max_steps: int | None = Field(default=None, ge=1, le=INT32_MAX, description="asha, successiveHalving: the longest a trial can run (default: the trial's own step count).")
 
 
 class BudgetSpec(SpecModel):
-    trial_steps: int | None = Field(default=None, ge=1, description="Optimizer steps per trial (sets training.maxSteps for every trial).")
-    trial_seconds: float | None = Field(default=None, gt=0, description="Stop any trial that has trained this long.")
-    total_seconds: float | None = Field(default=None, gt=0, description="Start no new trial after this long; running ones finish their current step.")
+    trial_steps: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Optimizer steps per trial (sets training.maxSteps for every trial).")
+    trial_seconds: float | None = Field(default=None, gt=0, le=MAX_SECONDS, description="Stop any trial that has trained this long.")
+    total_seconds: float | None = Field(default=None, gt=0, le=MAX_SECONDS, description="Start no new trial after this long; running ones finish their current step.")
 
 
 class SearchSpec(SpecModel):
@@ -124,13 +142,13 @@ class SearchSpec(SpecModel):
         default="random", description="random: independent samples; grid: every combination of discrete values; tpe: Optuna's Tree-structured Parzen Estimator, learns from finished trials.",
     )
     num_trials: int | None = Field(
-        default=None, ge=1, le=10000,
+        default=None, ge=1, le=MAX_TRIALS,
         description="Trials to run (random/tpe; default 8, or the smallest multiple of the grid values' count above it). grid runs every combination once.",
     )
-    max_concurrent_trials: int = Field(default=1, ge=1, description="Trials running at once; capped to what the Ray cluster can hold.")
+    max_concurrent_trials: int = Field(default=1, ge=1, le=MAX_CONCURRENT_TRIALS, description="Trials running at once; capped to what the Ray cluster can hold.")
     metric: Metric | None = Field(default=None, description="What picks the best trial (default: evaluation.metric).")
     mode: Literal["min", "max"] | None = Field(default=None, description="Default: max for accuracy/f1, min otherwise.")
-    seed: int | None = Field(default=None, ge=0, description="Seeds the sampler, and the order a grid runs in (default: training.seed).")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Seeds the sampler, and the order a grid runs in (default: training.seed).")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     space: dict[str, Distribution] = Field(min_length=1, description="Spec path (e.g. freezing.strategy) to distribution.")
@@ -142,11 +160,11 @@ class SearchSpec(SpecModel):
         return self.mode or ("max" if self.resolved_metric(evaluation_metric) in MAXIMIZED else "min")
 
     def grid_size(self) -> int:
-        return math.prod(len(d.grid_values() or []) for d in self.space.values())
+        return math.prod(d.size() or 0 for d in self.space.values())
 
     def grid_points(self) -> int:
         """Combinations of the `grid:` dimensions (1 when there are none)."""
-        return math.prod(len(d.grid or []) for d in self.space.values() if d.kind == "grid")
+        return math.prod(d.size() or 0 for d in self.space.values() if d.kind == "grid")
 
     def resolved_num_trials(self) -> int:
         if self.algorithm == "grid":
@@ -168,16 +186,22 @@ class SearchSpec(SpecModel):
             for where, message in dist.check():
                 yield f"space.{path}{'.' + where if where else ''}", message
         if self.algorithm == "grid":
-            continuous = [p for p, d in self.space.items() if d.grid_values() is None]
+            continuous = [p for p, d in self.space.items() if d.size() is None]
             for path in continuous:
                 yield f"space.{path}", "grid needs discrete values: use choice (or randint), or algorithm: random/tpe"
             size = self.grid_size()
-            if not continuous and self.num_trials is not None and self.num_trials != size:
+            if not continuous and size > MAX_TRIALS:
+                yield "space", (f"grid runs every combination once: {size} combinations, over the {MAX_TRIALS} trials "
+                                "a search may run; narrow the values, or use algorithm: random or tpe with numTrials")
+            elif not continuous and self.num_trials is not None and self.num_trials != size:
                 yield "numTrials", f"grid runs every combination once ({size}); leave numTrials out"
+        elif self.grid_points() > MAX_TRIALS:
+            yield "space", (f"the grid: dimensions make {self.grid_points()} combinations, each run at least once: over the "
+                            f"{MAX_TRIALS} trials a search may run; use choice for some of them")
         gridded = [p for p, d in self.space.items() if d.kind == "grid"]
         if gridded and self.algorithm == "tpe":
             yield f"space.{gridded[0]}", "tpe samples every dimension itself: use choice here (or algorithm: random)"
-        elif gridded and self.algorithm == "random" and self.num_trials and self.num_trials % self.grid_points():
+        elif gridded and self.algorithm == "random" and self.num_trials and self.grid_points() <= MAX_TRIALS and self.num_trials % self.grid_points():
             yield "numTrials", f"must be a multiple of {self.grid_points()} (the combinations of the grid: values), so each gets the same number of trials"
         sched = self.scheduler
         if sched.type == "none" and sched.grace_period is not None:
@@ -203,28 +227,51 @@ def space_problems(search: SearchSpec, base: BaseModel) -> list[tuple[str, str]]
         if bad_path:
             found.append((where, bad_path))
             continue
-        for value in search.space[path].candidates():
-            try:
-                trial_spec(base, {**search.fixed_params(), path: value})
-            except ValidationError as err:
-                found += [(where, f"{value!r} is not valid here: {err.errors()[0]['msg']}")]
+        found += [(where, message) for message in _candidate_problems(base, path, search.space[path].candidates())]
     if found:
         return found
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()  # the field a combination breaks: one example each, not one per combination
     for sampled in search_combinations(search):
         params = {**search.fixed_params(), **sampled}
         problem: tuple[str, str] | None
         try:
             spec = trial_spec(base, params)
         except ValidationError as err:
-            problem = ("spec.search.space", f"{_fmt(params)}: {_first_message(err)}")
+            message = _first_message(err)
+            field, problem = message.partition(":")[0], ("spec.search.space", f"{_fmt(params)}: {message}")
         else:
             issues = spec.problems()
+            field = issues[0][0] if issues else ""
             problem = ("spec.search.space", f"{_fmt(params)}: {issues[0][0]}: {issues[0][1]}") if issues else None
-        if problem and problem[1] not in {m for _, m in seen}:
-            seen.add(problem)
+        if problem and field not in seen:
+            seen.add(field)
             found.append(problem)
     return found
+
+
+def _candidate_problems(base: BaseModel, path: str, values: list[Any]) -> Iterator[str]:
+    """Each value against its field's own rules: the one section it lives in, validated with the
+    value written in (a section is a few fields, so this is linear in the values, where the whole
+    spec per value took minutes for 100,000 of them). Combinations are checked after, sampled."""
+    section, field = path.split(".", 1)
+    part = getattr(base, {"lrSchedule": "lr_schedule"}.get(section, section))
+    document = part.model_dump(by_alias=True, mode="json", exclude_unset=True)
+    tried: set[tuple[type, Any]] = set()
+    for value in values:
+        key = (type(value), value if isinstance(value, str | int | float | None) else repr(value))
+        if key in tried:  # the type too: 1 and True are equal, and not the same value here
+            continue
+        tried.add(key)
+        try:
+            type(part).model_validate({**document, field: _plain(value)}, by_alias=True, by_name=False)
+        except ValidationError as err:
+            yield f"{value!r} is not valid here: {err.errors()[0]['msg']}"
+
+
+def _plain(value: Any) -> Any:
+    """A sampled value as the manifest would hold it: Tune's randint and uniform hand out numpy
+    scalars, which the spec's strict types (no coercion, as the CRD) would refuse."""
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
 
 
 def trial_spec(base: BaseModel, params: dict[str, Any]) -> Any:
@@ -238,7 +285,7 @@ def trial_spec(base: BaseModel, params: dict[str, Any]) -> Any:
         keys = path.split(".")
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = value
+        node[keys[-1]] = _plain(value)
     spec = type(base).model_validate(document, by_alias=True, by_name=False)
     for section in ("freezing", "lr_schedule"):
         part = getattr(spec, section)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .base import SpecModel
+from .limits import INT32_MAX
 
 Problems = Iterator[tuple[str, str]]
 
@@ -18,10 +19,10 @@ def _camel(field: str) -> str:
 
 
 class TrainingSpec(SpecModel):
-    epochs: float | None = Field(default=None, gt=0, description="Passes over train (default 1 when maxSteps is unset).")
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; wins over epochs when both are set.")
-    per_device_batch_size: int = Field(default=8, ge=1, description="Examples per worker per micro-step.")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
+    epochs: float | None = Field(default=None, gt=0, le=1e6, description="Passes over train (default 1 when maxSteps is unset).")
+    max_steps: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Optimizer steps; wins over epochs when both are set.")
+    per_device_batch_size: int = Field(default=8, ge=1, le=65536, description="Examples per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=65536, description="Micro-steps per optimizer step.")
     learning_rate: float = Field(default=5e-5, gt=0, le=1, description="Peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="Decoupled (AdamW) weight decay; not applied to biases and norms.")
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -29,7 +30,29 @@ class TrainingSpec(SpecModel):
     adam_epsilon: float = Field(default=1e-8, gt=0)
     dropout: float | None = Field(default=None, ge=0, lt=1, description="Override every dropout probability in the model config.")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables it.")
-    seed: int = Field(default=42, ge=0, description="Seeds data order, splits and new weights.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seeds data order, splits and new weights.")
+    non_finite_loss: Literal["stop", "skipStep"] = Field(
+        default="stop",
+        description="What a NaN or infinite training loss does, noticed at the next evaluation (checked on the device, "
+                    "no per-step sync). stop: the run ends there, failed with reason NonFiniteLoss naming the first such "
+                    "step; no checkpoint is written from then on. skipStep: training goes on without the optimizer step "
+                    "of each such batch (DeepSpeed's ZeRO optimizer drops a step whose gradients are not finite; needs "
+                    "zeroStage 1-3), and each evaluation reports how many steps were skipped.",
+    )
+
+    def non_finite_problems(self, zero_stage: int, ds_config: dict[str, Any]) -> Problems:
+        """skipStep leans on DeepSpeed's ZeRO optimizer, which checks the gradient norm at every
+        step and drops a step whose norm is not finite (DeepSpeed 0.19: stages 1-3 in fp32, bf16
+        and fp16); stage 0, or a raw config that turns that check off, would apply the NaN step."""
+        if self.non_finite_loss != "skipStep":
+            return
+        if zero_stage == 0:
+            yield "nonFiniteLoss", "skipStep needs deepspeed.zeroStage 1, 2 or 3 (ZeRO's optimizer skips a step whose gradients are not finite; stage 0 has no such check)"
+        zero, bf16 = ds_config.get("zero_optimization"), ds_config.get("bf16")
+        if isinstance(zero, dict) and zero.get("compute_grad_norm") is False:
+            yield "nonFiniteLoss", "skipStep needs the gradient norm DeepSpeed checks before each step: remove deepspeed.config.zero_optimization.compute_grad_norm: false"
+        if isinstance(bf16, dict) and bf16.get("check_grad_overflow") is False:
+            yield "nonFiniteLoss", "skipStep needs DeepSpeed's bf16 overflow check: remove deepspeed.config.bf16.check_grad_overflow: false"
 
     def steps_per_epoch(self, num_train: int, world_size: int) -> int:
         """Optimizer steps per pass: every rank gets the same number of full micro-batches."""
@@ -57,7 +80,7 @@ class FreezingSpec(SpecModel):
         ),
     )
     layers: int | float | None = Field(
-        default=None, ge=0, description="freezeBottom: blocks to freeze, as a count (e.g. 4) or a fraction of all blocks (e.g. 0.5)."
+        default=None, ge=0, le=INT32_MAX, description="freezeBottom: blocks to freeze, as a count (e.g. 4) or a fraction of all blocks (e.g. 0.5)."
     )
     unfreeze_every: int | Literal["epoch"] | None = Field(
         default=None, description="gradual: steps between unfreezing one more block, or `epoch`."
@@ -91,8 +114,8 @@ class FreezingSpec(SpecModel):
         if s == "gradual":
             if self.unfreeze_every is None:
                 yield "unfreezeEvery", "gradual needs unfreezeEvery: a number of steps (e.g. 50) or `epoch`"
-            elif isinstance(self.unfreeze_every, int) and self.unfreeze_every < 1:
-                yield "unfreezeEvery", "must be at least 1 step"
+            elif isinstance(self.unfreeze_every, int) and not 1 <= self.unfreeze_every <= INT32_MAX:
+                yield "unfreezeEvery", f"must be at least 1 step (and at most {INT32_MAX})"
         if s == "patterns" and not (self.trainable_patterns or self.frozen_patterns):
             yield "trainablePatterns", "patterns needs trainablePatterns and/or frozenPatterns (regexes over parameter names)"
         for name, patterns in (("trainablePatterns", self.trainable_patterns), ("frozenPatterns", self.frozen_patterns)):
@@ -147,16 +170,16 @@ NO_WARMUP_SCHEDULES = frozenset({"constant", "reduce_lr_on_plateau", "greedy"})
 class LRScheduleSpec(SpecModel):
     type: SchedulerType = Field(default="linear", description="Any schedule transformers' get_scheduler offers.")
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Warmup as a fraction of all steps.")
-    warmup_steps: int | None = Field(default=None, ge=0, description="Warmup as a number of steps.")
+    warmup_steps: int | None = Field(default=None, ge=0, le=INT32_MAX, description="Warmup as a number of steps.")
     num_cycles: float | None = Field(default=None, gt=0, description="cosine family, warmup_stable_decay.")
     power: float | None = Field(default=None, gt=0, description="polynomial.")
     lr_end: float | None = Field(default=None, ge=0, description="polynomial: final learning rate.")
     min_lr: float | None = Field(default=None, ge=0, description="cosine_with_min_lr family: floor as a value.")
     min_lr_rate: float | None = Field(default=None, ge=0, le=1, description="cosine_with_min_lr family: floor as a fraction of the peak.")
     warmup_lr_rate: float | None = Field(default=None, ge=0, le=1, description="cosine_warmup_with_min_lr: starting fraction.")
-    timescale: int | None = Field(default=None, ge=1, description="inverse_sqrt.")
-    num_decay_steps: int | None = Field(default=None, ge=1, description="warmup_stable_decay (default: 10% of steps).")
-    num_stable_steps: int | None = Field(default=None, ge=0, description="warmup_stable_decay.")
+    timescale: int | None = Field(default=None, ge=1, le=INT32_MAX, description="inverse_sqrt.")
+    num_decay_steps: int | None = Field(default=None, ge=1, le=INT32_MAX, description="warmup_stable_decay (default: 10% of steps).")
+    num_stable_steps: int | None = Field(default=None, ge=0, le=INT32_MAX, description="warmup_stable_decay.")
     min_lr_ratio: float | None = Field(default=None, ge=0, le=1, description="warmup_stable_decay.")
     warmup_type: Literal["linear", "cosine", "1-sqrt"] | None = Field(default=None, description="warmup_stable_decay.")
     decay_type: Literal["linear", "cosine", "1-sqrt"] | None = Field(default=None, description="warmup_stable_decay.")
@@ -210,12 +233,12 @@ MAXIMIZED = frozenset({"accuracy", "f1"})
 
 
 class EarlyStoppingSpec(SpecModel):
-    patience: int = Field(default=3, ge=1, description="Evaluations without improvement before training stops.")
+    patience: int = Field(default=3, ge=1, le=INT32_MAX, description="Evaluations without improvement before training stops.")
     min_delta: float = Field(default=0.0, ge=0, description="Smallest change of the metric that counts as improvement.")
 
 
 class EvaluationSpec(SpecModel):
-    every_steps: int = Field(default=50, ge=1, description="Evaluate (and checkpoint) every N optimizer steps, and at the end.")
+    every_steps: int = Field(default=50, ge=1, le=INT32_MAX, description="Evaluate (and checkpoint) every N optimizer steps, and at the end.")
     metrics: list[Metric] | None = Field(
         default=None, description="Default: loss, accuracy, f1 (classification); loss, perplexity (causal-lm)."
     )
