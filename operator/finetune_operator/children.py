@@ -6,6 +6,7 @@ NetworkPolicy) imports it without importing the others.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from finetune_trainer.spec import FineTuneJob
@@ -41,3 +42,16 @@ def owner_reference(job: FineTuneJob, uid: str) -> dict[str, Any]:
     with the job, and the operator recognises its own children by it."""
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job.name, "uid": uid,
             "controller": True, "blockOwnerDeletion": True}
+
+
+def run_id_for(meta: Mapping[str, Any], generation: int) -> str:
+    """The run every attempt of one FineTuneJob generation shares (the driver's FINETUNE_RUN_ID):
+    `run-<created>-<uid>-g<generation>`. A KubeRay retry and a RayJob re-created after it was lost
+    carry the same one, so spec.storage.resume `auto` continues that run; a FineTuneJob deleted and
+    applied again is a new object (a new uid and creation time), so it starts a new run; so does a
+    new generation of the spec. The creation time first keeps the job's runs in time order."""
+    created = str(meta.get("creationTimestamp") or "")
+    stamp = "".join(ch for ch in created if ch.isdigit())[:14]  # 2026-12-02T13:05:12Z -> 20261202130512
+    stamp = f"{stamp[:8]}-{stamp[8:]}" if len(stamp) == 14 else "created-unknown"
+    uid = "".join(ch for ch in str(meta.get("uid") or "") if ch.isalnum())[:8] or "nouid"
+    return f"run-{stamp}-{uid}-g{int(generation)}"

@@ -6,12 +6,15 @@
         push the live run-policy fields (suspend, deadline, TTL) to it, flag immutable changes
     RayJob event (the ones we manage)           -> `Operator.rayjob_changed`: KubeRay's status
         mapped into the owner's status (status_mapping), Events on phase changes
-    FineTuneJob timer while Running             -> `Operator.poll_progress`: the trainer's
-        status.json (progress.py) mirrored into trials / bestTrial / bestCheckpoint
-    status.json `state: invalid` (timer, or the RayJob ending or retrying) -> Stalled/InvalidSpec
+    the progress poll while Running             -> `Operator.poll_progress`: the trainer's
+        status.json (progress.py) mirrored into trials / bestTrial / bestCheckpoint / lastCheckpoint,
+        an Event per resume, and a finished run made Succeeded once its final results are read
+    RayJob DELETED before the run ended         -> re-created (the run resumes) or Failed/RayJobLost
+        (lifecycle.py); at operator start-up, reconcile finds the same and does the same
+    status.json `state: invalid` (the poll, or the RayJob ending or retrying) -> Stalled/InvalidSpec
         naming the fields, as the operator's own validation, and the RayJob deleted: no retry runs
         it again, and reconcile creates none until the spec changes (a new generation). If the
-        spec was already changed while the rejected run ran, a timer (`retry_newer_spec`) runs
+        spec was already changed while the rejected run ran, the poll (`retry_newer_spec`) runs
         the newer spec once the rejected RayJob is gone
     FineTuneJob event                           -> the jobs-by-phase gauge
 
@@ -32,9 +35,8 @@ NetworkPolicy (networkpolicy.py), unless the operator runs with --no-network-pol
 Deletion: the RayJob, the Ingress and the NetworkPolicy carry an ownerReference (controller) to the
 FineTuneJob, so Kubernetes' garbage collector deletes them, and KubeRay its Ray cluster, with the job. The only
 thing the operator deletes itself is the RayJob of a spec the trainer rejected; never anything in
-S3: checkpoints and models outlive the FineTuneJob by design. The only finalizer is kopf's own
-(`finetune.dev/operator`), which a progress timer requires so that it is stopped before the object
-goes; it is removed as soon as the timer has stopped.
+S3: checkpoints and models outlive the FineTuneJob by design. No finalizer: deleting a FineTuneJob
+never waits for the operator (registration.py says why the progress poll is ours, not kopf's timer).
 """
 
 from __future__ import annotations
@@ -48,11 +50,22 @@ from typing import Any, NoReturn, cast
 import kopf
 
 from finetune_trainer.spec import FineTuneJob, SpecError, parse_job
+from finetune_trainer.spec.progress import ProgressDocument
 
 from .changes import immutable_changes, mutable_patch
-from .crd import GROUP, KIND, PLURAL, VERSION
+from .children import run_id_for
+from .crd import GROUP, KIND, VERSION
 from .ingress import dashboard_url, render_dashboard_ingress
-from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS, KubeApi
+from .kube import KubeApi
+from .lifecycle import (
+    apply_lifecycle,
+    hold_for_results,
+    lost_rayjob,
+    new_resumes,
+    results_arrived,
+    resume_message,
+    run_ended,
+)
 from .metrics import Metrics
 from .networkpolicy import DEFAULT_KUBERAY_NAMESPACE, ingress_controller_namespace_of, render_network_policy
 from .progress import ProgressSource
@@ -68,12 +81,8 @@ from .status_mapping import (
     trainer_problems,
 )
 from .status_model import FineTuneJobStatus, Phase, Reason
-from .status_writer import plain, read_status, write_status
+from .status_writer import StatusWrite, plain, read_status, write_status
 from .trainer_access import render_trainer_access
-
-MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}  # rayjob.labels() puts it on every RayJob
-FINALIZER = f"{GROUP}/operator"
-QUIET_HANDLERS = ("rayjob-status", "phase-gauge")  # watch-event handlers whose every success is no news
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,9 @@ class Operator:
             self._invalid(body, err, existing, generation, now)
         if existing is None and _finished(previous, generation):
             return  # its RayJob was removed after the run ended: never re-run a finished job on a restart
+        lost = existing is None and _lost(previous, generation)  # deleted while the operator was down
+        if lost and not self._rayjob_lost(body, job, previous.ray_job_name or rayjob_name(name)):
+            return  # Failed/RayJobLost: a new RayJob could only train again from step 0
         if existing is not None and existing["metadata"].get("deletionTimestamp"):  # a rejected run's, going
             raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} is being deleted; waiting for it to go",
                                       delay=self.config.conflict_retry_delay)
@@ -113,7 +125,7 @@ class Operator:
             self._ensure_trainer_access(body, job, uid)
         self._ensure_network_policy(body, job, uid)  # before the RayJob: no Ray pod starts unguarded
         rayjob, created = (existing, False) if existing is not None else self.kube.get_or_create_rayjob(
-            render_rayjob(job, owner_uid=uid, generation=generation))
+            render_rayjob(job, owner_uid=uid, generation=generation, run_id=run_id_for(meta, generation)))
         if not _owned_by(rayjob, uid):
             raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} exists and is not owned by this FineTuneJob; "
                                       "waiting for it to go", delay=self.config.conflict_retry_delay)
@@ -141,13 +153,17 @@ class Operator:
 
     def rayjob_changed(self, event_type: str, rayjob: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
         owner = _owner(rayjob)
-        if owner is None or event_type == "DELETED":
+        if owner is None:
+            return
+        if event_type == "DELETED":
+            self._rayjob_deleted(owner, rayjob, logger)
             return
         now = self.clock()
         problems: list[tuple[str, str]] = []
+        progress: ProgressDocument | None = None
 
         def change(previous: FineTuneJobStatus, body: Mapping[str, Any]) -> FineTuneJobStatus:
-            nonlocal problems
+            nonlocal problems, progress
             try:
                 job: FineTuneJob | None = parse_job(_manifest(body), for_cluster=True)
             except SpecError:
@@ -161,7 +177,11 @@ class Operator:
             if job is not None and _ended(previous, status):
                 progress = self.progress.read(job)
                 problems = trainer_problems(progress, rayjob=rayjob)
-                status = self._rejected(body, status, problems, rayjob) if problems else apply_progress(status, progress)
+                if problems:
+                    return self._rejected(body, status, problems, rayjob)
+                status = apply_lifecycle(apply_progress(status, progress), progress)
+                status = hold_for_results(status, progress, run_id=_run_id(body, generation), since=_created(rayjob),
+                                          generation=generation, now=now)
             return status
 
         written = write_status(self.kube, rayjob["metadata"]["namespace"], owner["name"], owner["uid"], change)
@@ -172,11 +192,12 @@ class Operator:
             logger.info(f"{KIND} {owner['name']}: {previous.phase} -> {status.phase} ({status.reason})")
             kind = "Warning" if status.phase == Phase.FAILED else "Normal"
             self.post_event(written.body, kind, str(status.reason or status.phase), f"{status.phase}: {status.message}")
+        self._post_resumes(written, progress)
         if problems:
             self._drop_run(written.body, rayjob)
 
     def poll_progress(self, body: Mapping[str, Any]) -> None:
-        """The timer's tick while the job runs: the trainer's status.json into the status. Its write
+        """The poll's look while the job runs: the trainer's status.json into the status. Its write
         is computed from the status as it is when written: a tick that began while the job was
         Running and ends after the mirror wrote the run's end changes nothing (the mirror has
         already read the last progress)."""
@@ -185,14 +206,20 @@ class Operator:
         except SpecError:
             return
         progress, rayjob, problems = self.progress.read(job), None, []
-        if trainer_problems(progress):  # only a verdict makes the RayJob worth a read: is it this run's?
+        waiting = read_status(body).reason == Reason.WAITING_FOR_RESULTS
+        if trainer_problems(progress) or waiting:  # a verdict, or the final results: are they this run's?
             rayjob = self.kube.get_rayjob(job.metadata.namespace, rayjob_name(job.name))
             problems = trainer_problems(progress, rayjob=rayjob)
 
         def change(previous: FineTuneJobStatus, fresh: Mapping[str, Any]) -> FineTuneJobStatus:
-            if previous.phase != Phase.RUNNING:  # ended (or started over) since the tick began: not the timer's to say
+            if previous.phase != Phase.RUNNING:  # ended (or started over) since the tick began: not the poll's to say
                 return previous
-            return self._rejected(fresh, previous, problems, rayjob) if problems else apply_progress(previous, progress)
+            if problems:
+                return self._rejected(fresh, previous, problems, rayjob)
+            generation = previous.observed_generation or fresh["metadata"].get("generation", 1)
+            status = apply_lifecycle(apply_progress(previous, progress), progress)
+            return results_arrived(status, progress, run_id=_run_id(fresh, generation), since=_created(rayjob),
+                                   generation=generation, now=self.clock())
 
         meta = body["metadata"]
         if problems:  # the RayJob first: once the status says rejected, `retry_newer_spec` must find it gone or going
@@ -200,6 +227,59 @@ class Operator:
         written = write_status(self.kube, meta["namespace"], meta["name"], meta["uid"], change)
         if problems and written is not None and written.wrote:
             self.post_event(written.body, "Warning", Reason.INVALID_SPEC, written.status.message or "")
+        self._post_resumes(written, progress)
+        if written is not None and written.wrote and written.previous.reason == Reason.WAITING_FOR_RESULTS != written.status.reason:
+            kind = "Normal" if written.status.reason == Reason.SUCCEEDED else "Warning"
+            self.post_event(written.body, kind, str(written.status.reason), f"{written.status.phase}: {written.status.message}")
+
+    def _post_resumes(self, written: StatusWrite | None, progress: ProgressDocument | None) -> None:
+        """An Event for every resume status.json lists that the status had not seen yet."""
+        if written is None or not written.wrote:
+            return
+        for resume in new_resumes(written.previous, progress):
+            if written.status.last_resume is not None and resume.time <= written.status.last_resume:
+                self.post_event(written.body, "Normal", Reason.RESUMED, resume_message(resume))
+
+    def _rayjob_deleted(self, owner: Mapping[str, Any], rayjob: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """The job's RayJob is gone. After its run ended (its last status says so), that is only
+        the end seen late; while the job is being deleted, or after a rejected spec's run was
+        dropped (`_drop_run`), nothing to do; otherwise the run was lost (lifecycle.lost_rayjob)."""
+        meta = rayjob["metadata"]
+        body = self.kube.get_job(meta["namespace"], owner["name"])
+        if body is None or body["metadata"].get("uid") != owner.get("uid") or body["metadata"].get("deletionTimestamp"):
+            return
+        previous = read_status(body)
+        if previous.phase is None or previous.phase.is_terminal() or previous.ray_job_name not in (None, meta["name"]):
+            return
+        if run_ended(rayjob):
+            self.rayjob_changed("MODIFIED", rayjob, logger)
+            return
+        try:
+            job: FineTuneJob | None = parse_job(_manifest(body), for_cluster=True)
+        except SpecError:
+            job = None
+        if job is not None and trainer_problems(self.progress.read(job), rayjob=rayjob):
+            return  # dropped for the spec the trainer rejected: the mirror or the tick writes that verdict
+        if self._rayjob_lost(body, job, meta["name"]):
+            self.reconcile(self.kube.get_job(meta["namespace"], owner["name"]) or body, logger)
+
+    def _rayjob_lost(self, body: Mapping[str, Any], job: FineTuneJob | None, name: str) -> bool:
+        """Record a lost RayJob (lifecycle.lost_rayjob) with a Warning Event; True when a new one
+        is to be created (the run resumes), False when the job failed instead."""
+        meta, now = body["metadata"], self.clock()
+        generation = meta.get("generation", 1)
+
+        def change(previous: FineTuneJobStatus, _: Mapping[str, Any]) -> FineTuneJobStatus:
+            if previous.phase is not None and previous.phase.is_terminal():
+                return previous  # it ended meanwhile: nothing was lost
+            return lost_rayjob(previous, job, name, generation=generation, now=now)
+
+        written = write_status(self.kube, meta["namespace"], meta["name"], meta["uid"], change)
+        if written is None or written.status.reason != Reason.RAYJOB_LOST:
+            return False
+        if written.wrote:
+            self.post_event(written.body, "Warning", Reason.RAYJOB_LOST, written.status.message or "")
+        return written.status.phase == Phase.PENDING
 
     def _rejected(self, body: Mapping[str, Any], previous: FineTuneJobStatus, problems: list[tuple[str, str]],
                   rayjob: Mapping[str, Any] | None) -> FineTuneJobStatus:
@@ -282,55 +362,6 @@ class Operator:
                                           "FineTuneJob; waiting for it to go", delay=self.config.conflict_retry_delay)
 
 
-def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:
-    """Attach the handlers to `registry` (the CLI builds the Operator, then runs kopf with it)."""
-    interval = operator.config.progress_interval
-
-    @kopf.on.startup(registry=registry, id="settings")
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # kopf keeps its bookkeeping in annotations: the status is ours alone (and schema-checked)
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
-        settings.persistence.finalizer = FINALIZER
-        settings.posting.loggers = False  # Events only from Operator.post_event: the major transitions
-        settings.posting.level = logging.INFO
-
-    @kopf.on.login(registry=registry, id="login")
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # a registry of our own gets none of kopf's default login handlers: the kubernetes
-        # client's (in-cluster service account, else the kubeconfig) is the one we load anyway
-        return kopf.login_via_client(**kwargs)
-
-    # one reconcile, three causes: created, seen again after an operator restart, spec changed
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="create")
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="resume")
-    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry, id="update")
-    def on_job(body: kopf.Body, logger: Any, **_: Any) -> None:
-        with operator.metrics.reconcile("reconcile"):
-            operator.reconcile(body, logger)
-
-    @kopf.on.event(RAY_GROUP, RAY_VERSION, RAYJOBS, labels=MANAGED_BY, registry=registry, id="rayjob-status")
-    def on_rayjob(type: str, body: kopf.Body, logger: Any, **_: Any) -> None:
-        with operator.metrics.reconcile("rayjob"):
-            operator.rayjob_changed(type, body, logger)
-
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry, id="progress",
-                when=lambda status, **_: status.get("phase") == Phase.RUNNING)
-    def on_tick(body: kopf.Body, **_: Any) -> None:
-        with operator.metrics.reconcile("progress"):
-            operator.poll_progress(body)
-
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, registry=registry, id="newer-spec",
-                when=lambda status, meta, **_: newer_spec_waits(status, meta))
-    def on_newer_spec(body: kopf.Body, logger: Any, **_: Any) -> None:
-        with operator.metrics.reconcile("reconcile"):
-            operator.retry_newer_spec(body, logger)
-
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="phase-gauge")
-    def on_job_event(type: str, name: str, namespace: str | None, status: kopf.Status, **_: Any) -> None:
-        operator.metrics.job_seen(namespace or "", name, status.get("phase"), deleted=type == "DELETED")
-
-
 def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the user wrote, as parse_job takes it: the object without status and server metadata."""
     meta = body["metadata"]
@@ -351,10 +382,23 @@ def _owned_by(rayjob: Mapping[str, Any], uid: str) -> bool:
     return owner is not None and owner.get("uid") == uid
 
 
-def newer_spec_waits(status: Mapping[str, Any], meta: Mapping[str, Any]) -> bool:
-    """The trainer rejected an older generation's run while a newer spec waited (`_rejected`)."""
-    observed = status.get("observedGeneration") or 0
-    return status.get("reason") == Reason.INVALID_SPEC and 0 < observed < (meta.get("generation") or 1)
+def _lost(status: FineTuneJobStatus, generation: int) -> bool:
+    """A RayJob was created for this generation, the run has not ended, and the RayJob is gone
+    (reconcile found none). Not when it was already found lost and is being re-created."""
+    return bool(status.ray_job_name and status.phase and not status.phase.is_terminal()
+                and status.reason != Reason.RAYJOB_LOST and status.observed_generation == generation)
+
+
+def _created(obj: Mapping[str, Any] | None) -> datetime | None:
+    stamp = ((obj or {}).get("metadata") or {}).get("creationTimestamp")
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")) if stamp else None
+    except ValueError:
+        return None
+
+
+def _run_id(body: Mapping[str, Any], generation: int) -> str:
+    return run_id_for(body["metadata"], generation)
 
 
 def _finished(status: FineTuneJobStatus, generation: int) -> bool:

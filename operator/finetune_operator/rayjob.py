@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from finetune_trainer.spec import FineTuneJob
-from finetune_trainer.spec.cluster import MANIFEST_ENV, ClusterSpec, HeadGroupSpec, WorkerGroupSpec
+from finetune_trainer.spec.cluster import MANIFEST_ENV, RUN_ID_ENV, ClusterSpec, HeadGroupSpec, WorkerGroupSpec
 
 from .children import labels, owner_reference, rayjob_name
 from .crd import GROUP, KIND, VERSION
@@ -82,12 +82,13 @@ def driver_manifest(job: FineTuneJob) -> dict[str, Any]:
 
 def render_rayjob(
     job: FineTuneJob, *, owner_uid: str | None = None, generation: int | None = None,
-    storage_env: Sequence[dict[str, Any]] = (),
+    storage_env: Sequence[dict[str, Any]] = (), run_id: str | None = None,
 ) -> dict[str, Any]:
     """The RayJob for `job`. `owner_uid` (the FineTuneJob's uid) makes the FineTuneJob its
     controller, so deleting the job deletes the run; `generation` (the FineTuneJob's) is recorded
     in an annotation; `storage_env` is extra container env for S3-compatible storage (endpoint,
-    region, bucket), plain values or secretKeyRefs."""
+    region, bucket), plain values or secretKeyRefs; `run_id` (children.run_id_for) is the run the
+    driver writes, the same for every attempt, which spec.storage.resume `auto` continues."""
     spec, cluster, policy = job.spec, job.spec.cluster, job.spec.run_policy
     name = rayjob_name(job.name)
     meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": labels(job)}
@@ -109,7 +110,7 @@ def render_rayjob(
         worker_params["num-gpus"] = str(worker_gpus)
     rayjob_spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
-        "runtimeEnvYAML": _runtime_env_yaml(job),
+        "runtimeEnvYAML": _runtime_env_yaml(job, run_id),
         "submissionMode": SUBMISSION_MODE,
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": policy.ttl_seconds_after_finished,
@@ -142,13 +143,14 @@ def render_rayjob(
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": rayjob_spec}
 
 
-def _runtime_env_yaml(job: FineTuneJob) -> str:
+def _runtime_env_yaml(job: FineTuneJob, run_id: str | None) -> str:
     # KubeRay's submitter passes the runtime env to `ray job submit --runtime-env-json` inside a
     # bash command line, double-quoted (Go's strconv.Quote): `$` and backticks would expand there.
     # As JSON escapes they cannot, and the JSON parser at the other end restores them.
     manifest = json.dumps(driver_manifest(job), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     manifest = manifest.replace("$", "\\u0024").replace("`", "\\u0060")
-    return yaml.safe_dump({"env_vars": {MANIFEST_ENV: manifest}}, width=1 << 20)
+    env = {MANIFEST_ENV: manifest} | ({RUN_ID_ENV: run_id} if run_id else {})
+    return yaml.safe_dump({"env_vars": env}, width=1 << 20)
 
 
 def _env(cluster: ClusterSpec, storage_env: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import kopf
 import kubernetes
 
-from .handlers import QUIET_HANDLERS, Operator, OperatorConfig, register
+from .handlers import Operator, OperatorConfig
 from .kube import KubeApi
 from .metrics import Metrics
 from .progress import ConfigMapProgressSource
+from .registration import QUIET_HANDLERS, register
 
 LOG_FORMATS = {"plain": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
 

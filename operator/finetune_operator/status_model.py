@@ -18,7 +18,7 @@ from pydantic.alias_generators import to_camel
 # `status.trials` and `status.bestTrial` are the trainer's progress document's counts and best
 # trial (without its step) as they are: one definition, in the spec package, for both documents.
 # A field added there appears here, and in the CRD's status schema, on purpose.
-from finetune_trainer.spec.progress import TrialCounts
+from finetune_trainer.spec.progress import CheckpointRef, TrialCounts
 from finetune_trainer.spec.progress import TrialSummary as BestTrial
 
 
@@ -68,6 +68,9 @@ class ConditionType(StrEnum):
     # domain condition: True while the job's Ray cluster runs without token authentication
     # (spec.cluster.auth: disabled); absent otherwise
     RAY_AUTH_DISABLED = "RayAuthDisabled"
+    # domain condition: True from the moment KubeRay says the run succeeded until the trainer's
+    # final status.json has been read (the job is Succeeded only then); absent otherwise
+    RESULTS_PENDING = "ResultsPending"
 
 
 class Reason(StrEnum):
@@ -86,6 +89,11 @@ class Reason(StrEnum):
     STOPPED = "Stopped"  # the Ray job was stopped (ray job stop) before it finished
     RAYJOB_INVALID = "RayJobInvalid"  # KubeRay rejected the RayJob (ValidationFailed)
     RAY_AUTH_DISABLED = "RayAuthDisabled"  # spec.cluster.auth: disabled (a Warning Event and condition)
+    RAYJOB_LOST = "RayJobLost"  # the RayJob was deleted before the run finished (re-created, or Failed with resume: never)
+    WAITING_FOR_RESULTS = "WaitingForResults"  # the run succeeded; its final status.json is not read yet
+    RESULTS_UNAVAILABLE = "ResultsUnavailable"  # Succeeded, but the final status.json never arrived (results.json has them)
+    NON_FINITE_LOSS = "NonFiniteLoss"  # the loss became NaN/inf (spec.training.nonFiniteLoss: stop)
+    RESUMED = "Resumed"  # an Event: the run continued from a checkpoint (which, from which step)
 
 
 class Condition(_StatusModel):
@@ -120,6 +128,10 @@ class FineTuneJobStatus(_StatusModel):
     trials_done: str | None = Field(default=None, description="Finished/total trials, e.g. 3/6 (printed by kubectl get).")
     best_trial: BestTrial | None = Field(default=None, description="The best trial so far.")
     best_checkpoint: str | None = Field(default=None, description="URI of the best checkpoint of the whole search.")
+    last_checkpoint: CheckpointRef | None = Field(default=None, description="The newest complete checkpoint: where a new attempt resumes.")
+    attempt: int | None = Field(default=None, ge=1, description="The run's attempt: 1, then +1 for each KubeRay retry or re-created RayJob.")
+    restarts: int | None = Field(default=None, ge=0, description="Restarts so far: earlier attempts plus worker-group restarts.")
+    last_resume: datetime | None = Field(default=None, description="When the newest resume the operator has reported (as an Event) happened.")
 
     def to_patch(self) -> dict[str, Any]:
         """The camelCase dict a handler returns as `{"status": ...}`; unset fields left out."""

@@ -139,6 +139,18 @@ def trainer_reports(kube_api: Any, namespace: str, job_name: str, status: Progre
     ConfigMapWriter(server=kube_api.url, namespace=namespace, name=progress_name(job_name), token_file=token)(status.as_dict())
 
 
+def run_id(rayjob: dict[str, Any]) -> str:
+    """The run the RayJob's driver writes (FINETUNE_RUN_ID in its runtime env)."""
+    return str(yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]["FINETUNE_RUN_ID"])
+
+
+def final_report(job_name: str, run: str, **fields: Any) -> ProgressDocument:
+    """The trainer's last status.json of a single run that finished (job_status.snapshot's shape)."""
+    from finetune_trainer.job_status import snapshot
+
+    return snapshot(job_name, run, kind="single", state="finished", trials={run: "completed"}, **fields)
+
+
 def condition(obj: dict[str, Any], ctype: str) -> dict[str, Any]:
     found = [c for c in obj.get("status", {}).get("conditions", []) if c["type"] == ctype]
     return found[0] if found else {}

@@ -23,6 +23,7 @@ from tests.e2e.operator_harness import (
     apply,
     condition,
     events,
+    final_report,
     get,
     http_ok,
     job,
@@ -30,6 +31,7 @@ from tests.e2e.operator_harness import (
     manifest,
     printer_table,
     rayjobs,
+    run_id,
     s3_secret,
     trainer_reports,
     wait_for,
@@ -37,7 +39,7 @@ from tests.e2e.operator_harness import (
 )
 
 
-def test_quickstart_follows_kuberay_from_initializing_to_complete(kubectl: Kubectl, namespace: str,
+def test_quickstart_follows_kuberay_from_initializing_to_complete(kubectl: Kubectl, namespace: str, kube_api: Any,
                                                                   operator: OperatorProcess) -> None:
     apply(kubectl, namespace, manifest())
     ftj = job(kubectl, namespace, "quickstart")
@@ -72,6 +74,7 @@ def test_quickstart_follows_kuberay_from_initializing_to_complete(kubectl: Kubec
     assert condition(running, "Reconciling")["lastTransitionTime"] == reconciling_since
     assert printer_table(kubectl, namespace).splitlines()[1].split()[:2] == ["quickstart", "Running"]
 
+    trainer_reports(kube_api, namespace, "quickstart", final_report("quickstart", run_id(rayjob)))
     kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED",
                  endTime="2026-01-01T10:20:00Z", succeeded=1)
     done = wait_status(kubectl, namespace, "quickstart", "Succeeded", phase="Succeeded")
@@ -171,7 +174,7 @@ def test_changing_an_immutable_field_while_running_is_reported_not_applied(kubec
     assert not condition(back, "SpecChangeIgnored")
 
 
-def test_operator_restart_creates_no_duplicate_and_status_continues(kubectl: Kubectl, namespace: str,
+def test_operator_restart_creates_no_duplicate_and_status_continues(kubectl: Kubectl, namespace: str, kube_api: Any,
                                                                     start_operator: Callable[[], OperatorProcess]) -> None:
     first = start_operator()
     apply(kubectl, namespace, manifest())
@@ -186,6 +189,7 @@ def test_operator_restart_creates_no_duplicate_and_status_continues(kubectl: Kub
     # before writing anything: the next one must adopt the RayJob, not create a second.
     kuberay_says(kubectl, namespace, "quickstart-ray", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED",
                  endTime="2026-01-01T10:30:00Z")
+    trainer_reports(kube_api, namespace, "quickstart", final_report("quickstart", run_id(rayjobs(kubectl, namespace)[0])))
     annotations = job(kubectl, namespace, "quickstart")["metadata"].get("annotations", {})
     kopf_keys = [key for key in annotations if key.startswith("finetune.dev/")]
     assert kopf_keys, annotations  # kopf keeps its bookkeeping in our annotations

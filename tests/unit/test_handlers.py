@@ -15,11 +15,13 @@ import pytest
 import yaml
 
 from finetune_operator.changes import immutable_changes, mutable_patch
-from finetune_operator.handlers import Operator, OperatorConfig, newer_spec_waits
+from finetune_operator.children import run_id_for
+from finetune_operator.handlers import Operator, OperatorConfig
 from finetune_operator.kube import KubeApi
 from finetune_operator.metrics import Metrics
 from finetune_operator.networkpolicy import render_network_policy
 from finetune_operator.rayjob import render_rayjob
+from finetune_operator.registration import newer_spec_waits
 from finetune_operator.status_model import FineTuneJobStatus, Phase
 from finetune_operator.status_writer import status_patch
 from finetune_trainer.spec import parse_job
@@ -349,7 +351,8 @@ def test_rayjob_status_flows_into_the_owner_with_events(operator: Operator, kube
     assert kube.jobs["quickstart"]["status"]["rayClusterName"] == "quickstart-ray-abc"
     assert events[-1][:2] == ("Normal", "Training")
 
-    progress.data = {**WRITTEN, "trials": {"total": 4, "completed": 4}, "bestTrial": {"name": "t1", "metric": "accuracy", "value": 0.9}}
+    progress.data = {**WRITTEN, "state": "finished", "run": run_id_for(body()["metadata"], 1),
+                     "trials": {"total": 4, "completed": 4}, "bestTrial": {"name": "t1", "metric": "accuracy", "value": 0.9}}
     rayjob["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
     operator.rayjob_changed("MODIFIED", rayjob, logger=_Logger())
     final = kube.jobs["quickstart"]["status"]

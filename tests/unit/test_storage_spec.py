@@ -23,7 +23,7 @@ def test_storage_is_optional_and_defaults_are_safe():
     assert parse_job(minimal_manifest()).spec.storage is None
     spec = parse_job(minimal_manifest(storage={"uri": "s3://ckpts/team-a/"})).spec.storage
     assert (spec.bucket, spec.prefix) == ("ckpts", "team-a")
-    assert (spec.endpoint, spec.region, spec.addressing, spec.verify_tls, spec.resume) == (None, "us-east-1", "path", True, "none")
+    assert (spec.endpoint, spec.region, spec.addressing, spec.verify_tls, spec.resume) == (None, "us-east-1", "path", True, "auto")
 
 
 def test_every_field_in_camel_case():
@@ -49,9 +49,13 @@ def test_endpoint_is_an_http_url_without_a_path(endpoint):
     assert "http://host:port" in found[0][1]
 
 
-@pytest.mark.parametrize("resume", ["none", "latest", "s3://ckpts/x/default/unit/run/checkpoint_000"])
-def test_resume_accepts_none_latest_or_a_checkpoint_uri(resume):
+@pytest.mark.parametrize("resume", ["auto", "never", "latest", "s3://ckpts/x/default/unit/run/checkpoint_000"])
+def test_resume_accepts_auto_never_latest_or_a_checkpoint_uri(resume):
     assert parse_job(minimal_manifest(storage={"uri": "s3://ckpts/x", "resume": resume})).spec.storage.resume == resume
+
+
+def test_resume_none_is_the_old_name_of_never():
+    assert parse_job(minimal_manifest(storage={"uri": "s3://ckpts/x", "resume": "none"})).spec.storage.resume == "never"
 
 
 def test_a_search_resumes_as_a_whole_not_from_one_checkpoint_uri():
@@ -65,7 +69,7 @@ def test_a_search_resumes_as_a_whole_not_from_one_checkpoint_uri():
 
 def test_resume_rejects_anything_else():
     found = problems({"uri": "s3://ckpts/x", "resume": "yes"})
-    assert found and found[0][0] == "spec.storage.resume" and "none, latest" in found[0][1]
+    assert found and found[0][0] == "spec.storage.resume" and "auto, never, latest" in found[0][1]
 
 
 @pytest.mark.parametrize("key", ["accessKeyId", "secretAccessKey", "aws_secret_access_key", "sessionToken", "credentials"])

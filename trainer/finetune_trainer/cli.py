@@ -15,6 +15,7 @@ from typing import Any
 from . import environment, logs
 from .embedded_s3 import EmbeddedS3Error
 from .spec import ManifestFileError, SpecError, load_job
+from .spec.cluster import RUN_ID_ENV
 from .storage.errors import AccessDenied, BucketMissing, EndpointUnreachable, StorageError
 
 EXIT_INVALID = 2
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run_parser.add_argument("--resume", action="store_true",
                             help="continue from the job's latest complete checkpoint (a search: restore its latest Tune experiment)")
+    run_parser.add_argument("--run-id", default=os.environ.get(RUN_ID_ENV) or None, metavar="RUN",
+                            help="the run's folder name; with spec.storage.resume auto (the default) an existing run "
+                                 f"of that name continues from its latest complete checkpoint (default: ${RUN_ID_ENV}, "
+                                 "else a new run-<time>)")
     run_parser.add_argument("--embedded-s3", action="store_true",
                             help=f"start a local S3 server (SeaweedFS, data in <output.dir>/.s3) for this run; "
                                  f"spec.storage defaults to {EMBEDDED_URI}")
@@ -53,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(job, static=args.static)
         resume = "latest" if args.resume else None
         if args.embedded_s3:
-            return _run_with_embedded_s3(job, progress=not args.no_progress, resume=resume)
-        return _run(job, progress=not args.no_progress, resume=resume)
+            return _run_with_embedded_s3(job, progress=not args.no_progress, resume=resume, run_id=args.run_id)
+        return _run(job, progress=not args.no_progress, resume=resume, run_id=args.run_id)
     except StorageError as err:  # the preflight's verdict (or a failed embedded server): what to fix, one line
         print(f"finetune: storage: {err}", file=sys.stderr)
         return EXIT_INVALID if isinstance(err, (AccessDenied, BucketMissing, EndpointUnreachable)) else EXIT_FAILED
@@ -96,7 +101,7 @@ def _validate(job, *, static: bool) -> int:
     return 0
 
 
-def _run_with_embedded_s3(job, *, progress: bool, resume: str | None) -> int:
+def _run_with_embedded_s3(job, *, progress: bool, resume: str | None, run_id: str | None = None) -> int:
     """A real S3 endpoint on loopback for this run only: the data stays in <output.dir>/.s3, so a
     later `--embedded-s3 --resume` finds the checkpoints again."""
     from .embedded_s3 import embedded_s3
@@ -107,16 +112,17 @@ def _run_with_embedded_s3(job, *, progress: bool, resume: str | None) -> int:
         os.environ.update(s3.env())  # read by this process and by the local Ray it starts next (workers inherit it)
         storage = storage.model_copy(update={"endpoint": s3.endpoint, "region": s3.region, "addressing": "path"})
         log.info("embedded S3 at %s: %s", s3.endpoint, storage.uri)
-        return _run(job.model_copy(update={"spec": job.spec.model_copy(update={"storage": storage})}), progress=progress, resume=resume)
+        return _run(job.model_copy(update={"spec": job.spec.model_copy(update={"storage": storage})}), progress=progress, resume=resume,
+                    run_id=run_id)
 
 
-def _run(job, *, progress: bool, resume: str | None = None) -> int:
+def _run(job, *, progress: bool, resume: str | None = None, run_id: str | None = None) -> int:
     from .report import LiveProgress, print_search_summary, print_summary
     from .run import run
 
     live = LiveProgress() if progress else None
     try:
-        result = run(job, on_progress=live.update if live else _print_rows(), resume=resume)
+        result = run(job, on_progress=live.update if live else _print_rows(), resume=resume, run_id=run_id)
     except (SpecError, StorageError):
         if live:
             live.stop()

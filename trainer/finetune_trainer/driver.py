@@ -13,8 +13,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +28,7 @@ import ray
 from . import environment, logs
 from .persist import MODEL_DIR, Persistence
 from .ranking import best_row
-from .spec import FineTuneJob
+from .spec import FineTuneJob, SpecError
 
 if TYPE_CHECKING:
     from .preflight import Prepared
@@ -36,12 +38,23 @@ Listener = Callable[[dict[str, Any], list[dict[str, Any]]], None]  # (latest pro
 
 @ray.remote(num_cpus=0)
 class ProgressTracker:
-    """Rank 0 of every run (or trial) sends step progress and each reported row here; the driver polls it."""
+    """Rank 0 of every run (or trial) sends step progress and each reported row here; the driver polls it.
+
+    Also what the status says about the run's life (issue: surviving what clusters do): every
+    start of a worker group (`started`, keyed by the TorchTrainer it belongs to, so a group that
+    Ray Train restarts counts as a restart and a halving trial's next start does not), every resume
+    (`resumed`: from which checkpoint and step, and the checkpoints skipped on the way, with why)
+    and the newest checkpoint made complete (`checkpointed`, from storage.ray_callback)."""
+
+    RESUMES_KEPT = 20  # the newest; a run restarted more often than this still counts them all
 
     def __init__(self) -> None:
         self.latest: dict[str, Any] = {}
         self.by_trial: dict[str, dict[str, Any]] = {}
         self.rows: list[dict[str, Any]] = []
+        self.starts: dict[str, int] = {}
+        self.resumes: list[dict[str, Any]] = []
+        self.last_checkpoint: dict[str, Any] | None = None
 
     def update(self, progress: dict[str, Any]) -> None:
         self.latest = progress
@@ -56,6 +69,22 @@ class ProgressTracker:
 
     def trials(self) -> dict[str, dict[str, Any]]:
         return self.by_trial
+
+    def started(self, start_id: str) -> None:
+        self.starts[start_id] = self.starts.get(start_id, 0) + 1
+
+    def resumed(self, info: dict[str, Any]) -> None:
+        """`{"trial", "checkpoint", "step", "skipped": [{"checkpoint", "reason"}]}` (recipe._resume)."""
+        self.resumes = [*self.resumes, {**info, "time": datetime.now(UTC).isoformat()}][-self.RESUMES_KEPT :]
+
+    def checkpointed(self, info: dict[str, Any]) -> None:
+        """`{"uri", "step", "time", "trial"}` of a checkpoint just marked complete."""
+        self.last_checkpoint = info
+
+    def lifecycle(self) -> dict[str, Any]:
+        """Worker-group restarts in this attempt, the resumes, and the newest complete checkpoint."""
+        return {"restarts": sum(n - 1 for n in self.starts.values()), "resumes": self.resumes,
+                "last_checkpoint": self.last_checkpoint}
 
 
 @dataclass
@@ -104,8 +133,20 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names a folder under the job's: one path segment, nothing that climbs out."""
+    if not _RUN_ID.match(run_id) or ".." in run_id:
+        raise SpecError([("--run-id", f"{run_id!r} is not a run name: 1-100 letters, digits, '.', '_' and '-', "
+                                      "starting with a letter or digit, no '..'")])
+    return run_id
+
+
 def resume_mode(job: FineTuneJob, resume: str | None) -> str:
-    return resume or (job.spec.storage.resume if job.spec.storage else "none")
+    """--resume / run(resume=) over spec.storage.resume; without spec.storage, auto (the spec's default)."""
+    return resume or (job.spec.storage.resume if job.spec.storage else "auto")
 
 
 def shared_config(prepared: Prepared, tracker: Any) -> dict[str, Any]:
@@ -131,11 +172,13 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
 
     res = job.spec.resources
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
-    storage = persistence.run_config_args(job, storage_path=storage_path)
+    storage = persistence.run_config_args(job, storage_path=storage_path, tracker=shared.get("progress"))
     storage["callbacks"] += callbacks or []
+    start_id = uuid.uuid4().hex  # this TorchTrainer's: a second setup under it is a worker-group restart
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence, **shared},
+        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence,
+                           "start_id": start_id, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
         run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()), **storage),  # type: ignore[call-arg]  # V2's field (above)
     )

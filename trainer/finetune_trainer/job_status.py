@@ -10,13 +10,16 @@ job's storage credentials nor a connection to its storage. Its shape is
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from pydantic.alias_generators import to_camel
+
 from .spec.progress import INVALID, STATUS_FILE, BestTrial, Problem, ProgressDocument, State, TrialCounts
 
-__all__ = ["STATUS_FILE", "StatusPublisher", "best_trial", "invalid", "snapshot", "store_writer"]
+__all__ = ["STATUS_FILE", "StatusPublisher", "best_trial", "invalid", "lifecycle", "snapshot", "store_writer"]
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,38 @@ def invalid(job_name: str, *, kind: str, problems: list[tuple[str, str]]) -> Pro
                             problems=[Problem(path=path, message=message) for path, message in problems])
 
 
-class StatusPublisher:
-    """Best effort: a status write that fails is reported once per destination and never stops
-    training. Destinations: the job's storage (for people and `finetune run`), and on Kubernetes
-    the job's progress ConfigMap (what the operator reads: kube_progress)."""
+def lifecycle(attempt: int, tracked: dict[str, Any]) -> dict[str, Any]:
+    """The run's life as ProgressDocument fields: the attempt, restarts so far (earlier attempts
+    plus worker-group restarts in this one), the newest complete checkpoint, and the resumes worth
+    an Event: every resume of a single run, and in a search a trial's restart (Ray Train restarted
+    its workers) or its first resume in a new attempt; a successiveHalving trial continuing from a
+    rung is the plan, not news. `tracked` is driver.ProgressTracker.lifecycle()'s."""
+    seen: set[str | None] = set()
+    resumes = []
+    for resume in tracked.get("resumes") or []:
+        trial = resume.get("trial")
+        if trial is None or resume.get("source") == "restart" or (attempt > 1 and trial not in seen):
+            resumes.append({**resume, "attempt": attempt})
+        seen.add(trial)
+    return {"attempt": attempt, "restarts": attempt - 1 + int(tracked.get("restarts") or 0),
+            "last_checkpoint": tracked.get("last_checkpoint"), "resumes": resumes}
 
-    def __init__(self, *writes: Write):
+
+class StatusPublisher:
+    """Best effort while the run goes on: a status write that fails is reported once per
+    destination and never stops training. The run's final document is retried (`final`): the
+    operator calls the job done only once it has read it. Destinations: the job's storage (for
+    people and `finetune run`), and on Kubernetes the job's progress ConfigMap (what the operator
+    reads: kube_progress). `decorate` adds what the session knows about the run's life (attempt,
+    restarts, resumes, last checkpoint: `lifecycle`) to every progress document."""
+
+    FINAL_TRIES = 6  # 1 + 2 + 4 + 8 + 16 s between them: an API server or S3 blip, not an outage
+    decorate: Callable[[], dict[str, Any]] | None = None
+
+    def __init__(self, *writes: Write, sleep: Callable[[float], None] = time.sleep):
         self.writes = writes
         self.warned: set[int] = set()
+        self.sleep = sleep
 
     @classmethod
     def for_job(cls, store_write: Write) -> StatusPublisher:
@@ -76,16 +103,25 @@ class StatusPublisher:
         in_cluster = ConfigMapWriter.from_environment()
         return cls(store_write, *([in_cluster] if in_cluster else []))
 
-    def publish(self, status: ProgressDocument) -> None:
+    def publish(self, status: ProgressDocument, *, final: bool = False) -> None:
         """Each destination gets the same JSON object (`ProgressDocument.as_dict`)."""
+        if self.decorate is not None and status.state != INVALID:
+            status = ProgressDocument.model_validate(status.as_dict() | _camel(self.decorate()))
         document = status.as_dict()
         for i, write in enumerate(self.writes):
-            try:
-                write(document)
-            except Exception as err:  # a full disk or a storage hiccup must not end a run
-                if i not in self.warned:
-                    log.warning("could not write %s (%s); training continues", STATUS_FILE, err)
-                    self.warned.add(i)
+            for attempt in range(self.FINAL_TRIES if final else 1):
+                try:
+                    write(document)
+                    break
+                except Exception as err:  # a full disk or a storage hiccup must not end a run
+                    if final and attempt + 1 < self.FINAL_TRIES:
+                        log.warning("could not write the final %s (%s); trying again", STATUS_FILE, err)
+                        self.sleep(2.0**attempt)
+                    elif final:
+                        log.error("could not write the final %s after %d tries: %s", STATUS_FILE, self.FINAL_TRIES, err)
+                    elif i not in self.warned:
+                        log.warning("could not write %s (%s); training continues", STATUS_FILE, err)
+                        self.warned.add(i)
 
 
 def store_writer(store: Any, key: str) -> Write:
@@ -97,3 +133,8 @@ def store_writer(store: Any, key: str) -> Write:
         write_json(store, key, status)
 
     return write
+
+
+def _camel(fields: dict[str, Any]) -> dict[str, Any]:
+    """snake_case keys -> the document's camelCase (top level: the lifecycle fields)."""
+    return {to_camel(k): v for k, v in fields.items()}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,14 @@ from .storage import (
     list_complete_checkpoints,
     preflight,
     ray_storage,
+    read_json,
     resume_point,
     upload_dir,
     write_json,
 )
 
 RESULTS_FILE = "results.json"
+ATTEMPTS_FILE = "attempts.json"  # each start of the run's driver (persist.record_attempt)
 MODEL_DIR = "model"  # the exported model beside results.json, and inside each checkpoint (recipe)
 TRIALS_DIR = "trials"
 TUNE_STATE_PREFIX = "experiment_state"  # Ray Tune's experiment checkpoint in a run's folder
@@ -78,8 +81,9 @@ class Persistence:
         return self.store.uri(self.store.key_of(fs_path))
 
     # ------------------------------------------------------------------ Ray
-    def run_config_args(self, job: FineTuneJob, *, storage_path: str) -> dict[str, Any]:
-        """RunConfig keyword arguments every TorchTrainer of the job gets (single run or trial)."""
+    def run_config_args(self, job: FineTuneJob, *, storage_path: str, tracker: Any = None) -> dict[str, Any]:
+        """RunConfig keyword arguments every TorchTrainer of the job gets (single run or trial).
+        `tracker` (driver.ProgressTracker) hears of each checkpoint made complete: status.lastCheckpoint."""
         from ray.train import CheckpointConfig, FailureConfig
 
         from .storage.ray_callback import CheckpointCompletion
@@ -87,7 +91,7 @@ class Persistence:
         ev = job.spec.evaluation
         restarts = job.spec.run_policy.worker_restarts  # each from the latest complete checkpoint
         completion = CheckpointCompletion(self.store, retention=True, keep_latest=1, keep_best=job.spec.output.keep_checkpoints,
-                                          metric=f"eval_{ev.metric}", mode=ev.resolved_mode())
+                                          metric=f"eval_{ev.metric}", mode=ev.resolved_mode(), tracker=tracker)
         return {
             "storage_path": storage_path,
             "storage_filesystem": self.filesystem,
@@ -113,22 +117,39 @@ class Persistence:
 
     # ------------------------------------------------------------------ resume
     def resume_from(self, resume: str, *, runs_under: str = ""):
-        """`none` | `latest` | a checkpoint URI -> (Ray Checkpoint, step) or (None, None).
+        """`never` | `latest` | a checkpoint URI -> (Ray Checkpoint, step) or (None, None); `latest`
+        looks under `runs_under` (one run: `auto`'s new attempt), else under every run of the job.
 
         A URI outside the job's own folder is refused unless the spec allows it: the spec's
         validation says so first; this check holds for any caller (a library's `run(resume=...)`)."""
-        if resume not in {"none", "latest"} and not self.allow_resume_outside_job:
+        if resume not in {"never", "none", "latest"} and not self.allow_resume_outside_job:
             key = self.store.key_of(resume)
             if not key.startswith(self.key() + "/"):
                 raise StorageError(f"spec.storage.resume: {resume} is outside this job's folder {self.store.uri(self.key())}/; "
                                    "set spec.storage.allowResumeOutsideJob: true only if you trust whoever can write there")
         found = resume_point(self.store, resume, self.key(runs_under))
         if found is None:
-            if resume != "none":
+            if resume not in {"never", "none"}:
                 log.info("resume: no complete checkpoint under %s; starting fresh", self.store.uri(self.key(runs_under)))
             return None, None
         log.info("resume: from %s (step %s)", found.uri, found.step)
         return self.checkpoint(found.key), found.step
+
+    def has_search(self, run_id: str) -> bool:
+        """Whether the run's folder holds a Tune experiment (an earlier attempt of this search)."""
+        return any(k.rpartition("/")[2].startswith(TUNE_STATE_PREFIX) for k in self.store.list(self.key(run_id)))
+
+    def record_attempt(self, run_id: str) -> int:
+        """This attempt's number in the run (1 for the first), recorded in `<run>/attempts.json`.
+
+        One driver runs a run at a time (KubeRay starts a retry, or the operator a new RayJob, only
+        once the last one is gone), so a read-then-write is enough. Unreadable or missing: 1."""
+        key = self.key(run_id, ATTEMPTS_FILE)
+        earlier = read_json(self.store, key) or {}
+        attempts = [a for a in earlier.get("attempts", []) if isinstance(a, dict)] if isinstance(earlier, dict) else []
+        number = len(attempts) + 1
+        write_json(self.store, key, {"attempts": [*attempts, {"attempt": number, "started": datetime.now(UTC).isoformat()}]})
+        return number
 
     def latest_search(self) -> str | None:
         """The newest run of the job with a Tune experiment in it (its storage path), for `--resume`."""

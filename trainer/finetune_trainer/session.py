@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import job_status
-from .driver import ProgressTracker, init_ray, new_run_id, resume_mode, shared_config
+from .driver import ProgressTracker, check_run_id, init_ray, new_run_id, resume_mode, shared_config
 from .job_status import StatusPublisher
 from .persist import Persistence, open_storage
 from .spec import FineTuneJob, SpecError
@@ -49,11 +49,13 @@ class DriverSession:
     restored: bool
     preflight_seconds: float
 
+    attempt: int
+
     def __init__(self, job: FineTuneJob, *, run_id: str | None = None, resume: str | None = None):
         self.job = job
         self.kind = "search" if job.spec.search is not None else "single"
         self.resume = resume_mode(job, resume)
-        self._given_run_id = run_id
+        self._given_run_id = check_run_id(run_id) if run_id is not None else None
         self.started = time.time()
 
     def __enter__(self) -> DriverSession:
@@ -63,7 +65,18 @@ class DriverSession:
         self.preflight_seconds = time.time() - self.started
         init_ray()
         self.run_id, self.restored = self._choose_run_id()
-        self.tracker = ProgressTracker.remote()  # type: ignore[attr-defined]  # ray.remote's class wrapper is untyped
+        self.attempt = self.persistence.record_attempt(self.run_id)
+        if self.attempt > 1:
+            log.info("%s: attempt %d of run %s (spec.storage.resume %s)", self.job.name, self.attempt, self.run_id, self.resume)
+        # on the driver's own node, as Train pins its controller: an actor of num_cpus=0 may land on
+        # any node, and a lost worker node would take the run's progress and history with it
+        # (tests/integration/test_multinode.py)
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.tracker = ProgressTracker.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]  # ray.remote's class wrapper is untyped
+        self.publisher.decorate = self._lifecycle
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
@@ -74,7 +87,7 @@ class DriverSession:
             return
         search = self.job.spec.search
         total = search.resolved_num_trials() if search is not None else 1
-        self.publish("failed", total_trials=total)
+        self.publish("failed", total_trials=total, final=True)
         failure = self.persistence.storage_failure(err)
         if failure is not None:
             raise failure from err
@@ -89,9 +102,22 @@ class DriverSession:
         """What every worker of every run or trial reads besides its job (driver.shared_config)."""
         return shared_config(self.prepared, self.tracker)
 
-    def publish(self, state: str, **fields: Any) -> None:
-        """status.json for this run (job_status.snapshot's fields)."""
-        self.publisher.publish(job_status.snapshot(self.job.name, self.run_id, kind=self.kind, state=state, **fields))
+    def publish(self, state: str, *, final: bool = False, **fields: Any) -> None:
+        """status.json for this run (job_status.snapshot's fields; the publisher adds the run's
+        attempt, restarts, resumes and newest complete checkpoint). `final`: the run's last word,
+        retried until written, since the operator waits for it before calling the job done."""
+        self.publisher.publish(job_status.snapshot(self.job.name, self.run_id, kind=self.kind, state=state, **fields), final=final)
+
+    def _lifecycle(self) -> dict[str, Any]:
+        """What every status document carries about the run's life (job_status.lifecycle)."""
+        import ray
+
+        try:
+            tracked = ray.get(self.tracker.lifecycle.remote(), timeout=5)
+        except Exception as err:  # the tracker is gone (Ray shutting down): the attempt is still known
+            log.debug("no lifecycle from the progress tracker: %s", err)
+            tracked = {}
+        return job_status.lifecycle(self.attempt, tracked)
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> Prepared:
@@ -108,11 +134,16 @@ class DriverSession:
         self.publisher.publish(job_status.invalid(self.job.name, kind=self.kind, problems=err.problems))
 
     def _choose_run_id(self) -> tuple[str, bool]:
-        """A search with resume other than none restores the job's latest search in storage (Tune's
-        experiment state); a single run resumes from a checkpoint instead (single.py), in a new run."""
-        if self.kind == "search" and self.resume != "none":
+        """auto: the given run (a new attempt of it: KubeRay's retry, a re-created RayJob, `--run-id`),
+        whose search is restored if it has one (a single run finds its checkpoints: single.py).
+        latest or a URI: a search restores the job's latest search in storage (Tune's experiment
+        state); a single run resumes from a checkpoint instead (single.py), in a new run."""
+        given = self._given_run_id
+        if self.kind == "search" and self.resume == "auto":  # this run's own earlier attempt, if there was one
+            return (given, True) if given is not None and self.persistence.has_search(given) else (given or new_run_id(), False)
+        if self.kind == "search" and self.resume != "never":
             stored = self.persistence.latest_search()
             if stored is not None:
                 return stored, True
             log.info("resume: no earlier search of this job in storage; starting a new one")
-        return self._given_run_id or new_run_id(), False
+        return given or new_run_id(), False

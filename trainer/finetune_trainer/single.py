@@ -25,7 +25,9 @@ from .session import DriverSession
 
 def run_single(session: DriverSession, on_progress: Listener | None = None) -> RunResult:
     job, persistence, prepared, run_id = session.job, session.persistence, session.prepared, session.run_id
-    resume_from, resumed_step = persistence.resume_from(session.resume)
+    # auto: this run's own latest complete checkpoint (an earlier attempt's), if any; else as the spec says
+    resume_from, resumed_step = (persistence.resume_from("latest", runs_under=run_id) if session.resume == "auto"
+                                 else persistence.resume_from(session.resume))
     shared = session.shared() | {"resume_from": resume_from}
     trainer = make_trainer(job, shared, persistence=persistence, storage_path=persistence.storage_path, name=run_id)
     listeners = [_status_listener(session), *([on_progress] if on_progress else [])]
@@ -42,7 +44,7 @@ def run_single(session: DriverSession, on_progress: Listener | None = None) -> R
     results = persistence.save_results(run_id, results, model_dir)
     final = rows[-1] if rows else {}
     best_trial = job_status.best_trial(run_id, best["metric"], best["value"], best["step"], checkpoint=best["checkpoint"]) if best else None
-    session.publish("finished", trials={run_id: "completed"}, step=final.get("step"), total_steps=results["total_steps"],
+    session.publish("finished", final=True, trials={run_id: "completed"}, step=final.get("step"), total_steps=results["total_steps"],
                     best=best_trial, model=persistence.model_uri(run_id, model_dir))
     return RunResult(session.run_dir, results)
 

@@ -69,7 +69,8 @@ def run_search(session: DriverSession, on_progress: Listener | None = None) -> R
     results["plots"] = search_results.plot(job, trials, session.run_dir)
     results["restored"] = session.restored
     results = persistence.save_results(run_id, results, model_dir)
-    session.publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)))
+    session.publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)),
+                              final=True)
     return RunResult(session.run_dir, results)
 
 

@@ -38,11 +38,14 @@ MAX_WORKER_PODS = 4096  # replicas, min/max: KubeRay's are int32; a RayCluster t
 MAX_POD_CPUS = 1024  # head.cpus, workers.cpus (the largest machines have a few hundred)
 MAX_POD_GPUS = 16  # head.gpus, workers.gpus (a node holds 8, rarely 16)
 MANIFEST_ENV = "FINETUNE_MANIFEST"  # the FineTuneJob, as JSON, for the driver (`run env:FINETUNE_MANIFEST`)
+# the run every attempt of one FineTuneJob generation shares (`finetune run --run-id`'s default):
+# what spec.storage.resume `auto` continues (rayjob.run_id_for)
+RUN_ID_ENV = "FINETUNE_RUN_ID"
 # the ConfigMap the driver writes status.json into, through the job's own ServiceAccount (kube_progress)
 PROGRESS_CONFIGMAP_ENV = "FINETUNE_PROGRESS_CONFIGMAP"
 PROGRESS_KEY = STATUS_FILE  # the ConfigMap key it writes and the operator reads: the progress document
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # KubeRay sets the first two (authOptions); the path would only blur which token Ray uses
-RESERVED_ENV = (MANIFEST_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
+RESERVED_ENV = (MANIFEST_ENV, RUN_ID_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what the API server accepts for container env names
 # words of a variable name (split at _ - .) that say it holds a credential; TOKENIZERS_PARALLELISM does not

@@ -19,7 +19,7 @@ from .limits import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_VALUES, json_size_problem
 from .model import DataSpec, ModelSpec
 from .runtime import MAX_RAY_WORKERS, DeepSpeedSpec, OutputSpec, ResourcesSpec
 from .search import SearchSpec, space_problems
-from .storage import StorageSpec
+from .storage import RESUME_MODES, StorageSpec
 from .training import MAXIMIZED, EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
 
 API_VERSION = "finetune.dev/v1alpha1"
@@ -117,12 +117,12 @@ class FineTuneJobSpec(SpecModel):
 
     def _search_problems(self, search: SearchSpec, base_problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
         found = [(f"spec.search.{path}", msg) for path, msg in search.check()]
-        if self.storage is not None and self.storage.resume not in {"none", "latest"}:
+        if self.storage is not None and self.storage.resume not in RESUME_MODES:
             # Tune restores a search as a whole (every trial from its own latest checkpoint); one
             # checkpoint cannot seed it, and quietly restoring the latest search instead would not
             # be what the URI asked for
-            found.append(("spec.storage.resume", "a search resumes as a whole: use latest (every trial from its own "
-                                                 "latest checkpoint) or none; a checkpoint URI resumes a single run"))
+            found.append(("spec.storage.resume", "a search resumes as a whole: use auto or latest (every trial from "
+                                                 "its own latest checkpoint) or never; a checkpoint URI resumes a single run"))
         ev = self.evaluation
         metric = search.resolved_metric(ev.metric)
         if metric not in ev.resolved_metrics(self.model.task):

@@ -19,10 +19,11 @@ here, and their descriptions reach the CRD's status schema.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 STATUS_FILE = "status.json"  # the document's name: next to the job's runs in storage, and its ConfigMap key
@@ -78,6 +79,32 @@ class BestTrial(TrialSummary):
     step: int | None = None
 
 
+class CheckpointRef(_Document):
+    # a checkpoint as `status.lastCheckpoint` shows it (descriptions reach the CRD's status schema)
+    uri: str = Field(description="URI of the checkpoint directory (s3://... or a folder).")
+    step: int | None = Field(default=None, description="The optimizer step it holds.")
+    time: datetime | None = Field(default=None, description="When it was made complete (its marker written).")
+    trial: str | None = Field(default=None, description="The search trial it belongs to; empty for a single run.")
+
+
+class Skipped(_Document):
+    checkpoint: str  # URI of a checkpoint not resumed from
+    reason: str  # why: no marker, a hash that does not match, state that does not load
+
+
+class Resume(_Document):
+    """One resume: a new attempt of the job, a worker-group restart, or an explicit resume point.
+    The operator posts an Event for each one it has not seen (by `time`)."""
+
+    checkpoint: str
+    step: int | None = None
+    time: datetime
+    trial: str | None = None
+    attempt: int | None = None
+    source: str | None = None  # restart: Ray Train restarted the worker group; resume: the run started from it
+    skipped: list[Skipped] = Field(default_factory=list)
+
+
 class Problem(_Document):
     path: str = Field(min_length=1)  # the spec field, e.g. spec.freezing.layers
     message: str = Field(min_length=1)  # what is wrong and how to fix it
@@ -99,7 +126,25 @@ class ProgressDocument(_Document):
     best_trial: BestTrial | None = None
     best_checkpoint: str | None = None
     model: str | None = None
+    attempt: int | None = Field(default=None, ge=1)  # 1 for the run's first attempt; +1 per KubeRay retry or new RayJob
+    restarts: int | None = Field(default=None, ge=0)  # earlier attempts plus worker-group restarts in this one
+    last_checkpoint: CheckpointRef | None = None
+    resumes: list[Resume] = Field(default_factory=list)  # the newest few, oldest first
+    non_finite_loss: int | None = None  # the step a non-finite loss ended the run at (spec.training.nonFiniteLoss: stop)
     problems: list[Problem] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        """NaN and infinities become null, and a best trial whose value is not a number is no best
+        trial: the trainer's JSON may carry them (a diverged run), and a status patch with them is
+        not JSON the API server accepts, so every later write would fail."""
+        if not isinstance(data, dict):
+            return data
+        best = data.get("bestTrial", data.get("best_trial"))
+        if isinstance(best, dict) and isinstance(best.get("value"), float) and not math.isfinite(best["value"]):
+            data = {k: v for k, v in data.items() if k not in {"bestTrial", "best_trial"}}
+        return _finite_only(data)
 
     @field_validator("problems", mode="before")
     @classmethod
@@ -122,3 +167,14 @@ class ProgressDocument(_Document):
     def as_dict(self) -> dict[str, Any]:
         """The JSON object written to status.json (camelCase; fields without a value left out)."""
         return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def _finite_only(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_only(v) for v in value]
+    return value

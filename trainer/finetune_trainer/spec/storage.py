@@ -27,6 +27,7 @@ _SECRET_KEYS = {
     "accesskey", "accesskeyid", "awsaccesskeyid", "secretkey", "secretaccesskey", "awssecretaccesskey",
     "sessiontoken", "awssessiontoken", "credentials", "password", "token", "secret",
 }
+RESUME_MODES = ("auto", "never", "latest")  # besides a checkpoint URI
 CREDENTIALS_HINT = (
     "credentials never go in the manifest: the trainer reads AWS_ACCESS_KEY_ID and "
     "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) from its environment, which the operator fills "
@@ -70,10 +71,12 @@ class StorageSpec(SpecModel):
         "for a private CA, set AWS_CA_BUNDLE rather than false.",
     )
     resume: str = Field(
-        default="none",
-        description="none: start fresh. latest: continue from the newest complete checkpoint of this job "
-        "(any earlier run). Or the s3:// URI of one checkpoint directory under this job's own prefix "
-        "(<uri>/<namespace>/<job name>/).",
+        default="auto",
+        description="auto: a new attempt of the same run (a KubeRay retry, a pod lost to preemption, a re-created "
+        "RayJob; locally `finetune run --run-id`) continues from that run's latest complete checkpoint, and a new "
+        "FineTuneJob starts fresh. never (or none): every attempt starts from step 0. latest: continue from the "
+        "newest complete checkpoint of this job (any earlier run). Or the s3:// URI of one checkpoint directory "
+        "under this job's own prefix (<uri>/<namespace>/<job name>/).",
     )
     allow_resume_outside_job: bool = Field(
         default=False,
@@ -107,18 +110,20 @@ class StorageSpec(SpecModel):
     @field_validator("resume")
     @classmethod
     def _resume(cls, resume: str) -> str:
-        if resume not in {"none", "latest"}:
+        if resume == "none":  # the name before `never` existed
+            return "never"
+        if resume not in RESUME_MODES:
             try:
                 split_s3_uri(resume)
             except ValueError as err:
-                raise ValueError(f"must be none, latest or the s3:// URI of a checkpoint: {err}") from None
+                raise ValueError(f"must be auto, never, latest or the s3:// URI of a checkpoint: {err}") from None
         return resume
 
     def resume_problems(self, namespace: str, job: str) -> list[tuple[str, str]]:
         """A resume URI must lie under the job's own prefix unless allowResumeOutsideJob says
         otherwise: whoever can write elsewhere in the bucket (another team, another job's
         author) must not get their files loaded into this job by a typo or a copied manifest."""
-        if self.resume in {"none", "latest"} or self.allow_resume_outside_job:
+        if self.resume in RESUME_MODES or self.allow_resume_outside_job:
             return []
         own = "/".join(p for p in (self.prefix, namespace, job) if p)
         bucket, key = split_s3_uri(self.resume)

@@ -155,12 +155,12 @@ def read_complete(store: Store, checkpoint_key: str) -> CompleteCheckpoint:
 def resume_point(store: Store, resume: str, job_prefix: str) -> CompleteCheckpoint | None:
     """What `spec.storage.resume` (or `--resume`, which means `latest`) points at.
 
-    none: None. latest: the newest verified checkpoint of any earlier run of the job, or None when
+    never: None. latest: the newest verified checkpoint of any earlier run of the job, or None when
     there is none yet (a first run with `resume: latest` starts fresh). When checkpoints with a
     marker exist but none verifies, CheckpointRefused: starting over from step 0 in silence would
     throw away what they hold. An s3:// URI: that checkpoint, which must verify.
     """
-    if resume == "none":
+    if resume in {"never", "none"}:
         return None
     if resume != "latest":
         return read_complete(store, store.key_of(resume))
@@ -169,7 +169,7 @@ def resume_point(store: Store, resume: str, job_prefix: str) -> CompleteCheckpoi
         listed = "; ".join(f"{store.uri(key)}: {why}" for key, why in refused[:3])
         raise CheckpointRefused(
             f"resume: latest found {len(refused)} checkpoint(s) under {store.uri(job_prefix)} and none can be loaded "
-            f"({listed}). Set spec.storage.resume: none (or run without --resume) to start over from step 0, or "
+            f"({listed}). Set spec.storage.resume: never (or run without --resume) to start over from step 0, or "
             "name a checkpoint that verifies"
         )
     return found
