@@ -145,7 +145,11 @@ class Persistence:
         One driver runs a run at a time (KubeRay starts a retry, or the operator a new RayJob, only
         once the last one is gone), so a read-then-write is enough. Unreadable or missing: 1."""
         key = self.key(run_id, ATTEMPTS_FILE)
-        earlier = read_json(self.store, key) or {}
+        try:
+            earlier = read_json(self.store, key) or {}
+        except ValueError:  # not JSON: a torn write by hand; the count starts over rather than the run failing
+            log.warning("%s is not JSON; counting attempts afresh", self.store.uri(key))
+            earlier = {}
         attempts = [a for a in earlier.get("attempts", []) if isinstance(a, dict)] if isinstance(earlier, dict) else []
         number = len(attempts) + 1
         write_json(self.store, key, {"attempts": [*attempts, {"attempt": number, "started": datetime.now(UTC).isoformat()}]})
