@@ -9,7 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+import yaml
+
 from finetune_trainer import job_status
+from finetune_trainer.spec import SpecError, parse_job
 from tests.e2e.operator_harness import (
     WAIT,
     Kubectl,
@@ -27,6 +31,49 @@ from tests.e2e.operator_harness import (
     wait_for,
     wait_status,
 )
+from tests.unit.hostile_manifests import CASES
+
+
+def test_hostile_manifests_are_refused_by_the_cluster_naming_the_field(kubectl: Kubectl, namespace: str,
+                                                                        operator: OperatorProcess) -> None:
+    """The corpus (tests/unit/hostile_manifests.py), each case where the case says a cluster refuses
+    it: kubectl (YAML it cannot turn into JSON), the API server (the CRD's schema), or the operator
+    (Stalled/InvalidSpec naming the field, handled once, no RayJob). All in one operator session."""
+    started = time.monotonic()
+    for case in (c for c in CASES if c.cluster == "kubectl"):
+        result = kubectl("apply", "-n", namespace, "-f", "-", input=case.file_bytes().decode(), check=False)
+        said = result.stdout + result.stderr
+        assert result.returncode != 0 and "created" not in said, f"{case.name}: {said}"
+        assert (case.cluster_says or case.field) in said, f"{case.name}: {said}"
+
+    # the rest in one apply: the server answers each object, kubectl goes on past refused ones
+    stored = [c for c in CASES if c.cluster in ("api", "operator")]
+    documents = {c.name: c.document() for c in stored}
+    result = kubectl("apply", "-n", namespace, "-f", "-", check=False,
+                     input=yaml.safe_dump_all(documents.values(), width=1 << 20, default_flow_style=None))
+    said = (result.stdout + result.stderr).splitlines()
+    for case in stored:
+        name = documents[case.name]["metadata"]["name"]
+        lines = [line for line in said if f'"{name}"' in line or f"/{name} " in line]
+        assert len(lines) == 1, f"{case.name}: {said}"
+        if case.cluster == "api":
+            assert "is invalid" in lines[0] and (case.cluster_says or case.field) in lines[0], f"{case.name}: {lines[0][:500]}"
+        else:
+            assert lines[0].endswith("created"), f"{case.name}: {lines[0][:500]}"
+
+    for case in (c for c in stored if c.cluster == "operator"):
+        stalled = wait_status(kubectl, namespace, case.name, f"{case.name} InvalidSpec", phase="Failed", reason="InvalidSpec")
+        message = condition(stalled, "Stalled")["message"]
+        assert (case.operator_says or case.field) in message, f"{case.name}: {message[:500]}"
+        stored_job = {**documents[case.name], "spec": stalled["spec"]}  # as stored: the server filled in defaults
+        with pytest.raises(SpecError) as err:  # the one problem the operator's rules find, and only it
+            parse_job(stored_job, for_cluster=True)
+        [(path, why)] = err.value.problems
+        assert message.endswith(f"{path}: {why}"), f"{case.name}: {message[:500]}"
+    assert rayjobs(kubectl, namespace) == []
+    for case in (c for c in stored if c.cluster == "operator"):
+        assert attempts(operator, namespace, case.name) == 1, f"{case.name} handled again: {operator.output()[-3000:]}"
+    print(f"{len(CASES)} hostile manifests in {time.monotonic() - started:.1f}s")
 
 
 def test_invalid_spec_is_stalled_naming_the_fields_without_rayjob_or_retry_loop(kubectl: Kubectl, namespace: str,
