@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import socket
 import time
 import uuid
@@ -305,17 +306,30 @@ def test_json_writes_are_atomic_and_read_back(store_and_prefix, tmp_path):
 # --- the server goes away mid-run ------------------------------------------------------------------
 
 
+def test_both_clients_retry_adaptively_within_the_budget_also_once_pickled(s3_spec):
+    """What Ray's controller and workers get is an unpickled copy: it must retry as the driver's does
+    (pyarrow's own pickling drops the retry strategy, leaving its default of 3 attempts)."""
+    spec, creds = s3_spec
+    assert S3Store(spec, creds).client.meta.config.retries == {"mode": "adaptive", "total_max_attempts": ATTEMPTS}
+    copy = pickle.loads(pickle.dumps(pyarrow_filesystem(spec, creds)))
+    assert copy.attempts == ATTEMPTS and copy.type_name == "s3"
+    assert pickle.loads(pickle.dumps(S3Store(spec, creds))).client.meta.config.retries["mode"] == "adaptive"
+
+
 def test_server_stopped_mid_run_fails_with_bounded_retries():
+    """Counted with smaller budgets than ATTEMPTS (each attempt's back-off doubles: the test stays short)."""
     with contextlib.ExitStack() as outliving:
         with embedded_s3(bucket="ftj-stop") as server:
             spec = server.storage_spec(f"t-{uuid.uuid4().hex[:6]}")
             creds = Credentials(server.access_key, server.secret_key)
-            store = S3Store(spec, creds)
+            store = S3Store(spec, creds, attempts=3)
             good = _checkpoint(store, f"{spec.prefix}/default/j/run/checkpoint_001", step=1, loss=1.0)
             # Ray Train's filesystem through a proxy that outlives the server: pyarrow's attempts
-            # happen in C++, out of Python's sight, so the proxy counts them
+            # happen in C++, out of Python's sight, so the proxy counts them. Pickled and back, as
+            # Ray's workers get it: 5 attempts, not pyarrow's default 3
             proxy = outliving.enter_context(CountingProxy(server.endpoint))
-            fs = pyarrow_filesystem(spec.model_copy(update={"endpoint": proxy.endpoint}), creds)
+            fs = pickle.loads(pickle.dumps(pyarrow_filesystem(spec.model_copy(update={"endpoint": proxy.endpoint}), creds,
+                                                              attempts=5)))
             server_pid = server.pid
         # stopped and gone: the process reaped, its S3 port refusing connections
         with pytest.raises(ProcessLookupError):
@@ -327,13 +341,13 @@ def test_server_stopped_mid_run_fails_with_bounded_retries():
         store.client.meta.events.register("before-send.s3.PutObject", lambda **_: attempts.append(1))
         with pytest.raises(StorageUnavailable) as err:
             store.write(f"{spec.prefix}/default/j/run/checkpoint_002/trainer_state.json", b"{}")
-        assert len(attempts) == ATTEMPTS  # it did retry, then gave up
+        assert len(attempts) == 3  # it did retry, then gave up
         assert "stopped answering" in str(err.value) and "retries are exhausted" in str(err.value)
 
         with pytest.raises(OSError) as pa_err, fs.open_output_stream(f"{spec.bucket}/{spec.prefix}/x.bin") as out:
             out.write(b"x")  # Ray Train's uploads fail too, after pyarrow's own retries
         # each attempt reached the proxy and got no answer, as from a dead server; then it gave up
-        assert proxy.requests == [("POST", f"/{spec.bucket}/{spec.prefix}/x.bin?uploads")] * ATTEMPTS
+        assert proxy.requests == [("POST", f"/{spec.bucket}/{spec.prefix}/x.bin?uploads")] * 5
         verdict = classify(pa_err.value, endpoint=spec.endpoint, bucket=spec.bucket, doing="uploading", reached_before=True)
         assert isinstance(verdict, StorageUnavailable)
 

@@ -21,7 +21,13 @@ from typing import Any, Protocol
 from ..spec.storage import StorageSpec, split_s3_uri
 from .errors import AccessDenied, StorageError, classify
 
-ATTEMPTS = 4  # attempts per request (boto3 and pyarrow "standard" mode): ~7 s of back-off at most
+# Attempts per request, boto3 in "adaptive" mode (standard retries plus a client-side rate limiter
+# that slows down after throttling) and pyarrow's AWS "standard" strategy: exponential back-off with
+# full jitter, up to 1, 2, 4, 8, 16 then 20 s between attempts, so a request keeps trying for ~45 s on
+# average and at most ~70 s before it fails. 4 attempts (~7 s at most) lost checkpoints to one
+# 503 SlowDown burst; far more would leave a run hanging for minutes on storage that is gone.
+ATTEMPTS = 8
+RETRY_MODE = "adaptive"
 PROBE_ATTEMPTS = 1  # the preflight fails fast: one attempt, short timeouts
 CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 30.0
 PROBE_CONNECT_TIMEOUT, PROBE_READ_TIMEOUT = 2.0, 5.0
@@ -71,14 +77,14 @@ class Credentials:
 
 def s3_client(spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int = ATTEMPTS,
               connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT):
-    """A boto3 S3 client for `spec`: standard-mode retries, timeouts, path/virtual addressing."""
+    """A boto3 S3 client for `spec`: adaptive-mode retries (`attempts` in all), timeouts, path/virtual addressing."""
     import boto3
     from botocore.config import Config
 
     creds = credentials or Credentials.from_env()
     config = Config(
         region_name=spec.region,
-        retries={"mode": "standard", "total_max_attempts": attempts},
+        retries={"mode": RETRY_MODE, "total_max_attempts": attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         s3={"addressing_style": spec.addressing},
@@ -98,9 +104,10 @@ def pyarrow_filesystem(spec: StorageSpec, credentials: Credentials | None = None
     workers, Tune's trial actors) reads the standard AWS variables itself, the way the pods get
     them from the Secret. That matters because Ray Tune pickles its RunConfig, filesystem
     included, into `tuner.pkl` in the bucket: explicit keys would be written next to the
-    checkpoints for anyone who can read them."""
-    from pyarrow import fs
+    checkpoints for anyone who can read them.
 
+    The retry strategy (`attempts`, AWS "standard") travels with it: pyarrow's own pickling drops
+    it, so Ray's workers would otherwise upload with pyarrow's default of 3 attempts."""
     creds = credentials or Credentials()
     scheme, host = "https", None
     if spec.endpoint:
@@ -111,14 +118,39 @@ def pyarrow_filesystem(spec: StorageSpec, credentials: Credentials | None = None
             "spec.storage.verifyTls: false cannot apply to Ray Train's checkpoint filesystem (pyarrow always "
             "verifies TLS); give the endpoint's CA certificate in AWS_CA_BUNDLE instead"
         )
-    return fs.S3FileSystem(
-        access_key=creds.access_key, secret_key=creds.secret_key, session_token=creds.session_token,
-        region=spec.region, scheme=scheme, endpoint_override=host,
-        connect_timeout=CONNECT_TIMEOUT, request_timeout=READ_TIMEOUT,
-        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=attempts),
-        force_virtual_addressing=spec.addressing == "virtual",
+    options = {
+        "access_key": creds.access_key, "secret_key": creds.secret_key, "session_token": creds.session_token,
+        "region": spec.region, "scheme": scheme, "endpoint_override": host,
+        "connect_timeout": CONNECT_TIMEOUT, "request_timeout": READ_TIMEOUT,
+        "force_virtual_addressing": spec.addressing == "virtual",
         **({"tls_ca_file_path": ca} if ca else {}),  # pyarrow >= 19 knows it; pass it only when needed
-    )
+    }
+    return _retrying_filesystem(options, attempts)
+
+
+_FILESYSTEM_CLASS: Any = None
+
+
+def _retrying_filesystem(options: dict[str, Any], attempts: int) -> Any:
+    """A `pyarrow.fs.S3FileSystem` (a subclass: Ray Train takes any pyarrow FileSystem) that pickles
+    as `_retrying_filesystem(options, attempts)`, so every process that unpickles it (Ray's
+    controller and workers, a restored Tune experiment) retries as this one does. pyarrow 26's
+    `S3FileSystem.__reduce__` leaves `retry_strategy` out. The class is made on first use: importing
+    this module must not import pyarrow."""
+    global _FILESYSTEM_CLASS
+    if _FILESYSTEM_CLASS is None:
+        from pyarrow import fs
+
+        class RetryingS3FileSystem(fs.S3FileSystem):
+            def __init__(self, options: dict[str, Any], attempts: int):
+                super().__init__(retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
+                self.options, self.attempts = options, attempts
+
+            def __reduce__(self) -> tuple[Any, ...]:
+                return (_retrying_filesystem, (self.options, self.attempts))
+
+        _FILESYSTEM_CLASS = RetryingS3FileSystem
+    return _FILESYSTEM_CLASS(options, attempts)
 
 
 def job_location(spec: StorageSpec, namespace: str, job: str) -> S3Location:
@@ -148,7 +180,8 @@ class Store(Protocol):
 
 
 class S3Store:
-    """A bucket through boto3 (retries in standard mode); every failure becomes a StorageError."""
+    """A bucket through boto3 (retries in adaptive mode, `attempts` per request); every failure
+    becomes a StorageError once they are spent."""
 
     def __init__(self, spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int = ATTEMPTS):
         self.spec, self.bucket, self.attempts = spec, spec.bucket, attempts
