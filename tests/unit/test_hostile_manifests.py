@@ -139,3 +139,18 @@ def test_a_wide_space_is_checked_in_time_linear_in_its_values():
     search = job.spec.search
     assert isinstance(search, SearchSpec) and search.grid_size() == 1000 * 1000 * (10**9 - 999)
     assert math.prod(d.size() or 0 for d in search.space.values()) == search.grid_size()
+
+
+def test_thousands_of_bad_values_are_a_bounded_report(tmp_path: Path, capsys) -> None:
+    """5000 labels that are not strings: pydantic finds each; the report (and so the job's status
+    message and Event, which the API server stores) shows 20 and counts the rest."""
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["spec"]["data"]["labels"] = list(range(5000))
+    with pytest.raises(SpecError) as err:
+        parse_job(doc, for_cluster=True)
+    assert len(err.value.problems) == 21 and err.value.problems[0][0] == "spec.data.labels[0]"
+    assert err.value.problems[-1] == ("<manifest>", "and 4980 more problem(s), not shown")
+    path = tmp_path / "labels.yaml"
+    path.write_text(yaml.safe_dump(doc, default_flow_style=None))
+    assert main(["validate", str(path), "--static"]) == EXIT_INVALID
+    assert len(_problem_lines(capsys.readouterr().err)) == 21

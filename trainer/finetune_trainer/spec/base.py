@@ -38,7 +38,12 @@ class SpecError(ValueError):
     Collected rather than raised one at a time, so a user fixes a manifest in one pass.
     """
 
+    MAX_SHOWN = 20  # a list of 5000 wrong values is one mistake: the status message and Event stay small
+
     def __init__(self, problems: list[tuple[str, str]]):
+        if len(problems) > self.MAX_SHOWN:
+            more = len(problems) - self.MAX_SHOWN
+            problems = [*problems[: self.MAX_SHOWN], ("<manifest>", f"and {more} more problem(s), not shown")]
         self.problems = problems
         super().__init__(self.render())
 
