@@ -45,13 +45,15 @@ def snapshot(
     total_steps: int | None = None,
     best: dict[str, Any] | None = None,
     model: str | None = None,
+    non_finite_loss: int | None = None,
 ) -> ProgressDocument:
-    """`trials` maps each started trial to running / waiting / completed / stopped / failed."""
+    """`trials` maps each started trial to running / waiting / completed / stopped / failed;
+    `non_finite_loss`: the step a NaN/inf loss stopped the run at (the operator's NonFiniteLoss)."""
     best_model = BestTrial.model_validate(best) if best else None
     return ProgressDocument(
         job=job_name, run=run_id, updated=datetime.now(UTC), state=cast(State, state), kind=kind,  # pydantic checks it
         trials=TrialCounts.of(trials or {}, total_trials), step=step, total_steps=total_steps, best_trial=best_model,
-        best_checkpoint=best_model.checkpoint if best_model else None, model=model,
+        best_checkpoint=best_model.checkpoint if best_model else None, model=model, non_finite_loss=non_finite_loss,
     )
 
 

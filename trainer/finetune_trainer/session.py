@@ -27,6 +27,7 @@ from . import job_status
 from .driver import ProgressTracker, check_run_id, init_ray, new_run_id, resume_mode, shared_config
 from .job_status import StatusPublisher
 from .persist import Persistence, open_storage
+from .ranking import NonFiniteLoss
 from .spec import FineTuneJob, SpecError
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ class DriverSession:
             return
         search = self.job.spec.search
         total = search.resolved_num_trials() if search is not None else 1
-        self.publish("failed", total_trials=total, final=True)
+        diverged = {"non_finite_loss": err.step} if isinstance(err, NonFiniteLoss) else {}
+        self.publish("failed", total_trials=total, final=True, **diverged)
         failure = self.persistence.storage_failure(err)
         if failure is not None:
             raise failure from err

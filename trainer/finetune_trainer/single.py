@@ -19,7 +19,7 @@ import ray
 from . import job_status
 from .driver import Listener, RunResult, best_checkpoint, export_model, fit_polling, make_trainer, score_test
 from .ds_config import build_ds_config
-from .ranking import best_row
+from .ranking import best_row, raise_if_diverged
 from .session import DriverSession
 
 
@@ -33,6 +33,7 @@ def run_single(session: DriverSession, on_progress: Listener | None = None) -> R
     listeners = [_status_listener(session), *([on_progress] if on_progress else [])]
     result = fit_polling(trainer.fit, lambda: ray.get(session.tracker.snapshot.remote(), timeout=5), listeners)
     _, rows = ray.get(session.tracker.snapshot.remote())
+    raise_if_diverged(rows)  # nonFiniteLoss: stop ended it: failed, reason NonFiniteLoss (the session publishes it)
     checkpoints = persistence.complete_only([(c.path, m) for c, m in (result.best_checkpoints or [])], persistence.key(run_id))
     best = best_checkpoint(job, checkpoints)
     model_dir = export_model(job, checkpoints, prepared, session.run_dir, filesystem=persistence.filesystem) if best else None

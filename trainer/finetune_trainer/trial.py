@@ -46,10 +46,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
 
     from .driver import make_trainer  # the training side, only now (the module's docstring)
     from .persist import TRIALS_DIR
+    from .ranking import raise_if_diverged
     from .storage import resume_point
 
     # verified by hash; checkpoints that all fail stop the trial rather than restart it from step 0
     found = resume_point(persistence.store, "latest", persistence.key(run_id, TRIALS_DIR, name))
     resume = {"resume_from": persistence.checkpoint(found.key)} if found else {}
-    make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
-                 name=f"start-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}", callbacks=[TuneReportCallback()], trial=name).fit()
+    result = make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
+                          name=f"start-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}", callbacks=[TuneReportCallback()], trial=name).fit()
+    raise_if_diverged(result.metrics or {})  # this trial errors (NonFiniteLoss); the search goes on without it
