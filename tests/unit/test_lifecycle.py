@@ -157,3 +157,14 @@ def test_the_final_status_is_retried_and_progress_is_not():
     publisher.decorate = lambda: {"attempt": 2, "restarts": 1, "last_checkpoint": None, "resumes": []}
     publisher.publish(snapshot("j", RUN, kind="single", state="running"))
     assert (decorated[0]["attempt"], decorated[0]["restarts"]) == (2, 1)
+
+
+def test_a_run_stopped_by_a_non_finite_loss_fails_with_that_reason_and_step():
+    from finetune_operator.lifecycle import apply_lifecycle
+
+    failed = FineTuneJobStatus(phase=Phase.FAILED, reason=Reason.FAILED, message="the run ended with Ray job status FAILED")
+    status = apply_lifecycle(failed, doc("failed", nonFiniteLoss=17, attempt=1, restarts=0))
+    assert status.reason == Reason.NON_FINITE_LOSS and "step 17" in (status.message or "")
+    running = FineTuneJobStatus(phase=Phase.RUNNING, reason=Reason.TRAINING)
+    assert apply_lifecycle(running, doc("running", attempt=2, restarts=3)).model_dump() == \
+        running.model_copy(update={"attempt": 2, "restarts": 3}).model_dump()
