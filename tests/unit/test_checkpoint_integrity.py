@@ -81,7 +81,7 @@ def test_when_every_checkpoint_is_refused_resume_fails_instead_of_starting_over(
     with caplog.at_level(logging.WARNING):
         assert latest_complete(store, "job") is None
     assert "is not loaded" in caplog.text
-    with pytest.raises(CheckpointRefused, match=r"none can be loaded.*resume: none"):
+    with pytest.raises(CheckpointRefused, match=r"none can be loaded.*resume: never"):
         resume_point(store, "latest", "job")
     assert resume_point(store, "latest", "elsewhere") is None  # nothing there at all: a first run starts fresh
 
@@ -256,3 +256,55 @@ def test_resume_outside_the_jobs_own_prefix_is_refused_naming_the_field_and_the_
 def test_resume_inside_the_jobs_own_prefix_is_accepted():
     assert _resume("s3://ckpts/team-a/ml/unit/run-1/checkpoint_001") == []
     assert _resume("latest") == [] and _resume("none") == []
+
+
+def _torch_checkpoint(store: LocalStore, key: str, step: int) -> None:
+    Path(store.uri(key)).mkdir(parents=True)
+    torch.save({"step": torch.tensor(step)}, store.uri(f"{key}/state.pt"))
+    mark_complete(store, key, {"step": step})
+    time.sleep(0.02)
+
+
+def _garble(store: LocalStore, key: str) -> None:
+    """Half of the file, and the marker rewritten to match: verification passes, torch.load does not."""
+    path = Path(store.uri(f"{key}/state.pt"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    mark_complete(store, key, {"step": 0})
+    time.sleep(0.02)
+
+
+def test_resume_skips_an_unmarked_and_an_unloadable_checkpoint_names_them_and_never_starts_from_zero(tmp_path, caplog):
+    """resume.py with one worker on a local folder: Ray's latest has no marker (its write failed), the
+    newest complete one verifies but does not load; the one before them is used, and both are named."""
+    from ray.train import Checkpoint
+
+    from finetune_trainer.persist import Persistence
+    from finetune_trainer.resume import resume
+
+    store = LocalStore(tmp_path / "job")
+    persistence = Persistence(store, "", str(store.root), None, tmp_path, remote=False)
+    for step in (4, 8, 12):
+        _torch_checkpoint(store, f"run-1/checkpoint_{step:03d}", step)
+    _garble(store, "run-1/checkpoint_012")
+    store.write("run-1/checkpoint_016/state.pt", b"uploaded, never marked")
+    load = lambda folder: int(torch.load(Path(folder) / "state.pt", weights_only=True)["step"])  # noqa: E731
+
+    def resumed(own: str | None, resume_from: str | None = None, scope: str | None = None):
+        return resume(rank=0, world=1, own=Checkpoint(store.uri(own)) if own else None, persistence=persistence,
+                      resume_from=Checkpoint(store.uri(resume_from)) if resume_from else None, resume_scope=scope, load=load)
+
+    caplog.set_level(logging.WARNING, logger="finetune_trainer.resume")
+    found = resumed("run-1/checkpoint_016")  # a worker-group restart: Ray's latest first
+    assert found.state == 8 and found.path == store.uri("run-1/checkpoint_008")
+    assert [(Path(p).name, why.split(":")[0]) for p, why in found.skipped] == [
+        ("checkpoint_016", f"no {MARKER}"), ("checkpoint_012", "it does not load")]
+    assert "UnpicklingError" in found.skipped[1][1] or "zip" in found.skipped[1][1].lower(), found.skipped
+    assert sum("not resuming from" in r.getMessage() for r in caplog.records) == 2
+
+    # the driver's choice that does not load: the ones before it in its folder, or in the scope it was chosen from
+    _torch_checkpoint(store, "run-2/checkpoint_004", 4)
+    _garble(store, "run-2/checkpoint_004")
+    with pytest.raises(RuntimeError, match=r"does not start over from step 0.*checkpoint_004: it does not load"):
+        resumed(None, "run-2/checkpoint_004")
+    assert resumed(None, "run-2/checkpoint_004", scope="").state == 8  # the whole job: run-1's step 8
+    assert resumed(None, None) is None  # nothing to resume from: a fresh start

@@ -61,8 +61,29 @@ def restrict(engine: Any) -> None:
 
 def load(engine: Any, folder: str | Path, tag: str) -> None:
     """`engine.load_checkpoint(folder, tag)` with every file read by `weights_only_load`. LR
-    scheduler states are not DeepSpeed's to restore (the recipe keeps its own schedule)."""
+    scheduler states are not DeepSpeed's to restore (the recipe keeps its own schedule).
+
+    Only this rank's part: the one collective of DeepSpeed's load (ZeRO-3's gather of its persistent
+    parameters, the optimizer's `checkpoint_event_epilogue`, engine.py after the files are read; ZeRO
+    0-2 load without any) is held back for `finish`. Why: a checkpoint that does not load on one
+    rank (a file that is garbled but matches its marker) must let that rank report it to the others
+    (`resume`), not leave them waiting in a gather it never joins. Call `finish` on every rank once
+    every rank loaded the same checkpoint."""
     restrict(engine)
-    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
+    optimizer = engine.optimizer
+    held = optimizer is not None and hasattr(optimizer, "checkpoint_event_epilogue")
+    if held:
+        optimizer.checkpoint_event_epilogue = lambda: None  # this instance only; `finish` runs the real one
+    try:
+        path, _ = engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
+    finally:
+        if held:
+            del optimizer.checkpoint_event_epilogue  # the class's method again
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder} (tag {tag})")
+
+
+def finish(engine: Any) -> None:
+    """The collective end of `load` (ZeRO-3: gather the persistent parameters); every rank calls it."""
+    if engine.optimizer is not None and hasattr(engine.optimizer, "checkpoint_event_epilogue"):
+        engine.optimizer.checkpoint_event_epilogue()

@@ -17,7 +17,6 @@ is Ray's, and a plain loop keeps per-step overhead at that of raw DeepSpeed (ben
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -66,8 +65,10 @@ class FineTuneRecipe:
         self.progress = config.get("progress")
         self.trial: str | None = config.get("trial")  # set when this run is one trial of a search
         self.resume_from = config.get("resume_from")  # a complete checkpoint of an earlier run (--resume)
+        self.resume_scope: str | None = config.get("resume_scope")  # the store folder resume_from was chosen in (resume.py)
         self.persistence = config.get("persistence")  # where this run's earlier checkpoints are, should Ray's latest be refused
         self.resumed_step: int | None = None
+        self.start_id: str | None = config.get("start_id")  # the TorchTrainer's (driver.make_trainer): restarts are counted by it
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.metric_key = f"eval_{self.spec.evaluation.metric}"
@@ -129,30 +130,44 @@ class FineTuneRecipe:
         """Continue where a checkpoint left off: DeepSpeed's module and optimizer state, the random
         generators (rng), the LR schedule, early stopping, step, history (the unfreezing gate
         follows the step). Which checkpoint, and the checks before any of its files is read:
-        resume.py (Ray Train's latest of this run, its earlier ones, the driver's resume point;
-        each verified by hash on every rank; DeepSpeed reads with weights_only)."""
+        resume.py (Ray Train's latest of this run, its earlier ones, the driver's resume point and
+        those before it; each verified by hash and loaded on every rank, the next one tried when any
+        rank cannot; DeepSpeed reads with weights_only)."""
         import ray.train
 
-        from .resume import open_verified
+        from .resume import resume
 
-        with contextlib.ExitStack() as stack:
-            found = open_verified(stack, rank=self.rank, world=self.world, device=self.device, own=ray.train.get_checkpoint(),
-                                  persistence=self.persistence, resume_from=self.resume_from)
-            if found is None:
-                return
-            path, folder = found
+        def load(folder: str) -> dict[str, Any]:
+            """Everything a checkpoint restores; what fails here makes resume.py try the one before it."""
             state = json.loads((Path(folder) / STATE_FILE).read_text())
-            deepspeed_load.load(self.engine, Path(folder) / DS_DIR, DS_TAG)
+            deepspeed_load.load(self.engine, Path(folder) / DS_DIR, DS_TAG)  # every file read; the collective part below
             rng.load(folder, self.rank)  # the dropout masks the uninterrupted run would draw next
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stopper.load_state_dict(state["early_stopping"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.stopper.load_state_dict(state["early_stopping"])
+            return state
+
+        found = resume(rank=self.rank, world=self.world, own=ray.train.get_checkpoint(), persistence=self.persistence,
+                       resume_from=self.resume_from, resume_scope=self.resume_scope, load=load)
+        if found is None:
+            return
+        deepspeed_load.finish(self.engine)  # every rank loaded the same checkpoint
+        state, path = found.state, found.path
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.history, self.tokens, self.train_seconds = state["history"], state["tokens"], state["train_seconds"]
         self.resumed_step = self.step
         log0.info("resumed from step %d (%s)", self.step, path)
+        if found.skipped:  # the one line that names both: what was skipped and what was used instead
+            log0.warning("resumed from %s (step %d) instead of %s", path, self.step,
+                         "; ".join(f"{skipped} ({why})" for skipped, why in found.skipped))
+        if self.rank == 0 and self.progress is not None:  # the status' resumes and the operator's Event
+            self.progress.resumed.remote({"trial": self.trial, "checkpoint": _uri(self.persistence, path), "step": self.step,
+                                          "skipped": [{"checkpoint": _uri(self.persistence, skipped), "reason": why}
+                                                      for skipped, why in found.skipped]})
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
+        if self.rank == 0 and self.progress is not None and self.start_id:
+            self.progress.started.remote(self.start_id)
         t, ev = self.spec.training, self.spec.evaluation
         if self.step == 0 and ev.baseline:
             self._report(self._evaluate(), checkpoint=False, extra={"baseline": True})
@@ -313,6 +328,11 @@ class FineTuneRecipe:
     def cleanup(self) -> None:
         if self.progress is not None and self.rank == 0:
             self.progress.update.remote({"trial": self.trial, "step": self.step, "total": self.total})
+
+
+def _uri(persistence: Any, path: str) -> str:
+    """What people read for a checkpoint Ray names by its filesystem path (s3://... or a folder)."""
+    return persistence.uri(path) if persistence is not None else path
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
