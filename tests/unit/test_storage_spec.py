@@ -63,7 +63,7 @@ def test_a_search_resumes_as_a_whole_not_from_one_checkpoint_uri():
     storage = {"uri": "s3://ckpts/x", "resume": "s3://ckpts/x/default/j/run/trials/trial_00/checkpoint_000"}
     with pytest.raises(SpecError) as err:
         parse_job(minimal_manifest(storage=storage, search=search))
-    assert err.value.problems[0][0] == "spec.storage.resume" and "use latest" in err.value.problems[0][1]
+    assert err.value.problems[0][0] == "spec.storage.resume" and "use auto or latest" in err.value.problems[0][1]
     assert parse_job(minimal_manifest(storage={**storage, "resume": "latest"}, search=search)).spec.storage.resume == "latest"
 
 
