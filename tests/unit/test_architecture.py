@@ -61,7 +61,7 @@ HEAVY = {"torch", "transformers", "deepspeed", "peft"}
 TORCH_MODULES = {
     "finetune_trainer.data", "finetune_trainer.deepspeed_load", "finetune_trainer.evaluation", "finetune_trainer.gguf",
     "finetune_trainer.layers", "finetune_trainer.modeling", "finetune_trainer.optim", "finetune_trainer.recipe",
-    "finetune_trainer.resume", "finetune_trainer.rng", "finetune_trainer.scoring",
+    "finetune_trainer.resume", "finetune_trainer.rng", "finetune_trainer.scoring", "finetune_trainer.guards",
 }
 # importing these (with everything they import) loads none of HEAVY: the driver side (ARCHITECTURE.md,
 # "Inside the trainer") loads torch only when the preflight runs and in Ray's workers; a search
@@ -69,7 +69,7 @@ TORCH_MODULES = {
 LIGHT_MODULES = ("finetune_trainer.ranking", "finetune_trainer.job_status", "finetune_trainer.search_results",
                  "finetune_trainer.driver", "finetune_trainer.persist", "finetune_trainer.trial", "finetune_trainer.kube_progress",
                  "finetune_trainer.environment", "finetune_trainer.cli", "finetune_trainer.session", "finetune_trainer.single",
-                 "finetune_trainer.tuning", "finetune_trainer.run")
+                 "finetune_trainer.tuning", "finetune_trainer.run", "finetune_trainer.sigterm")
 
 
 def _modules() -> dict[str, Path]:

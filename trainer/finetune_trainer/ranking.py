@@ -1,4 +1,4 @@
-"""Which evaluation is better, the best row, and early stopping: torch-free.
+"""Which evaluation is better, the best row, early stopping, and a run that diverged: torch-free.
 
 The driver ranks checkpoints and trials and the search's callbacks pick the best trial with these,
 and the recipe stops early with the same rule, so the comparison is written once, here, in a module
@@ -39,6 +39,35 @@ def best_row(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
     if not scored:
         return {}
     return (min if mode == "min" else max)(scored, key=lambda r: r[key])
+
+
+NON_FINITE_KEY = "non_finite_loss"  # in the row a run reports when nonFiniteLoss: stop ended it: {"step", "detected_at_step"}
+NON_FINITE_REASON = "NonFiniteLoss"  # the failure reason the status names
+
+
+class NonFiniteLoss(RuntimeError):
+    """The run (or search trial) stopped because its loss became NaN or infinite at `step`
+    (spec.training.nonFiniteLoss: stop). The workers end normally after reporting it, so Ray Train
+    does not restart them into the same divergence; the driver raises this from their last row."""
+
+    reason = NON_FINITE_REASON
+
+    def __init__(self, step: int, detected_at_step: int | None = None, trial: str | None = None):
+        self.step, self.detected_at_step, self.trial = step, detected_at_step, trial
+        where = f"trial {trial}: " if trial else ""
+        noticed = f", noticed at the evaluation of step {detected_at_step}" if detected_at_step not in (None, step) else ""
+        super().__init__(f"{where}the training loss was NaN or infinite at step {step}{noticed}; the run stopped "
+                         "(spec.training.nonFiniteLoss: stop). Lower training.learningRate, or set maxGradNorm; "
+                         "nonFiniteLoss: skipStep drops such steps instead")
+
+
+def raise_if_diverged(rows: list[dict[str, Any]] | dict[str, Any]) -> None:
+    """NonFiniteLoss when the last reported row (or a row given alone: Ray's result.metrics) says
+    the run stopped on a non-finite loss; nothing otherwise."""
+    last = rows if isinstance(rows, dict) else next((r for r in reversed(rows) if "step" in r), {})
+    found = last.get(NON_FINITE_KEY)
+    if isinstance(found, dict) and found.get("step") is not None:
+        raise NonFiniteLoss(found["step"], found.get("detected_at_step"), last.get("trial"))
 
 
 @dataclass

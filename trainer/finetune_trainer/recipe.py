@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -35,11 +36,12 @@ from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
 from .freezing import FreezePlan, needs_layers, plan_freezing
+from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
 from .layers import discover
 from .modeling import load_model
 from .optim import UnfreezeGate, apply_plan, build_scheduler, is_metric_driven, param_groups
 from .persist import MODEL_DIR
-from .ranking import EarlyStopping, is_better
+from .ranking import NON_FINITE_KEY, EarlyStopping, is_better
 from .scratch import checkpoint_folder
 from .spec import FineTuneJob
 from .storage.integrity import write_file_hashes
@@ -122,7 +124,11 @@ class FineTuneRecipe:
         self.best_step: int | None = None
         self.history: list[dict[str, Any]] = []
         self.tokens, self.train_seconds = 0, 0.0
+        self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss (nonFiniteLoss: skipStep)
+        self.save_seconds: float | None = None  # the last evaluation + checkpoint, what a preemption's save is judged by
         self._resume()
+        self.guard = NonFiniteGuard(self.device, self.spec.evaluation.every_steps, start_step=self.step)
+        self.preemption = PreemptionGuard(self.world)  # creates a gloo group: a collective, every rank
         log0.info("%s: %s; precision %s; MASTER_ADDR=%s", type(model).__name__, self.plan.summary(), self.precision,
                   os.environ.get("MASTER_ADDR"))
 
@@ -153,6 +159,7 @@ class FineTuneRecipe:
         deepspeed_load.finish(self.engine)  # every rank loaded the same checkpoint
         state, path = found.state, found.path
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.history, self.tokens, self.train_seconds = state["history"], state["tokens"], state["train_seconds"]
         self.resumed_step = self.step
         log0.info("resumed from step %d (%s)", self.step, path)
@@ -183,8 +190,9 @@ class FineTuneRecipe:
                 self.tokens += int(host["attention_mask"].sum())  # counted on the host: no device sync
                 batch = {k: v.to(self.device) for k, v in host.items()}
                 loss = self.engine(**batch).loss
+                self.guard.observe(loss, self.step + 1)  # on the device; read at the next evaluation
                 self.engine.backward(loss)
-                self.engine.step()
+                self.engine.step()  # DeepSpeed's ZeRO optimizer drops a step whose gradient norm is not finite
                 losses.append(loss.detach())
                 if not self.engine.is_gradient_accumulation_boundary():
                     continue
@@ -195,13 +203,37 @@ class FineTuneRecipe:
                 if opened:
                     log0.info("step %d: unfroze %s", self.step, ", ".join(opened))
                 self._progress(losses[-t.gradient_accumulation_steps :])
-                if self.step % ev.every_steps == 0 or self.step >= self.total:
+                evaluated = self.step % ev.every_steps == 0 or self.step >= self.total
+                if evaluated:
                     self.train_seconds += self._seconds_since(clock)
-                    if self._evaluate_and_report(torch.stack(losses).mean().item()):
+                    if self._evaluate_and_report(losses):
                         return
+                    losses, clock = [], time.perf_counter()
+                notice = self.preemption.poll()
+                if notice is not None and self._save_on_preemption(notice, evaluated):
+                    self.train_seconds += self._seconds_since(clock)
+                    self._evaluate_and_report(losses, preempted=True)
                     losses, clock = [], time.perf_counter()
                 if self.step >= self.total:
                     return
+
+    def _save_on_preemption(self, notice: Notice, evaluated: bool) -> bool:
+        """A node of this run is going away (guards.py): save a checkpoint of this step if the last
+        evaluation + checkpoint says one completes before the deadline (one cut short is never marked
+        complete). Training goes on: Ray Train restarts from the latest complete one once the node goes."""
+        left = f"{notice.deadline - time.time():.0f} s" if notice.deadline is not None else "no deadline"
+        if evaluated:
+            log0.warning("preemption notice at step %d (%s left): its checkpoint is already written", self.step, left)
+            return False
+        can, took, remaining = self.preemption.can_save(notice, self.save_seconds)
+        took_text = f"{took:.1f} s" if took is not None else "not measured yet"
+        if not can:
+            log0.warning("preemption notice at step %d: %.0f s left and the last evaluation + checkpoint took %s; "
+                         "not saving (the run resumes from its latest complete checkpoint)", self.step, remaining or 0, took_text)
+            return False
+        log0.warning("preemption notice at step %d (%s left; the last evaluation + checkpoint took %s): saving a "
+                     "checkpoint of step %d", self.step, left, took_text, self.step)
+        return True
 
     def _seconds_since(self, clock: float) -> float:
         if self.device.type == "cuda":
@@ -227,22 +259,44 @@ class FineTuneRecipe:
         wanted = {"loss", *self.spec.evaluation.resolved_metrics(self.spec.model.task)}
         return {f"eval_{k}": v for k, v in metrics.items() if k in wanted}
 
-    def _evaluate_and_report(self, train_loss: float) -> bool:
+    def _evaluate_and_report(self, losses: list[torch.Tensor], *, preempted: bool = False) -> bool:
+        """An evaluation, and a checkpoint when every number is finite. True: training stops here
+        (early stopping, or a non-finite loss under nonFiniteLoss: stop). `preempted`: an extra
+        evaluation for a preemption's checkpoint, which early stopping and plateau schedules do not
+        count, so a resumed run goes on as an uninterrupted one would."""
+        started = time.perf_counter()
         metrics = self._evaluate()
+        found = self.guard.check(self.step, self.world)  # every rank, same step: the flags since the last check
+        self.skipped_steps += found.steps
+        finite = all(math.isfinite(v) for v in metrics.values())
+        diverged = found.first_step if found.first_step is not None else (None if finite else self.step)
         value = metrics[self.metric_key]
-        if is_metric_driven(self.spec.lr_schedule):
+        extra: dict[str, Any] = {"train_loss": mean_finite(losses)}
+        if self.spec.training.non_finite_loss == "skipStep":
+            extra["skipped_steps"] = self.skipped_steps  # steps whose loss was not finite, their optimizer step dropped
+        elif diverged is not None:
+            log0.error("non-finite %s at step %d (noticed at step %d): the run stops (nonFiniteLoss: stop)",
+                       "training loss" if found.first_step is not None else "evaluation", diverged, self.step)
+            extra |= {NON_FINITE_KEY: {"step": diverged, "detected_at_step": self.step}, "early_stopped": False, **self._summary()}
+            self._report(metrics, checkpoint=False, extra=extra)  # no checkpoint of a diverged model
+            return True
+        if is_metric_driven(self.spec.lr_schedule) and not preempted:
             self.scheduler.step(metrics["eval_loss"])  # plateau-style schedules react to eval loss
             self.gate.apply(self.step)
-        stop = self.stopper.update(value)
-        better = is_better(value, self.best, self.stopper.mode)  # strictly: the export follows every gain
+        stop = False if preempted else self.stopper.update(value)
+        better = is_better(value, self.best, self.stopper.mode)  # strictly: the export follows every gain; never a NaN
         if better:
             self.best, self.best_step = value, self.step
         final = stop or self.step >= self.total
-        extra: dict[str, Any] = {"train_loss": train_loss, "early_stopped": stop and self.step < self.total}
+        extra |= {"early_stopped": stop and self.step < self.total, **({"preempted": True} if preempted else {})}
         if final:
             extra.update(self._summary())
         export = {"best": better, "last": final, "none": False}[self.spec.output.export]
-        self._report(metrics, checkpoint=True, export=export, extra=extra)
+        if not finite:  # never best, never a resume point: no such checkpoint at all
+            log0.warning("evaluation at step %d is not finite (%s): no checkpoint of this step", self.step,
+                         ", ".join(f"{k}={v}" for k, v in metrics.items() if not math.isfinite(v)))
+        self._report(metrics, checkpoint=finite, export=export and finite, extra=extra)
+        self.save_seconds = time.perf_counter() - started
         return stop
 
     # ---------------------------------------------------------------- reporting
@@ -295,6 +349,7 @@ class FineTuneRecipe:
             "step": self.step, "best": self.best, "best_step": self.best_step, "history": self.history,
             "tokens": self.tokens, "train_seconds": self.train_seconds,
             "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopper.state_dict(),
+            "skipped_steps": self.skipped_steps,
         }
 
     def _summary(self) -> dict[str, float]:
