@@ -18,6 +18,14 @@ OnFailure; the Job's backoffLimit does the retrying).
 
 KubeRay's own additions to the Ray pods keep passing: the `wait-gcs-ready` init container it adds
 to workers copies the Ray container's securityContext.
+
+`graceful_stop` gives the Ray pods spec.runPolicy.terminationGracePeriodSeconds and tells Ray how
+much of it a save may use (issue 16, item 2): on SIGTERM the pod's `ray start --block` (PID 1 of
+the Ray container) marks its node as draining for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, with that
+deadline, and only then stops its processes; Ray Train hands the deadline to every worker of a run
+on that node (`ray.train.get_preemption_info`), and the trainer saves a checkpoint if one fits
+(finetune_trainer.guards). The drain timeout is `RunPolicySpec.save_window`: the grace period less
+the seconds Ray's teardown needs, so the pod is not SIGKILLed mid-teardown.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_trainer.spec import FineTuneJob
-from finetune_trainer.spec.cluster import ClusterSpec, HeadGroupSpec, WorkerGroupSpec, memory_bytes
+from finetune_trainer.spec.cluster import ClusterSpec, HeadGroupSpec, RunPolicySpec, WorkerGroupSpec, memory_bytes
 from finetune_trainer.spec.pod_security import (
     SUBMITTER_EPHEMERAL,
     TRAINER_GID,
@@ -34,6 +42,7 @@ from finetune_trainer.spec.pod_security import (
     default_ephemeral_storage,
 )
 
+DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # ray._private.ray_constants: `ray start`'s drain on SIGTERM
 SUBMITTER_CONTAINER = "ray-job-submitter"  # KubeRay's utils.SubmitterContainerName
 # KubeRay's GetDefaultSubmitterContainer resources: the submitter only runs the Ray job CLI
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
@@ -75,6 +84,16 @@ def harden(template: dict[str, Any], cluster: ClusterSpec, group: HeadGroupSpec 
     """`template` (a rendered Ray pod template) with the restricted profile's settings and its
     ephemeral-storage request; changed in place and returned."""
     _secure(template["spec"], cluster, ephemeral_storage(group))
+    return template
+
+
+def graceful_stop(template: dict[str, Any], policy: RunPolicySpec) -> dict[str, Any]:
+    """`template` (a Ray pod template) with the run policy's grace period and Ray's drain timeout
+    in every container's environment (the module docstring says why); changed in place and returned."""
+    template["spec"]["terminationGracePeriodSeconds"] = policy.termination_grace_period_seconds
+    for container in template["spec"]["containers"]:
+        env = [e for e in container.get("env", []) if e.get("name") != DRAIN_ENV]
+        container["env"] = [*env, {"name": DRAIN_ENV, "value": str(policy.save_window())}]
     return template
 
 

@@ -38,7 +38,7 @@ from finetune_trainer.spec.cluster import MANIFEST_ENV, RUN_ID_ENV, ClusterSpec,
 
 from .children import labels, owner_reference, rayjob_name
 from .crd import GROUP, KIND, VERSION
-from .pods import harden, submitter_template
+from .pods import graceful_stop, harden, submitter_template
 from .trainer_access import head_token, pods_service_account
 
 HEAD_SERVICE_SUFFIX = "-head-svc"
@@ -121,8 +121,8 @@ def render_rayjob(
             "headGroupSpec": {
                 "rayStartParams": head_params,
                 "headService": {"metadata": {"name": head_service_name(job.name)}},
-                "template": harden(_pod(job, "ray-head", head, env, _resources(cluster, head.cpus, head.memory, head.gpus), HEAD_PORTS,
-                                        api_token=True), cluster, head),
+                "template": graceful_stop(harden(_pod(job, "ray-head", head, env, _resources(cluster, head.cpus, head.memory, head.gpus),
+                                                      HEAD_PORTS, api_token=True), cluster, head), policy),
             },
             "workerGroupSpecs": [{
                 "groupName": WORKER_GROUP,
@@ -130,8 +130,8 @@ def render_rayjob(
                 "minReplicas": replicas if group.min_replicas is None else group.min_replicas,
                 "maxReplicas": replicas if group.max_replicas is None else group.max_replicas,
                 "rayStartParams": worker_params,
-                "template": harden(_pod(job, "ray-worker", group, env, _resources(cluster, worker_cpus, group.memory, worker_gpus), []),
-                                   cluster, group),
+                "template": graceful_stop(harden(_pod(job, "ray-worker", group, env, _resources(cluster, worker_cpus, group.memory, worker_gpus), []),
+                                                 cluster, group), policy),
             }],
         },
     }

@@ -118,6 +118,9 @@ FULL = {
 # --- whole objects -------------------------------------------------------------------------
 
 
+DRAIN = {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "20"}  # runPolicy.terminationGracePeriodSeconds 30 less 10 (pods.graceful_stop)
+
+
 def test_quickstart_renders_to_this_rayjob():
     rendered = render_rayjob(load_job(QUICKSTART), owner_uid="0b9f7c1e-uid")
     runtime_env = rendered["spec"].pop("runtimeEnvYAML")
@@ -125,8 +128,8 @@ def test_quickstart_renders_to_this_rayjob():
     worker_pod = {"metadata": {"labels": LABELS}, "spec": {"serviceAccountName": "quickstart-ray", "containers": [{
         "name": "ray-worker", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
         "resources": {"requests": {"cpu": "1", "ephemeral-storage": "10Gi"}, "limits": {"cpu": "1"}},
-        "securityContext": CONTAINER_SECURITY,
-    }], "automountServiceAccountToken": False, "securityContext": POD_SECURITY}}
+        "securityContext": CONTAINER_SECURITY, "env": [DRAIN],
+    }], "automountServiceAccountToken": False, "securityContext": POD_SECURITY, "terminationGracePeriodSeconds": 30}}
     assert rendered == {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -156,12 +159,12 @@ def test_quickstart_renders_to_this_rayjob():
                             "resources": {"requests": {"cpu": "1", "memory": "4Gi", "ephemeral-storage": "10Gi"},
                                           "limits": {"cpu": "1", "memory": "4Gi"}},
                             "ports": HEAD_PORTS,
-                            "env": [{"name": "FINETUNE_PROGRESS_CONFIGMAP", "value": "quickstart-ray-progress"}],
+                            "env": [{"name": "FINETUNE_PROGRESS_CONFIGMAP", "value": "quickstart-ray-progress"}, DRAIN],
                             "volumeMounts": [TOKEN_MOUNT],
                             "securityContext": CONTAINER_SECURITY,
                         }],
                         "volumes": [TOKEN_VOLUME],
-                        "automountServiceAccountToken": False, "securityContext": POD_SECURITY,
+                        "automountServiceAccountToken": False, "securityContext": POD_SECURITY, "terminationGracePeriodSeconds": 30,
                     }},
                 },
                 "workerGroupSpecs": [{
@@ -199,7 +202,7 @@ def test_every_cluster_option_reaches_the_rayjob():
             "containers": [{
                 "name": "ray-head", "image": "registry.example/trainer:dev", "imagePullPolicy": "Always",
                 "resources": {"requests": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "30Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
-                "ports": HEAD_PORTS, "env": [*env, {"name": "FINETUNE_PROGRESS_CONFIGMAP", "value": "unit-ray-progress"}],
+                "ports": HEAD_PORTS, "env": [*env, {"name": "FINETUNE_PROGRESS_CONFIGMAP", "value": "unit-ray-progress"}, DRAIN],
                 "volumeMounts": [TOKEN_MOUNT],
                 "securityContext": full_container,
             }],
@@ -209,7 +212,7 @@ def test_every_cluster_option_reaches_the_rayjob():
             "nodeSelector": {"pool": "cpu"},
             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
             "priorityClassName": "high",
-            "automountServiceAccountToken": False, "securityContext": full_pod,
+            "automountServiceAccountToken": False, "securityContext": full_pod, "terminationGracePeriodSeconds": 30,
         }},
     }
     (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
@@ -220,7 +223,7 @@ def test_every_cluster_option_reaches_the_rayjob():
         "template": {"metadata": {"labels": labels}, "spec": {
             "containers": [{
                 "name": "ray-worker", "image": "registry.example/trainer:dev", "imagePullPolicy": "Always",
-                "resources": {"requests": {**gpu, "ephemeral-storage": "66Gi"}, "limits": gpu}, "env": env,  # 2 x 32Gi + 2Gi
+                "resources": {"requests": {**gpu, "ephemeral-storage": "66Gi"}, "limits": gpu}, "env": [*env, DRAIN],  # 2 x 32Gi + 2Gi
                 "securityContext": full_container,
             }],
             "serviceAccountName": "trainer",
@@ -228,7 +231,7 @@ def test_every_cluster_option_reaches_the_rayjob():
             "nodeSelector": {"pool": "gpu"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}],
             "priorityClassName": "batch",
-            "automountServiceAccountToken": False, "securityContext": full_pod,
+            "automountServiceAccountToken": False, "securityContext": full_pod, "terminationGracePeriodSeconds": 30,
         }},
     }
     submitter = spec["submitterPodTemplate"]["spec"]

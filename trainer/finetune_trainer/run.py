@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .driver import Listener, RunResult
 from .session import DriverSession
+from .sigterm import save_on_sigterm
 from .single import run_single
 from .spec import FineTuneJob
 from .tuning import run_search
@@ -23,5 +24,6 @@ def run(job: FineTuneJob, *, on_progress: Listener | None = None, run_id: str | 
     search restores its latest Tune experiment (finished trials keep their results, unfinished and
     errored ones continue from their own latest complete checkpoints)."""
     flow = run_search if job.spec.search is not None else run_single
-    with DriverSession(job, run_id=run_id, resume=resume) as session:
+    with DriverSession(job, run_id=run_id, resume=resume) as session, \
+            save_on_sigterm(job, session.persistence.store, session.persistence.key(session.run_id)):
         return flow(session, on_progress)

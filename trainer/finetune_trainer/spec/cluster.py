@@ -380,3 +380,19 @@ class RunPolicySpec(SpecModel):
     ttl_seconds_after_finished: int = Field(
         default=300, ge=0, le=INT32_MAX, description="Seconds the Ray cluster (and dashboard) stays after the run ends, for logs."
     )
+    termination_grace_period_seconds: int = Field(
+        default=30, ge=0, le=86400,
+        description="The Ray pods' terminationGracePeriodSeconds: on SIGTERM (preemption, a drained node, a deleted pod) "
+                    "the workers write a checkpoint of the step they are at if the last evaluation + checkpoint took "
+                    "less than the time left, and resume from it; else they write none. A local `finetune run` "
+                    "gives itself the same time on SIGTERM. The save must end some seconds before the pod is "
+                    "killed: docs/storage.md, SIGTERM.",
+    )
+
+    def save_window(self) -> int:
+        """Seconds of the grace period a save on SIGTERM may use: what is left after Ray's own
+        teardown (up to 10 s, a third of short periods). Also the Ray node's drain timeout
+        (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: `ray start --block` drains its node that long
+        on SIGTERM, then stops its processes); 0 turns draining off."""
+        grace = self.termination_grace_period_seconds
+        return grace - min(10, grace // 3)
