@@ -10,6 +10,10 @@ should not have fails the test however fast it was.
 
 When the upstream cannot be reached (e.g. the S3 server was stopped) the proxy closes the client's
 connection without an answer, as a dying server does, and still records the request.
+
+Two hooks for fault injection (fault_kit.FaultProxy overrides them): `refuse` answers a request
+with an S3 error instead of forwarding it, and `forwarded` runs after the upstream answered and
+before the client hears it. A plain CountingProxy forwards everything.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ class CountingProxy:
         with self._lock:
             self.requests.append((method, path))
 
+    def refuse(self, method: str, path: str) -> tuple[int, str] | None:
+        """(HTTP status, S3 error code) to answer this request with, unforwarded; None forwards it."""
+        return None
+
+    def forwarded(self, method: str, path: str, status: int) -> None:
+        """Called once the upstream answered `status`, before the client gets the answer."""
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
 
@@ -75,6 +86,10 @@ class CountingProxy:
                 else:
                     length = int(self.headers.get("Content-Length") or 0)
                     body = self.rfile.read(length) if length else None
+                refusal = proxy.refuse(self.command, self.path)
+                if refusal is not None:
+                    self._error(*refusal)
+                    return
                 upstream = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 try:
                     upstream.request(self.command, self.path, body=body, headers=headers)
@@ -85,6 +100,7 @@ class CountingProxy:
                     return
                 finally:
                     upstream.close()
+                proxy.forwarded(self.command, self.path, response.status)
                 self.send_response_only(response.status, response.reason)
                 for key, value in response.getheaders():
                     # a HEAD answer's Content-Length is the object's size, not this (empty) body's
@@ -92,6 +108,17 @@ class CountingProxy:
                         self.send_header(key, value)
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            def _error(self, status: int, code: str) -> None:
+                """An S3 error answer, as botocore and pyarrow's AWS SDK parse it (the code from the XML)."""
+                payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                           f"<Message>refused by the test proxy</Message><RequestId>proxy</RequestId></Error>").encode()
+                self.send_response_only(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload) if self.command != "HEAD" else 0))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)

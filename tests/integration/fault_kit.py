@@ -1,18 +1,24 @@
 """What the fault tests share (test_faults: processes killed; test_storage_faults: storage
-refusing or gone): a tiny model and data set per module, a manifest around them, the S3 settings of
-the session's server, polling with a deadline, a run in a thread."""
+refusing or gone): a tiny model and data set per module, a manifest around them, an uninterrupted
+reference run to compare with, the S3 settings of the session's server, a fault-injecting S3 proxy,
+polling with a deadline, a run in a thread."""
 
 from __future__ import annotations
 
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from finetune_trainer.storage import S3Store
+from finetune_trainer.storage import MARKER, S3Store
 
 from . import tiny
+from .counting_proxy import CountingProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,6 +27,89 @@ ROOT = Path(__file__).resolve().parents[2]
 def assets(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     return tiny.make_model(tmp / "model", "bert", layers=2), tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, assets, tmp_path_factory):
+    """The uninterrupted run of job_doc's defaults on a local folder (same seed): what every faulted run must equal."""
+    from finetune_trainer.run import run
+    from finetune_trainer.spec import parse_job
+
+    return run(parse_job(job_doc(tmp_path_factory.mktemp("reference"), assets, name="ref")))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same_model(results: dict, reference) -> None:
+    """The same weights (to float noise) and final evaluation as the uninterrupted run."""
+    ours, theirs = weights(Path(results["local_model"])), weights(reference.run_dir / "model")
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    print(f"largest weight difference from the uninterrupted run: {worst:.2e}")
+    assert worst < 1e-4
+    assert results["history"][-1]["eval_loss"] == pytest.approx(reference.results["history"][-1]["eval_loss"], rel=1e-4)
+
+
+class FaultProxy(CountingProxy):
+    """A CountingProxy (loopback, in front of the session's SeaweedFS) that refuses what a test
+    arms it to, the way S3 does: an S3 error document with a status and code.
+
+    - `refuse_marker = n`: every PUT of the n-th checkpoint marker (`_COMPLETE.json`, in the order
+      they first arrive) is answered 503 SlowDown, every retry included;
+    - `burst_after_marker = n`, `burst_seconds = s`: from the moment the n-th marker's PUT arrives,
+      every request is answered 503 SlowDown for s seconds (throttling of the whole bucket);
+    - `refuse_deletes = k`: the next k DeleteObjects requests (retention's prune) get 403 AccessDenied;
+    - `on_marker(n, key)`: called when the n-th marker's PUT was stored, before the writer hears so.
+    `refused` lists (method, path, status) of every answer the proxy made up."""
+
+    def __init__(self, upstream: str):
+        super().__init__(upstream)
+        self.markers: list[str] = []  # each marker's path, in the order its first PUT arrived
+        self.refused: list[tuple[str, str, int]] = []
+        self.refuse_marker: int | None = None
+        self.burst_after_marker: int | None = None
+        self.burst_seconds = 0.0
+        self.burst: tuple[float, float] | None = None  # (start, end) on time.monotonic once it began
+        self.refuse_deletes = 0
+        self.on_marker: Callable[[int, str], None] | None = None
+        self._faults = threading.Lock()
+
+    def marker_number(self, method: str, path: str) -> int | None:
+        """n for a PUT of the n-th marker; None for any other request."""
+        target = urllib.parse.unquote(path.partition("?")[0])
+        if method != "PUT" or not target.endswith("/" + MARKER):
+            return None
+        with self._faults:
+            if target not in self.markers:
+                self.markers.append(target)
+            return self.markers.index(target) + 1
+
+    def refuse(self, method: str, path: str) -> tuple[int, str] | None:
+        number = self.marker_number(method, path)
+        now = time.monotonic()
+        with self._faults:
+            if number is not None and number == self.burst_after_marker and self.burst is None:
+                self.burst = (now, now + self.burst_seconds)
+            refused_marker = number is not None and number == self.refuse_marker
+            in_burst = self.burst is not None and now < self.burst[1]
+            prune = method == "POST" and "delete" in urllib.parse.parse_qs(path.partition("?")[2], keep_blank_values=True)
+            answer: tuple[int, str] | None = None
+            if refused_marker or in_burst:
+                answer = (503, "SlowDown")
+            elif prune and self.refuse_deletes > 0:
+                self.refuse_deletes -= 1
+                answer = (403, "AccessDenied")
+            if answer is not None:
+                self.refused.append((method, path, answer[0]))
+            return answer
+
+    def forwarded(self, method: str, path: str, status: int) -> None:
+        number = self.marker_number(method, path)
+        if number is not None and status == 200 and self.on_marker is not None:
+            bucket_key = urllib.parse.unquote(path.partition("?")[0]).lstrip("/")
+            self.on_marker(number, bucket_key.partition("/")[2].rpartition("/")[0])  # the checkpoint's key
 
 
 def job_doc(tmp: Path, assets, storage: dict | None = None, *, steps: int = 24, every: int = 4, name: str = "t") -> dict:

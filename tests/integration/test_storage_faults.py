@@ -1,6 +1,9 @@
 """Storage faults against a real S3 server (SeaweedFS on loopback): a wrong secret key stops the CLI
 before Ray starts, and the server stopped mid-run fails the run clearly while the last complete
-checkpoint survives. The process faults (workers, drivers killed) are in test_faults.py."""
+checkpoint survives. Throttling through the fault proxy (fault_kit.FaultProxy) costs no work: a
+marker refused past its retries, a 503 SlowDown burst longer than the old ~7 s of retries, a prune
+refused; each run ends as the uninterrupted one did. The process faults (workers, drivers killed)
+are in test_faults.py."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import pytest
 
 from finetune_trainer.spec import parse_job
 from finetune_trainer.storage import (
+    ATTEMPTS,
+    MARKER,
     Credentials,
     S3Store,
     StorageUnavailable,
@@ -25,11 +30,12 @@ from finetune_trainer.storage import (
 
 from . import fault_kit, tiny
 from .counting_proxy import CountingProxy
-from .fault_kit import ROOT, in_thread, job_doc, storage_of, wait_for
+from .fault_kit import ROOT, FaultProxy, assert_same_model, in_thread, job_doc, storage_of, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 assets = fault_kit.assets  # the module's tiny model and data set (a module-scoped fixture)
+reference = fault_kit.reference  # the uninterrupted run every throttled one must equal (module-scoped)
 
 
 # --- (d) wrong secret key: the preflight's verdict, exit 2, no Ray -----------------------------------
@@ -90,3 +96,74 @@ def test_server_stopped_mid_run_fails_clearly_and_the_last_complete_checkpoint_s
             assert read_complete(store, c.key).files == c.files  # every listed file there, at its size
         state = json.loads(store.read(f"{done[-1].key}/trainer_state.json"))
         assert state["step"] == done[-1].step
+
+
+# --- throttling costs no work: each run below ends as the uninterrupted `reference` did ------------
+
+
+def _throttled_run(s3_spec, assets, tmp_path, monkeypatch, name: str, arm, **spec):
+    """`run` of job_doc's job on S3 through a FaultProxy armed by `arm(proxy)`; workerRestarts: 0,
+    so a fault that took the worker group down fails the run. (proxy, results, store, prefix)."""
+    from finetune_trainer.run import run
+
+    storage, store, s3 = storage_of(s3_spec, monkeypatch)
+    with FaultProxy(s3.endpoint) as proxy:
+        arm(proxy)
+        doc = job_doc(tmp_path, assets, {**storage, "endpoint": proxy.endpoint}, name=name)
+        doc["spec"]["runPolicy"] = {"workerRestarts": 0}
+        for section, values in spec.items():
+            doc["spec"][section] = {**doc["spec"].get(section, {}), **values}
+        job = parse_job(doc)
+        result = run(job)
+    rows = [row for row in result.results["history"] if not row.get("baseline")]
+    assert [row["step"] for row in rows] == [4, 8, 12, 16, 20, 24]
+    assert not any("resumed_from_step" in row for row in rows), "the worker group was restarted"
+    return proxy, result.results, store, job_location(job.spec.storage, "default", name).key
+
+
+def test_a_marker_refused_past_its_retries_costs_no_restart_and_no_work(local_ray, s3_spec, assets, reference, tmp_path,
+                                                                         monkeypatch):
+    """Every PUT of the second checkpoint's marker is answered 503 SlowDown: it is retried ATTEMPTS
+    times, then that checkpoint simply does not count; training goes on (before: the callback's
+    error restarted the worker group, or failed a run without restarts)."""
+    proxy, results, store, prefix = _throttled_run(s3_spec, assets, tmp_path, monkeypatch, "marker",
+                                                   lambda p: setattr(p, "refuse_marker", 2))
+    refused = proxy.markers[1]
+    assert [status for _, path, status in proxy.refused if path.startswith(refused)] == [503] * ATTEMPTS  # bounded
+    assert len(proxy.markers) == 6  # every other checkpoint got its marker
+    checkpoint = refused.lstrip("/").partition("/")[2].rpartition("/")[0]
+    assert store.read(f"{checkpoint}/{MARKER}") is None  # never complete: never loaded, never best
+    assert all(c.key != checkpoint for c in list_complete_checkpoints(store, prefix))
+    assert_same_model(results, reference)
+
+
+def test_a_slowdown_burst_longer_than_the_old_retries_is_ridden_out(local_ray, s3_spec, assets, reference, tmp_path,
+                                                                     monkeypatch):
+    """10 s of 503 SlowDown on every request from the second marker's PUT on: longer than the 4
+    attempts (~7 s at most) every request had before; within the adaptive retries it has now."""
+
+    def arm(proxy):
+        proxy.burst_after_marker, proxy.burst_seconds = 2, 10.0
+
+    proxy, results, _, _ = _throttled_run(s3_spec, assets, tmp_path, monkeypatch, "burst", arm)
+    marker = [path for _, path, _ in proxy.refused if path.startswith(proxy.markers[1])]
+    assert len(marker) >= 4, proxy.refused  # the old budget's 4 attempts all fell inside the burst
+    print(f"{len(proxy.refused)} requests refused during the burst, {len(marker)} of them the marker's")
+    assert len(proxy.markers) == 6
+    assert_same_model(results, reference)
+
+
+def test_a_refused_prune_is_retried_at_the_next_checkpoint_and_never_fails_the_run(local_ray, s3_spec, assets, reference,
+                                                                                    tmp_path, monkeypatch):
+    """The first DeleteObjects of retention is refused (403): logged, the run goes on, and the next
+    checkpoint's prune deletes what that one left (before: the run failed)."""
+    proxy, results, store, prefix = _throttled_run(s3_spec, assets, tmp_path, monkeypatch, "prune",
+                                                   lambda p: setattr(p, "refuse_deletes", 1))
+    assert [(method, status) for method, _, status in proxy.refused] == [("POST", 403)]
+    # retention as if nothing had failed: the latest and the best checkpoint, no other folder left
+    kept = list_complete_checkpoints(store, prefix)
+    assert sorted(c.step for c in kept) == sorted({24, results["best"]["step"]})
+    folders = {"/".join(parts[: i + 1]) for parts in (k.split("/") for k in store.list(prefix))
+               for i, part in enumerate(parts[:-1]) if part.startswith("checkpoint_")}
+    assert folders == {c.key for c in kept}
+    assert_same_model(results, reference)
