@@ -65,13 +65,16 @@ def resume(*, rank: int, world: int, own: Any, persistence: Any, resume_from: An
                 # uuid, which the broadcast copy shares with rank 0's; a second as_directory() of the same
                 # uuid on one node downloads into that folder again while rank 0 reads it
                 folder = stack.enter_context(type(chosen)(chosen.path, filesystem=chosen.filesystem).as_directory())
-            problem, state = verify(folder), None
-            if problem is None:
+            # every rank's copy in place and verified before any rank reads it: ranks on one node share
+            # Ray's local copy, and a rank still downloading it rewrites the files another would read
+            why, state = _all_agree(verify(folder), chosen.path, rank=rank, world=world), None
+            if why is None:
+                problem = None
                 try:
                     state = load(folder)
                 except Exception as err:  # whatever DeepSpeed, torch or json raise for a file that does not load
                     problem = f"it does not load: {type(err).__name__}: {_first_line(err)}"
-            why = _all_agree(problem, chosen.path, rank=rank, world=world)
+                why = _all_agree(problem, chosen.path, rank=rank, world=world)
             if why is None:
                 return Resumed(chosen.path, state, skipped)
         if rank == 0:
