@@ -9,11 +9,13 @@ node test shows"."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from finetune_trainer.storage import LocalStore, list_complete_checkpoints
 
 from . import fault_kit, netns_cluster, tiny
 from .fault_kit import ROOT, job_doc, wait_for
-from .netns_cluster import NetnsCluster
+from .netns_cluster import NetnsCluster, Node
 
 # deadlines are generous: on a shared 2-core machine under load a run can take 5x its quiet time
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -137,20 +139,41 @@ def _readlink(path: Path) -> str:
         return ""
 
 
-def test_a_lost_node_resumes_on_the_remaining_nodes_to_the_same_model(cluster, assets, tmp_path):
+@pytest.fixture(scope="module")
+def reference(cluster, assets, tmp_path_factory) -> dict:
+    """The uninterrupted run, on the same cluster, first: its two workers on two of the worker nodes."""
+    tmp = tmp_path_factory.mktemp("reference")
     started = time.monotonic()
-    # the uninterrupted run, on the same cluster: the two workers on two of the three worker nodes
-    ref_dir = tmp_path / "ref"
-    ref_dir.mkdir()
-    driver, log = _driver(cluster, ref_dir, _doc(ref_dir, assets, "ref"))
+    driver, log = _driver(cluster, tmp, _doc(tmp, assets, "ref"))
     _finish(driver, log, 400)
-    reference = _results(ref_dir, "ref")
-    assert reference["steps"] == STEPS
+    results = _results(tmp, "ref")
+    assert results["steps"] == STEPS
     print(f"uninterrupted multi-node run: {time.monotonic() - started:.0f} s")
+    return results
 
-    # the same job again; the node of rank 0 (torch.distributed's rendezvous host) lost after a complete checkpoint
-    driver, log = _driver(cluster, tmp_path, _doc(tmp_path, assets, "t"))
-    store = LocalStore(tmp_path / "runs" / "t")  # one filesystem: every node writes its checkpoints here
+
+@dataclass
+class Loss:
+    """A run whose rank 0's node was lost: its driver, log and checkpoint folder, what ran where."""
+
+    driver: subprocess.Popen
+    log: Path
+    store: LocalStore
+    hosts: dict[str, list[int]]  # before the loss: worker node name -> Ray Train worker pids
+    lost: Node
+    complete_at_kill: int  # the newest complete checkpoint's step when the raylet was killed
+    killed_at: float
+
+
+def _lose_rank_zero_node(cluster: NetnsCluster, tmp: Path, assets, *, env: dict[str, str] | None = None) -> Loss:
+    """Start the job and, after its first complete checkpoint, SIGKILL the raylet of the node of its
+    rank 0 (torch.distributed's rendezvous host, the harder case), checking first that the workers
+    run on two nodes, talk across their addresses, and that the progress tracker is on the head."""
+    manifest = tiny.save_manifest(tmp / "job.yaml", _doc(tmp, assets, "t"))
+    log = tmp / "driver.log"
+    driver = cluster.spawn([sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-progress"], log=log, cwd=ROOT,
+                           env=cluster.env(**(env or {})))
+    store = LocalStore(tmp / "runs" / "t")  # one filesystem: every node writes its checkpoints here
     try:
         first = wait_for("a complete checkpoint", lambda: (list_complete_checkpoints(store, "") or [None])[-1], 400)
         hosts = wait_for("Ray Train workers on two nodes", lambda: (h := _hosts(cluster)) and len(h) == 2 and h, 60)
@@ -164,34 +187,34 @@ def test_a_lost_node_resumes_on_the_remaining_nodes_to_the_same_model(cluster, a
         trackers = [node.name for node in cluster.nodes if node.processes(TRACKER)]
         assert trackers == [cluster.head.name], f"the progress tracker runs on {trackers}, not on the driver's node"
         lost = by_ip[rendezvous]
-        spare = next(node for node in cluster.workers if node.name not in hosts)
         raylet = cluster.kill_raylet(lost)
-        killed_at = time.monotonic()
-        complete_at_kill = max(c.step for c in list_complete_checkpoints(store, ""))
-        print(f"workers on {sorted(hosts)}, rank 0 on {rendezvous}; torch.distributed connections between them: {crossing}; "
-              f"killed the raylet ({raylet}) of {lost.name} ({lost.ip}) at complete checkpoint step {complete_at_kill}")
-        # the lost node is gone for Ray; the restarted group runs on the two nodes left, the spare one among them
-        wait_for("Ray to count the node dead", lambda: lost.ip not in (alive := cluster.alive_nodes()) and len(alive) == 3, 120)
-        after = wait_for("the restarted workers on the remaining nodes",
-                         lambda: (h := _hosts(cluster)) and len(h) == 2 and spare.name in h and lost.name not in h and h, 300)
-        complete_at_restart = max(c.step for c in list_complete_checkpoints(store, ""))
-        print(f"node dead and workers restarted on {sorted(after)} in {time.monotonic() - killed_at:.0f} s "
-              f"(latest complete checkpoint then: step {complete_at_restart})")
-        out = _finish(driver, log, 400)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
-    moved = _rendezvous(log)
-    assert len(moved) == 2 and moved[1] != lost.ip and moved[1] in {n.ip for n in cluster.workers}, moved  # a new rank 0, elsewhere
-    results = _results(tmp_path, "t")
+        loss = Loss(driver, log, store, hosts, lost, max(c.step for c in list_complete_checkpoints(store, "")), time.monotonic())
+    except BaseException:
+        _stop(driver)
+        raise
+    print(f"workers on {sorted(hosts)}, rank 0 on {rendezvous}; torch.distributed connections between them: {crossing}; "
+          f"killed the raylet ({raylet}) of {lost.name} ({lost.ip}) at complete checkpoint step {loss.complete_at_kill}")
+    return loss
 
+
+def _stop(driver: subprocess.Popen) -> None:
+    if driver.poll() is None:
+        driver.kill()
+        driver.wait(timeout=30)
+
+
+def _check_resumed_to_the_same_model(cluster: NetnsCluster, loss: Loss, out: str, tmp: Path, reference: dict,
+                                     complete_at_restart: int) -> None:
+    """From the latest complete checkpoint, with a new rank 0 on another node, to the uninterrupted run's model."""
+    moved = _rendezvous(loss.log)
+    assert len(moved) == 2 and moved[1] != loss.lost.ip and moved[1] in {n.ip for n in cluster.workers}, moved
+    results = _results(tmp, "t")
     rows = [row for row in results["history"] if not row.get("baseline")]
     steps = [row["step"] for row in rows]
     resumed = sorted({row["resumed_from_step"] for row in rows if "resumed_from_step" in row})
     # from the latest complete checkpoint (one the old group had reported but Ray had not yet
     # registered when the node went may complete meanwhile), not from 0
-    assert len(resumed) == 1 and complete_at_kill <= resumed[0] <= complete_at_restart, (steps, resumed, out[-3000:])
+    assert len(resumed) == 1 and loss.complete_at_kill <= resumed[0] <= complete_at_restart, (steps, resumed, out[-3000:])
     after_steps = [row["step"] for row in rows if "resumed_from_step" in row]
     assert after_steps[0] == resumed[0] + EVERY and after_steps[-1] == STEPS
     assert [row["step"] for row in results["history"] if row.get("baseline")] == [0]  # not restarted from 0
@@ -200,9 +223,77 @@ def test_a_lost_node_resumes_on_the_remaining_nodes_to_the_same_model(cluster, a
     ours, theirs = _weights(results), _weights(reference)
     assert ours.keys() == theirs.keys()
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
-    print(f"resumed from step {resumed[0]}; steps {steps}; largest weight difference from the uninterrupted run {worst:.2e}; "
-          f"{time.monotonic() - started:.0f} s in all")
+    print(f"resumed from step {resumed[0]} with rank 0 on {moved[1]}; steps {steps}; largest weight difference from the "
+          f"uninterrupted run {worst:.2e}")
     assert worst < 1e-4
     assert results["history"][-1]["eval_loss"] == pytest.approx(reference["history"][-1]["eval_loss"], rel=1e-4)
-    status = json.loads((tmp_path / "runs" / "t" / "status.json").read_text())
+    status = json.loads((tmp / "runs" / "t" / "status.json").read_text())
     assert (status["state"], status["step"]) == ("finished", STEPS)
+
+
+def _workers_left(cluster: NetnsCluster) -> list[Node]:
+    return [node for node in cluster.workers if not node.gone]
+
+
+def test_a_lost_node_resumes_on_the_remaining_nodes_to_the_same_model(cluster, reference, assets, tmp_path):
+    """Three worker nodes for two workers: the group restarts at once on the two left."""
+    while len(_workers_left(cluster)) < 3:  # run after the other test, which leaves two
+        cluster.add_worker()
+    cluster.wait_for_nodes(4, 120)
+    loss = _lose_rank_zero_node(cluster, tmp_path, assets)
+    try:
+        spare = next(node for node in cluster.workers if node.name not in loss.hosts)
+        # the lost node is gone for Ray; the restarted group runs on the two nodes left, the spare one among them
+        wait_for("Ray to count the node dead", lambda: loss.lost.ip not in (alive := cluster.alive_nodes()) and len(alive) == 3, 120)
+        after = wait_for("the restarted workers on the remaining nodes",
+                         lambda: (h := _hosts(cluster)) and len(h) == 2 and spare.name in h and loss.lost.name not in h and h, 300)
+        complete_at_restart = max(c.step for c in list_complete_checkpoints(loss.store, ""))
+        print(f"node dead and workers restarted on {sorted(after)} in {time.monotonic() - loss.killed_at:.0f} s "
+              f"(latest complete checkpoint then: step {complete_at_restart})")
+        out = _finish(loss.driver, loss.log, 400)
+    finally:
+        _stop(loss.driver)
+    _check_resumed_to_the_same_model(cluster, loss, out, tmp_path, reference, complete_at_restart)
+
+
+# Ray Train's wait for a worker group's placement (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by
+# default), short here; each wait that times out is a controller failure, retried up to
+# FailureConfig.controller_failure_limit (runPolicy.workerRestarts, 3 by default)
+START_TIMEOUT_S = "15"
+
+
+def test_with_no_capacity_left_the_run_waits_for_a_replacement_node(cluster, reference, assets, tmp_path):
+    """Two worker nodes for two workers: after the loss the group cannot be placed; Ray Train waits,
+    retries when a wait times out, and the run goes on when a replacement node joins, as KubeRay
+    replaces a lost worker pod."""
+    while len(_workers_left(cluster)) > 2:  # run alone, the module's cluster still has its spare node
+        cluster.stop_node(_workers_left(cluster)[-1])
+    cluster.wait_for_nodes(3, 120)
+    loss = _lose_rank_zero_node(cluster, tmp_path, assets, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": START_TIMEOUT_S})
+    try:
+        (survivor,) = _workers_left(cluster)
+        # no room for two workers: the restarted group waits for its placement, times out, tries again
+        timed_out = wait_for("a worker group start that timed out", lambda: _controller_says(cluster, "worker group startup timed out"),
+                             120, every=1)
+        assert loss.driver.poll() is None and not survivor.processes(TRAIN_WORKER), "workers ran with one node for two"
+        waited = time.monotonic() - loss.killed_at
+        replacement = cluster.add_worker()
+        after = wait_for("the restarted workers on the survivor and the replacement",
+                         lambda: (h := _hosts(cluster)) and sorted(h) == sorted([survivor.name, replacement.name]) and h, 300)
+        complete_at_restart = max(c.step for c in list_complete_checkpoints(loss.store, ""))
+        print(f"no placement for {waited:.0f} s ({timed_out[0].strip()[:120]}); a replacement node {replacement.ip} joined; "
+              f"workers restarted on {sorted(after)} {time.monotonic() - loss.killed_at:.0f} s after the loss")
+        out = _finish(loss.driver, loss.log, 400)
+    finally:
+        _stop(loss.driver)
+    _check_resumed_to_the_same_model(cluster, loss, out, tmp_path, reference, complete_at_restart)
+
+
+def _controller_says(cluster: NetnsCluster, text: str) -> list[str]:
+    """Lines of the head's Ray logs (where Train's controller runs and writes) that contain `text`."""
+    found = []
+    for path in Path(cluster.temp_dir, "head").glob("session_*/logs/**/*"):
+        if path.is_file():
+            with contextlib.suppress(OSError):
+                found += [line for line in path.read_text(errors="replace").splitlines() if text in line]
+    return found
