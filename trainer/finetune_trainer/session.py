@@ -139,7 +139,8 @@ class DriverSession:
         """auto: the given run (a new attempt of it: KubeRay's retry, a re-created RayJob, `--run-id`),
         whose search is restored if it has one (a single run finds its checkpoints: single.py).
         latest or a URI: a search restores the job's latest search in storage (Tune's experiment
-        state); a single run resumes from a checkpoint instead (single.py), in a new run."""
+        state); a single run resumes from a checkpoint instead (single.py), in a new run. Other than
+        auto, a given run that already exists is not reused (below)."""
         given = self._given_run_id
         if self.kind == "search" and self.resume == "auto":  # this run's own earlier attempt, if there was one
             return (given, True) if given is not None and self.persistence.has_search(given) else (given or new_run_id(), False)
@@ -148,4 +149,11 @@ class DriverSession:
             if stored is not None:
                 return stored, True
             log.info("resume: no earlier search of this job in storage; starting a new one")
+        if given is not None and self.resume != "auto" and self.persistence.store.list(self.persistence.key(given)):
+            # Ray Train restores a run of the same name from its own state in that folder (its
+            # latest checkpoint), which is what auto wants and what never (or a chosen checkpoint)
+            # must not get: this attempt writes a folder of its own beside it
+            fresh = f"{given}.{new_run_id()}"
+            log.info("run %s exists and spec.storage.resume is %s: this attempt writes run %s", given, self.resume, fresh)
+            return fresh, False
         return given or new_run_id(), False
