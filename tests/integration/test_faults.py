@@ -1,6 +1,7 @@
 """Faults against real processes and a real S3 server (SeaweedFS on loopback): a Ray Train worker
-SIGKILLed mid-run, the driver SIGKILLed and `--resume`d, checkpoints cut short, a search's driver
-killed, a planted pickle. Tiny models, few steps; every wait polls with a deadline. The storage
+SIGKILLed mid-run, the same with a latest checkpoint that verifies but does not load, the driver
+SIGKILLed and `--resume`d, checkpoints cut short, a search's driver killed, a planted pickle. Tiny
+models, few steps; every wait polls with a deadline. The storage
 faults (a wrong secret key, the server stopped mid-run) are in test_storage_faults.py."""
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from finetune_trainer.spec import parse_job
 from finetune_trainer.storage import (
@@ -29,12 +29,13 @@ from finetune_trainer.storage import (
 )
 
 from . import fault_kit, tiny
-from .fault_kit import ROOT, in_thread, job_doc, storage_of, wait_for
+from .fault_kit import ROOT, FaultProxy, assert_same_model, in_thread, job_doc, storage_of, wait_for
 
 # deadlines are generous: on a shared 2-core machine under load a run can take 5x its quiet time
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 assets = fault_kit.assets  # the module's tiny model and data set (a module-scoped fixture)
+reference = fault_kit.reference  # the uninterrupted run to compare with (module-scoped)
 
 
 def _driver(manifest: Path, log: Path, env: dict) -> subprocess.Popen:
@@ -85,10 +86,6 @@ def _while_running(driver: subprocess.Popen, log: Path, check):
     return checked
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
-
-
 # --- (a) a Ray Train worker SIGKILLed mid-run ------------------------------------------------------
 
 
@@ -101,10 +98,9 @@ def _train_workers() -> list[int]:
     return sorted(a.pid for a in actors if a.pid)
 
 
-def test_worker_killed_mid_run_continues_from_its_checkpoint_to_the_same_model(local_ray, s3_spec, assets, tmp_path, monkeypatch):
+def test_worker_killed_mid_run_continues_from_its_checkpoint_to_the_same_model(local_ray, s3_spec, assets, reference, tmp_path,
+                                                                               monkeypatch):
     from finetune_trainer.run import run
-
-    reference = run(parse_job(job_doc(tmp_path / "ref", assets, name="ref")))  # uninterrupted, same seed, local folder
 
     storage, store, spec = storage_of(s3_spec, monkeypatch)
     job = parse_job(job_doc(tmp_path, assets, storage))
@@ -128,12 +124,7 @@ def test_worker_killed_mid_run_continues_from_its_checkpoint_to_the_same_model(l
     print(f"killed worker {pids[-1]} after checkpoint step {first.step}; resumed from {resumed[0]}; steps {steps}")
 
     # the same weights as the uninterrupted run: optimizer state, LR schedule, data order all continued
-    ours, theirs = _weights(Path(r["local_model"])), _weights(reference.run_dir / "model")
-    assert ours.keys() == theirs.keys()
-    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
-    print(f"largest weight difference from the uninterrupted run: {worst:.2e}")
-    assert worst < 1e-4
-    assert r["history"][-1]["eval_loss"] == pytest.approx(reference.results["history"][-1]["eval_loss"], rel=1e-4)
+    assert_same_model(r, reference)
     # and everything reached S3: the model, results.json naming it, status.json for the operator
     assert r["model"] == f"{spec.uri}/default/t/{r['run']}/model"
     keys = store.list(prefix)
@@ -141,6 +132,64 @@ def test_worker_killed_mid_run_continues_from_its_checkpoint_to_the_same_model(l
     status = json.loads(store.read(f"{prefix}/status.json"))
     assert (status["state"], status["step"], status["model"]) == ("finished", 24, r["model"])
     assert status["bestCheckpoint"].startswith(f"{spec.uri}/default/t/{r['run']}/checkpoint_")
+
+
+# --- a latest checkpoint that verifies but does not load: the one before it is used, never step 0 --------
+
+
+def test_a_latest_checkpoint_that_does_not_load_falls_back_to_the_one_before_it(local_ray, s3_spec, assets, reference,
+                                                                              tmp_path, capsys, monkeypatch):
+    """When the step-8 checkpoint's marker is stored, its DeepSpeed model states are cut in half and
+    the marker rewritten to match (hashes pass, torch.load fails), and a worker is killed: Ray's
+    latest is step 8. The restarted workers skip it and resume from step 4, the log line names both,
+    status.json's resume lists the skipped one, and the model equals the uninterrupted run's.
+    Before: every restart failed to load step 8 again until the restarts were spent."""
+    import hashlib
+
+    from finetune_trainer.run import run
+
+    storage, store, spec = storage_of(s3_spec, monkeypatch)
+    states = "deepspeed/state/mp_rank_00_model_states.pt"
+    broken: list[str] = []
+
+    pids: list[int] = []
+
+    def garble_and_kill(number: int, key: str) -> None:
+        if number == 1:  # looked up now, so the kill below is instant: the workers train on meanwhile
+            pids.extend(_train_workers())
+        if number != 2:
+            return
+        os.kill(pids[-1], signal.SIGKILL)  # first: Ray's controller waits on this marker's answer; step 12 must not report
+        data = store.read(f"{key}/{states}")
+        half = data[: len(data) // 2]
+        store.write(f"{key}/{states}", half)
+        marker = json.loads(store.read(f"{key}/{MARKER}"))
+        marker["files"][states] = {"size": len(half), "sha256": hashlib.sha256(half).hexdigest(),
+                                   "etag": store.list(key)[f"{key}/{states}"].etag}
+        store.write(f"{key}/{MARKER}", json.dumps(marker).encode())
+        broken.append(key)
+
+    with FaultProxy(spec.endpoint) as proxy:
+        proxy.on_marker = garble_and_kill
+        doc = job_doc(tmp_path, assets, {**storage, "endpoint": proxy.endpoint}, name="garbled")
+        doc["spec"]["output"]["keepCheckpoints"] = 3  # the checkpoints before step 8 stay
+        doc["spec"]["runPolicy"] = {"workerRestarts": 1}
+        result = run(parse_job(doc)).results
+    out = "".join(capsys.readouterr())
+    assert broken, "the step-8 marker was never written"
+    rows = [row for row in result["history"] if not row.get("baseline")]
+    assert [row["step"] for row in rows if "resumed_from_step" in row] == [8, 12, 16, 20, 24]
+    assert {row["resumed_from_step"] for row in rows if "resumed_from_step" in row} == {4}  # not 8, not 0
+    assert [row["step"] for row in result["history"] if row.get("baseline")] == [0]
+    line = re.search(r"resumed from (\S+) \(step 4\) instead of (\S+) \(it does not load: ([^)]*)", out)
+    assert line, out[-3000:]
+    assert line.group(2).endswith(broken[0]) and line.group(1) != line.group(2)
+    print(line.group(0))
+    prefix = job_location(parse_job(doc).spec.storage, "default", "garbled").key
+    resumes = json.loads(store.read(f"{prefix}/status.json")).get("resumes", [])
+    assert any(s["checkpoint"] == store.uri(broken[0]) and "does not load" in s["reason"]
+               for r in resumes for s in r.get("skipped", [])), resumes
+    assert_same_model(result, reference)
 
 
 # --- (b) the driver SIGKILLed, then `--resume`; (c) checkpoints cut short are never used ----------------
@@ -279,7 +328,8 @@ def test_a_planted_pickle_in_the_latest_checkpoint_is_never_unpickled(local_ray,
     """The real trainer on a local folder: a planted DeepSpeed model-states file, then a planted RNG
     file, in the newest checkpoint: refused by hash, the previous verified checkpoint is used. Then
     a planted file whose marker was rewritten to match (someone who can also write the marker): the
-    hashes pass, DeepSpeed's loader (weights_only) refuses it, and the run fails clearly. No sentinel."""
+    hashes pass, DeepSpeed's loader (weights_only) refuses it, and its run's folder holds no checkpoint before it
+    (where resume.py falls back to), so the run fails clearly. No sentinel."""
     from finetune_trainer.cli import main
     from finetune_trainer.storage import LocalStore, mark_complete
 
