@@ -145,6 +145,12 @@ def reference(cluster, assets, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("reference")
     started = time.monotonic()
     driver, log = _driver(cluster, tmp, _doc(tmp, assets, "ref"))
+    try:
+        wait_for("Ray Train workers on two nodes", lambda: len(_hosts(cluster)) == 2, 400)
+        _check_tracker_on_the_head(cluster)
+    except BaseException:
+        _stop(driver)
+        raise
     _finish(driver, log, 400)
     results = _results(tmp, "ref")
     assert results["steps"] == STEPS
@@ -182,10 +188,7 @@ def _lose_rank_zero_node(cluster: NetnsCluster, tmp: Path, assets, *, env: dict[
         assert first.step < STEPS and driver.poll() is None, "the run ended before the kill"
         by_ip = {node.ip: node for node in cluster.workers}
         assert rendezvous in by_ip and by_ip[rendezvous].name in hosts, (rendezvous, hosts)
-        # the driver's actors live on the driver's node (Train's controller by Ray's choice, the
-        # progress tracker by ours): a worker node's loss must not take the run's history with it
-        trackers = [node.name for node in cluster.nodes if node.processes(TRACKER)]
-        assert trackers == [cluster.head.name], f"the progress tracker runs on {trackers}, not on the driver's node"
+        _check_tracker_on_the_head(cluster)
         lost = by_ip[rendezvous]
         raylet = cluster.kill_raylet(lost)
         loss = Loss(driver, log, store, hosts, lost, max(c.step for c in list_complete_checkpoints(store, "")), time.monotonic())
@@ -195,6 +198,14 @@ def _lose_rank_zero_node(cluster: NetnsCluster, tmp: Path, assets, *, env: dict[
     print(f"workers on {sorted(hosts)}, rank 0 on {rendezvous}; torch.distributed connections between them: {crossing}; "
           f"killed the raylet ({raylet}) of {lost.name} ({lost.ip}) at complete checkpoint step {loss.complete_at_kill}")
     return loss
+
+
+def _check_tracker_on_the_head(cluster: NetnsCluster) -> None:
+    """The driver's actors live on the driver's node (Train's controller by Ray's choice, the
+    progress tracker by ours): a worker node's loss must not take the run's history with it. Checked
+    in every run of the module: unpinned, Ray places a num_cpus=0 actor on any node."""
+    trackers = [node.name for node in cluster.nodes if node.processes(TRACKER)]
+    assert trackers == [cluster.head.name], f"the progress tracker runs on {trackers}, not on the driver's node"
 
 
 def _stop(driver: subprocess.Popen) -> None:
