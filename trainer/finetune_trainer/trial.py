@@ -50,8 +50,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
     from .storage import resume_point
 
     # verified by hash; checkpoints that all fail stop the trial rather than restart it from step 0
-    found = resume_point(persistence.store, "latest", persistence.key(run_id, TRIALS_DIR, name))
-    resume = {"resume_from": persistence.checkpoint(found.key)} if found else {}
+    folder = persistence.key(run_id, TRIALS_DIR, name)
+    found = resume_point(persistence.store, "latest", folder)
+    # should that one not load on the workers, they fall back to the ones before it from any start of the trial
+    resume = {"resume_from": persistence.checkpoint(found.key), "resume_scope": folder} if found else {}
     result = make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
                           name=f"start-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}", callbacks=[TuneReportCallback()], trial=name).fit()
     raise_if_diverged(result.metrics or {})  # this trial errors (NonFiniteLoss); the search goes on without it
