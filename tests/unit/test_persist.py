@@ -12,7 +12,7 @@ import yaml
 from finetune_trainer.cli import EXIT_INVALID, main
 from finetune_trainer.embedded_s3 import free_ports
 from finetune_trainer.job_status import STATUS_FILE
-from finetune_trainer.persist import open_storage
+from finetune_trainer.persist import MAX_PREEMPTIONS, open_storage
 from finetune_trainer.spec import parse_job
 from finetune_trainer.storage import MARKER, mark_complete
 
@@ -84,6 +84,7 @@ def test_every_trainer_restarts_its_workers_as_often_as_the_spec_says_and_keeps_
     args = p.run_config_args(_job(tmp_path, runPolicy={"workerRestarts": 5}), storage_path=p.path("run-1"))
     failure = args["failure_config"]
     assert (failure.max_failures, failure.controller_failure_limit) == (5, 5)
+    assert failure.max_preemption_failures == MAX_PREEMPTIONS  # bounded: Ray's -1 retries preemptions forever
     assert args["checkpoint_config"].num_to_keep is None  # retention is ours: it knows the markers
     assert open_storage(_job(tmp_path)).run_config_args(_job(tmp_path), storage_path="x")["failure_config"].max_failures == 3
 

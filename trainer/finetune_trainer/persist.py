@@ -50,6 +50,7 @@ from .storage import (
 )
 
 RESULTS_FILE = "results.json"
+MAX_PREEMPTIONS = 100  # node preemptions one run recovers from (Ray Train's max_preemption_failures)
 ATTEMPTS_FILE = "attempts.json"  # each start of the run's driver (persist.record_attempt)
 MODEL_DIR = "model"  # the exported model beside results.json, and inside each checkpoint (recipe)
 TRIALS_DIR = "trials"
@@ -98,7 +99,10 @@ class Persistence:
             # bounded both ways: a dead worker restarts the group, and so (at most as often) does a
             # failing controller; -1, Ray's controller default, could retry forever on dead storage
             # (a V2 field: a type checker reads ray.train's V1 class, hence the ignore; driver.make_trainer)
-            "failure_config": FailureConfig(max_failures=restarts, controller_failure_limit=restarts),  # type: ignore[call-arg]
+            # preemptions (a drained node: sigterm.py, pods.graceful_stop) count apart from restarts, and
+            # each resumes from a checkpoint; bounded, since Ray's default (-1) would retry them forever
+            "failure_config": FailureConfig(max_failures=restarts, controller_failure_limit=restarts,  # type: ignore[call-arg]
+                                            max_preemption_failures=MAX_PREEMPTIONS),
             "checkpoint_config": CheckpointConfig(num_to_keep=None),  # retention is our prune, marker-aware
             "callbacks": [completion],
         }
