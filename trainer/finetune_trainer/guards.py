@@ -17,7 +17,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,17 +73,26 @@ def mean_finite(losses: list[torch.Tensor]) -> float | None:
     return values.mean().item() if values.numel() else None
 
 
-def _local_preemption_info() -> Any:
-    """The PreemptionInfo Ray Train's PreemptionWatcher handed this worker (`mark_preempt`), or None.
+def _local_preemption_info(notice_file: str | None = None) -> Any:
+    """The PreemptionInfo Ray Train's PreemptionWatcher handed this worker (`mark_preempt`), else
+    a local driver's SIGTERM notice file (sigterm.notice_path: one stat per step), else None.
 
-    The value `ray.train.get_preemption_info()` would broadcast from rank 0, read without its
-    barrier (module docstring); Ray is pinned (2.60), and a Ray without it reads as no notice."""
+    The first is the value `ray.train.get_preemption_info()` would broadcast from rank 0, read
+    without its barrier (module docstring); Ray is pinned (2.60), and a Ray without it reads as
+    no notice."""
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 
-        return get_train_context().preemption_context.preemption_info
+        info = get_train_context().preemption_context.preemption_info
     except Exception:  # no Train V2 context (not a Ray Train worker), or a Ray that moved it
-        return None
+        info = None
+    if info is None and notice_file is not None and os.path.exists(notice_file):
+        try:
+            with open(notice_file) as raw:
+                return Notice(deadline=json.load(raw)["deadline_ms"] / 1000)
+        except (OSError, ValueError, KeyError):
+            return None
+    return info
 
 
 @dataclass
@@ -99,13 +110,16 @@ class PreemptionGuard:
         self.group = dist.new_group(backend="gloo") if world > 1 and dist.is_initialized() else None  # a collective: every rank
         self.pending: tuple[Any, torch.Tensor] | None = None
         self.noticed = False  # acted on once per attempt (a restarted worker group is a new recipe)
+        from .sigterm import notice_path
+
+        self.notice_file = notice_path()
 
     def poll(self) -> Notice | None:
         if self.noticed:
             return None
-        info = _local_preemption_info()
-        mine = torch.tensor([1 if info is not None else 0,
-                             -int(info.deadline_ms) if info is not None and info.deadline_ms else self._NONE], dtype=torch.int64)
+        info = _local_preemption_info(self.notice_file)
+        deadline_ms = (info.deadline * 1000 if isinstance(info, Notice) and info.deadline else getattr(info, "deadline_ms", None))
+        mine = torch.tensor([1 if info is not None else 0, -int(deadline_ms) if deadline_ms else self._NONE], dtype=torch.int64)
         if self.group is None:
             agreed: torch.Tensor | None = mine
         else:

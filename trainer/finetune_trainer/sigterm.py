@@ -18,6 +18,7 @@ A second SIGTERM while waiting exits at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -31,6 +32,20 @@ from .storage import CompleteCheckpoint, Store, list_complete_checkpoints
 
 log = logging.getLogger(__name__)
 EXIT_CODE = 128 + signal.SIGTERM
+NOTICE_FILE = "finetune_preemption.json"  # in the local Ray session's folder: {"deadline_ms"}
+
+
+def notice_path() -> str | None:
+    """Where a local driver leaves its SIGTERM notice for the workers of its own (one-node) Ray,
+    beside Ray's drain: Ray Train 2.60's PreemptionWatcher did not hand a drain of a local head
+    node to the workers here, so locally the workers also look for this file (guards.py)."""
+    try:
+        import ray
+
+        node = ray._private.worker.global_worker.node
+        return os.path.join(node.get_session_dir_path(), NOTICE_FILE) if node is not None else None
+    except Exception:  # not connected to Ray
+        return None
 
 
 @contextlib.contextmanager
@@ -40,13 +55,19 @@ def save_on_sigterm(job: FineTuneJob, store: Store, prefix: str) -> Iterator[Non
     if os.environ.get("RAY_ADDRESS") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    state: dict[str, bool] = {"asked": False, "done": False}
+    state: dict[str, bool] = {"asked": False, "done": False, "active": True}
+    waiting: list[threading.Thread] = []
     window = job.spec.run_policy.save_window()
 
     def wait_for_save() -> None:
         started = time.time()
         before = {c.key for c in _complete(store, prefix)}
         drained = _drain_local_nodes(started + window)
+        path = notice_path()
+        if path is not None:
+            with open(path + ".tmp", "w") as out:
+                out.write(json.dumps({"deadline_ms": int((started + window) * 1000)}))
+            os.replace(path + ".tmp", path)
         saved: CompleteCheckpoint | None = None
         while drained and time.time() < started + window:
             new = [c for c in _complete(store, prefix) if c.key not in before]
@@ -62,7 +83,8 @@ def save_on_sigterm(job: FineTuneJob, store: Store, prefix: str) -> Iterator[Non
                         "terminationGracePeriodSeconds); exiting with none; the latest complete checkpoint stays "
                         "the resume point", window)
         state["done"] = True
-        os.kill(os.getpid(), signal.SIGTERM)  # back to the main thread, which exits
+        if state["active"]:
+            os.kill(os.getpid(), signal.SIGTERM)  # back to the main thread, which exits
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if state["done"]:
@@ -75,13 +97,19 @@ def save_on_sigterm(job: FineTuneJob, store: Store, prefix: str) -> Iterator[Non
             log.warning("SIGTERM: runPolicy.terminationGracePeriodSeconds leaves no time to save; exiting")
             raise SystemExit(EXIT_CODE)
         log.warning("SIGTERM: asking the workers for a checkpoint of their step, within %d s", window)
-        threading.Thread(target=wait_for_save, name="sigterm-save", daemon=True).start()
+        waiting.append(threading.Thread(target=wait_for_save, name="sigterm-save", daemon=True))
+        waiting[0].start()
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
+        state["active"] = False
         signal.signal(signal.SIGTERM, previous)
+        if waiting and not state["done"]:  # the run ended while the save was awaited: still say so, still exit
+            waiting[0].join(timeout=window + 5)
+        if waiting:  # also replaces the SystemExit(1) that ray.get makes of the handler's SystemExit(143)
+            raise SystemExit(EXIT_CODE)
 
 
 def _complete(store: Store, prefix: str) -> list[CompleteCheckpoint]:
