@@ -43,24 +43,33 @@ def _checkpoints(result):
     (1, 2, 2),  # the evaluation of step 2 (a finite checkpoint of step 1 before it)
 ])
 def test_stop_ends_the_run_at_the_next_evaluation_naming_the_first_nan_step(local_ray, assets, tmp_path, every, first, detected):
+    import json
+
     from finetune_trainer.run import run
 
-    result = run(parse_job(_diverging(tmp_path, assets, "stop", steps=12, every=every)))
-    rows = [r for r in result.results["history"] if not r.get("baseline")]
-    print("rows:", [(r["step"], r.get("train_loss"), r.get("eval_loss"), r.get(NON_FINITE_KEY)) for r in rows])
-    assert rows[-1][NON_FINITE_KEY] == {"step": first, "detected_at_step": detected} and rows[-1]["step"] == detected
-    assert all(NON_FINITE_KEY not in r for r in rows[:-1])
     with pytest.raises(NonFiniteLoss, match=f"at step {first}") as caught:
-        raise_if_diverged(result.results["history"])  # what the driver turns into reason NonFiniteLoss
-    assert caught.value.reason == "NonFiniteLoss"
+        run(parse_job(_diverging(tmp_path, assets, "stop", steps=12, every=every)))
+    assert (caught.value.reason, caught.value.step, caught.value.detected_at_step) == ("NonFiniteLoss", first, detected)
+    job_dir = tmp_path / "runs" / "nan-stop"
+    status = json.loads((job_dir / "status.json").read_text())  # what the operator reads: reason NonFiniteLoss
+    print("status:", status)
+    assert status["state"] == "failed" and status["nonFiniteLoss"] == first
 
     # every checkpoint is from before the NaN, with finite metrics; none of the stopping step
-    store, complete = _checkpoints(result)
+    (run_dir,) = [p for p in job_dir.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    store = LocalStore(job_dir)
+    complete = list_complete_checkpoints(store, run_dir.name)
     assert [c.step for c in complete] == list(range(every, first, every)), [c.step for c in complete]
     assert all(math.isfinite(c.metrics["eval_loss"]) for c in complete)
-    latest = latest_complete(store, result.run_dir.name)
+    latest = latest_complete(store, run_dir.name)
     assert (latest.step if latest else None) == (complete[-1].step if complete else None)
-    assert not result.results["best"] or result.results["best"]["step"] < first
+
+
+def test_the_stop_row_names_the_step_and_the_driver_raises_from_it():
+    rows = [{"step": 0, "baseline": True}, {"step": 4, NON_FINITE_KEY: {"step": 3, "detected_at_step": 4}, "trial": "trial_01"}]
+    with pytest.raises(NonFiniteLoss, match="trial trial_01: the training loss was NaN or infinite at step 3, noticed at the evaluation of step 4"):
+        raise_if_diverged(rows)
+    raise_if_diverged(rows[:1])  # a run that did not diverge
 
 
 def test_skip_step_trains_on_counting_the_dropped_steps_and_never_checkpoints_a_nan(local_ray, assets, tmp_path):
