@@ -34,7 +34,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_trainer.spec import FineTuneJob
-from finetune_trainer.spec.cluster import ClusterSpec, HeadGroupSpec, RunPolicySpec, WorkerGroupSpec, memory_bytes
+from finetune_trainer.spec.cluster import (
+    DRAIN_ENV,
+    ClusterSpec,
+    HeadGroupSpec,
+    RunPolicySpec,
+    WorkerGroupSpec,
+    memory_bytes,
+)
 from finetune_trainer.spec.pod_security import (
     SUBMITTER_EPHEMERAL,
     TRAINER_GID,
@@ -42,7 +49,7 @@ from finetune_trainer.spec.pod_security import (
     default_ephemeral_storage,
 )
 
-DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # ray._private.ray_constants: `ray start`'s drain on SIGTERM
+# DRAIN_ENV (spec.cluster): ray._private.ray_constants' RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, `ray start`'s drain on SIGTERM
 SUBMITTER_CONTAINER = "ray-job-submitter"  # KubeRay's utils.SubmitterContainerName
 # KubeRay's GetDefaultSubmitterContainer resources: the submitter only runs the Ray job CLI
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}

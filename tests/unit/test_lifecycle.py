@@ -168,3 +168,23 @@ def test_a_run_stopped_by_a_non_finite_loss_fails_with_that_reason_and_step():
     running = FineTuneJobStatus(phase=Phase.RUNNING, reason=Reason.TRAINING)
     assert apply_lifecycle(running, doc("running", attempt=2, restarts=3)).model_dump() == \
         running.model_copy(update={"attempt": 2, "restarts": 3}).model_dump()
+
+
+@pytest.mark.parametrize("name", ["FINETUNE_RUN_ID", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+def test_a_job_cannot_set_the_run_id_or_the_drain_window_itself(name):
+    """A hostile (or copied) env entry must not point a run at another run's checkpoints, nor
+    stretch the drain past the pods' grace period: both are the operator's to render."""
+    with pytest.raises(SpecError) as err:
+        parse_job(minimal_manifest(cluster={"env": [{"name": name, "value": "run-of-another-job"}]}), for_cluster=True)
+    assert any(path.startswith("spec.cluster.env") and name in message for path, message in err.value.problems)
+
+
+def test_results_and_status_files_are_strict_json_even_for_a_diverged_run(tmp_path):
+    import json
+
+    from finetune_trainer.storage import LocalStore, write_json
+
+    write_json(LocalStore(tmp_path), "results.json", {"history": [{"step": 3, "train_loss": float("nan")}],
+                                                       "best": {"value": float("inf")}})
+    strict = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the file"))
+    assert strict == {"history": [{"step": 3, "train_loss": None}], "best": {"value": None}}

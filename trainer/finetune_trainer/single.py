@@ -25,9 +25,11 @@ from .session import DriverSession
 
 def run_single(session: DriverSession, on_progress: Listener | None = None) -> RunResult:
     job, persistence, prepared, run_id = session.job, session.persistence, session.prepared, session.run_id
-    # auto: this run's own latest complete checkpoint (an earlier attempt's), if any; else as the spec says
-    resume_from, resumed_step = (persistence.resume_from("latest", runs_under=run_id) if session.resume == "auto"
-                                 else persistence.resume_from(session.resume))
+    # auto: on a new attempt of the run, its own latest complete checkpoint; else as the spec says
+    if session.resume == "auto":
+        resume_from, resumed_step = persistence.resume_from("latest", runs_under=run_id) if session.attempt > 1 else (None, None)
+    else:
+        resume_from, resumed_step = persistence.resume_from(session.resume)
     shared = session.shared() | {"resume_from": resume_from}
     trainer = make_trainer(job, shared, persistence=persistence, storage_path=persistence.storage_path, name=run_id)
     listeners = [_status_listener(session), *([on_progress] if on_progress else [])]

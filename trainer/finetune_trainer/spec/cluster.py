@@ -45,7 +45,8 @@ RUN_ID_ENV = "FINETUNE_RUN_ID"
 PROGRESS_CONFIGMAP_ENV = "FINETUNE_PROGRESS_CONFIGMAP"
 PROGRESS_KEY = STATUS_FILE  # the ConfigMap key it writes and the operator reads: the progress document
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # KubeRay sets the first two (authOptions); the path would only blur which token Ray uses
-RESERVED_ENV = (MANIFEST_ENV, RUN_ID_ENV, PROGRESS_CONFIGMAP_ENV, *RAY_AUTH_ENV)
+DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # from runPolicy.terminationGracePeriodSeconds (operator pods.graceful_stop)
+RESERVED_ENV = (MANIFEST_ENV, RUN_ID_ENV, PROGRESS_CONFIGMAP_ENV, DRAIN_ENV, *RAY_AUTH_ENV)
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # what the API server accepts for container env names
 # words of a variable name (split at _ - .) that say it holds a credential; TOKENIZERS_PARALLELISM does not

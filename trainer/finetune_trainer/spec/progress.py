@@ -144,7 +144,7 @@ class ProgressDocument(_Document):
         best = data.get("bestTrial", data.get("best_trial"))
         if isinstance(best, dict) and isinstance(best.get("value"), float) and not math.isfinite(best["value"]):
             data = {k: v for k, v in data.items() if k not in {"bestTrial", "best_trial"}}
-        return _finite_only(data)
+        return finite_only(data)
 
     @field_validator("problems", mode="before")
     @classmethod
@@ -169,12 +169,13 @@ class ProgressDocument(_Document):
         return self.model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
-def _finite_only(value: Any) -> Any:
-    """`value` with every NaN or infinite float (at any depth) replaced by None."""
+def finite_only(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth) replaced by None: what strict JSON
+    readers (the API server, jq, browsers) accept, where Python's json writes NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_only(v) for k, v in value.items()}
+        return {k: finite_only(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_only(v) for v in value]
+        return [finite_only(v) for v in value]
     return value

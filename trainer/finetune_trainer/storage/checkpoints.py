@@ -225,8 +225,11 @@ def upload_dir(store: Store, folder: str | Path, key_prefix: str) -> int:
 
 
 def write_json(store: Store, key: str, payload: Mapping[str, Any]) -> str:
-    """results.json / status.json: one PUT on S3, temp file + rename locally; readers never see half."""
-    store.write(key, json.dumps(payload, indent=2, default=str).encode())
+    """results.json / status.json: one PUT on S3, temp file + rename locally; readers never see half.
+    Strict JSON: a diverged run's NaN or infinite numbers are written as null."""
+    from ..spec.progress import finite_only
+
+    store.write(key, json.dumps(finite_only(dict(payload)), indent=2, default=str, allow_nan=False).encode())
     return store.uri(key)
 
 
