@@ -285,7 +285,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(local_ray, s3_s
 
     published: list[ProgressDocument] = []  # every status.json the restored driver writes, as it writes it
     write = job_status.StatusPublisher.publish
-    monkeypatch.setattr(job_status.StatusPublisher, "publish", lambda self, status: (published.append(status), write(self, status))[1])
+    monkeypatch.setattr(job_status.StatusPublisher, "publish",
+                        lambda self, status, **kw: (published.append(status), write(self, status, **kw))[1])
     code = main(["run", str(manifest), "--no-progress", "--resume"])
     out, err = capsys.readouterr()
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
