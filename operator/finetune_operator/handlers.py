@@ -73,6 +73,7 @@ from .rayjob import ray_auth_enabled, rayjob_name, render_rayjob, rendered_gener
 from .status_mapping import (
     RAY_AUTH_DISABLED_MESSAGE,
     apply_progress,
+    created_at,
     failed_status,
     next_status,
     ray_auth_disabled,
@@ -180,7 +181,7 @@ class Operator:
                 if problems:
                     return self._rejected(body, status, problems, rayjob)
                 status = apply_lifecycle(apply_progress(status, progress), progress)
-                status = hold_for_results(status, progress, run_id=_run_id(body, generation), since=_created(rayjob),
+                status = hold_for_results(status, progress, run_id=_run_id(body, generation), since=created_at(rayjob),
                                           generation=generation, now=now)
             return status
 
@@ -196,15 +197,16 @@ class Operator:
         if problems:
             self._drop_run(written.body, rayjob)
 
-    def poll_progress(self, body: Mapping[str, Any]) -> None:
+    def poll_progress(self, body: Mapping[str, Any]) -> FineTuneJobStatus | None:
         """The poll's look while the job runs: the trainer's status.json into the status. Its write
         is computed from the status as it is when written: a tick that began while the job was
         Running and ends after the mirror wrote the run's end changes nothing (the mirror has
-        already read the last progress)."""
+        already read the last progress). Returns the status as it now is (the poll's next delay
+        depends on it), None when the job is gone or its spec does not parse."""
         try:
             job = parse_job(_manifest(body), for_cluster=True)
         except SpecError:
-            return
+            return None
         progress, rayjob, problems = self.progress.read(job), None, []
         waiting = read_status(body).reason == Reason.WAITING_FOR_RESULTS
         if trainer_problems(progress) or waiting:  # a verdict, or the final results: are they this run's?
@@ -218,7 +220,7 @@ class Operator:
                 return self._rejected(fresh, previous, problems, rayjob)
             generation = previous.observed_generation or fresh["metadata"].get("generation", 1)
             status = apply_lifecycle(apply_progress(previous, progress), progress)
-            return results_arrived(status, progress, run_id=_run_id(fresh, generation), since=_created(rayjob),
+            return results_arrived(status, progress, run_id=_run_id(fresh, generation), since=created_at(rayjob),
                                    generation=generation, now=self.clock())
 
         meta = body["metadata"]
@@ -231,6 +233,7 @@ class Operator:
         if written is not None and written.wrote and written.previous.reason == Reason.WAITING_FOR_RESULTS != written.status.reason:
             kind = "Normal" if written.status.reason == Reason.SUCCEEDED else "Warning"
             self.post_event(written.body, kind, str(written.status.reason), f"{written.status.phase}: {written.status.message}")
+        return written.status if written is not None else None
 
     def _post_resumes(self, written: StatusWrite | None, progress: ProgressDocument | None) -> None:
         """An Event for every resume status.json lists that the status had not seen yet."""
@@ -387,14 +390,6 @@ def _lost(status: FineTuneJobStatus, generation: int) -> bool:
     (reconcile found none). Not when it was already found lost and is being re-created."""
     return bool(status.ray_job_name and status.phase and not status.phase.is_terminal()
                 and status.reason != Reason.RAYJOB_LOST and status.observed_generation == generation)
-
-
-def _created(obj: Mapping[str, Any] | None) -> datetime | None:
-    stamp = ((obj or {}).get("metadata") or {}).get("creationTimestamp")
-    try:
-        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")) if stamp else None
-    except ValueError:
-        return None
 
 
 def _run_id(body: Mapping[str, Any], generation: int) -> str:

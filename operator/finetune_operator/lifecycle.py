@@ -29,7 +29,7 @@ from typing import Any
 from finetune_trainer.spec import FineTuneJob
 from finetune_trainer.spec.progress import FINISHED, ProgressDocument, Resume
 
-from .status_mapping import _conditioned, _set_condition, _with_progress, observe
+from .status_mapping import conditioned, observe, set_condition, with_progress
 from .status_model import ConditionType, FineTuneJobStatus, Phase, Reason
 
 RESULTS_WAIT = timedelta(minutes=10)  # the driver retries its final write for ~30 s; this is far beyond
@@ -55,10 +55,10 @@ def hold_for_results(status: FineTuneJobStatus, progress: ProgressDocument | Non
         return _results_read(status)
     held = status.model_copy(deep=True)
     held.phase, held.reason, held.completion_time = Phase.RUNNING, Reason.WAITING_FOR_RESULTS, None
-    held.message = _with_progress(WAITING_MESSAGE, held)
-    held.conditions = _set_condition(held.conditions, ConditionType.RESULTS_PENDING, True, Reason.WAITING_FOR_RESULTS,
+    held.message = with_progress(WAITING_MESSAGE, held)
+    held.conditions = set_condition(held.conditions, ConditionType.RESULTS_PENDING, True, Reason.WAITING_FOR_RESULTS,
                                      WAITING_MESSAGE, generation, now)
-    return _conditioned(held, generation, now, ready=False, reconciling=True, stalled=False)
+    return conditioned(held, generation, now, ready=False, reconciling=True, stalled=False)
 
 
 def results_arrived(status: FineTuneJobStatus, progress: ProgressDocument | None, *, run_id: str | None,
@@ -77,8 +77,8 @@ def results_arrived(status: FineTuneJobStatus, progress: ProgressDocument | None
         return status
     done = _results_read(status.model_copy(deep=True))
     done.phase, done.reason, done.completion_time = Phase.SUCCEEDED, reason, now
-    done.message = _with_progress(message, done)
-    return _conditioned(done, generation, now, ready=True, reconciling=False, stalled=False)
+    done.message = with_progress(message, done)
+    return conditioned(done, generation, now, ready=True, reconciling=False, stalled=False)
 
 
 def waiting_since(status: FineTuneJobStatus, now: datetime) -> datetime:
@@ -123,14 +123,14 @@ def lost_rayjob(previous: FineTuneJobStatus, job: FineTuneJob | None, rayjob_nam
         status.phase, status.reason = Phase.PENDING, Reason.RAYJOB_LOST
         status.message = (f"RayJob {rayjob_name} was deleted before the run finished; re-created: the run continues "
                           "from its latest complete checkpoint (spec.storage.resume: auto)")
-        return _conditioned(status, generation, now, ready=False, reconciling=True, stalled=False)
+        return conditioned(status, generation, now, ready=False, reconciling=True, stalled=False)
     why = ("spec.storage.resume is never" if job is not None and job.spec.storage is not None
            else "the job has no spec.storage, so its checkpoints were on the lost Ray cluster")
     status.phase, status.reason, status.completion_time = Phase.FAILED, Reason.RAYJOB_LOST, now
     status.message = (f"RayJob {rayjob_name} was deleted before the run finished, and {why}: a new RayJob would train "
                       "again from step 0, so none is created. Re-apply the FineTuneJob under a new name (or delete and "
                       "re-create it) to run it again")
-    return _conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)
+    return conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)
 
 
 # ------------------------------------------------------------------ progress extras

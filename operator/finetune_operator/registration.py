@@ -35,8 +35,7 @@ from .crd import GROUP, PLURAL, VERSION
 from .handlers import Operator
 from .kube import RAY_GROUP, RAY_VERSION, RAYJOBS
 from .lifecycle import results_poll_delay
-from .status_model import Phase, Reason
-from .status_writer import read_status
+from .status_model import FineTuneJobStatus, Phase, Reason
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}  # rayjob.labels() puts it on every RayJob
 FINALIZER = f"{GROUP}/operator"  # what kopf's timers added (before this module): named so kopf removes it
@@ -125,8 +124,7 @@ class ProgressPoll:
             work = due_work(body.get("status") or {}, body["metadata"])
             with self.operator.metrics.reconcile("progress" if work == "progress" else "reconcile"):
                 if work == "progress":
-                    self.operator.poll_progress(body)
-                    delay = self._next_delay(key)
+                    delay = self._next_delay(self.operator.poll_progress(body))
                 elif work == "newer-spec":
                     self.operator.retry_newer_spec(body, log)
         except kopf.TemporaryError as err:
@@ -139,10 +137,9 @@ class ProgressPoll:
                 if key in self.jobs:
                     self.jobs[key].due = self.clock() + delay
 
-    def _next_delay(self, key: tuple[str, str]) -> float:
-        """The normal interval, or the results wait's shorter backoff (lifecycle.results_poll_delay)."""
-        body = self.operator.kube.get_job(*key)
-        status = read_status(body) if body else None
+    def _next_delay(self, status: FineTuneJobStatus | None) -> float:
+        """The normal interval, or the results wait's shorter backoff (lifecycle.results_poll_delay),
+        from the status the look just wrote: no second read of the job."""
         if status is not None and status.reason == Reason.WAITING_FOR_RESULTS:
             return results_poll_delay(status, datetime.now(UTC), self.interval)
         return self.interval

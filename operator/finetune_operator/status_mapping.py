@@ -138,9 +138,9 @@ def next_status(
     else:
         status.completion_time = None
     status.phase, status.reason = phase, seen.reason
-    status.message = _with_progress(seen.message, status) if phase == Phase.RUNNING else seen.message
+    status.message = with_progress(seen.message, status) if phase == Phase.RUNNING else seen.message
     ready = phase == Phase.SUCCEEDED
-    return _conditioned(status, generation, now, ready=ready, reconciling=seen.reconciling, stalled=seen.stalled)
+    return conditioned(status, generation, now, ready=ready, reconciling=seen.reconciling, stalled=seen.stalled)
 
 
 def failed_status(previous: FineTuneJobStatus, reason: Reason, message: str, *, generation: int,
@@ -151,7 +151,7 @@ def failed_status(previous: FineTuneJobStatus, reason: Reason, message: str, *, 
     status.phase = _reachable(previous.phase, Phase.FAILED, new_generation=True) or previous.phase
     status.reason, status.message = reason, message
     status.completion_time = None
-    return _conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)
+    return conditioned(status, generation, now, ready=False, reconciling=False, stalled=True)
 
 
 def spec_change_ignored(previous: FineTuneJobStatus, fields: Sequence[str], *, generation: int,
@@ -169,7 +169,7 @@ def spec_change_ignored(previous: FineTuneJobStatus, fields: Sequence[str], *, g
         "with. To run the new spec, delete and re-create the FineTuneJob, or apply it under a new name "
         "(only spec.runPolicy.suspend, activeDeadlineSeconds and ttlSecondsAfterFinished change a running job)"
     )
-    status.conditions = _set_condition(status.conditions, ConditionType.SPEC_CHANGE_IGNORED, True, reason, message, generation, now)
+    status.conditions = set_condition(status.conditions, ConditionType.SPEC_CHANGE_IGNORED, True, reason, message, generation, now)
     return status
 
 
@@ -187,7 +187,7 @@ def ray_auth_disabled(previous: FineTuneJobStatus, disabled: bool, *, generation
     if not disabled:
         status.conditions = [c for c in status.conditions if c.type != ConditionType.RAY_AUTH_DISABLED]
         return status
-    status.conditions = _set_condition(status.conditions, ConditionType.RAY_AUTH_DISABLED, True, Reason.RAY_AUTH_DISABLED,
+    status.conditions = set_condition(status.conditions, ConditionType.RAY_AUTH_DISABLED, True, Reason.RAY_AUTH_DISABLED,
                                        RAY_AUTH_DISABLED_MESSAGE, generation, now)
     return status
 
@@ -201,7 +201,7 @@ def trainer_problems(progress: ProgressDocument | None, *, rayjob: Mapping[str, 
     previous run's (the one whose fix started this run), so its verdict is not this run's."""
     if progress is None or progress.state != INVALID:
         return []
-    written, run_created = _utc(progress.updated), _utc(_time(((rayjob or {}).get("metadata") or {}).get("creationTimestamp")))
+    written, run_created = _utc(progress.updated), created_at(rayjob)
     if run_created is not None and written is not None and written < run_created:
         return []
     problems = [(p.path, p.message) for p in progress.problems]
@@ -242,7 +242,7 @@ def apply_progress(previous: FineTuneJobStatus, progress: ProgressDocument | Non
     if checkpoint:
         status.best_checkpoint = checkpoint
     if status.phase == Phase.RUNNING and status.reason == Reason.TRAINING:
-        status.message = _with_progress("the trainer is running", status)
+        status.message = with_progress("the trainer is running", status)
     return status
 
 
@@ -251,7 +251,7 @@ def _rejected(status: FineTuneJobStatus, generation: int) -> bool:
     return status.phase == Phase.FAILED and status.reason == Reason.INVALID_SPEC and status.observed_generation == generation
 
 
-def _with_progress(message: str, status: FineTuneJobStatus) -> str:
+def with_progress(message: str, status: FineTuneJobStatus) -> str:
     parts = [message]
     if status.trials_done:
         parts.append(f"{status.trials_done} trials done")
@@ -274,17 +274,17 @@ def _reachable(old: Phase | None, new: Phase, *, new_generation: bool = True) ->
     return None
 
 
-def _conditioned(status: FineTuneJobStatus, generation: int, now: datetime, *, ready: bool, reconciling: bool,
+def conditioned(status: FineTuneJobStatus, generation: int, now: datetime, *, ready: bool, reconciling: bool,
                  stalled: bool) -> FineTuneJobStatus:
     reason, message = status.reason or Reason.CLUSTER_STARTING, status.message or ""
     conditions = status.conditions
     for ctype, value in ((ConditionType.READY, ready), (ConditionType.RECONCILING, reconciling), (ConditionType.STALLED, stalled)):
-        conditions = _set_condition(conditions, ctype, value, reason, message, generation, now)
+        conditions = set_condition(conditions, ctype, value, reason, message, generation, now)
     status.conditions = conditions
     return status
 
 
-def _set_condition(conditions: list[Condition], ctype: str, value: bool, reason: str, message: str, generation: int,
+def set_condition(conditions: list[Condition], ctype: str, value: bool, reason: str, message: str, generation: int,
                    now: datetime) -> list[Condition]:
     """Replace (or add) one condition; its lastTransitionTime moves only when its status changes."""
     text: Literal["True", "False"] = "True" if value else "False"
@@ -294,6 +294,11 @@ def _set_condition(conditions: list[Condition], ctype: str, value: bool, reason:
                     last_transition_time=since, observed_generation=generation)
     out = [new if c.type == ctype else c for c in conditions]
     return out if old is not None else [*out, new]
+
+
+def created_at(obj: Mapping[str, Any] | None) -> datetime | None:
+    """An object's metadata.creationTimestamp (a RayJob's: when this run's attempt began), UTC."""
+    return _utc(_time(((obj or {}).get("metadata") or {}).get("creationTimestamp")))
 
 
 def _utc(value: datetime | None) -> datetime | None:
