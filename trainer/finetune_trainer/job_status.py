@@ -15,8 +15,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from pydantic.alias_generators import to_camel
-
 from .spec.progress import INVALID, STATUS_FILE, BestTrial, Problem, ProgressDocument, State, TrialCounts
 
 __all__ = ["STATUS_FILE", "StatusPublisher", "best_trial", "invalid", "lifecycle", "snapshot", "store_writer"]
@@ -108,7 +106,7 @@ class StatusPublisher:
     def publish(self, status: ProgressDocument, *, final: bool = False) -> None:
         """Each destination gets the same JSON object (`ProgressDocument.as_dict`)."""
         if self.decorate is not None and status.state != INVALID:
-            status = ProgressDocument.model_validate(status.as_dict() | _camel(self.decorate()))
+            status = ProgressDocument.model_validate(status.model_dump() | self.decorate())  # field names: populate_by_name
         document = status.as_dict()
         for i, write in enumerate(self.writes):
             for attempt in range(self.FINAL_TRIES if final else 1):
@@ -135,8 +133,3 @@ def store_writer(store: Any, key: str) -> Write:
         write_json(store, key, status)
 
     return write
-
-
-def _camel(fields: dict[str, Any]) -> dict[str, Any]:
-    """snake_case keys -> the document's camelCase (top level: the lifecycle fields)."""
-    return {to_camel(k): v for k, v in fields.items()}
