@@ -161,6 +161,7 @@ FREE_FORM = {
     "spec.deepspeed.config",  # the raw DeepSpeed config, for experts
     "spec.lrSchedule.options",  # keyword arguments of reduce_lr_on_plateau / greedy
     "spec.data.train", "spec.data.validation", "spec.data.test",  # `path` or {path, format, ...}: checked by the operator
+    "spec.evaluation.reference.data",  # the same DataSource shorthand as spec.data.train
     "status.bestTrial.params",  # a trial's sampled settings
     "spec.search.space.*.choice[]", "spec.search.space.*.grid[]",  # the values a categorical search dimension takes
 }

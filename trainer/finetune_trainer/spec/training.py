@@ -10,6 +10,7 @@ from pydantic import Field
 
 from .base import SpecModel
 from .limits import INT32_MAX
+from .model import DataSource
 
 Problems = Iterator[tuple[str, str]]
 
@@ -224,10 +225,13 @@ class LRScheduleSpec(SpecModel):
         return {**kwargs, **self.options}
 
 
-Metric = Literal["loss", "accuracy", "f1", "perplexity"]
+Metric = Literal["loss", "accuracy", "f1", "perplexity", "referencePerplexity"]
+# referencePerplexity: perplexity on evaluation.reference (general text), the forgetting probe;
+# evaluated only when a reference is given, so it is not among a task's default metrics.
+REFERENCE_METRIC = "referencePerplexity"
 METRICS_BY_TASK: dict[str, tuple[str, ...]] = {
     "sequence-classification": ("loss", "accuracy", "f1"),
-    "causal-lm": ("loss", "perplexity"),
+    "causal-lm": ("loss", "perplexity", REFERENCE_METRIC),
 }
 MAXIMIZED = frozenset({"accuracy", "f1"})
 
@@ -235,6 +239,25 @@ MAXIMIZED = frozenset({"accuracy", "f1"})
 class EarlyStoppingSpec(SpecModel):
     patience: int = Field(default=3, ge=1, le=INT32_MAX, description="Evaluations without improvement before training stops.")
     min_delta: float = Field(default=0.0, ge=0, description="Smallest change of the metric that counts as improvement.")
+
+
+class SamplesSpec(SpecModel):
+    """Generated text at the baseline and at every evaluation, for prompts that never change."""
+
+    count: int = Field(default=4, ge=1, le=32, description="Held-out prompts (the first of the validation split) generated for.")
+    max_new_tokens: int = Field(default=64, ge=1, le=1024, description="Tokens generated per prompt, at most (generation also stops at EOS).")
+    temperature: float = Field(
+        default=0.0, ge=0, le=5,
+        description="0: greedy decoding. Above 0: sampling, seeded with training.seed, so the same run writes the same samples.",
+    )
+
+
+class ReferenceSpec(SpecModel):
+    """General text the fine-tune should not forget how to model (the forgetting probe)."""
+
+    data: DataSource = Field(description="Any text data source (a file, or pkg://<python-package>/<path>), read like spec.data.train.")
+    text_field: str = Field(default="text", description="Column with the text.")
+    max_samples: int = Field(default=200, ge=1, le=100_000, description="Rows used (a seeded sample of the file), each truncated to data.maxSeqLength tokens.")
 
 
 class EvaluationSpec(SpecModel):
@@ -246,9 +269,21 @@ class EvaluationSpec(SpecModel):
     mode: Literal["min", "max"] | None = Field(default=None, description="Default: max for accuracy/f1, min otherwise.")
     baseline: bool = Field(default=True, description="Evaluate the pre-trained model before training, to show the gain.")
     early_stopping: EarlyStoppingSpec | None = Field(default=None, description="Stop when the metric stops improving.")
+    samples: SamplesSpec | None = Field(
+        default=None,
+        description="causal-lm: generate from fixed held-out prompts at the baseline and at every evaluation "
+                    "(results.json, the run's output, the latest ones in the status).",
+    )
+    reference: ReferenceSpec | None = Field(
+        default=None,
+        description="causal-lm: perplexity on general text at the baseline and every evaluation, reported as its "
+                    "change (forgetting); metric referencePerplexity.",
+    )
 
     def resolved_metrics(self, task: str) -> list[str]:
-        chosen: list[str] = list(self.metrics) if self.metrics else list(METRICS_BY_TASK[task])
+        chosen: list[str] = list(self.metrics) if self.metrics else [m for m in METRICS_BY_TASK[task] if m != REFERENCE_METRIC]
+        if self.reference is not None and REFERENCE_METRIC not in chosen:
+            chosen.append(REFERENCE_METRIC)  # a reference is given to be measured
         return chosen if self.metric in chosen else [*chosen, self.metric]
 
     def resolved_mode(self) -> Literal["min", "max"]:
@@ -264,3 +299,15 @@ class EvaluationSpec(SpecModel):
         natural = "max" if self.metric in MAXIMIZED else "min"
         if self.mode is not None and self.mode != natural:
             yield "mode", f"{self.metric} improves when it goes {'up' if natural == 'max' else 'down'}: mode must be {natural} (or left out)"
+        if task != "causal-lm":
+            for field in ("samples", "reference"):
+                if getattr(self, field) is not None:
+                    yield field, f"generated samples and the forgetting probe are for task: causal-lm; remove {field}"
+        elif self.reference is None:
+            named = [("metric", self.metric)] + [(f"metrics[{i}]", m) for i, m in enumerate(self.metrics or [])]
+            for path, metric in named:
+                if metric == REFERENCE_METRIC:
+                    yield path, f"{REFERENCE_METRIC} needs evaluation.reference: the general text it is measured on (e.g. data: pkg://<package>/<file>.csv)"
+        if self.reference is not None:
+            for path, msg in self.reference.data.check():
+                yield f"reference.data.{path}", msg
