@@ -18,7 +18,8 @@ from .exposure import cluster_problems
 from .limits import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_VALUES, json_size_problems, raw_problems
 from .model import DataSpec, ModelSpec
 from .runtime import MAX_RAY_WORKERS, DeepSpeedSpec, OutputSpec, ResourcesSpec
-from .search import SearchSpec, space_problems
+from .search import SearchSpec
+from .space_check import space_problems
 from .storage import RESUME_MODES, StorageSpec
 from .training import MAXIMIZED, EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
 

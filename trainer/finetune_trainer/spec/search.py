@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from .base import SpecModel
 from .limits import INT32_MAX
@@ -217,61 +217,15 @@ class SearchSpec(SpecModel):
             yield "budget.trialSteps", "training.maxSteps is searched; drop one of them"
 
 
-def space_problems(search: SearchSpec, base: BaseModel) -> list[tuple[str, str]]:
-    """Every path exists and is searchable; every candidate value is valid for its field; every
-    combination (or a seeded sample, for large spaces) makes a valid trial spec."""
-    found: list[tuple[str, str]] = []
-    for path in search.space:
-        where = f"spec.search.space.{path}"
-        bad_path = _path_problem(type(base), path)
-        if bad_path:
-            found.append((where, bad_path))
-            continue
-        found += [(where, message) for message in _candidate_problems(base, path, search.space[path].candidates())]
-    if found:
-        return found
-    seen: set[str] = set()  # the field a combination breaks: one example each, not one per combination
-    for sampled in search_combinations(search):
-        params = {**search.fixed_params(), **sampled}
-        problem: tuple[str, str] | None
-        try:
-            spec = trial_spec(base, params)
-        except ValidationError as err:
-            message = _first_message(err)
-            field, problem = message.partition(":")[0], ("spec.search.space", f"{_fmt(params)}: {message}")
-        else:
-            issues = spec.problems()
-            field = issues[0][0] if issues else ""
-            problem = ("spec.search.space", f"{_fmt(params)}: {issues[0][0]}: {issues[0][1]}") if issues else None
-        if problem and field not in seen:
-            seen.add(field)
-            found.append(problem)
-    return found
-
-
-def _candidate_problems(base: BaseModel, path: str, values: list[Any]) -> Iterator[str]:
-    """Each value against its field's own rules: the one section it lives in, validated with the
-    value written in (a section is a few fields, so this is linear in the values, where the whole
-    spec per value took minutes for 100,000 of them). Combinations are checked after, sampled."""
-    section, field = path.split(".", 1)
-    part = getattr(base, {"lrSchedule": "lr_schedule"}.get(section, section))
-    document = part.model_dump(by_alias=True, mode="json", exclude_unset=True)
-    tried: set[tuple[type, Any]] = set()
-    for value in values:
-        key = (type(value), value if isinstance(value, str | int | float | None) else repr(value))
-        if key in tried:  # the type too: 1 and True are equal, and not the same value here
-            continue
-        tried.add(key)
-        try:
-            type(part).model_validate({**document, field: _plain(value)}, by_alias=True, by_name=False)
-        except ValidationError as err:
-            yield f"{value!r} is not valid here: {err.errors()[0]['msg']}"
-
-
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """A sampled value as the manifest would hold it: Tune's randint and uniform hand out numpy
     scalars, which the spec's strict types (no coercion, as the CRD) would refuse."""
     return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+
+
+def attribute_of(model: type[BaseModel], key: str) -> str:
+    """The attribute a manifest key (camelCase alias, as paths are written) names in `model`."""
+    return next((name for name, f in model.model_fields.items() if key in (f.alias, name)), key)
 
 
 def trial_spec(base: BaseModel, params: dict[str, Any]) -> Any:
@@ -283,9 +237,10 @@ def trial_spec(base: BaseModel, params: dict[str, Any]) -> Any:
     for path, value in params.items():
         node = document
         keys = path.split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = _plain(value)
+        for key in keys[:-1]:  # a nested path (freezing.lora.r) makes its subsection if the base has none
+            node[key] = node[key] if isinstance(node.get(key), dict) else {}
+            node = node[key]
+        node[keys[-1]] = plain_value(value)
     spec = type(base).model_validate(document, by_alias=True, by_name=False)
     for section in ("freezing", "lr_schedule"):
         part = getattr(spec, section)
@@ -297,13 +252,15 @@ def trial_spec(base: BaseModel, params: dict[str, Any]) -> Any:
 
 
 def dropped_params(spec: Any, params: dict[str, Any]) -> list[str]:
-    """Searched paths a trial's spec does not use (shown as n/a in the results table)."""
+    """Searched paths a trial's spec does not use (shown as n/a in the results table): trial_spec
+    removed them, so the trial's spec no longer holds the sampled value there (nested paths such as
+    freezing.lora.r included: a freezeBottom trial has no lora section)."""
     dropped = []
-    for path in params:
-        section, _, field = path.partition(".")
-        attr = {"lrSchedule": "lr_schedule"}.get(section, section)
-        part = getattr(spec, attr, None)
-        if part is not None and field and getattr(part, _snake(field), None) in (None, []):
+    for path, value in params.items():
+        node: Any = spec
+        for key in path.split("."):
+            node = getattr(node, attribute_of(type(node), key), None) if isinstance(node, BaseModel) else None
+        if node in (None, []) or node != plain_value(value):
             dropped.append(path)
     return dropped
 
@@ -337,48 +294,3 @@ def grid_order(search: SearchSpec, seed: int) -> list[dict[str, Any]]:
     combos = [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*values)]
     random.Random(seed).shuffle(combos)
     return combos
-
-
-def _path_problem(model: type[BaseModel], path: str) -> str | None:
-    keys = path.split(".")
-    if path in NOT_SEARCHABLE:
-        return f"cannot be searched: {NOT_SEARCHABLE[path]}"
-    if keys[0] not in SEARCHABLE:
-        return f"cannot be searched; search varies {', '.join(SEARCHABLE)} (model, data, resources and evaluation stay the same in every trial)"
-    current: Any = model
-    for i, key in enumerate(keys):
-        fields = {f.alias or name: f for name, f in current.model_fields.items()}
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            return f"{'.'.join(keys[: i + 1])} is not a field of the spec; {'.'.join(keys[:i]) or 'spec'} has: {known}"
-        annotation = fields[key].annotation
-        nested = _model_in(annotation)
-        if i < len(keys) - 1 and nested is None:
-            return f"{'.'.join(keys[: i + 1])} is a value, not a section"
-        if i == len(keys) - 1 and nested is not None:
-            return f"{path} is a section; search one of its fields, e.g. {path}.{next(iter(nested.model_fields.values())).alias}"
-        current = nested
-    return None
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
-
-
-def _first_message(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str", "bool"})))
-    return f"{loc}: {e['msg']}" if loc else e["msg"]
-
-
-def _fmt(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in params.items())
-
-
-def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
