@@ -147,6 +147,8 @@ def _one_type(arg: Any) -> str:
         return "one of " + ", ".join(f"`{m.value}`" for m in arg)
     if isinstance(arg, type) and issubclass(arg, BaseModel):
         return "object or string (shorthand)" if _accepts_non_objects(arg) else "object"
+    if origin is typing.Annotated:  # a constrained item type (list[Annotated[str, ...]]): its base type
+        return _one_type(typing.get_args(arg)[0])
     if origin is list:
         return f"list of {_one_type(typing.get_args(arg)[0])}"
     if origin is dict:

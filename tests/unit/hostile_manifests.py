@@ -171,6 +171,19 @@ CASES: list[Hostile] = [
     Hostile("ds-clipping", "spec.deepspeed.config.gradient_clipping", changes={"deepspeed.config": {"gradient_clipping": 100.0}}),
     Hostile("ds-scheduler", "spec.deepspeed.config.scheduler",
             changes={"deepspeed.config": {"scheduler": {"type": "WarmupLR"}}}),
+    # -- adapters (freezing.strategy: lora) and a quantized base
+    Hostile("lora-rank-1e9", "spec.freezing.lora.r", changes={"freezing": {"strategy": "lora", "lora": {"r": 10**9}}},
+            cluster="api"),  # one adapter's matrices would be r x width: memory without end
+    Hostile("lora-target-regex", "spec.freezing.lora.targetModules[0]",
+            changes={"freezing": {"strategy": "lora", "lora": {"targetModules": ["(a+)+$"]}}},
+            cluster="api"),  # names, never a regex PEFT would run against every module name
+    Hostile("lora-targets-10k", "spec.freezing.lora.targetModules",
+            changes={"freezing": {"strategy": "lora", "lora": {"targetModules": [f"m{i}" for i in range(10_000)]}}},
+            cluster="api"),
+    Hostile("lora-layer-lr-decay", "spec.freezing.layerLrDecay",
+            changes={"freezing": {"strategy": "lora", "layerLrDecay": 0.5}}),
+    Hostile("quantized-on-cpu", "spec.model.quantization",
+            changes={"freezing": {"strategy": "lora"}, "model.quantization": {"bits": 4}}),
     Hostile("ds-offload-off", "spec.deepspeed.config.zero_optimization.offload_param",
             changes={"deepspeed.config": {"zero_optimization": {"offload_param": {"device": "cpu"}}}}),
 ]

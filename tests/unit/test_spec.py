@@ -217,7 +217,7 @@ def test_data_source_shorthand_and_format_from_extension(train, path, fmt):
         (
             {"spec.freezing.strategy": "freezeTop"},
             "spec.freezing.strategy",
-            ["'none', 'freezeBottom', 'featureExtraction', 'gradual' or 'patterns'"],
+            ["'none', 'freezeBottom', 'featureExtraction', 'gradual', 'patterns' or 'lora'"],
         ),
         (
             {"spec.freezing": {"strategy": "freezeBottom", "layers": -1}},

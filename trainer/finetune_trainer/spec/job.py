@@ -89,6 +89,8 @@ class FineTuneJobSpec(SpecModel):
             "resources": self.resources.check(),
             "training": self.training.non_finite_problems(self.deepspeed.zero_stage, self.deepspeed.config),
         }
+        found += [(f"spec.model.{path}", msg) for path, msg in self.model.quantization_problems(
+            strategy=self.freezing.strategy, gpus_per_worker=self.resources.gpus_per_worker, zero_stage=self.deepspeed.zero_stage)]
         for section, problems in sections.items():
             found += [(f"spec.{section}.{path}", msg) for path, msg in problems]
         cpu = self.resources.gpus_per_worker == 0

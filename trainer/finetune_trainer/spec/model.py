@@ -18,6 +18,16 @@ SOURCE_HELP = (
 )
 
 
+class QuantizationSpec(SpecModel):
+    """A quantized, frozen base under LoRA adapters (QLoRA), through bitsandbytes on GPUs."""
+
+    bits: Literal[4, 8] = Field(
+        description="4: NF4 with double quantization (QLoRA's recipe); 8: LLM.int8(). The base stays frozen; "
+                    "only the adapters train (freezing.strategy: lora). Needs GPUs (resources.gpusPerWorker) "
+                    "and the trainer's optional extra `qlora` (bitsandbytes).",
+    )
+
+
 class ModelSpec(SpecModel):
     source: str = Field(min_length=1, description=f"Where the pre-trained model is: {SOURCE_HELP}.")
     task: Task = Field(description="What the model is fine-tuned for; picks the head.")
@@ -32,6 +42,23 @@ class ModelSpec(SpecModel):
     )
     revision: str | None = Field(default=None, description="Hub revision (hub sources only).")
     trust_remote_code: bool = Field(default=False, description="Allow the model's own Python code.")
+    quantization: QuantizationSpec | None = Field(
+        default=None, description="Load the frozen base quantized (QLoRA): with freezing.strategy: lora, on GPUs only."
+    )
+
+    def quantization_problems(self, *, strategy: str, gpus_per_worker: float, zero_stage: int) -> Problems:
+        """A quantized base is frozen by construction (bitsandbytes' int8/NF4 tensors take no
+        optimizer step), runs only on CUDA, and has not been made to work with ZeRO-3's parameter
+        partitioning here: each refused with the fix, before anything loads."""
+        if self.quantization is None:
+            return
+        if gpus_per_worker == 0:
+            yield "quantization", ("a quantized base (bitsandbytes) runs on GPUs only: set resources.gpusPerWorker: 1, "
+                                   "or remove model.quantization to train the adapters over the full-precision base on CPU")
+        if strategy != "lora":
+            yield "quantization", f"a quantized base cannot train itself, only adapters on it: set freezing.strategy: lora (is {strategy}) or remove model.quantization"
+        if zero_stage == 3:
+            yield "quantization", "a quantized base is not supported with deepspeed.zeroStage: 3 (ZeRO-3 partitions the packed 4/8-bit weights); use zeroStage 0, 1 or 2"
 
     def check(self) -> Problems:
         if self.source.startswith("s3://"):

@@ -101,4 +101,10 @@ class OutputSpec(SpecModel):
         default="best",
         description="Which model to export in Hugging Face format (safetensors + tokenizer): the best evaluation's, the last step's, or none.",
     )
+    merge_adapter: bool = Field(
+        default=True,
+        description="freezing.strategy: lora: besides the adapter in PEFT's format (model/adapter/, for "
+                    "PeftModel.from_pretrained), export the base with the adapter merged in (model/), loadable with "
+                    "AutoModelFor*.from_pretrained alone; false exports the adapter only. Other strategies ignore it.",
+    )
     keep_checkpoints: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept besides the latest (best by evaluation.metric).")

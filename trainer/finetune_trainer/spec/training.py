@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from .adapters import LoraSpec
 from .base import SpecModel
 from .limits import INT32_MAX
 from .model import DataSource
@@ -66,8 +67,9 @@ class TrainingSpec(SpecModel):
 
 
 # which strategy reads each strategy-specific field (the other fields apply to every strategy)
-FREEZING_FIELD_USERS = {"layers": "freezeBottom", "unfreeze_every": "gradual", "trainable_patterns": "patterns", "frozen_patterns": "patterns"}
-FreezingStrategy = Literal["none", "freezeBottom", "featureExtraction", "gradual", "patterns"]
+FREEZING_FIELD_USERS = {"layers": "freezeBottom", "unfreeze_every": "gradual", "trainable_patterns": "patterns",
+                        "frozen_patterns": "patterns", "lora": "lora"}
+FreezingStrategy = Literal["none", "freezeBottom", "featureExtraction", "gradual", "patterns", "lora"]
 
 
 class FreezingSpec(SpecModel):
@@ -77,7 +79,10 @@ class FreezingSpec(SpecModel):
             "none: every weight trains. freezeBottom: embeddings + the bottom `layers` blocks stay fixed. "
             "featureExtraction: the whole pre-trained body stays fixed, only the task head trains. "
             "gradual: ULMFiT-style, the head trains first and one more block from the top unfreezes every "
-            "`unfreezeEvery` steps (or every epoch). patterns: regexes over parameter names."
+            "`unfreezeEvery` steps (or every epoch). patterns: regexes over parameter names. "
+            "lora: the pre-trained weights stay frozen and small low-rank adapters (PEFT's LoRA, DoRA, rsLoRA; "
+            "settings in `lora`) train on the transformer blocks' projections, plus the task head for "
+            "sequence-classification."
         ),
     )
     layers: int | float | None = Field(
@@ -91,6 +96,9 @@ class FreezingSpec(SpecModel):
     )
     frozen_patterns: list[str] = Field(
         default_factory=list, description="patterns: parameters whose name matches one of these stay fixed."
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="lora: the adapters (rank, alpha, dropout, target modules, DoRA, rsLoRA, top-N layers); defaults when left out."
     )
     layer_lr_decay: float | None = Field(
         default=None, gt=0, le=1,
@@ -117,6 +125,9 @@ class FreezingSpec(SpecModel):
                 yield "unfreezeEvery", "gradual needs unfreezeEvery: a number of steps (e.g. 50) or `epoch`"
             elif isinstance(self.unfreeze_every, int) and not 1 <= self.unfreeze_every <= INT32_MAX:
                 yield "unfreezeEvery", f"must be at least 1 step (and at most {INT32_MAX})"
+        if s == "lora" and self.layer_lr_decay is not None:
+            yield "layerLrDecay", ("scales whole blocks' learning rates, and under lora only the adapters train; remove it "
+                                   "(to adapt fewer blocks, set lora.layers)")
         if s == "patterns" and not (self.trainable_patterns or self.frozen_patterns):
             yield "trainablePatterns", "patterns needs trainablePatterns and/or frozenPatterns (regexes over parameter names)"
         for name, patterns in (("trainablePatterns", self.trainable_patterns), ("frozenPatterns", self.frozen_patterns)):
@@ -125,6 +136,10 @@ class FreezingSpec(SpecModel):
                     re.compile(pattern)
                 except re.error as exc:
                     yield f"{name}[{i}]", f"not a valid regular expression: {exc}"
+
+    def lora_settings(self) -> LoraSpec:
+        """The adapters' settings: the section as written, or its defaults when left out."""
+        return self.lora or LoraSpec()
 
     def frozen_bottom_blocks(self, num_layers: int) -> int:
         """Layer blocks freezeBottom fixes, given the model's layer count (fractions round down)."""
