@@ -99,8 +99,9 @@ def print_search_summary(results: dict[str, Any], run_dir: Path) -> None:
     search = results["search"]
     metric = search["metric"][5:]
     table = Table(title=f"{results['job']} — {results['run']}: {search['trials']} trials, {search['algorithm']} search, {search['scheduler']} scheduler")
-    for column in ("trial", "parameters", f"best {metric}", "steps", "status", "checkpoint"):
-        table.add_column(column, justify="right" if column in {f"best {metric}", "steps"} else "left", overflow="fold")
+    numbers = {f"best {metric}", "steps", "trainable", "peak MiB"}
+    for column in ("trial", "strategy", "parameters", "trainable", "peak MiB", f"best {metric}", "steps", "status", "checkpoint"):
+        table.add_column(column, justify="right" if column in numbers else "left", overflow="fold")
     reverse = search["mode"] == "max"
     ranked = sorted(results["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0) if reverse else (t["value"] or 0)))
     best = results.get("best") or {}
@@ -108,12 +109,17 @@ def print_search_summary(results: dict[str, Any], run_dir: Path) -> None:
         mark = " *" if t["trial"] == best.get("trial") else ""
         checkpoint = _relative(t["checkpoint"], run_dir) if t["checkpoint"] else "—"
         status = t["status"] + (f": {t['error']}" if t.get("error") else "")
-        table.add_row(t["trial"] + mark, fmt_params(t["params"], t["unused_params"]), _fmt(t["value"]), f"{t['steps']}/{t['total_steps']}", status, checkpoint)
+        params = {k: v for k, v in t["params"].items() if k != "freezing.strategy"}  # the strategy column names it
+        trainable, total = t.get("trainable_params"), t.get("total_params")
+        share = f" ({100 * trainable / total:.2g}%)" if trainable is not None and total else ""
+        table.add_row(t["trial"] + mark, t.get("strategy") or "—", fmt_params(params, t["unused_params"]), _count(trainable) + share,
+                      _fmt(t.get("peak_memory_mib"), 0), _fmt(t["value"]), f"{t['steps']}/{t['total_steps']}", status, checkpoint)
     console.print(table)
     if best:
         unused: list[str] = next((t["unused_params"] for t in results["trials"] if t["trial"] == best["trial"]), [])
         shown = {k: v for k, v in best["params"].items() if k not in unused}
-        console.print(f"best: {best['trial']} at step {best['step']}: {metric}={best['value']:.4f} ({fmt_params(shown)})")
+        strategy = f" ({best['strategy']})" if best.get("strategy") else ""
+        console.print(f"best: {best['trial']}{strategy} at step {best['step']}: {metric}={best['value']:.4f} ({fmt_params(shown)})")
     val, test = results["metrics"]["validation"], results["metrics"]["test"]
     for split, pair in (("validation", val), ("test", test)):
         before, after = pair.get("baseline") or {}, pair.get("finetuned") or {}
@@ -129,6 +135,16 @@ def _relative(path: str, root: Path) -> str:
         return str(Path(path).relative_to(root))
     except ValueError:
         return path
+
+
+def _count(count: float | None) -> str:
+    """A parameter count as people write it: 4.2M, 135M, 812K."""
+    if count is None:
+        return "—"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(int(count))
 
 
 def _console() -> Console:
