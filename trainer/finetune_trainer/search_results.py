@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import job_status
 from .ranking import best_row
-from .spec import FineTuneJob
+from .spec import FineTuneJob, FreezingSpec
 from .spec.progress import ProgressDocument
 from .spec.search import dropped_params
 
@@ -44,6 +44,12 @@ def collect(job: FineTuneJob, grid, totals) -> list[dict[str, Any]]:
             "params": params,
             "unused_params": dropped_params(trial_job.spec, params),
             "freezing": trial_job.spec.freezing.strategy,
+            "strategy": strategy_label(trial_job.spec.freezing),
+            # what the workers reported (recipe): parameters the optimizer trains, of all the model's;
+            # peak memory per worker, the most any rank used (over every start of the trial)
+            "trainable_params": _count(history, "trainable_params"),
+            "total_params": _count(history, "total_params"),
+            "peak_memory_mib": max((r["peak_memory_mib"] for r in history if r.get("peak_memory_mib") is not None), default=None),
             "schedule": trial_job.spec.lr_schedule.type,
             "status": _status(result, last, total),
             "error": _error_line(result.error),
@@ -66,7 +72,7 @@ def best_trial(job: FineTuneJob, trials: list[dict[str, Any]]) -> dict[str, Any]
     if not best:
         return {}
     return {
-        "trial": best["trial"], "params": best["params"], "metric": best["metric"], "value": best["value"],
+        "trial": best["trial"], "strategy": best["strategy"], "params": best["params"], "metric": best["metric"], "value": best["value"],
         "step": best["best_step"], "checkpoint": best["checkpoint"], "checkpoints": best["checkpoints"],
     }
 
@@ -107,12 +113,25 @@ def results(job: FineTuneJob, prepared: Prepared, trials: list[dict[str, Any]], 
 def final_status(job: FineTuneJob, run_id: str, trials: list[dict[str, Any]], best: dict[str, Any],
                  model_dir: Path | str | None) -> ProgressDocument:
     states = {STATUS_FINISHED: "completed", STATUS_EARLY: "completed", STATUS_STOPPED: "stopped", STATUS_FAILED: "failed"}
-    best_trial = job_status.best_trial(best["trial"], best["metric"], best["value"], best["step"], params=best["params"],
-                                       checkpoint=best["checkpoint"]) if best else None
+    best_trial = {**job_status.best_trial(best["trial"], best["metric"], best["value"], best["step"], params=best["params"],
+                                          checkpoint=best["checkpoint"]), "strategy": best["strategy"]} if best else None
     return job_status.snapshot(
         job.name, run_id, kind="search", state="finished", trials={t["trial"]: states[t["status"]] for t in trials},
         total_trials=len(trials), best=best_trial, model=str(model_dir) if model_dir else None,
     )
+
+
+def strategy_label(freezing: FreezingSpec) -> str:
+    """How the trial table and status name a trial's strategy with its size: `lora r=16` (the
+    adapter's own summary, with DoRA, rsLoRA and top-N layers), `freezeBottom 6` (blocks frozen,
+    or the fraction), `gradual every 50`; the other strategies have no size."""
+    if freezing.strategy == "lora":
+        return freezing.lora_settings().summary()
+    if freezing.strategy == "freezeBottom" and freezing.layers is not None:
+        return f"freezeBottom {freezing.layers}"
+    if freezing.strategy == "gradual" and freezing.unfreeze_every is not None:
+        return f"gradual every {freezing.unfreeze_every}"
+    return freezing.strategy
 
 
 def fmt_params(params: dict[str, Any], unused: list[str] | tuple[str, ...] = ()) -> str:
@@ -193,6 +212,13 @@ def _history(result) -> list[dict[str, Any]]:
     for record in frame.to_dict("records"):
         rows.append({k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))})
     return sorted(rows, key=lambda r: (r.get("step", 0), not r.get("baseline")))
+
+
+def _count(history: list[dict[str, Any]], key: str) -> int | None:
+    """A count the trial reported (None when no row has it: a trial that failed before its first
+    report). Tune's metrics frame holds it as a float where some rows lack it."""
+    value = next((r[key] for r in reversed(history) if r.get(key) is not None), None)
+    return int(value) if value is not None else None
 
 
 def _status(result, last: dict[str, Any], total: int) -> str:

@@ -248,7 +248,7 @@ class TrialEvents(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         spec = self.totals.trial_job(trial.config).spec
         shown = search_results.fmt_params(trial.config, dropped_params(spec, trial.config))
-        self.tracker.record.remote({"trial": str(trial), "event": f"started: {shown}"})
+        self.tracker.record.remote({"trial": str(trial), "event": f"started: {search_results.strategy_label(spec.freezing)}: {shown}"})
         self._publish(trials, trial, "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -258,6 +258,7 @@ class TrialEvents(tune.Callback):
         if is_better(value, self.best["value"] if self.best else None, self.mode):
             self.best = job_status.best_trial(str(trial), self.metric, value, result.get("step"), params=dict(trial.config),
                                               checkpoint=self._uri(result.get(search_results.CHECKPOINT_KEY)))
+            self.best["strategy"] = search_results.strategy_label(self.totals.trial_job(trial.config).spec.freezing)
         self._publish(trials, trial, "running")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
