@@ -241,6 +241,11 @@ def apply_progress(previous: FineTuneJobStatus, progress: ProgressDocument | Non
     checkpoint = progress.best_checkpoint or (best.checkpoint if best else None)
     if checkpoint:
         status.best_checkpoint = checkpoint
+    # the trainer bounds both lists (spec.progress: STATUS_TRIALS trials, STATUS_SAMPLES samples, SAMPLE_CHARS each)
+    if progress.samples:
+        status.samples = [s.model_copy() for s in progress.samples]
+    if progress.forgetting:
+        status.forgetting = [f.model_copy() for f in progress.forgetting]
     if status.phase == Phase.RUNNING and status.reason == Reason.TRAINING:
         status.message = with_progress("the trainer is running", status)
     return status

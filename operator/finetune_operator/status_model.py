@@ -18,7 +18,7 @@ from pydantic.alias_generators import to_camel
 # `status.trials` and `status.bestTrial` are the trainer's progress document's counts and best
 # trial (without its step) as they are: one definition, in the spec package, for both documents.
 # A field added there appears here, and in the CRD's status schema, on purpose.
-from finetune_trainer.spec.progress import CheckpointRef, TrialCounts
+from finetune_trainer.spec.progress import CheckpointRef, Forgetting, TrialCounts, TrialSamples
 from finetune_trainer.spec.progress import TrialSummary as BestTrial
 
 
@@ -132,6 +132,12 @@ class FineTuneJobStatus(_StatusModel):
     attempt: int | None = Field(default=None, ge=1, description="The run's attempt: 1, then +1 for each KubeRay retry or re-created RayJob.")
     restarts: int | None = Field(default=None, ge=0, description="Restarts so far: earlier attempts plus worker-group restarts.")
     last_resume: datetime | None = Field(default=None, description="When the newest resume the operator has reported (as an Event) happened.")
+    samples: list[TrialSamples] | None = Field(
+        default=None, description="spec.evaluation.samples: each trial's latest generated samples (truncated; all of them are in results.json)."
+    )
+    forgetting: list[Forgetting] | None = Field(
+        default=None, description="spec.evaluation.reference: each trial's perplexity on general text, baseline -> latest."
+    )
 
     def to_patch(self) -> dict[str, Any]:
         """The camelCase dict a handler returns as `{"status": ...}`; unset fields left out."""

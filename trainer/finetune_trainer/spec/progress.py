@@ -105,6 +105,54 @@ class Resume(_Document):
     skipped: list[Skipped] = Field(default_factory=list)
 
 
+# What the status keeps of generated samples (spec.evaluation.samples) and the forgetting probe
+# (spec.evaluation.reference): bounded whatever the trainer writes, since the status lives in etcd
+# and is read by every `kubectl get -o yaml`. results.json has them all, untruncated.
+STATUS_TRIALS = 8  # trials with samples / forgetting shown: the ones that evaluated last
+STATUS_SAMPLES = 3  # samples shown per trial: the first prompts
+SAMPLE_CHARS = 240  # of a prompt (its end: where a chat prompt asks) and of a completion (its start)
+
+
+class GeneratedSample(_Document):
+    prompt: str = Field(description="The prompt as the model saw it (chat template included), its last characters.")
+    completion: str = Field(description="What the model wrote, its first characters.")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_end(cls, value: Any) -> Any:
+        return "…" + value[-SAMPLE_CHARS:] if isinstance(value, str) and len(value) > SAMPLE_CHARS else value
+
+    @field_validator("completion", mode="before")
+    @classmethod
+    def _completion_start(cls, value: Any) -> Any:
+        return value[:SAMPLE_CHARS] + "…" if isinstance(value, str) and len(value) > SAMPLE_CHARS else value
+
+
+class TrialSamples(_Document):
+    # a trial's latest samples as `status.samples` shows them (descriptions reach the CRD's status schema)
+    trial: str | None = Field(default=None, description="The search trial; empty for a single run.")
+    step: int | None = Field(default=None, description="The optimizer step generated at (0: the baseline).")
+    samples: list[GeneratedSample] = Field(default_factory=list, description="The first few held-out prompts and what the model wrote.")
+
+    @field_validator("samples", mode="before")
+    @classmethod
+    def _first_few(cls, value: Any) -> Any:
+        return value[:STATUS_SAMPLES] if isinstance(value, list) else value
+
+
+class Forgetting(_Document):
+    # a trial's forgetting probe as `status.forgetting` shows it
+    trial: str | None = Field(default=None, description="The search trial; empty for a single run.")
+    baseline: float | None = Field(default=None, description="Perplexity on the reference text before fine-tuning.")
+    latest: float | None = Field(default=None, description="Perplexity on it at the latest evaluation (empty: not a finite number).")
+    step: int | None = Field(default=None, description="The step of the latest evaluation.")
+    change: float | None = Field(default=None, description="latest / baseline - 1: 0.29 is 29% worse on general text.")
+
+
+def _latest_trials(value: Any) -> Any:
+    return value[-STATUS_TRIALS:] if isinstance(value, list) else value
+
+
 class Problem(_Document):
     path: str = Field(min_length=1)  # the spec field, e.g. spec.freezing.layers
     message: str = Field(min_length=1)  # what is wrong and how to fix it
@@ -131,6 +179,8 @@ class ProgressDocument(_Document):
     last_checkpoint: CheckpointRef | None = None
     resumes: list[Resume] = Field(default_factory=list)  # the newest few, oldest first
     non_finite_loss: int | None = None  # the step a non-finite loss ended the run at (spec.training.nonFiniteLoss: stop)
+    samples: list[TrialSamples] = Field(default_factory=list)  # each trial's latest generated samples, truncated
+    forgetting: list[Forgetting] = Field(default_factory=list)  # each trial's reference perplexity, baseline -> latest
     problems: list[Problem] = Field(default_factory=list)
 
     @model_validator(mode="before")
@@ -145,6 +195,8 @@ class ProgressDocument(_Document):
         if isinstance(best, dict) and isinstance(best.get("value"), float) and not math.isfinite(best["value"]):
             data = {k: v for k, v in data.items() if k not in {"bestTrial", "best_trial"}}
         return finite_only(data)
+
+    _bounded = field_validator("samples", "forgetting", mode="before")(_latest_trials)
 
     @field_validator("problems", mode="before")
     @classmethod
