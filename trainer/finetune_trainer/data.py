@@ -82,6 +82,7 @@ class PreparedData:
     test: TokenizedSplit | None
     label_names: list[str] | None
     stats: dict[str, Any] = field(default_factory=dict)
+    reference: TokenizedSplit | None = None  # spec.evaluation.reference's text (reference.py; the preflight sets it)
 
 
 def read_table(source: DataSource, where: str = "spec.data.train") -> pd.DataFrame:
