@@ -12,6 +12,7 @@ from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import UnmappableModel, discover
 from .modeling import load_tokenizer, offline_if_local, resolve_model_dir
 from .modeling import skeleton as model_skeleton
+from .reference import prepare_reference
 from .sources import SourceError
 from .spec import FineTuneJob, SpecError
 from .spec.search import search_combinations, trial_spec
@@ -41,6 +42,7 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
         raise SpecError([("spec.model.source", f"cannot load a tokenizer from {model_dir}: {err}")]) from None
     try:
         data = prepare(spec.data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels)
+        data.reference = prepare_reference(job, tokenizer)  # the forgetting probe's text, once for every worker
     except DataError as err:
         path, _, message = str(err).partition(": ")
         raise SpecError([(path, message or str(err))]) from None
