@@ -10,6 +10,8 @@ from pydantic import Field, model_validator
 from .base import SpecModel
 
 Task = Literal["causal-lm", "sequence-classification"]
+DataFormat = Literal["text", "promptCompletion", "messages"]
+CHAT_TEMPLATE_MAX = 32 * 1024  # characters; real templates are 1-15 KB (Llama 3.1's ~6 KB)
 Problems = Iterator[tuple[str, str]]
 
 SOURCE_HELP = (
@@ -114,8 +116,29 @@ class DataSpec(SpecModel):
     labels: list[str] | None = Field(
         default=None, min_length=2, description="Class names in id order; default: sorted distinct labels of train."
     )
-    prompt_field: str | None = Field(default=None, description="Prompt column (causal-lm); loss on the completion only.")
-    completion_field: str | None = Field(default=None, description="Completion column (causal-lm).")
+    format: DataFormat | None = Field(
+        default=None,
+        description="How a row becomes a causal-lm example (not the file format: that is train.format). "
+        "text: textField, loss on every token; promptCompletion: promptField + completionField, loss on the "
+        "completion only; messages: messagesField holds a conversation, [{role, content}, ...] with roles "
+        "system/user/assistant, loss on the assistant turns only. "
+        "Default: promptCompletion when promptField and completionField are set, else text.",
+    )  # fmt: skip
+    prompt_field: str | None = Field(
+        default=None, description="Prompt column (causal-lm); loss on the completion only. Default with format promptCompletion: prompt."
+    )
+    completion_field: str | None = Field(
+        default=None, description="Completion column (causal-lm). Default with format promptCompletion: completion."
+    )
+    messages_field: str = Field(default="messages", description="Conversation column for format: messages.")
+    chat_template: str | None = Field(
+        default=None, min_length=1, max_length=CHAT_TEMPLATE_MAX,
+        description="How promptCompletion and messages rows are rendered into text. auto: the tokenizer's own "
+        "chat template (refused when it has none); none (promptCompletion only): the prompt's tokens (with the "
+        "tokenizer's leading special tokens, no trailing EOS), then the completion's tokens directly after, "
+        "then EOS: no separator, no role markers; or a Jinja chat template, rendered in transformers' "
+        "sandbox (apply_chat_template). Default: auto for messages, none for promptCompletion.",
+    )  # fmt: skip
     max_seq_length: int = Field(default=128, ge=8, le=131072, description="Tokens per example after truncation.")
     packing: bool = Field(default=False, description="causal-lm: concatenate texts into full maxSeqLength blocks.")
     max_train_samples: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
@@ -141,11 +164,15 @@ class DataSpec(SpecModel):
             yield "testSplit", "set either data.test or data.testSplit, not both"
         if (self.validation_split or 0) + (self.test_split or 0) >= 0.9:
             yield "validationSplit", "validationSplit + testSplit leave under 10% of train for training"
-        if (self.prompt_field is None) != (self.completion_field is None):
+        if self.format is None and (self.prompt_field is None) != (self.completion_field is None):
             yield "promptField", "promptField and completionField go together; set both or neither"
         if task == "sequence-classification":
             if self.prompt_field is not None:
                 yield "promptField", "prompt/completion fields are for task: causal-lm"
+            if self.format is not None:
+                yield "format", "data.format is for task: causal-lm; remove it"
+            if self.chat_template is not None:
+                yield "chatTemplate", "chatTemplate is for task: causal-lm; remove it"
             if self.packing:
                 yield "packing", "packing is for task: causal-lm"
         else:
@@ -153,5 +180,40 @@ class DataSpec(SpecModel):
                 yield "labels", "labels are for task: sequence-classification"
             if self.text_pair_field is not None:
                 yield "textPairField", "textPairField is for task: sequence-classification"
-            if self.packing and self.prompt_field is not None:
-                yield "packing", "packing mixes examples, so a completion-only loss is lost; use packing with textField only"
+            yield from self._check_format()
+
+    def resolved_format(self) -> DataFormat:
+        """format as written, else what today's fields mean: both prompt fields set -> promptCompletion."""
+        if self.format is not None:
+            return self.format
+        return "promptCompletion" if self.prompt_field and self.completion_field else "text"
+
+    def prompt_columns(self) -> tuple[str, str]:
+        """(prompt column, completion column) for format promptCompletion."""
+        return self.prompt_field or "prompt", self.completion_field or "completion"
+
+    def resolved_chat_template(self) -> str:
+        """auto, none or a template: the default is auto for conversations (they have no other
+        rendering) and none for prompt/completion, which is what such manifests always meant."""
+        if self.chat_template is not None:
+            return self.chat_template
+        return "auto" if self.resolved_format() == "messages" else "none"
+
+    def _check_format(self) -> Problems:
+        fmt = self.resolved_format()
+        if fmt != "promptCompletion" and (self.prompt_field is not None or self.completion_field is not None):
+            yield "promptField", f"promptField/completionField are for format: promptCompletion, not {fmt}; remove them or set format: promptCompletion"
+        if fmt == "text" and self.chat_template is not None:
+            yield "chatTemplate", "chatTemplate is for format: promptCompletion or messages; plain text is trained as it is; remove it"
+        if fmt == "messages" and self.chat_template == "none":
+            yield "chatTemplate", "format messages needs a chat template to turn turns into text: use auto (the tokenizer's own) or give a Jinja template"
+        template = self.chat_template
+        if template is not None and template not in ("auto", "none"):
+            if "{{" not in template and "{%" not in template:
+                yield "chatTemplate", "not auto, none or a Jinja template (no {{ or {% in it); check the spelling"
+            elif "__" in template:
+                # The sandbox refuses these at render time anyway; a chat template never needs a
+                # Python dunder, so a template that names one is refused before any work starts.
+                yield "chatTemplate", "a chat template may not name Python attributes with __ (it renders in a sandbox); remove them"
+        if self.packing and fmt != "text":
+            yield "packing", f"packing mixes examples, so a completion-only loss (format {fmt}) is lost; use packing with format: text only"
