@@ -55,7 +55,7 @@ def test_target_modules_are_names_never_regexes(targets: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("lora", "path"), [({"r": 0}, "r"), ({"r": 5000}, "r"), ({"dropout": 1.0}, "dropout"),
-                                            ({"alpha": 0}, "alpha"), ({"layers": 0}, "layers"),
+                                            ({"alpha": 0}, "alpha"), ({"alpha": 0.5}, "alpha"), ({"layers": 0}, "layers"),
                                             ({"targetModules": [f"m{i}" for i in range(65)]}, "targetModules")])
 def test_lora_numbers_are_bounded(lora: dict[str, Any], path: str) -> None:
     assert [p for p, _ in _problems(_job(freezing={"strategy": "lora", "lora": lora}))] == [f"spec.freezing.lora.{path}"]

@@ -27,8 +27,8 @@ TargetName = Annotated[str, StringConstraints(min_length=1, max_length=128, patt
 
 class LoraSpec(SpecModel):
     r: int = Field(default=8, ge=1, le=MAX_RANK, description="Rank of each adapter's update (LoRA's r). Default 8, PEFT's and LLaMA-Factory's default.")
-    alpha: float = Field(
-        default=16, gt=0, le=1_000_000,
+    alpha: int = Field(
+        default=16, ge=1, le=1_000_000,
         description="Scale of the update: alpha / r (alpha / sqrt(r) with useRslora). Default 16, twice the default r, "
                     "as LLaMA-Factory derives it.",
     )
