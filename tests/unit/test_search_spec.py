@@ -157,8 +157,8 @@ def _tune_trials(search, seed: int) -> list[dict]:
 
 
 def test_grid_runs_every_combination_once_in_a_seeded_shuffled_order():
-    space = {"freezing.strategy": {"choice": ["none", "featureExtraction", "gradual"]}, "freezing.unfreezeEvery": {"choice": [5, 10]},
-             "freezing.layerLrDecay": {"choice": [0.8, 1.0]}}
+    space = {"freezing.strategy": {"choice": ["none", "featureExtraction", "gradual"]}, "freezing.unfreezeEvery": {"choice": [5]},
+             "freezing.layerLrDecay": {"choice": [0.8, 1.0]}, "training.learningRate": {"choice": [1e-4, 1e-3]}}
     search = _job({"algorithm": "grid", "space": space}).spec.search
     configs = _tune_trials(search, seed=7)
     got = [tuple(c[p] for p in space) for c in configs]

@@ -10,7 +10,7 @@ import pytest
 from finetune_trainer import search_results
 from finetune_trainer.report import print_search_summary
 from finetune_trainer.spec import FreezingSpec, SpecError, parse_job
-from finetune_trainer.spec.search import dropped_params, trial_spec
+from finetune_trainer.spec.search import dropped_params, grid_order, trial_spec
 from tests.tiny_models import minimal_manifest
 
 MIXED = {
@@ -130,3 +130,32 @@ def test_the_trial_table_names_strategy_and_size_trainable_parameters_and_peak_m
     assert "freezeBottom 1" in row["trial_01"] and "281K (52%)" in row["trial_01"] and "r=n/a" in row["trial_01"]
     assert "lora r=8" in row["trial_02"] and "3.07K (0.57%)" in row["trial_02"]
     assert "best: trial_01 (freezeBottom 1) at step 8" in out
+
+
+def test_status_names_the_best_trials_strategy():
+    results = _results()
+    job = _job({"space": MIXED, "numTrials": 8})
+    doc = search_results.final_status(job, "run-1", results["trials"], results["best"], None)
+    assert doc.best_trial is not None and doc.best_trial.strategy == "freezeBottom 1"
+    assert doc.as_dict()["bestTrial"]["strategy"] == "freezeBottom 1"
+
+
+def test_a_grid_runs_each_distinct_trial_once():
+    """{freezeBottom, lora} x lora.r {4, 8} is three trials: freezeBottom does not read r, so its two
+    combinations are one trial (before: the same freezeBottom trial ran twice)."""
+    job = _job({"algorithm": "grid", "space": {"freezing.strategy": {"choice": ["freezeBottom", "lora"]}, "freezing.lora.r": {"choice": [4, 8]},
+                                               "freezing.layers": {"choice": [1]}}})
+    search = job.spec.search
+    assert search.grid_size() == 4 and search.resolved_num_trials() == 3
+    trials = [trial_spec(job.spec, params) for params in grid_order(search, 7)]
+    assert sorted(search_results.strategy_label(t.freezing) for t in trials) == ["freezeBottom 1", "lora r=4", "lora r=8"]
+    # the schedule's fields too: constant has no warmup, so it is one trial whatever warmupRatio says
+    job = _job({"algorithm": "grid", "space": {"lrSchedule.type": {"choice": ["constant", "linear"]}, "lrSchedule.warmupRatio": {"choice": [0.05, 0.1]}}})
+    assert job.spec.search.resolved_num_trials() == 3 and len(grid_order(job.spec.search, 0)) == 3
+    # nothing merges where every value is read: learning rate x strategy stays 4
+    job = _job({"algorithm": "grid", "space": {"freezing.strategy": {"choice": ["none", "lora"]}, "training.learningRate": {"choice": [1e-4, 1e-3]}}})
+    assert job.spec.search.resolved_num_trials() == 4
+    # numTrials, when given, must be that count
+    problems = _problems({"algorithm": "grid", "numTrials": 4, "space": {"freezing.strategy": {"choice": ["freezeBottom", "lora"]},
+                                                                       "freezing.lora.r": {"choice": [4, 8]}, "freezing.layers": {"choice": [1]}}})
+    assert problems == [("spec.search.numTrials", "grid runs every combination once (3); leave numTrials out")]

@@ -143,7 +143,7 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
             scheduler=scheduler(job, totals, run_id),
             # a grid is one sample per combination (grid_order); otherwise Tune repeats num_samples
             # for every grid_search combination
-            num_samples=search.grid_size() if search.algorithm == "grid" else search.resolved_num_trials() // search.grid_points(),
+            num_samples=search.resolved_num_trials() if search.algorithm == "grid" else search.resolved_num_trials() // search.grid_points(),
             # the random/grid searcher carries the limit itself; Tune wraps a Searcher (Optuna) with it
             max_concurrent_trials=concurrency if search.algorithm == "tpe" else None,
             time_budget_s=search.budget.total_seconds,

@@ -69,6 +69,9 @@ class TrialSummary(_Document):
     name: str = Field(description="Ray Tune trial id.")
     metric: str = Field(description="The metric that ranks trials, e.g. accuracy.")
     value: float = Field(description="Its best value in this trial.")
+    strategy: str | None = Field(
+        default=None, description="The trial's freezing strategy and its size, e.g. `lora r=16`, `freezeBottom 6`, `featureExtraction`.",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="The trial's sampled settings (free-form).")
     checkpoint: str | None = Field(default=None, description="URI of the trial's best checkpoint.")
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from .base import SpecModel
 from .limits import INT32_MAX
-from .training import MAXIMIZED, Metric
+from .training import MAXIMIZED, FreezingSpec, LRScheduleSpec, Metric
 
 Problems = Iterator[tuple[str, str]]
 
@@ -166,9 +166,30 @@ class SearchSpec(SpecModel):
         """Combinations of the `grid:` dimensions (1 when there are none)."""
         return math.prod(d.size() or 0 for d in self.space.values() if d.kind == "grid")
 
+    def grid_trials(self) -> list[dict[str, Any]]:
+        """Every distinct trial of an `algorithm: grid` search, in the order written: the product
+        of the values, less the combinations that differ only in values their own strategy or
+        schedule type does not read (trial_spec drops those). So `freezing.strategy: [freezeBottom,
+        lora]` x `freezing.lora.r: [4, 8]` is three trials (freezeBottom, lora r=4, lora r=8), not
+        a freezeBottom trial twice. Only for a space check() has bounded (at most MAX_TRIALS)."""
+        paths = list(self.space)
+        values = [self.space[p].grid_values() or [] for p in paths]
+        unread: dict[tuple[Any, ...], set[str]] = {}  # per section's values: a few sections, many combinations
+        seen: set[tuple[Any, ...]] = set()
+        trials = []
+        for combo in itertools.product(*values):
+            params = dict(zip(paths, combo, strict=True))
+            dropped = _unread_paths(params, unread)
+            key = tuple((p, type(v).__name__, repr(v)) for p, v in params.items() if p not in dropped)
+            if key not in seen:
+                seen.add(key)
+                trials.append(params)
+        return trials
+
     def resolved_num_trials(self) -> int:
         if self.algorithm == "grid":
-            return self.grid_size()
+            size = self.grid_size()
+            return len(self.grid_trials()) if size <= MAX_TRIALS else size
         points = self.grid_points()
         return self.num_trials or points * math.ceil(8 / points)
 
@@ -193,8 +214,8 @@ class SearchSpec(SpecModel):
             if not continuous and size > MAX_TRIALS:
                 yield "space", (f"grid runs every combination once: {size} combinations, over the {MAX_TRIALS} trials "
                                 "a search may run; narrow the values, or use algorithm: random or tpe with numTrials")
-            elif not continuous and self.num_trials is not None and self.num_trials != size:
-                yield "numTrials", f"grid runs every combination once ({size}); leave numTrials out"
+            elif not continuous and self.num_trials is not None and self.num_trials != self.resolved_num_trials():
+                yield "numTrials", f"grid runs every combination once ({self.resolved_num_trials()}); leave numTrials out"
         elif self.grid_points() > MAX_TRIALS:
             yield "space", (f"the grid: dimensions make {self.grid_points()} combinations, each run at least once: over the "
                             f"{MAX_TRIALS} trials a search may run; use choice for some of them")
@@ -289,8 +310,40 @@ def grid_order(search: SearchSpec, seed: int) -> list[dict[str, Any]]:
     order irrelevant and the search repeatable. Tune's grid_search runs combinations in the order
     written and has no shuffle, so the combinations are expanded here and given to Tune's
     BasicVariantGenerator as points_to_evaluate."""
-    paths = list(search.space)
-    values = [search.space[p].grid_values() or [] for p in paths]
-    combos = [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*values)]
+    combos = search.grid_trials()
     random.Random(seed).shuffle(combos)
     return combos
+
+
+# the field of each section that decides which of the section's other fields a trial reads
+_SELECTORS: dict[str, tuple[str, type[FreezingSpec] | type[LRScheduleSpec]]] = {
+    "freezing": ("strategy", FreezingSpec), "lrSchedule": ("type", LRScheduleSpec),
+}
+
+
+def _unread_paths(params: dict[str, Any], cache: dict[tuple[Any, ...], set[str]]) -> set[str]:
+    """The paths of `params` that their section's strategy / schedule type, as drawn in `params`,
+    does not read (FreezingSpec / LRScheduleSpec.unused_fields, the rule trial_spec applies). A
+    section whose selector is not searched drops nothing here: its fields are read by the base's
+    strategy, or by no trial at all, the same in every combination."""
+    dropped: set[str] = set()
+    for section, (selector, model) in _SELECTORS.items():
+        if f"{section}.{selector}" not in params:
+            continue
+        mine = {p: v for p, v in params.items() if p.startswith(f"{section}.")}
+        key = tuple((p, repr(v)) for p, v in mine.items())
+        if key not in cache:
+            document: dict[str, Any] = {}
+            for path, value in mine.items():
+                node = document
+                keys = path.split(".")[1:]
+                for name in keys[:-1]:
+                    node = node.setdefault(name, {})
+                node[keys[-1]] = plain_value(value)
+            try:
+                unused = set(model.model_validate(document, by_alias=True, by_name=False).unused_fields())
+            except ValueError:  # an invalid combination: space_problems names it; nothing to merge here
+                unused = set()
+            cache[key] = {p for p in mine if attribute_of(model, p.split(".")[1]) in unused}
+        dropped |= cache[key]
+    return dropped
