@@ -8,6 +8,10 @@ text, map labels (a class no training row has: `data_checks.missing_classes`), a
 tokenize (batched, fast tokenizers). The checks' figures go into `stats`, which results.json
 carries as its `data` section; data_checks.py says what each check is for.
 
+causal-lm rows of format promptCompletion or messages are rendered (chat template) and given
+their trained-token labels in chat.py; a bad conversation cell is named by its file row before
+the shuffle.
+
 Examples are stored unpadded (`list[np.ndarray]`); `TokenizedSplit.batch` pads a batch to
 its own longest example, which is what makes short-text CPU training cheap.
 """
@@ -22,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import data_checks
+from . import chat, data_checks
 from .sources import SourceError, resolve_local
 from .spec import DataSource, DataSpec
 
@@ -157,6 +161,8 @@ def prepare(
             split = _tokenize_causal(frame, data, tokenizer, name)
         splits[name] = split
         stats["rows"][name] = len(split)
+        if data.resolved_format() != "text":  # rows left with no trained token (a prompt filling maxSeqLength)
+            stats.setdefault("dropped_untrained", {})[name] = len(frame) - len(split)
         stats["tokens"][name] = split.num_tokens()
     train = splits["train"]
     assert train is not None
@@ -180,6 +186,12 @@ def _read_frames(
             continue
         frame = read_table(source, f"spec.data.{name}")
         _check_columns(frame, columns, source.path)
+        if "messagesField" in columns:  # before the shuffle, so a bad row is named by its place in the file
+            try:
+                cells = chat.check_messages(frame[data.messages_field], f"{name} ({source.path})", data.messages_field)
+            except chat.ChatDataError as err:
+                raise DataError(str(err)) from None
+            frame[data.messages_field] = pd.Series(cells, index=frame.index, dtype=object)
         keep, by_field = data_checks.empty_cells(frame, columns)
         stats["file_rows"][name], stats["dropped_empty"][name] = len(frame), int((~keep).sum())
         stats["dropped_empty_by_field"][name] = by_field
@@ -233,8 +245,11 @@ def _required_columns(data: DataSpec, task: str) -> dict[str, str]:
         if data.text_pair_field:
             cols["textPairField"] = data.text_pair_field
         return cols
-    if data.prompt_field and data.completion_field:
-        return {"promptField": data.prompt_field, "completionField": data.completion_field}
+    fmt = data.resolved_format()
+    if fmt == "messages":
+        return {"messagesField": data.messages_field}
+    if fmt == "promptCompletion":
+        return dict(zip(("promptField", "completionField"), data.prompt_columns(), strict=True))
     return {"textField": data.text_field}
 
 
@@ -325,25 +340,16 @@ def _tokenize_causal(
 ) -> TokenizedSplit:
     eos = tokenizer.eos_token_id
     limit = data.max_seq_length
-    if data.prompt_field and data.completion_field:
-        prompts = tokenizer(frame[data.prompt_field].astype(str).tolist())["input_ids"]
-        completions = tokenizer(
-            frame[data.completion_field].astype(str).tolist(), add_special_tokens=False
-        )["input_ids"]
-        ids, labels = [], []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            # Keep the tokenizer's leading specials (BOS) but not a trailing EOS/SEP: the
-            # completion follows the prompt directly and gets the only EOS.
-            if eos is not None and prompt and prompt[-1] == eos:
-                prompt = prompt[:-1]
-            seq = (prompt + _with_eos(completion, eos))[:limit]
-            target = ([IGNORE_INDEX] * len(prompt) + seq[len(prompt) :])[:limit]
-            # A prompt that fills the whole window teaches nothing and, alone in a batch,
-            # would make a NaN loss: such rows are dropped (stats: table_rows - rows).
-            if any(t != IGNORE_INDEX for t in target):
-                ids.append(seq)
-                labels.append(target)
-        return TokenizedSplit(_arrays(ids), _arrays(labels))
+    if (fmt := data.resolved_format()) != "text":
+        # Rendering, prompt/completion joining and the trained-token mask: chat.py.
+        try:
+            template = chat.template_for(data, tokenizer, warn=split == "train")
+            rows = (frame[data.messages_field].tolist() if fmt == "messages"
+                    else tuple(frame[c].astype(str).tolist() for c in data.prompt_columns()))  # fmt: skip
+            chat_ids, chat_labels, _ = chat.encode(rows, tokenizer, template, limit, split)
+        except chat.ChatDataError as err:
+            raise DataError(str(err)) from None
+        return TokenizedSplit(_arrays(chat_ids), _arrays(chat_labels))
     texts = frame[data.text_field].astype(str).tolist()
     if data.packing:
         # Validation and test are packed too: the same block shape as training, so
