@@ -65,3 +65,19 @@ def test_a_diverged_latest_perplexity_is_null_not_a_lost_document():
            "forgetting": [{"baseline": 20.0, "latest": float("nan"), "step": 4}]}
     doc = ProgressDocument.read(raw)
     assert doc is not None and doc.forgetting[0].latest is None
+
+
+def test_the_runs_output_shows_each_evaluations_samples_and_the_summary_the_forgetting(tmp_path, capsys):
+    from finetune_trainer import report
+
+    row = _rows(None, [20.0, 26.0], text="line one\nline two " + "y" * 300)[1]
+    shown = report.format_row(row).splitlines()
+    assert shown[0].startswith("[eval] step 5: loss=1.0000  referencePerplexity=26.0000")
+    assert shown[1].startswith("  sample 1: line one ⏎ line two yyy") and shown[1].endswith("…")
+    assert len(shown) == 3 and all(len(line) < 200 for line in shown)
+    results = {"job": "j", "run": "r", "metrics": {"validation": {"baseline": {}, "finetuned": {}}, "test": {}},
+               "steps": 5, "total_steps": 5, "early_stopped": False, "timings": {"train_seconds": 1.0, "total_seconds": 2.0},
+               "throughput": {"tokens_per_second": 10.0}, "peak_memory_mib": 1.0, "model": None,
+               "forgetting": eval_report.forgetting(_rows(None, [24.1, 31.0]))}
+    report.print_summary(results, tmp_path)
+    assert "forgetting: general-text perplexity 24.10 -> 31.00, +29% (step 5)" in capsys.readouterr().out

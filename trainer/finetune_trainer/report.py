@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import eval_report
+
 
 def format_row(row: dict[str, Any]) -> str:
     trial = f"{row['trial']} " if row.get("trial") else ""
@@ -22,7 +24,7 @@ def format_row(row: dict[str, Any]) -> str:
     label = "baseline" if row.get("baseline") else f"step {row['step']}"
     metrics = "  ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("eval_") and isinstance(v, float))
     train = f"  train_loss={row['train_loss']:.4f}" if isinstance(row.get("train_loss"), float) else ""
-    return f"[eval] {trial}{label}: {metrics}{train}"
+    return "\n".join([f"[eval] {trial}{label}: {metrics}{train}", *eval_report.output_lines(row)])  # + generated samples
 
 
 def say(text: str) -> None:
@@ -89,6 +91,7 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
     best = results.get("best") or {}
     if best:
         console.print(f"best: step {best['step']} {best['metric']}={best['value']:.4f}")
+    _print_forgetting(console, results)
     console.print(f"model: {results['model']}\nresults: {run_dir / 'results.json'}")
 
 
@@ -126,8 +129,17 @@ def print_search_summary(results: dict[str, Any], run_dir: Path) -> None:
         metrics = [m for m in sorted(set(before) | set(after)) if m not in {"examples", "tokens"}]
         if metrics:
             console.print(f"{split}: " + "  ".join(f"{m} {_fmt(before.get(m))} -> {_fmt(after.get(m))}" for m in metrics))
+    _print_forgetting(console, results)
     console.print(f"trial-steps spent: {search['trial_steps']} · {_fmt(results['timings']['total_seconds'], 1)} s total")
     console.print(f"model: {results['model']}\nplots: {', '.join(results.get('plots') or []) or '—'}\nresults: {run_dir / 'results.json'}")
+
+
+def _print_forgetting(console: Console, results: dict[str, Any]) -> None:
+    """The exported model's perplexity on general text against the baseline's (spec.evaluation.reference)."""
+    figure = results.get("forgetting")
+    if figure:
+        trial = f" ({figure['trial']})" if figure.get("trial") else ""
+        console.print(f"forgetting{trial}: {eval_report.forgetting_text(figure)} (step {figure['step']})")
 
 
 def _relative(path: str, root: Path) -> str:
