@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import job_status
+from . import eval_report, job_status
 from .driver import ProgressTracker, check_run_id, init_ray, new_run_id, resume_mode, shared_config
 from .job_status import StatusPublisher
 from .persist import Persistence, open_storage
@@ -111,15 +111,17 @@ class DriverSession:
         self.publisher.publish(job_status.snapshot(self.job.name, self.run_id, kind=self.kind, state=state, **fields), final=final)
 
     def _lifecycle(self) -> dict[str, Any]:
-        """What every status document carries about the run's life (job_status.lifecycle)."""
+        """What every status document carries about the run's life (job_status.lifecycle), and each
+        trial's latest generated samples and forgetting figure (eval_report.status_fields)."""
         import ray
 
         try:
             tracked = ray.get(self.tracker.lifecycle.remote(), timeout=5)
+            _, rows = ray.get(self.tracker.snapshot.remote(), timeout=5)
         except Exception as err:  # the tracker is gone (Ray shutting down): the attempt is still known
             log.debug("no lifecycle from the progress tracker: %s", err)
-            tracked = {}
-        return job_status.lifecycle(self.attempt, tracked)
+            tracked, rows = {}, []
+        return job_status.lifecycle(self.attempt, tracked) | eval_report.status_fields(rows)
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> Prepared:

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from . import job_status
+from . import eval_report, job_status
 from .driver import Listener, RunResult, best_checkpoint, export_model, fit_polling, make_trainer, score_test
 from .ds_config import build_ds_config
 from .ranking import best_row, raise_if_diverged
@@ -97,7 +97,9 @@ def _results(session: DriverSession, rows: list[dict[str, Any]], best: dict[str,
         "peak_memory_mib": final.get("peak_memory_mib"),
         "freezing": prepared.plan.summary(),
         "data": prepared.data.stats,
-        "history": rows,
+        "history": [{k: v for k, v in r.items() if k != "samples"} for r in rows],  # the samples have their own section
+        "samples": eval_report.sample_sets(rows),
+        "forgetting": eval_report.forgetting(rows, step=best.get("step")),  # the exported model's, against the baseline
         "config": {
             "spec": prepared.job.spec.to_manifest(),
             "deepspeed": build_ds_config(spec, world_size=spec.resources.workers, precision=final.get("precision", "resolved at run time")),
