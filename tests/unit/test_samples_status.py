@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from finetune_operator.status_mapping import apply_progress
 from finetune_operator.status_model import FineTuneJobStatus, Phase
 from finetune_trainer import eval_report
@@ -81,3 +83,16 @@ def test_the_runs_output_shows_each_evaluations_samples_and_the_summary_the_forg
                "forgetting": eval_report.forgetting(_rows(None, [24.1, 31.0]))}
     report.print_summary(results, tmp_path)
     assert "forgetting: general-text perplexity 24.10 -> 31.00, +29% (step 5)" in capsys.readouterr().out
+
+
+def test_a_searchs_results_hold_every_trials_samples_and_forgetting_at_its_best_step():
+    rows = [*_rows("t1", [20.0, 22.0, 25.0]), *_rows("t2", [20.0, 19.0])]
+    strip = lambda r: {k: v for k, v in r.items() if k != "samples"}  # noqa: E731  # Tune's rows carry no samples
+    results = {"best": {"trial": "t1", "step": 5},
+               "trials": [{"trial": "t1", "best_step": 5, "history": [strip(r) for r in rows[:3]]},
+                          {"trial": "t2", "best_step": 5, "history": [strip(r) for r in rows[3:]]}]}
+    eval_report.add_to_search_results(results, [*rows, {"trial": "t2", "event": "finished"}])
+    assert [(s["trial"], s["step"], s["baseline"]) for s in results["samples"]] == [
+        ("t1", 0, True), ("t1", 5, False), ("t1", 10, False), ("t2", 0, True), ("t2", 5, False)]
+    assert results["trials"][0]["forgetting"]["finetuned"] == 22.0 and results["trials"][1]["forgetting"]["finetuned"] == 19.0
+    assert results["forgetting"]["trial"] == "t1" and results["forgetting"]["change"] == pytest.approx(0.1)

@@ -81,3 +81,14 @@ def output_lines(row: dict[str, Any]) -> list[str]:
         text = " ".join(str(sample.get("completion", "")).replace("\n", " ⏎ ").split())
         lines.append(f"  sample {i}: {text[:OUTPUT_CHARS]}{'…' if len(text) > OUTPUT_CHARS else ''}")
     return lines
+
+
+def add_to_search_results(results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """A search's results.json: every trial's samples (from the tracker's rows), each trial's
+    forgetting at its best step, and the best trial's as the search's."""
+    results["samples"] = sample_sets(rows)
+    for trial in results["trials"]:
+        trial["forgetting"] = forgetting(trial.get("history") or [], step=trial.get("best_step"))
+    best = results.get("best") or {}
+    figure = next((t["forgetting"] for t in results["trials"] if t["trial"] == best.get("trial")), None)
+    results["forgetting"] = {**figure, "trial": best["trial"]} if figure else None

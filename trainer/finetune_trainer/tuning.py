@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import ray
 from ray import tune
 
-from . import halving, job_status, scratch, search_results
+from . import eval_report, halving, job_status, scratch, search_results
 from .driver import Listener, RunResult, export_model, fit_polling, score_test
 from .job_status import StatusPublisher
 from .persist import TRIALS_DIR, Persistence
@@ -68,6 +68,7 @@ def run_search(session: DriverSession, on_progress: Listener | None = None) -> R
                                      session.started, session.preflight_seconds)
     results["plots"] = search_results.plot(job, trials, session.run_dir)
     results["restored"] = session.restored
+    eval_report.add_to_search_results(results, ray.get(session.tracker.snapshot.remote())[1])  # samples, forgetting
     results = persistence.save_results(run_id, results, model_dir)
     session.publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)),
                               final=True)
