@@ -261,7 +261,8 @@ def with_progress(message: str, status: FineTuneJobStatus) -> str:
     if status.trials_done:
         parts.append(f"{status.trials_done} trials done")
     if status.best_trial:
-        parts.append(f"best {status.best_trial.metric} {status.best_trial.value:.4g} ({status.best_trial.name})")
+        best = status.best_trial
+        parts.append(f"best {best.metric} {best.value:.4g} ({best.name}{', ' + best.strategy if best.strategy else ''})")
     return "; ".join(parts)
 
 

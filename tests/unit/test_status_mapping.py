@@ -221,6 +221,17 @@ def test_progress_fills_trials_best_trial_and_checkpoint():
     assert "3/8 trials done" in again.message
 
 
+def test_the_best_trials_strategy_reaches_the_status_and_its_message():
+    """Issue 17: one search mixes strategies and adapters; the status names the best one's."""
+    running = next_status(FineTuneJobStatus(), {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, generation=1, now=T0,
+                          ray_job_name=RAYJOB)
+    progress = {**PROGRESS, "bestTrial": {**PROGRESS["bestTrial"], "strategy": "lora r=16", "params": {"freezing.strategy": "lora"}}}
+    status = apply_progress(running, doc(progress))
+    assert status.best_trial is not None and status.best_trial.strategy == "lora r=16"
+    assert status.to_patch()["bestTrial"]["strategy"] == "lora r=16"
+    assert status.message == "the trainer is running; 3/8 trials done; best accuracy 0.8412 (trial_3, lora r=16)"
+
+
 def doc(data: dict | None) -> ProgressDocument | None:
     """What progress.py hands on: the typed document, or None for none or one that is not one."""
     return None if data is None else ProgressDocument.read(data)
