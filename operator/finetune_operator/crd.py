@@ -213,6 +213,8 @@ def build_crd() -> dict[str, Any]:
                     {"name": "Metric", "type": "string", "jsonPath": ".status.bestTrial.metric", "priority": 1},
                     {"name": "Best", "type": "number", "jsonPath": ".status.bestTrial.value",
                      "description": "Best value of the ranking metric so far"},
+                    {"name": "Strategy", "type": "string", "jsonPath": ".status.bestTrial.strategy", "priority": 1,
+                     "description": "The best trial's freezing strategy and size (lora r=16, freezeBottom 6)"},
                     {"name": "Trials", "type": "string", "jsonPath": ".status.trialsDone",
                      "description": "Finished / total trials"},
                     {"name": "Dashboard", "type": "string", "jsonPath": ".status.dashboardURL", "priority": 1},

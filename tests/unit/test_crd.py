@@ -71,6 +71,7 @@ def test_printer_columns():
     assert [c["name"] for c in VERSION["additionalPrinterColumns"] if "priority" not in c] == ["Phase", "Best", "Trials", "Age"]
     assert columns["Phase"]["jsonPath"] == ".status.phase"
     assert (columns["Best"]["jsonPath"], columns["Best"]["type"]) == (".status.bestTrial.value", "number")
+    assert (columns["Strategy"]["jsonPath"], columns["Strategy"]["priority"]) == (".status.bestTrial.strategy", 1)  # -o wide
     assert columns["Trials"]["jsonPath"] == ".status.trialsDone"
     assert (columns["Age"]["jsonPath"], columns["Age"]["type"]) == (".metadata.creationTimestamp", "date")
     for column in columns.values():  # every column points at a field the schema has
