@@ -186,4 +186,12 @@ CASES: list[Hostile] = [
             changes={"freezing": {"strategy": "lora"}, "model.quantization": {"bits": 4}}),
     Hostile("ds-offload-off", "spec.deepspeed.config.zero_optimization.offload_param",
             changes={"deepspeed.config": {"zero_optimization": {"offload_param": {"device": "cpu"}}}}),
+    # -- generated samples and the forgetting probe: each evaluation's extra work is bounded
+    Hostile("samples-1m-tokens", "spec.evaluation.samples.maxNewTokens",
+            changes={"evaluation.samples": {"maxNewTokens": 10**6}}, cluster="api"),  # a million forward passes per evaluation
+    Hostile("samples-100k-prompts", "spec.evaluation.samples.count",
+            changes={"evaluation.samples": {"count": 100_000}}, cluster="api"),
+    Hostile("reference-1e9-rows", "spec.evaluation.reference.maxSamples",
+            changes={"evaluation.reference": {"data": "general.csv", "maxSamples": 10**9}}, cluster="api"),
+    Hostile("samples-on-a-classifier", "spec.evaluation.samples", changes={"evaluation.samples": {"count": 2}}),
 ]
