@@ -12,7 +12,8 @@ are found the way TRL and LLaMA-Factory do, by rendering prefixes, written by ha
 library exposes it for unmarked templates: for each assistant turn i, the conversation before it
 with the generation prompt (`messages[:i]`, what the model sees at inference) and the
 conversation through it (`messages[:i+1]`) must both be prefixes of the whole rendering; the
-text between the two (the reply and the template's end-of-turn, e.g. `<|im_end|>`) is trained.
+text between the two (the reply and the template's end-of-turn, e.g. `<|im_end|>`, up to and
+including EOS where the reply has it) is trained.
 A template for which that does not hold is refused naming `spec.data.chatTemplate`.
 The text is tokenized piecewise at those cuts (as LLaMA-Factory does), so every prompt is
 tokenized exactly as it is at inference and no token straddles a trained/untrained border.
@@ -170,8 +171,14 @@ def split_rendered(conversation: Conversation, tokenizer: Any, template: str, sp
                 "whole conversation's text, so the trained reply cannot be told apart; use a template whose turns "
                 "render the same whatever follows them"
             )
-        pieces += [(full[pos : len(before)], False), (through[len(before) :], True)]
-        pos = len(through)
+        reply = through[len(before) :]
+        # The reply is trained up to and including its end-of-turn token (EOS, where the reply
+        # has it): the separator the template writes after it (SmolLM2's "\n") is never
+        # generated, since generation stops at EOS.
+        eos = tokenizer.eos_token
+        end = reply.rfind(eos) + len(eos) if isinstance(eos, str) and eos and eos in reply else len(reply)
+        pieces += [(full[pos : len(before)], False), (reply[:end], True)]
+        pos = len(before) + end
     pieces.append((full[pos:], False))
     return pieces
 

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     environment.prepare()  # before anything imports Ray (environment's docstring)
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("validate", "check a manifest: fields, then data and model fit"), ("run", "run a manifest on local Ray (or the cluster in RAY_ADDRESS)")):
+    for name, help_text in (("validate", "check a manifest: fields, then data and model fit"), ("run", "run a manifest on local Ray (or the cluster in RAY_ADDRESS)"),
+                             ("preview", "print the first training examples exactly as tokenized, trained tokens marked")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("manifest", help="FineTuneJob YAML")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-v", "--verbose", action="count", default=0,
                        help="debug logs, and Ray, transformers and DeepSpeed at their own (noisy) defaults")
     sub.choices["validate"].add_argument("--static", action="store_true", help="fields only; do not read the model or data")
+    sub.choices["preview"].add_argument("-n", dest="examples", type=_positive, default=3, metavar="N",
+                                        help="how many training examples (default 3)")
     run_parser = sub.choices["run"]
     run_parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run_parser.add_argument("--resume", action="store_true",
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.manifest, args.overrides, for_cluster=args.command == "validate")
         if args.command == "validate":
             return _validate(job, static=args.static)
+        if args.command == "preview":
+            return _preview(job, args.examples)
         resume = "latest" if args.resume else None
         if args.embedded_s3:
             return _run_with_embedded_s3(job, progress=not args.no_progress, resume=resume, run_id=args.run_id)
@@ -99,6 +104,24 @@ def _validate(job, *, static: bool) -> int:
             say(f"  {path}: {dist.kind} {getattr(dist, dist.kind)}")
     say(f"{job.name}: valid")
     return 0
+
+
+def _preview(job, examples: int) -> int:
+    from . import preview
+    from .report import say
+
+    shown = preview.load(job, examples)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for line in preview.lines(shown, job.spec.data.max_seq_length, color=bool(color)):
+        say(line)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 to 1000 examples")
+    return value
 
 
 def _run_with_embedded_s3(job, *, progress: bool, resume: str | None, run_id: str | None = None) -> int:
