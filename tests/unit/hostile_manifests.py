@@ -77,6 +77,9 @@ _SEARCH = {"space": {"training.learningRate": {"loguniform": [1e-5, 1e-3]}}, "nu
 _LAUGHS = "\n".join(["    config:", "      l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
                     + [f"      l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7)])
 
+# The quickstart as a chat fine-tune (its classifier-only fields undone), for the chat-template cases.
+_CHAT = {"model.task": "causal-lm", "data.labels": None, "evaluation.metric": "loss", "data.format": "messages"}
+
 CASES: list[Hostile] = [
     # -- YAML and the file itself
     Hostile("dup-key", "spec.training.learningRate",
@@ -194,4 +197,10 @@ CASES: list[Hostile] = [
     Hostile("reference-1e9-rows", "spec.evaluation.reference.maxSamples",
             changes={"evaluation.reference": {"data": "general.csv", "maxSamples": 10**9}}, cluster="api"),
     Hostile("samples-on-a-classifier", "spec.evaluation.samples", changes={"evaluation.samples": {"count": 2}}),
+    # -- a chat template is untrusted Jinja: it renders only in transformers' sandbox (tests/unit/test_chat.py
+    # shows the sandbox holding against dunders spelled without "__"); these never get that far
+    Hostile("chat-template-dunder", "spec.data.chatTemplate",
+            changes={**_CHAT, "data.chatTemplate": "{{ messages.__class__.__mro__[1].__subclasses__() }}"}),
+    Hostile("chat-template-huge", "spec.data.chatTemplate", changes={**_CHAT, "data.chatTemplate": "{{ m }}" * 6000},
+            cluster="api"),
 ]
