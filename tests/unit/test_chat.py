@@ -342,3 +342,22 @@ def test_preview_of_a_bad_manifest_is_one_message(tmp_path, minilm, capsys):
     assert main(["preview", str(path)]) == EXIT_INVALID
     err = capsys.readouterr().err
     assert "spec.data.chatTemplate" in err and "no chat template" in err and "Traceback" not in err, err
+
+
+def test_validate_says_how_rows_become_examples_and_what_was_dropped(tmp_path, smollm, capsys):
+    assert main(["validate", str(_chat_manifest(tmp_path, maxSeqLength=24))]) == 0
+    out = capsys.readouterr().out
+    assert "  examples: format messages (messagesField 'messages'), chatTemplate auto (the tokenizer's own)" in out
+    # at 24 tokens SmolLM2's default system prompt and the question fill the short row's window
+    assert ("dropped with no trained token left (prompt fills maxSeqLength, or no assistant turn): "
+            "train 1 of 2, validation 1 of 2") in out
+    assert main(["validate", str(_chat_manifest(tmp_path, maxSeqLength=8))]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "spec.data.maxSeqLength: none of the 2 train rows has a trained token within 8 tokens" in err, err
+
+
+def test_all_rows_without_a_trained_token_is_refused(tmp_path, smollm):
+    rows = [{"prompt": "word " * 30, "completion": "x"}]
+    with pytest.raises(DataError, match=r"^spec\.data\.maxSeqLength: none of the 1 train rows"):
+        prepare(data_spec(tmp_path, rows, promptField="prompt", completionField="completion", maxSeqLength=8),
+                "causal-lm", smollm, seed=0)  # fmt: skip

@@ -125,6 +125,20 @@ def encode(
     """Token ids and labels of each example cut to `limit` tokens, and how many rows were dropped
     because no trained token was left (a prompt that fills the window; a conversation with no
     assistant turn). `rows`: conversations, or (prompts, completions)."""
+    ids, labels, dropped = _encode(rows, tokenizer, template, limit, split)
+    if not ids and dropped:
+        raise ChatDataError(
+            f"spec.data.maxSeqLength: none of the {dropped} {split} rows has a trained token within {limit} tokens "
+            "(the prompt, or all before the first assistant reply, fills the window; or no row has an assistant turn); "
+            "raise maxSeqLength"
+        )
+    return ids, labels, dropped
+
+
+def _encode(
+    rows: Sequence[Conversation] | tuple[Sequence[str], Sequence[str]], tokenizer: Any, template: str | None,
+    limit: int, split: str,
+) -> tuple[list[list[int]], list[list[int]], int]:  # fmt: skip
     if isinstance(rows, tuple):
         prompts, completions = rows
         if template is None:

@@ -91,6 +91,10 @@ def _validate(job, *, static: bool) -> int:
 
         prepared = prepare_job(job)  # its warnings (held-out rows repeating train, ...) come through the logger
         say(f"data: {prepared.data.stats['rows']}")
+        if job.spec.model.task == "causal-lm":
+            from .preview import describe
+
+            say(f"  examples: {describe(job)} (finetune preview shows them)")
         for line in summary(prepared.data.stats):
             say(f"  {line}")
         say(f"model: {prepared.model_class} from {prepared.model_dir}")

@@ -134,6 +134,9 @@ def summary(stats: dict[str, Any]) -> list[str]:
         why = ", ".join(f"{field} {k}" for field, k in by_field.items() if k)
         parts.append(f"{split} {n} of {stats['file_rows'][split]}" + (f" ({why})" if why else ""))
     lines.append(f"dropped for an empty text or label: {'; '.join(parts)}")
+    if untrained := stats.get("dropped_untrained"):
+        shown = ", ".join(f"{split} {n} of {stats['table_rows'][split]}" for split, n in untrained.items())
+        lines.append(f"dropped with no trained token left (prompt fills maxSeqLength, or no assistant turn): {shown}")
     dupes = stats.get("duplicates_of_train", {})
     if dupes:
         shown = ", ".join(f"{split} {n} of {stats['table_rows'][split]}" for split, n in dupes.items())
