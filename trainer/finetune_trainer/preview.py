@@ -12,11 +12,13 @@ before the cap, so they are the run's first N training rows. No Ray, no model we
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import data_checks
 from .chat import IGNORE_INDEX
 from .data import DataError, TokenizedSplit, prepare
 from .modeling import load_tokenizer, offline_if_local, resolve_model_dir
@@ -51,11 +53,17 @@ def load(job: FineTuneJob, n: int) -> Preview:
         raise SpecError([("spec.model.source", f"cannot load a tokenizer from {spec.model.source}: {err}")]) from None
     cap = min(n, spec.data.max_train_samples or n)
     data = spec.data.model_copy(update={"max_train_samples": cap, "max_eval_samples": 1, "max_test_samples": 1})
+    # The data checks' warnings would be about the capped rows (a class "missing" from N rows):
+    # `finetune validate` runs them on the real splits.
+    checks_log = logging.getLogger(data_checks.__name__)
+    checks_log.disabled = True
     try:
         prepared = prepare(data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels)
     except DataError as err:
         path, _, message = str(err).partition(": ")
         raise SpecError([(path, message or str(err))]) from None
+    finally:
+        checks_log.disabled = False
     return Preview(tokenizer, prepared.train, prepared.label_names, prepared.stats["table_rows"]["train"],
                    describe(job))  # fmt: skip
 
