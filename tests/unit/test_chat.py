@@ -165,13 +165,14 @@ def test_truncation_keeps_labels_aligned_and_drops_rows_left_without_a_trained_t
     assert len(full_ids) > 40 and any(lab != IGNORE_INDEX for lab in full_labels[40:])  # a reply was cut
 
 
-def test_a_spec_template_on_a_tokenizer_without_one(tmp_path, minilm):
+def test_a_spec_template_on_a_tokenizer_without_one(tmp_path, minilm, caplog):
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
     conv = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi"}]
     ids, labels = only_example(tmp_path, minilm, [{"messages": conv}], format="messages", chatTemplate=template)
     want = by_hand(minilm, [("user: hello there\nassistant: ", False), ("general kenobi\n", True), ("", False)])
     assert (ids, labels) == want
+    assert "no assistant reply ends with the tokenizer's EOS ([SEP])" in caplog.text  # it would never learn to stop
 
 
 def test_auto_with_a_tokenizer_that_has_no_template_names_the_field_and_the_fix(tmp_path, minilm):

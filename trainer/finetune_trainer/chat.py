@@ -148,6 +148,13 @@ def _encode(
     elif template is None:
         raise ChatDataError("spec.data.chatTemplate: conversations need a chat template: auto or a Jinja template")
     pieces = [split_rendered(conv, tokenizer, template, split) for conv in rows]
+    eos = tokenizer.eos_token
+    replies = [text for row in pieces for text, trained in row if trained]
+    if split == "train" and isinstance(eos, str) and replies and not any(r.endswith(eos) for r in replies):
+        log.warning(
+            "spec.data.chatTemplate: no assistant reply ends with the tokenizer's EOS (%s): the model will not "
+            "learn to stop; end the template's assistant turn with it", eos,
+        )
     flat = [text for row in pieces for text, _ in row]
     tokens = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter([])
     ids, labels = [], []
