@@ -374,3 +374,25 @@ def test_preview_of_a_classifier_shows_each_text_with_its_label_and_no_warning_a
                           "label from 'sentiment'; maxSeqLength 48\n--- example 1: "), out
     assert out.count("[CLS] ") == 2 and ", label 'negative'" in out and "[[" not in out
     assert "no row among" not in caplog.text  # the class check runs in validate, on the real split
+
+
+def test_a_parquet_list_of_structs_is_a_conversation(tmp_path, smollm):
+    import pandas as pd
+
+    path = tmp_path / "chat.parquet"
+    pd.DataFrame({"messages": [CONVERSATION, CONVERSATION[1:3]]}).to_parquet(path)
+    data = DataSpec.model_validate({"train": str(path), "validation": str(path), "format": "messages",
+                                    "maxSeqLength": 512})  # fmt: skip
+    out = prepare(data, "causal-lm", smollm, seed=0)
+    got = sorted(ids.tolist() for ids in out.train.input_ids)
+    assert got == sorted(smollm.apply_chat_template(c)["input_ids"] for c in (CONVERSATION, CONVERSATION[1:3]))
+
+
+def test_on_a_terminal_the_trained_spans_are_coloured_not_bracketed(smollm):
+    from finetune_trainer.preview import GREEN, RESET, marked
+
+    ids = np.asarray(smollm("ab<|im_end|>cd", add_special_tokens=False)["input_ids"])
+    trained = np.asarray([False] * (len(ids) - 2) + [True, True])
+    text = marked(smollm, ids, trained, color=True)
+    assert text.endswith(f"{GREEN}{smollm.decode(ids[-2:].tolist())}{RESET}") and "[[" not in text
+    assert marked(smollm, ids, trained, color=False).endswith(f"[[{smollm.decode(ids[-2:].tolist())}]]")
