@@ -7,10 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
+from finetune_trainer.adapters import adapter_plan, default_targets, lora_config, plan_on_skeleton, wrap
+from finetune_trainer.layers import discover
 from finetune_trainer.spec import SpecError, parse_job
+from finetune_trainer.spec.adapters import LoraSpec
 from finetune_trainer.spec.search import SearchSpec, trial_spec
-from tests.tiny_models import minimal_manifest
+from tests.tiny_models import minimal_manifest, tiny_bert, tiny_llama
 
 
 def _job(**sections: Any) -> dict[str, Any]:
@@ -94,3 +98,102 @@ def test_a_search_mixing_strategies_drops_lora_for_other_strategies_and_keeps_it
     assert lora_trial.freezing.lora is not None and lora_trial.freezing.lora.r == 64 and lora_trial.freezing.lora.use_dora
     other = trial_spec(base, {"freezing.strategy": "featureExtraction", "freezing.lora.r": 64})
     assert other.freezing.lora is None and list(other.freezing.check()) == []
+
+
+# --- adapters.py on real tiny models ---------------------------------------------------------
+
+LLAMA_PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def test_default_targets_are_every_projection_inside_the_blocks() -> None:
+    llama = tiny_llama(2)
+    assert default_targets(llama, discover(llama)) == LLAMA_PROJECTIONS  # not lm_head
+    bert = tiny_bert(2)
+    assert default_targets(bert, discover(bert)) == ["attention.self.query", "attention.self.key", "attention.self.value",
+                                                     "attention.output.dense", "intermediate.dense", "output.dense"]
+    model = wrap(tiny_bert(2), LoraSpec(), "sequence-classification")
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert len(adapted) == 2 * 6 and not any("pooler" in n for n in adapted)  # BERT's pooler.dense is outside the blocks
+
+
+def test_only_adapters_train_and_the_adapted_model_starts_as_the_base() -> None:
+    base = tiny_llama(2)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = wrap(base, LoraSpec(), "causal-lm")
+    plan = adapter_plan(model)
+    assert plan.trainable and all(".lora_" in n for n in plan.trainable)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n in set(plan.frozen))
+    assert len(plan.trainable) == 2 * 7 * 2  # A and B on 7 projections of 2 blocks
+    with torch.no_grad():  # PEFT starts B at zero: the baseline evaluation is the pre-trained model
+        assert torch.equal(model.eval()(input_ids=ids).logits, expected)
+
+
+def test_layers_puts_adapters_on_the_top_blocks_only() -> None:
+    model = wrap(tiny_llama(4), LoraSpec(layers=2, target_modules=["q_proj", "v_proj"]), "causal-lm")
+    trainable = adapter_plan(model).trainable
+    assert {n.split(".layers.")[1].split(".")[0] for n in trainable} == {"2", "3"}
+    assert {n.split(".self_attn.")[1].split(".")[0] for n in trainable} == {"q_proj", "v_proj"}
+    config = lora_config(tiny_bert(3), LoraSpec(layers=1), "sequence-classification")
+    assert (list(config.layers_to_transform), config.layers_pattern) == ([2], "layer")
+
+
+def test_the_classification_head_trains_whole() -> None:
+    model = wrap(tiny_bert(2), LoraSpec(), "sequence-classification")
+    head = [n for n in adapter_plan(model).trainable if "classifier" in n]
+    assert head == ["base_model.model.classifier.modules_to_save.default.weight",
+                    "base_model.model.classifier.modules_to_save.default.bias"]
+
+
+def test_dora_and_rslora_reach_peft() -> None:
+    config = lora_config(tiny_llama(2), LoraSpec(r=4, alpha=8, dropout=0.1, use_dora=True, use_rslora=True), "causal-lm")
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_dora, config.use_rslora) == (4, 8, 0.1, True, True)
+    trainable = adapter_plan(wrap(tiny_llama(2), LoraSpec(use_dora=True), "causal-lm")).trainable
+    assert any("lora_magnitude_vector" in n for n in trainable)
+
+
+@pytest.mark.parametrize(("lora", "path", "words"), [
+    (LoraSpec(target_modules=["q_proj", "nope"]), "spec.freezing.lora.targetModules[1]", ["'nope' matches no module", "q_proj"]),
+    (LoraSpec(target_modules=["self_attn"]), "spec.freezing.lora.targetModules[0]", ["LlamaAttention", "not a linear projection"]),
+    (LoraSpec(r=64), "spec.freezing.lora.r", ["above the width", "use r <= 16"]),
+    (LoraSpec(layers=3), "spec.freezing.lora.layers", ["exceeds the 2 blocks", "at most 2"]),
+])
+def test_what_does_not_fit_the_model_is_a_spec_error_naming_the_field(lora: LoraSpec, path: str, words: list[str]) -> None:
+    with pytest.raises(SpecError) as caught:
+        wrap(tiny_llama(2), lora, "causal-lm", model_name="LlamaForCausalLM")
+    [(where, message)] = caught.value.problems
+    assert where == path and all(w in message for w in words), message
+
+
+def test_preflight_plans_on_a_meta_skeleton_without_touching_it() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                num_key_value_heads=2, intermediate_size=32))
+    names = [n for n, _ in skeleton.named_parameters()]
+    plan = plan_on_skeleton(skeleton, LoraSpec(use_dora=True), "causal-lm", model_name="LlamaForCausalLM")
+    assert len(plan.trainable) == 2 * 7 * 3 and [n for n, _ in skeleton.named_parameters()] == names
+    with pytest.raises(SpecError):
+        plan_on_skeleton(skeleton, LoraSpec(r=64), "causal-lm", model_name="LlamaForCausalLM")
+
+
+def test_finetune_validate_checks_the_adapters_against_the_model_before_ray(tmp_path, capsys) -> None:
+    """The preflight (what `finetune validate` runs) wraps the meta-device skeleton: a plan of
+    adapters for a valid section, the field named for one that does not fit the model."""
+    from finetune_trainer.cli import EXIT_INVALID, main
+    from finetune_trainer.preflight import prepare_job
+    from tests.integration import tiny
+
+    model = tiny.make_model(tmp_path / "model", "llama", layers=2)
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.text_rows(40))
+    doc = tiny.manifest(tmp_path, model, data, task="causal-lm", freezing={"strategy": "lora", "lora": {"layers": 1}})
+    plan = prepare_job(parse_job(doc)).plan
+    assert [g.block for g in plan.groups] == ["adapters"] and len(plan.trainable) == 7 * 2
+    doc["spec"]["freezing"]["lora"] = {"layers": 3}
+    tiny.save_manifest(tmp_path / "job.yaml", doc)
+    assert main(["validate", str(tmp_path / "job.yaml")]) == EXIT_INVALID
+    out = capsys.readouterr()
+    assert "spec.freezing.lora.layers: 3 exceeds the 2 blocks of LlamaForCausalLM; use at most 2" in out.out + out.err

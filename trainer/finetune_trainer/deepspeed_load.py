@@ -59,9 +59,13 @@ def restrict(engine: Any) -> None:
     engine.checkpoint_engine.load = weights_only_load
 
 
-def load(engine: Any, folder: str | Path, tag: str) -> None:
+def load(engine: Any, folder: str | Path, tag: str, *, frozen: frozenset[str] = frozenset()) -> None:
     """`engine.load_checkpoint(folder, tag)` with every file read by `weights_only_load`. LR
     scheduler states are not DeepSpeed's to restore (the recipe keeps its own schedule).
+
+    `frozen`: parameters the checkpoint was saved without (`save_checkpoint(exclude_frozen_parameters=
+    True)`, adapters over a frozen base). DeepSpeed's strict module load would refuse their absence
+    and its non-strict one would accept anything missing; `_load_without` accepts exactly them.
 
     Only this rank's part: the one collective of DeepSpeed's load (ZeRO-3's gather of its persistent
     parameters, the optimizer's `checkpoint_event_epilogue`, engine.py after the files are read; ZeRO
@@ -75,12 +79,23 @@ def load(engine: Any, folder: str | Path, tag: str) -> None:
     if held:
         optimizer.checkpoint_event_epilogue = lambda: None  # this instance only; `finish` runs the real one
     try:
-        path, _ = engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
+        custom = (lambda src, dst: _load_without(src, dst, frozen)) if frozen else None
+        path, _ = engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False, custom_load_fn=custom)
     finally:
         if held:
             del optimizer.checkpoint_event_epilogue  # the class's method again
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder} (tag {tag})")
+
+
+def _load_without(src: dict[str, Any], dst: torch.nn.Module, frozen: frozenset[str]) -> None:
+    """The module state of a checkpoint saved without `frozen`: every other key must be there."""
+    saved_frozen = sorted(frozen & set(src))
+    result = dst.load_state_dict(src, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys or saved_frozen:
+        raise RuntimeError(f"the checkpoint's module state does not match the adapters being trained: missing {missing[:3]}, "
+                           f"unexpected {sorted(result.unexpected_keys)[:3]}, frozen but saved {saved_frozen[:3]}")
 
 
 def finish(engine: Any) -> None:

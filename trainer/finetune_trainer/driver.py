@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from . import environment, logs
-from .persist import MODEL_DIR, Persistence
+from .persist import ADAPTER_DIR, MODEL_DIR, Persistence
 from .ranking import best_row
 from .spec import FineTuneJob, SpecError
 
@@ -224,7 +224,9 @@ def best_checkpoint(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any
 
 def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]], prepared: Prepared, run_dir: Path,
                  *, filesystem=None) -> Path | None:
-    """Copy the chosen checkpoint's Hugging Face model next to results.json, atomically."""
+    """Copy the chosen checkpoint's Hugging Face model next to results.json, atomically. An
+    adapter's checkpoint holds the adapter alone (model/adapter/); with output.mergeAdapter the
+    base with the adapter merged in is written beside it (model/), here, once."""
     from ray.train import Checkpoint
 
     spec = job.spec
@@ -240,7 +242,15 @@ def export_model(job: FineTuneJob, checkpoints: list[tuple[str, dict[str, Any]]]
     with Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         shutil.copytree(Path(folder) / MODEL_DIR, partial)
     prepared.tokenizer.save_pretrained(partial)
-    if prepared.data.label_names:
+    adapter = partial / ADAPTER_DIR
+    if adapter.is_dir():
+        prepared.tokenizer.save_pretrained(adapter)  # the adapter folder is usable on its own, as PEFT users keep it
+        if spec.output.merge_adapter:
+            from .adapters import merge  # torch and PEFT, in the driver only for this
+
+            merge(prepared.model_dir, adapter, partial, spec, num_labels=len(prepared.data.label_names or []) or None,
+                  pad_token_id=prepared.tokenizer.pad_token_id)
+    if prepared.data.label_names and (partial / "config.json").is_file():
         _label_names_into_config(partial / "config.json", prepared.data.label_names)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)

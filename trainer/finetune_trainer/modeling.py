@@ -54,14 +54,48 @@ def _config_and_class(model_dir: str, spec: ModelSpec, *, num_labels: int | None
     return config, AutoModelForSequenceClassification
 
 
-def load_model(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropout: float | None, pad_token_id: int | None) -> nn.Module:
+def load_model(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropout: float | None, pad_token_id: int | None,
+               quantize: bool = False) -> nn.Module:
+    """`quantize`: load the base as spec.model.quantization says (training a QLoRA adapter on a
+    GPU); everything else (the merge at export, scoring) loads it in full precision."""
     config, cls = _config_and_class(model_dir, spec, num_labels=num_labels, dropout=dropout, pad_token_id=pad_token_id)
     dtype = _DTYPES.get(spec.dtype, torch.float32)
-    model = cls.from_pretrained(model_dir, config=config, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    quantized = _quantization(spec) if quantize and spec.quantization is not None else {}
+    model = cls.from_pretrained(model_dir, config=config, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                **quantized)
     if spec.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def bitsandbytes_missing(spec: ModelSpec) -> str | None:
+    """Why spec.model.quantization cannot load here, if it cannot (asked at preflight, before Ray)."""
+    import importlib.util
+
+    if spec.quantization is None or importlib.util.find_spec("bitsandbytes") is not None:
+        return None
+    return ("needs bitsandbytes, which this trainer installation lacks: install the optional extra qlora "
+            "(pip install 'finetune-operator[trainer,qlora]') in the trainer image, or remove model.quantization")
+
+
+def _quantization(spec: ModelSpec) -> dict:
+    """transformers' BitsAndBytesConfig for spec.model.quantization: 4 bits as the QLoRA paper (NF4,
+    double quantization, compute in bf16 where the GPU has it), 8 bits as LLM.int8(). On the
+    worker's own GPU (Ray Train gives each worker one). Untested here: no GPU on the dev machines."""
+    from transformers import BitsAndBytesConfig
+
+    missing = bitsandbytes_missing(spec)
+    if missing:
+        raise RuntimeError(f"spec.model.quantization {missing}")
+    assert spec.quantization is not None
+    if spec.quantization.bits == 4:
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def skeleton(model_dir: str, spec: ModelSpec, *, num_labels: int | None) -> nn.Module:

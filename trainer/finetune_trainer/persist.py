@@ -53,6 +53,7 @@ RESULTS_FILE = "results.json"
 MAX_PREEMPTIONS = 100  # node preemptions one run recovers from (Ray Train's max_preemption_failures)
 ATTEMPTS_FILE = "attempts.json"  # each start of the run's driver (persist.record_attempt)
 MODEL_DIR = "model"  # the exported model beside results.json, and inside each checkpoint (recipe)
+ADAPTER_DIR = "adapter"  # inside MODEL_DIR: a LoRA-family adapter in PEFT's format (freezing.strategy: lora)
 TRIALS_DIR = "trials"
 TUNE_STATE_PREFIX = "experiment_state"  # Ray Tune's experiment checkpoint in a run's folder
 
@@ -172,7 +173,11 @@ class Persistence:
 
     def save_results(self, run_id: str, results: dict[str, Any], model_dir: Path | None) -> dict[str, Any]:
         """Model first, then results.json naming it: a reader that finds results.json finds the model.
-        On S3 the local copies stay too (the CLI's summary points at them)."""
+        On S3 the local copies stay too (the CLI's summary points at them). An adapter's run names
+        the adapter too (`adapter`), and says whether `model` holds it merged into the base."""
+        if model_dir is not None and (model_dir / ADAPTER_DIR).is_dir():
+            results = {**results, "adapter": f"{self.model_uri(run_id, model_dir)}/{ADAPTER_DIR}",
+                       "adapter_merged": (model_dir / "config.json").is_file()}
         if self.remote:
             if model_dir is not None:
                 upload_dir(self.store, model_dir, self.key(run_id, MODEL_DIR))

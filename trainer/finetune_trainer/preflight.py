@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .adapters import plan_on_skeleton
 from .data import DataError, PreparedData, prepare
 from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import UnmappableModel, discover
-from .modeling import load_tokenizer, offline_if_local, resolve_model_dir
+from .modeling import bitsandbytes_missing, load_tokenizer, offline_if_local, resolve_model_dir
 from .modeling import skeleton as model_skeleton
 from .reference import prepare_reference
 from .sources import SourceError
@@ -46,6 +47,9 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     except DataError as err:
         path, _, message = str(err).partition(": ")
         raise SpecError([(path, message or str(err))]) from None
+    missing = bitsandbytes_missing(spec.model)
+    if missing:
+        raise SpecError([("spec.model.quantization", missing)])
     skeleton = model_skeleton(model_dir, spec.model, num_labels=len(data.label_names) if data.label_names else None)
     names = [n for n, _ in skeleton.named_parameters()]
     t = spec.training
@@ -60,6 +64,8 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
         unmappable = None
 
     def plan_for(freezing) -> FreezePlan:
+        if freezing.strategy == "lora":  # PEFT on a copy of the skeleton: targets, layers and rank fit the model
+            return plan_on_skeleton(skeleton, freezing.lora_settings(), spec.model.task, model_name=type(skeleton).__name__)
         if unmappable and needs_layers(freezing):
             raise SpecError([("spec.freezing.strategy", unmappable)])
         return plan_freezing(freezing, names, layer_map, steps_per_epoch=per_epoch, model_name=type(skeleton).__name__)

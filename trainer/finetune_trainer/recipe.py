@@ -1,13 +1,14 @@
 """The fine-tuning recipe each Ray Train worker runs: DeepSpeed ZeRO, freezing, schedule, eval.
 
 Features, in the order they happen:
-  - the pre-trained model loads with the spec's task head, dropout override and dtype;
+  - the pre-trained model loads with the spec's task head, dropout override and dtype; with
+    freezing.strategy lora, PEFT's adapters are added and the base frozen (adapters.py);
   - the freezing plan is applied *before* `deepspeed.initialize` (static freezing), and blocks that
     unfreeze later sit in their own optimizer groups behind an `UnfreezeGate` (see optim.py);
   - layer-wise LR decay is a per-group factor; the LR schedule is transformers' `get_scheduler`;
   - a baseline evaluation of the untouched model, then evaluation every N steps: each one is
-    reported through `ray.train.report` with a checkpoint (DeepSpeed state + trainer state, and the
-    model in Hugging Face format when it is the best so far);
+    reported through `ray.train.report` with a checkpoint (checkpoint_files.py: DeepSpeed state +
+    trainer state, and the model in Hugging Face format, or the adapter, when it is the best so far);
   - early stopping on the chosen metric; resume from `ray.train.get_checkpoint()` after a failure.
 
 We drive `deepspeed.initialize` directly rather than through the transformers Trainer: gradual
@@ -17,38 +18,27 @@ is Ray's, and a plain loop keeps per-step overhead at that of raw DeepSpeed (ben
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import resource
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import deepspeed_load, logs, rng
+from . import checkpoint_files, deepspeed_load, logs, worker_model
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
-from .freezing import FreezePlan, needs_layers, plan_freezing
 from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
-from .layers import discover
-from .modeling import load_model
-from .optim import UnfreezeGate, apply_plan, build_scheduler, is_metric_driven, param_groups
-from .persist import MODEL_DIR
+from .optim import UnfreezeGate, build_scheduler, is_metric_driven, param_groups
 from .ranking import NON_FINITE_KEY, EarlyStopping, is_better
 from .scratch import checkpoint_folder
 from .spec import FineTuneJob
-from .storage.integrity import write_file_hashes
-
-STATE_FILE = "trainer_state.json"
-DS_DIR = "deepspeed"
-DS_TAG = "state"
 
 log0 = logs.rank_zero(logging.getLogger(__name__))  # what every rank would say alike, said once
 
@@ -91,19 +81,11 @@ class FineTuneRecipe:
             # every later run on the machine waits on it forever. Training never calls it.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         torch.manual_seed(t.seed)  # identical new head on every rank
-        model = load_model(
-            self.model_dir, self.spec.model, num_labels=self.num_labels, dropout=t.dropout, pad_token_id=self.pad_id
-        )
         self.per_epoch = t.steps_per_epoch(len(self.data.train), self.world)
         self.total = t.total_steps(len(self.data.train), self.world)
-        self.plan: FreezePlan = plan_freezing(
-            self.spec.freezing,
-            [n for n, _ in model.named_parameters()],
-            discover(model) if needs_layers(self.spec.freezing) else None,
-            steps_per_epoch=self.per_epoch,
-            model_name=type(model).__name__,
-        )
-        apply_plan(model, self.plan)
+        built = worker_model.build(self.spec, self.model_dir, num_labels=self.num_labels, pad_token_id=self.pad_id,
+                                   steps_per_epoch=self.per_epoch)  # PEFT's adapters, or the freezing plan, applied
+        model, self.plan, self.adapters, self.params = built.module, built.plan, built.adapters, built.params
         groups, metas = param_groups(model, self.plan, t)
         cuda = self.device.type == "cuda"
         self.precision = resolve_precision(
@@ -129,7 +111,7 @@ class FineTuneRecipe:
         self._resume()
         self.guard = NonFiniteGuard(self.device, self.spec.evaluation.every_steps, start_step=self.step)
         self.preemption = PreemptionGuard(self.world)  # creates a gloo group: a collective, every rank
-        log0.info("%s: %s; precision %s; MASTER_ADDR=%s", type(model).__name__, self.plan.summary(), self.precision,
+        log0.info("%s: %s; precision %s; MASTER_ADDR=%s", built.name, self.plan.summary(), self.precision,
                   os.environ.get("MASTER_ADDR"))
 
     def _resume(self) -> None:
@@ -145,9 +127,7 @@ class FineTuneRecipe:
 
         def load(folder: str) -> dict[str, Any]:
             """Everything a checkpoint restores; what fails here makes resume.py try the one before it."""
-            state = json.loads((Path(folder) / STATE_FILE).read_text())
-            deepspeed_load.load(self.engine, Path(folder) / DS_DIR, DS_TAG)  # every file read; the collective part below
-            rng.load(folder, self.rank)  # the dropout masks the uninterrupted run would draw next
+            state = checkpoint_files.load(self.engine, folder, rank=self.rank, frozen=frozenset(self.plan.frozen if self.adapters else ()))
             self.scheduler.load_state_dict(state["scheduler"])
             self.stopper.load_state_dict(state["early_stopping"])
             return state
@@ -311,6 +291,7 @@ class FineTuneRecipe:
             "frozen_blocks": len(self.gate.frozen_blocks(self.step)),
             **metrics,
             **(extra or {}),
+            **self.params,
             "best_step": self.best_step,
             f"best_{self.metric_key}": self.best,
             "has_model": export,
@@ -325,24 +306,13 @@ class FineTuneRecipe:
             return
         folder = checkpoint_folder()  # swept if this worker is killed mid-report (scratch)
         try:
-            self.engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
-            rng.save(folder, self.rank)
-            if export:
-                self._export(os.path.join(folder, MODEL_DIR))
-            if self.rank == 0:
-                Path(folder, STATE_FILE).write_text(json.dumps(self._state()))
-            write_file_hashes(folder, self.rank)  # last: the hashes of everything this worker wrote (storage.integrity)
+            checkpoint_files.write(folder, self.engine, rank=self.rank, state=self._state(), export=export,
+                                   adapters=self.adapters, zero3=self.spec.deepspeed.zero_stage == 3)
             from ray.train import Checkpoint
 
             ray.train.report(row, checkpoint=Checkpoint.from_directory(folder))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-
-    def _export(self, folder: str) -> None:
-        """Hugging Face format; under ZeRO-3 the shards are gathered first (a collective)."""
-        state_dict = self.engine._zero3_consolidated_16bit_state_dict() if self.spec.deepspeed.zero_stage == 3 else None
-        if self.rank == 0:
-            self.engine.module.save_pretrained(folder, state_dict=state_dict)
 
     def _state(self) -> dict[str, Any]:
         return {

@@ -1,18 +1,22 @@
 """Scoring whole models on the test split after training, outside DeepSpeed.
 
 Runs as one Ray task with a worker's resources, so in a cluster it lands where a GPU is. It
-also proves the exported folder reloads as a plain Hugging Face model.
+also proves the exported folder reloads as a plain Hugging Face model (for an adapter: the merged
+model, or with output.mergeAdapter false the base with the exported adapter loaded by PEFT).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .adapters import load_adapted
 from .data import PreparedData
 from .evaluation import evaluate
 from .modeling import load_model
+from .persist import ADAPTER_DIR
 from .spec import FineTuneJob
 
 
@@ -30,7 +34,11 @@ def score_models(job_doc: dict[str, Any], models: dict[str, str], data: Prepared
     scores: dict[str, dict[str, float]] = {}
     for name, folder in models.items():
         torch.manual_seed(spec.training.seed)  # the baseline's new head: the same one training started from
-        model = load_model(folder, spec.model, num_labels=num_labels, dropout=None, pad_token_id=pad_token_id).to(device)
+        adapter = Path(folder) / ADAPTER_DIR
+        if name != "baseline" and adapter.is_dir() and not (Path(folder) / "config.json").is_file():  # not merged
+            model = load_adapted(models["baseline"], adapter, spec, num_labels=num_labels, pad_token_id=pad_token_id).to(device)
+        else:
+            model = load_model(folder, spec.model, num_labels=num_labels, dropout=None, pad_token_id=pad_token_id).to(device)
         metrics = evaluate(
             model, test, task=spec.model.task, batch_size=spec.training.per_device_batch_size * 2,
             pad_token_id=pad_token_id, device=device, num_labels=num_labels,
