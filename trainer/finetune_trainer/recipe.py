@@ -36,6 +36,7 @@ from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
 from .optim import UnfreezeGate, build_scheduler, is_metric_driven, param_groups
+from .probes import EvaluationProbes
 from .ranking import NON_FINITE_KEY, EarlyStopping, is_better
 from .scratch import checkpoint_folder
 from .spec import FineTuneJob
@@ -108,6 +109,10 @@ class FineTuneRecipe:
         self.tokens, self.train_seconds = 0, 0.0
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss (nonFiniteLoss: skipStep)
         self.save_seconds: float | None = None  # the last evaluation + checkpoint, what a preemption's save is judged by
+        # generated samples and the reference perplexity at each evaluation (spec.evaluation.samples / .reference)
+        self.probes = EvaluationProbes(self.job, self.data, model_dir=self.model_dir, device=self.device, rank=self.rank,
+                                       world_size=self.world, pad_token_id=self.pad_id)
+        self.samples: list[dict[str, str]] | None = None  # this evaluation's, for the tracker's row (rank 0)
         self._resume()
         self.guard = NonFiniteGuard(self.device, self.spec.evaluation.every_steps, start_step=self.step)
         self.preemption = PreemptionGuard(self.world)  # creates a gloo group: a collective, every rank
@@ -237,7 +242,8 @@ class FineTuneRecipe:
             device=self.device, num_labels=self.num_labels, rank=self.rank, world_size=self.world,
         )
         wanted = {"loss", *self.spec.evaluation.resolved_metrics(self.spec.model.task)}
-        return {f"eval_{k}": v for k, v in metrics.items() if k in wanted}
+        self.samples = self.probes.samples(self.engine.module)  # every rank: a collective under ZeRO-3
+        return {f"eval_{k}": v for k, v in metrics.items() if k in wanted} | self.probes.measure(self.engine.module)
 
     def _evaluate_and_report(self, losses: list[torch.Tensor], *, preempted: bool = False) -> bool:
         """An evaluation, and a checkpoint when every number is finite. True: training stops here
@@ -299,8 +305,9 @@ class FineTuneRecipe:
             **({"resumed_from_step": self.resumed_step} if self.resumed_step is not None else {}),
         }
         self.history.append(row)
+        samples, self.samples = self.samples, None  # to the tracker only: not Tune's metrics, not the checkpoint's history
         if self.rank == 0 and self.progress is not None:
-            self.progress.record.remote(row)
+            self.progress.record.remote(row | ({"samples": samples} if samples else {}))
         if not checkpoint:
             ray.train.report(row)
             return
