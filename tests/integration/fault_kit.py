@@ -1,7 +1,8 @@
 """What the fault tests share (test_faults: processes killed; test_storage_faults: storage
-refusing or gone): a tiny model and data set per module, a manifest around them, an uninterrupted
-reference run to compare with, the S3 settings of the session's server, a fault-injecting S3 proxy,
-polling with a deadline, a run in a thread."""
+refusing or gone): a manifest around the session's tiny model and data set (the `assets` fixture,
+conftest.py), comparison with the uninterrupted reference run (`reference`, conftest.py), the S3
+settings of the session's server, a fault-injecting S3 proxy, polling with a deadline, a run in a
+thread."""
 
 from __future__ import annotations
 
@@ -21,21 +22,6 @@ from . import tiny
 from .counting_proxy import CountingProxy
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    return tiny.make_model(tmp / "model", "bert", layers=2), tiny.write_jsonl(tmp / "train.jsonl", tiny.sentiment_rows(300))
-
-
-@pytest.fixture(scope="module")
-def reference(local_ray, assets, tmp_path_factory):
-    """The uninterrupted run of job_doc's defaults on a local folder (same seed): what every faulted run must equal."""
-    from finetune_trainer.run import run
-    from finetune_trainer.spec import parse_job
-
-    return run(parse_job(job_doc(tmp_path_factory.mktemp("reference"), assets, name="ref")))
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -15,14 +15,12 @@ import pytest
 from finetune_trainer.spec import parse_job
 from finetune_trainer.storage import job_location, latest_complete
 
-from . import fault_kit, tiny
+from . import tiny
 from .fault_kit import assert_same_model, job_doc, storage_of, wait_for
 from .test_faults import _driver, _kill_session, _while_running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-assets = fault_kit.assets
-reference = fault_kit.reference
 RUN = "run-20260101-100000-abcdef12-g1"  # what the operator puts in FINETUNE_RUN_ID (children.run_id_for)
 
 

@@ -28,14 +28,11 @@ from finetune_trainer.storage import (
     list_complete_checkpoints,
 )
 
-from . import fault_kit, tiny
+from . import tiny
 from .fault_kit import ROOT, FaultProxy, assert_same_model, in_thread, job_doc, storage_of, wait_for
 
 # deadlines are generous: on a shared 2-core machine under load a run can take 5x its quiet time
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
-
-assets = fault_kit.assets  # the module's tiny model and data set (a module-scoped fixture)
-reference = fault_kit.reference  # the uninterrupted run to compare with (module-scoped)
 
 
 def _driver(manifest: Path, log: Path, env: dict) -> subprocess.Popen:

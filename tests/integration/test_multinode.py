@@ -24,14 +24,13 @@ from safetensors.torch import load_file
 
 from finetune_trainer.storage import LocalStore, list_complete_checkpoints
 
-from . import fault_kit, netns_cluster, tiny
+from . import netns_cluster, tiny
 from .fault_kit import ROOT, job_doc, wait_for
 from .netns_cluster import NetnsCluster, Node
 
 # deadlines are generous: on a shared 2-core machine under load a run can take 5x its quiet time
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-assets = fault_kit.assets  # the module's tiny model and data set (a module-scoped fixture)
 
 STEPS, EVERY = 24, 4
 TRAIN_WORKER = "RayTrainWorker"  # in the process title of a Ray Train worker (`ray::RayTrainWorker...`)

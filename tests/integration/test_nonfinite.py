@@ -23,8 +23,6 @@ from . import fault_kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-assets = fault_kit.assets  # the module's tiny model and data set
-
 
 def _diverging(tmp_path, assets, mode: str, steps: int, every: int = 2) -> dict:
     doc = fault_kit.job_doc(tmp_path, assets, steps=steps, every=every, name=f"nan-{mode.lower()}")

@@ -23,7 +23,6 @@ from .fault_kit import ROOT, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-assets = fault_kit.assets
 STEPS, EVERY = 800, 400  # 20-40 steps/s here: the notice (Ray Train polls every 5 s) lands between regular checkpoints
 
 

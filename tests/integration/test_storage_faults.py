@@ -28,14 +28,11 @@ from finetune_trainer.storage import (
     read_complete,
 )
 
-from . import fault_kit, tiny
+from . import tiny
 from .counting_proxy import CountingProxy
 from .fault_kit import ROOT, FaultProxy, assert_same_model, in_thread, job_doc, storage_of, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
-
-assets = fault_kit.assets  # the module's tiny model and data set (a module-scoped fixture)
-reference = fault_kit.reference  # the uninterrupted run every throttled one must equal (module-scoped)
 
 
 # --- (d) wrong secret key: the preflight's verdict, exit 2, no Ray -----------------------------------
