@@ -3,9 +3,9 @@ own network namespace with its own address (netns_cluster.py), the driver (`fine
 head as KubeRay runs it. Two training workers of one CPU each land on two different one-CPU nodes,
 so torch.distributed (gloo) talks across node addresses. One of those nodes' raylet is SIGKILLed
 after a complete checkpoint: Ray Train restarts the worker group on the two nodes left, from the
-latest complete checkpoint, and the model ends as an uninterrupted run's did (test_faults' worker
-kill checks the same on one node). What this does and does not show: docs/storage.md, "What a lost
-node test shows"."""
+latest complete checkpoint, and the model ends as the uninterrupted run of the same job did (the
+session's `reference`, conftest.py; test_faults' worker kill checks the same on one node). What
+this does and does not show: docs/storage.md, "What a lost node test shows"."""
 
 from __future__ import annotations
 
@@ -54,13 +54,6 @@ def _doc(tmp: Path, assets, name: str) -> dict:
     doc = job_doc(tmp, assets, steps=STEPS, every=EVERY, name=name)
     doc["spec"]["resources"] = {"workers": 2, "cpusPerWorker": 1}
     return doc
-
-
-def _driver(cluster: NetnsCluster, tmp: Path, doc: dict) -> tuple[subprocess.Popen, Path]:
-    """`finetune run` on the head node (RAY_ADDRESS: the cluster's), as KubeRay's job submitter runs it."""
-    manifest = tiny.save_manifest(tmp / "job.yaml", doc)
-    log = tmp / "driver.log"
-    return cluster.spawn([sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-progress"], log=log, cwd=ROOT), log
 
 
 def _finish(driver: subprocess.Popen, log: Path, timeout: float, context: str = "") -> str:
@@ -138,25 +131,6 @@ def _readlink(path: Path) -> str:
         return ""
 
 
-@pytest.fixture(scope="module")
-def reference(cluster, assets, tmp_path_factory) -> dict:
-    """The uninterrupted run, on the same cluster, first: its two workers on two of the worker nodes."""
-    tmp = tmp_path_factory.mktemp("reference")
-    started = time.monotonic()
-    driver, log = _driver(cluster, tmp, _doc(tmp, assets, "ref"))
-    try:
-        wait_for("Ray Train workers on two nodes", lambda: len(_hosts(cluster)) == 2, 400)
-        _check_tracker_on_the_head(cluster)
-    except BaseException:
-        _stop(driver)
-        raise
-    _finish(driver, log, 400)
-    results = _results(tmp, "ref")
-    assert results["steps"] == STEPS
-    print(f"uninterrupted multi-node run: {time.monotonic() - started:.0f} s")
-    return results
-
-
 @dataclass
 class Loss:
     """A run whose rank 0's node was lost: its driver, log and checkpoint folder, what ran where."""
@@ -213,9 +187,14 @@ def _stop(driver: subprocess.Popen) -> None:
         driver.wait(timeout=30)
 
 
-def _check_resumed_to_the_same_model(cluster: NetnsCluster, loss: Loss, out: str, tmp: Path, reference: dict,
+def _check_resumed_to_the_same_model(cluster: NetnsCluster, loss: Loss, out: str, tmp: Path, reference,
                                      complete_at_restart: int) -> None:
-    """From the latest complete checkpoint, with a new rank 0 on another node, to the uninterrupted run's model."""
+    """From the latest complete checkpoint, with a new rank 0 on another node, to the uninterrupted
+    run's model. `reference` is the session's uninterrupted run of the same job (conftest.py), on
+    one node: the same seed, data order and two workers with one torch thread each (cpusPerWorker
+    0.5 and 1 both give one), so the same model to float noise. (The module used to train its own
+    uninterrupted run on the cluster, ~45 s; where the workers ran, and that gloo crossed node
+    addresses, every lost-node run checks before its loss.)"""
     moved = _rendezvous(loss.log)
     assert len(moved) == 2 and moved[1] != loss.lost.ip and moved[1] in {n.ip for n in cluster.workers}, moved
     results = _results(tmp, "t")
@@ -230,13 +209,13 @@ def _check_resumed_to_the_same_model(cluster: NetnsCluster, loss: Loss, out: str
     assert [row["step"] for row in results["history"] if row.get("baseline")] == [0]  # not restarted from 0
     # the same weights and final evaluation as the uninterrupted run: optimizer state, LR schedule
     # and data order all continued on other nodes
-    ours, theirs = _weights(results), _weights(reference)
+    ours, theirs = _weights(results), load_file(str(reference.run_dir / "model" / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     print(f"resumed from step {resumed[0]} with rank 0 on {moved[1]}; steps {steps}; largest weight difference from the "
           f"uninterrupted run {worst:.2e}")
     assert worst < 1e-4
-    assert results["history"][-1]["eval_loss"] == pytest.approx(reference["history"][-1]["eval_loss"], rel=1e-4)
+    assert results["history"][-1]["eval_loss"] == pytest.approx(reference.results["history"][-1]["eval_loss"], rel=1e-4)
     status = json.loads((tmp / "runs" / "t" / "status.json").read_text())
     assert (status["state"], status["step"]) == ("finished", STEPS)
 
