@@ -26,9 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 STEPS, EVERY = 800, 400  # 20-40 steps/s here: the notice (Ray Train polls every 5 s) lands between regular checkpoints
 
 
-def _finetune(manifest: Path, log: Path, *flags: str) -> subprocess.Popen:
+def _finetune(manifest: Path, log: Path) -> subprocess.Popen:
+    """`finetune run MANIFEST` with a Ray of its own, in its own session: the process SIGTERM goes to."""
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-progress", *flags],
+        return subprocess.Popen([sys.executable, "-m", "finetune_trainer", "run", str(manifest), "--no-progress"],
                                 env={**os.environ, "RAY_ADDRESS": ""}, cwd=ROOT, start_new_session=True, stdout=out,
                                 stderr=subprocess.STDOUT)
 
@@ -39,7 +40,8 @@ def _history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "results.json").read_text())["history"]
 
 
-def test_sigterm_saves_the_step_it_was_at_and_resume_continues_from_it(local_ray, assets, tmp_path):
+def test_sigterm_saves_the_step_it_was_at_and_resume_continues_from_it(local_ray, assets, tmp_path, capsys):
+    from finetune_trainer.cli import main
     from finetune_trainer.run import run
     from finetune_trainer.spec import parse_job
 
@@ -76,10 +78,10 @@ def test_sigterm_saves_the_step_it_was_at_and_resume_continues_from_it(local_ray
     assert step in complete  # complete in storage: its _COMPLETE.json lists every file
     assert f"preemption notice at step {step}" in out
 
-    # --resume continues from that step, to the same final evaluation as an uninterrupted run
-    resumed_log = tmp_path / "resumed.log"
-    again = _finetune(manifest, resumed_log, "--resume")
-    assert again.wait(400) == 0, resumed_log.read_text(errors="replace")[-3000:]
+    # --resume continues from that step, to the same final evaluation as an uninterrupted run; in
+    # this process, on the session's Ray (a Ray of its own would cost its start-up, and nothing
+    # signals this run)
+    assert main(["run", str(manifest), "--no-progress", "--resume"]) == 0, "".join(capsys.readouterr())[-3000:]
     resumed = max((p for p in job_dir.iterdir() if (p / "results.json").exists()), key=lambda p: p.name)
     rows = [r for r in _history(resumed) if not r.get("baseline")]
     assert rows[0]["resumed_from_step"] == step and rows[0]["step"] == (step // EVERY + 1) * EVERY and rows[-1]["step"] == STEPS
