@@ -269,7 +269,7 @@ def test_data_source_shorthand_and_format_from_extension(train, path, fmt):
         (
             {"spec.evaluation.metric": "bleu"},
             "spec.evaluation.metric",
-            ["'loss', 'accuracy', 'f1' or 'perplexity'"],
+            ["'loss', 'accuracy', 'f1', 'perplexity' or 'referencePerplexity'"],
         ),
         (
             {"spec.evaluation.metrics": ["loss", "bleu"]},
