@@ -148,3 +148,22 @@ def test_forgetting_is_the_reference_perplexity_change_after_training(tmp_path, 
     figure = eval_report.forgetting(rows)
     assert figure is not None and figure["change"] == pytest.approx(after / before - 1)
     assert eval_report.forgetting_text(figure) == f"general-text perplexity {before:.2f} -> {after:.2f}, {after / before - 1:+.0%}"
+
+
+def test_generation_stops_at_the_models_last_position(llama, monkeypatch):
+    """A model with learned positions cannot write past them: the budget ends there, not in an index error."""
+    model, tok = llama
+    prompt = np.asarray(tok("the cat")["input_ids"][:-1])
+    positions = model.config.max_position_embeddings
+    long_prompt = np.concatenate([prompt] * positions)[: positions - 2]
+    budgets: list[int] = []
+    original = model.generate
+
+    def spy(**kw):
+        budgets.append(kw["generation_config"].max_new_tokens)
+        return original(**kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    out = _generator(tok, [long_prompt, np.concatenate([long_prompt] * 2)[:positions], prompt], 0.0, tokens=50).generate(model)
+    assert budgets == [2, 50]  # the full-length prompt generates nothing, and is not given to generate at all
+    assert out is not None and out[1]["completion"] == "" and out[2]["completion"]

@@ -68,14 +68,20 @@ class SampleGenerator:
         was_training = model.training
         model.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        completions = []
+        completions: list[list[int]] = []
+        # a model with learned positions (GPT-2: 1024) cannot go past them: the budget stops there
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
                 for prompt in self.prompts:
+                    budget = min(self.spec.max_new_tokens, positions - len(prompt)) if isinstance(positions, int) else self.spec.max_new_tokens
+                    if budget < 1:  # every rank alike: the same prompts and model
+                        completions.append([])
+                        continue
                     ids = torch.as_tensor(prompt[None], device=self.device)
                     out = model.generate(  # type: ignore[operator]  # a PreTrainedModel's, behind nn.Module
-                        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self._config(),
+                        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self._config(budget),
                         synced_gpus=synced,
                     )
                     completions.append(out[0, ids.shape[1]:].tolist())
@@ -89,7 +95,7 @@ class SampleGenerator:
             for prompt, done in zip(self.prompts, completions, strict=True)
         ]
 
-    def _config(self) -> Any:
+    def _config(self, max_new_tokens: int) -> Any:
         """Built whole, not layered over the model's own generation config: the spec's decoding is
         what the samples show, whatever sampling defaults a checkpoint ships."""
         from transformers import GenerationConfig
@@ -97,7 +103,7 @@ class SampleGenerator:
         sampling = self.spec.temperature > 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return GenerationConfig(
-            max_new_tokens=self.spec.max_new_tokens, do_sample=sampling,
+            max_new_tokens=max_new_tokens, do_sample=sampling,
             **({"temperature": self.spec.temperature, "top_k": None, "top_p": None} if sampling else {}),
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad,
         )
