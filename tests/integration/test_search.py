@@ -101,6 +101,7 @@ def test_asha_stops_trials_and_they_keep_their_last_checkpoint(grid_search):
     finished = [t for t in trials if t["status"] == "finished"]
     assert stopped and finished, [(t["trial"], t["params"], t["status"], [(r["step"], r.get("eval_loss")) for r in t["history"]]) for t in trials]
     assert all(t["steps"] < 12 for t in stopped) and all(t["steps"] == 12 for t in finished)
+    assert all(t["peak_memory_mib"] > 0 for t in trials)  # reported at every evaluation: stopped trials have it too
     spent = grid_search.results["search"]["trial_steps"]
     assert spent == sum(t["steps"] for t in trials) < 4 * 12
     reports = tiny.tune_reports(grid_search.run_dir)
@@ -199,3 +200,43 @@ def test_a_space_the_model_cannot_take_fails_before_any_trial(tmp_path):
     status = json.loads((tmp_path / "runs" / "t" / "status.json").read_text())
     assert (status["state"], status["kind"]) == ("invalid", "search")
     assert status["problems"] == [{"path": path, "message": message} for path, message in err.value.problems]
+
+
+def test_one_search_over_freezing_and_adapters(local_ray, tmp_path, capsys):
+    """Issue 17, item 2: one grid mixes freezeBottom with LoRA of two ranks on a tiny Llama. r is
+    read by the lora trials only, so the grid is three trials, not four; the results, the table and
+    status.json name each trial's strategy and adapter size, with trainable parameters and peak memory."""
+    from finetune_trainer.report import print_search_summary
+    from finetune_trainer.run import run
+
+    model = tiny.make_model(tmp_path / "model", "llama", layers=2)
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.text_rows(120))
+    doc = tiny.manifest(
+        tmp_path, model, data, task="causal-lm", training={"maxSteps": 2}, evaluation={"everySteps": 2, "baseline": False},
+        resources={"workers": 1, "cpusPerWorker": 1},
+        search={"algorithm": "grid", "maxConcurrentTrials": 2, "scheduler": {"type": "none"},
+                "space": {"freezing.strategy": {"choice": ["freezeBottom", "lora"]}, "freezing.layers": {"choice": [1]},
+                          "freezing.lora.r": {"choice": [4, 8]}}},
+    )
+    result = run(parse_job(doc))
+    trials = {t["strategy"]: t for t in result.results["trials"]}
+    assert sorted(trials) == ["freezeBottom 1", "lora r=4", "lora r=8"], trials.keys()
+    for t in trials.values():
+        assert t["status"] == "finished" and t["steps"] == 2 and t["value"] is not None
+        assert t["peak_memory_mib"] > 0 and t["total_params"] >= t["trainable_params"] > 0
+    lora4, lora8, bottom = trials["lora r=4"], trials["lora r=8"], trials["freezeBottom 1"]
+    assert lora4["unused_params"] == ["freezing.layers"] and bottom["unused_params"] == ["freezing.lora.r"]
+    # an adapter's parameters grow with its rank: every adapted projection gets r x (in + out) of them
+    assert lora8["trainable_params"] == 2 * lora4["trainable_params"] < bottom["trainable_params"]
+    assert lora8["total_params"] - lora8["trainable_params"] == bottom["total_params"]  # PEFT adds to a frozen base
+
+    print_search_summary(result.results, result.run_dir)
+    out = capsys.readouterr().out
+    for label, t in trials.items():
+        row = next(line for line in out.splitlines() if f" {t['trial']} " in line)
+        assert label in row and f"{t['peak_memory_mib']:.0f}" in row, row
+
+    best = result.results["best"]
+    status = json.loads((result.run_dir.parent / "status.json").read_text())
+    strategy = next(label for label, t in trials.items() if t["trial"] == best["trial"])
+    assert best["strategy"] == strategy and (status["bestTrial"]["name"], status["bestTrial"]["strategy"]) == (best["trial"], strategy)

@@ -257,7 +257,9 @@ class FineTuneRecipe:
         finite = all(math.isfinite(v) for v in metrics.values())
         diverged = found.first_step if found.first_step is not None else (None if finite else self.step)
         value = metrics[self.metric_key]
-        extra: dict[str, Any] = {"train_loss": mean_finite(losses)}
+        # the peak so far at every evaluation, not only in the final summary: a search trial that its
+        # scheduler stops never reaches that, and its row still says what it used
+        extra: dict[str, Any] = {"train_loss": mean_finite(losses), "peak_memory_mib": self._summary()["peak_memory_mib"]}
         if self.spec.training.non_finite_loss == "skipStep":
             extra["skipped_steps"] = self.skipped_steps  # steps whose loss was not finite, their optimizer step dropped
         elif diverged is not None:
