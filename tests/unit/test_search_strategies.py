@@ -159,3 +159,25 @@ def test_a_grid_runs_each_distinct_trial_once():
     problems = _problems({"algorithm": "grid", "numTrials": 4, "space": {"freezing.strategy": {"choice": ["freezeBottom", "lora"]},
                                                                        "freezing.lora.r": {"choice": [4, 8]}, "freezing.layers": {"choice": [1]}}})
     assert problems == [("spec.search.numTrials", "grid runs every combination once (3); leave numTrials out")]
+
+
+def test_the_preflight_plans_every_lora_trial_on_the_model(tmp_path):
+    """Before Ray: a lora trial whose rank is above the model's projections fails the run, named by
+    the values that trial reads (not the freezeBottom-only layers it dropped)."""
+    from finetune_trainer.preflight import prepare_job
+    from tests.integration import tiny
+
+    model = tiny.make_model(tmp_path / "model", "llama", layers=2)  # hidden size 32
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.text_rows(60))
+    space = {"freezing.strategy": {"choice": ["freezeBottom", "lora"]}, "freezing.layers": {"choice": [1]}, "freezing.lora.r": {"choice": [8, 48]}}
+    job = parse_job(tiny.manifest(tmp_path, model, data, task="causal-lm", search={"space": space}))
+    with pytest.raises(SpecError) as err:
+        prepare_job(job)
+    assert len(err.value.problems) == 1, err.value.problems
+    path, message = err.value.problems[0]
+    assert path == "spec.search.space"
+    assert message.startswith("freezing.strategy='lora', freezing.lora.r=48: spec.freezing.lora.r: 48 is above the width of "), message
+    assert "use r <= 32" in message
+    # the same space with ranks that fit passes, every trial planned
+    space["freezing.lora.r"] = {"choice": [8, 16]}
+    assert prepare_job(parse_job(tiny.manifest(tmp_path, model, data, task="causal-lm", search={"space": space}))).plan

@@ -16,7 +16,7 @@ from .modeling import skeleton as model_skeleton
 from .reference import prepare_reference
 from .sources import SourceError
 from .spec import FineTuneJob, SpecError
-from .spec.search import search_combinations, trial_spec
+from .spec.search import dropped_params, search_combinations, trial_spec
 
 
 @dataclass
@@ -84,15 +84,16 @@ def _check_trial_plans(job: FineTuneJob, plan_for) -> None:
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
     for sampled in search_combinations(search):
-        freezing = trial_spec(job.spec, {**search.fixed_params(), **sampled}).freezing
-        key = freezing.model_dump_json()
+        trial = trial_spec(job.spec, {**search.fixed_params(), **sampled})
+        key = trial.freezing.model_dump_json()
         if key in seen:
             continue
         seen.add(key)
         try:
-            plan_for(freezing)
+            plan_for(trial.freezing)  # a lora trial: PEFT on the skeleton, so its targets and rank fit the model
         except SpecError as err:
-            used = {k: v for k, v in sampled.items() if k.startswith("freezing.")}
+            dropped = dropped_params(trial, sampled)  # name the trial by what it reads, not by what it dropped
+            used = {k: v for k, v in sampled.items() if k.startswith("freezing.") and k not in dropped}
             problems += [("spec.search.space", f"{', '.join(f'{k}={v!r}' for k, v in used.items())}: {path}: {msg}") for path, msg in err.problems]
     if problems:
         raise SpecError(problems)
