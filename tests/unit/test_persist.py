@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from finetune_trainer.cli import EXIT_INVALID, main
@@ -14,7 +15,7 @@ from finetune_trainer.embedded_s3 import free_ports
 from finetune_trainer.job_status import STATUS_FILE
 from finetune_trainer.persist import MAX_PREEMPTIONS, open_storage
 from finetune_trainer.spec import parse_job
-from finetune_trainer.storage import MARKER, mark_complete
+from finetune_trainer.storage import MARKER, StorageError, mark_complete
 
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart-s3.yaml"
 
@@ -54,6 +55,17 @@ def test_resume_latest_takes_the_newest_complete_checkpoint_of_any_run(tmp_path)
     assert step == 8 and checkpoint.path == str(p.local_dir / "run-2" / "checkpoint_001")
     assert (Path(checkpoint.path) / MARKER).exists()
     assert p.resume_from("none") == (None, None)
+
+
+def test_a_local_run_resumes_from_a_checkpoint_path_inside_its_folder_and_refuses_one_outside(tmp_path):
+    p = open_storage(_job(tmp_path))
+    _checkpoint(p.store, "run-1/checkpoint_001", 4)
+    checkpoint, step = p.resume_from(str(p.local_dir / "run-1" / "checkpoint_001"))
+    assert step == 4 and checkpoint.path == str(p.local_dir / "run-1" / "checkpoint_001")
+    outside = tmp_path / "elsewhere" / "checkpoint_001"
+    outside.mkdir(parents=True)
+    with pytest.raises(StorageError, match="outside this job's folder"):
+        p.resume_from(str(outside))
 
 
 def test_latest_search_is_the_newest_run_with_a_tune_experiment(tmp_path):

@@ -128,8 +128,12 @@ class Persistence:
         A URI outside the job's own folder is refused unless the spec allows it: the spec's
         validation says so first; this check holds for any caller (a library's `run(resume=...)`)."""
         if resume not in {"never", "none", "latest"} and not self.allow_resume_outside_job:
-            key = self.store.key_of(resume)
-            if not key.startswith(self.key() + "/"):
+            try:
+                key: str | None = self.store.key_of(resume)
+            except (ValueError, StorageError):  # a local path outside the store's root, another bucket
+                key = None
+            inside = key is not None and not key.startswith("..") and (not self.key() or key.startswith(self.key() + "/"))
+            if not inside:  # a local store is rooted at the job's folder: its job key is ""
                 raise StorageError(f"spec.storage.resume: {resume} is outside this job's folder {self.store.uri(self.key())}/; "
                                    "set spec.storage.allowResumeOutsideJob: true only if you trust whoever can write there")
         found = resume_point(self.store, resume, self.key(runs_under))
