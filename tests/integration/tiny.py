@@ -30,7 +30,8 @@ def minilm_dir() -> Path:
         pytest.skip(f"needs the model package: {err}")
 
 
-def make_model(folder: Path, kind: str, layers: int = 2) -> Path:
+def make_model(folder: Path, kind: str, layers: int = 2, *, tied: bool = False) -> Path:
+    """`tied`: the LM head is the input embeddings (as in SmolLM2), one tensor under two names."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
@@ -44,7 +45,7 @@ def make_model(folder: Path, kind: str, layers: int = 2) -> Path:
         tok.eos_token = tok.sep_token
         config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                             tie_word_embeddings=False, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+                             tie_word_embeddings=tied, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

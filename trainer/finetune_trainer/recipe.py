@@ -132,7 +132,7 @@ class FineTuneRecipe:
 
         def load(folder: str) -> dict[str, Any]:
             """Everything a checkpoint restores; what fails here makes resume.py try the one before it."""
-            state = checkpoint_files.load(self.engine, folder, rank=self.rank, frozen=frozenset(self.plan.frozen if self.adapters else ()))
+            state = checkpoint_files.load(self.engine, folder, rank=self.rank, frozen=checkpoint_files.frozen_names(self.engine.module) if self.adapters else frozenset())
             self.scheduler.load_state_dict(state["scheduler"])
             self.stopper.load_state_dict(state["early_stopping"])
             return state
