@@ -157,8 +157,7 @@ def _encode(
         )
     flat = [text for row in pieces for text, _ in row]
     tokens = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter([])
-    ids, labels = [], []
-    dropped = 0
+    examples = _Examples(limit)
     for row in pieces:
         seq: list[int] = []
         target: list[int] = []
@@ -166,13 +165,27 @@ def _encode(
             part = next(tokens)
             seq += part
             target += part if trained else [IGNORE_INDEX] * len(part)
-        seq, target = seq[:limit], target[:limit]
+        examples.add(seq, target)
+    return examples.ids, examples.labels, examples.dropped
+
+
+class _Examples:
+    """Examples cut to `limit` tokens. One with no trained token left (a prompt that fills the whole
+    window) teaches nothing and, alone in a batch, would make a NaN loss: dropped and counted."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.ids: list[list[int]] = []
+        self.labels: list[list[int]] = []
+        self.dropped = 0
+
+    def add(self, seq: list[int], target: list[int]) -> None:
+        seq, target = seq[: self.limit], target[: self.limit]
         if any(t != IGNORE_INDEX for t in target):
-            ids.append(seq)
-            labels.append(target)
+            self.ids.append(seq)
+            self.labels.append(target)
         else:
-            dropped += 1
-    return ids, labels, dropped
+            self.dropped += 1
 
 
 def split_rendered(conversation: Conversation, tokenizer: Any, template: str, split: str) -> list[tuple[str, bool]]:
@@ -234,19 +247,11 @@ def _plain(
     eos = tokenizer.eos_token_id
     prompt_ids = tokenizer(list(prompts))["input_ids"]
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    ids, labels = [], []
-    dropped = 0
+    examples = _Examples(limit)
     for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
         if eos is not None and prompt and prompt[-1] == eos:
             prompt = prompt[:-1]
         end = [eos] if eos is not None and (not completion or completion[-1] != eos) else []
-        seq = (prompt + completion + end)[:limit]
-        target = ([IGNORE_INDEX] * len(prompt) + seq[len(prompt) :])[:limit]
-        # A prompt that fills the whole window teaches nothing and, alone in a batch, would make
-        # a NaN loss: such rows are dropped and counted.
-        if any(t != IGNORE_INDEX for t in target):
-            ids.append(seq)
-            labels.append(target)
-        else:
-            dropped += 1
-    return ids, labels, dropped
+        seq = prompt + completion + end
+        examples.add(seq, [IGNORE_INDEX] * len(prompt) + seq[len(prompt) :])
+    return examples.ids, examples.labels, examples.dropped
