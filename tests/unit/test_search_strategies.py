@@ -11,7 +11,7 @@ from finetune_trainer import search_results
 from finetune_trainer.report import print_search_summary
 from finetune_trainer.spec import FreezingSpec, SpecError, parse_job
 from finetune_trainer.spec.search import dropped_params, grid_order, trial_spec
-from tests.tiny_models import minimal_manifest
+from tests.unit.test_search_spec import _job, _problems  # the search tests' manifest helpers, shared
 
 MIXED = {
     "freezing.strategy": {"grid": ["freezeBottom", "gradual", "featureExtraction", "lora"]},
@@ -20,16 +20,6 @@ MIXED = {
     "freezing.lora.r": {"choice": [8, 16, 64]},
     "training.learningRate": {"loguniform": [1e-5, 1e-3]},
 }
-
-
-def _job(search: dict, **sections):
-    return parse_job(minimal_manifest(search=search, **sections))
-
-
-def _problems(search: dict, **sections) -> list[tuple[str, str]]:
-    with pytest.raises(SpecError) as err:
-        _job(search, **sections)
-    return err.value.problems
 
 
 def test_a_space_mixes_strategies_and_adapter_sizes_and_each_trial_keeps_what_it_reads():
