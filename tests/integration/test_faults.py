@@ -234,8 +234,12 @@ def test_driver_killed_then_resume_continues_from_the_latest_complete_checkpoint
     assert f"resume: from {killed_at.uri} (step {killed_at.step})" in out
     results = json.loads(store.read(f"{prefix}/{_newest_run(store, prefix)}/results.json"))
     steps = [row["step"] for row in results["history"]]
-    assert results["resumed_from"]["step"] == killed_at.step and steps[0] == killed_at.step + 4 and steps[-1] == 40, (steps, [x for x in out.splitlines() if "[finetune]" in x])
-    assert all(row["resumed_from_step"] == killed_at.step for row in results["history"])
+    resumed = [row for row in results["history"] if row["step"] > killed_at.step]
+    assert results["resumed_from"]["step"] == killed_at.step and resumed[0]["step"] == killed_at.step + 4 and steps[-1] == 40, (steps, [x for x in out.splitlines() if "[finetune]" in x])
+    assert all(row["resumed_from_step"] == killed_at.step for row in resumed)
+    # the curve before the resume point, baseline included, comes from the checkpoint: the whole curve, each step once
+    assert steps == list(range(0, 41, 4)) and results["history"][0]["baseline"], steps
+    assert results["metrics"]["validation"]["baseline"], "a resumed run's results lost the baseline"
     assert results["resumed_from"]["checkpoint"] == killed_at.uri
     print(f"driver killed after checkpoint step {first.step} (latest complete {killed_at.step}); resumed run's steps {steps}")
     # the new run's checkpoints are complete; the broken ones were never read as checkpoints

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from . import deepspeed_load, rng
-from .persist import ADAPTER_DIR, MODEL_DIR
+from .persist import ADAPTER_DIR, MODEL_DIR, TRAINER_STATE_FILE
 from .storage.integrity import write_file_hashes
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = TRAINER_STATE_FILE
 DS_DIR = "deepspeed"
 DS_TAG = "state"
 

@@ -22,6 +22,7 @@ S3 one.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ RESULTS_FILE = "results.json"
 MAX_PREEMPTIONS = 100  # node preemptions one run recovers from (Ray Train's max_preemption_failures)
 ATTEMPTS_FILE = "attempts.json"  # each start of the run's driver (persist.record_attempt)
 MODEL_DIR = "model"  # the exported model beside results.json, and inside each checkpoint (recipe)
+TRAINER_STATE_FILE = "trainer_state.json"  # inside each checkpoint: rank 0's loop state (checkpoint_files)
 ADAPTER_DIR = "adapter"  # inside MODEL_DIR: a LoRA-family adapter in PEFT's format (freezing.strategy: lora)
 TRIALS_DIR = "trials"
 TUNE_STATE_PREFIX = "experiment_state"  # Ray Tune's experiment checkpoint in a run's folder
@@ -143,6 +145,15 @@ class Persistence:
             return None, None
         log.info("resume: from %s (step %s)", found.uri, found.step)
         return self.checkpoint(found.key), found.step
+
+    def history_until(self, checkpoint_path: str, step: int) -> list[dict[str, Any]]:
+        """The evaluation rows up to `step` that a resumed run's checkpoint carries (its
+        trainer_state.json): the rows of the attempts before it, the baseline's among them, without
+        which a resumed run's results would have no baseline and no forgetting figure. Read as JSON
+        data only; the workers verified the checkpoint's hashes when they loaded it."""
+        raw = self.store.read(f"{self.store.key_of(checkpoint_path)}/{TRAINER_STATE_FILE}")
+        history = json.loads(raw).get("history", []) if raw else []
+        return [row for row in history if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step]
 
     def has_search(self, run_id: str) -> bool:
         """Whether the run's folder holds a Tune experiment (an earlier attempt of this search)."""
