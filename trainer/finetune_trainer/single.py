@@ -36,7 +36,7 @@ def run_single(session: DriverSession, on_progress: Listener | None = None) -> R
     result = fit_polling(trainer.fit, lambda: ray.get(session.tracker.snapshot.remote(), timeout=5), listeners)
     _, rows = ray.get(session.tracker.snapshot.remote())
     if resume_from is not None:  # the curve before the resume point (and its baseline) lives in the checkpoint
-        rows = persistence.history_until(resume_from.path, resumed_step) + rows
+        rows = persistence.history_until(resume_from.path, resumed_step or 0) + rows
     raise_if_diverged(rows)  # nonFiniteLoss: stop ended it: failed, reason NonFiniteLoss (the session publishes it)
     checkpoints = persistence.complete_only([(c.path, m) for c, m in (result.best_checkpoints or [])], persistence.key(run_id))
     best = best_checkpoint(job, checkpoints)
