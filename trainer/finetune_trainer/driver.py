@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from . import environment, logs
+from . import environment, logs, phases
 from .persist import ADAPTER_DIR, MODEL_DIR, Persistence
 from .ranking import best_row
 from .spec import FineTuneJob, SpecError
@@ -202,6 +203,7 @@ def fit_polling(fit: Callable[[], Any], snapshot: Callable[[], tuple[dict[str, A
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
+    phases.log.debug("%s %.3f", phases.FIT_MARKER, time.time())  # the origin of the workers' start-up marks (phases.py)
     try:
         return fit()
     finally:

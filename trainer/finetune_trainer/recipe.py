@@ -36,6 +36,7 @@ from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
 from .optim import UnfreezeGate, build_scheduler, is_metric_driven, param_groups
+from .phases import StartupClock
 from .probes import EvaluationProbes
 from .ranking import NON_FINITE_KEY, EarlyStopping, is_better
 from .scratch import checkpoint_folder
@@ -45,7 +46,7 @@ log0 = logs.rank_zero(logging.getLogger(__name__))  # what every rank would say 
 
 
 class FineTuneRecipe:
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], clock: StartupClock | None = None):
         import ray
         import ray.train
 
@@ -66,6 +67,8 @@ class FineTuneRecipe:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.metric_key = f"eval_{self.spec.evaluation.metric}"
         self._last_progress = 0.0
+        self.clock = clock or StartupClock()  # where start-up time goes (phases.py)
+        self.clock.mark("data_ready")
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -87,6 +90,7 @@ class FineTuneRecipe:
         built = worker_model.build(self.spec, self.model_dir, num_labels=self.num_labels, pad_token_id=self.pad_id,
                                    steps_per_epoch=self.per_epoch)  # PEFT's adapters, or the freezing plan, applied
         model, self.plan, self.adapters, self.params = built.module, built.plan, built.adapters, built.params
+        self.clock.mark("model_loaded")
         groups, metas = param_groups(model, self.plan, t)
         cuda = self.device.type == "cuda"
         self.precision = resolve_precision(
@@ -94,6 +98,7 @@ class FineTuneRecipe:
         )
         ds_config = build_ds_config(self.spec, world_size=self.world, precision=self.precision)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        self.clock.mark("deepspeed_initialized")
         base_optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         self.scheduler = build_scheduler(self.spec.lr_schedule, base_optimizer, self.total)
         self.gate = UnfreezeGate(base_optimizer, metas, groups)
@@ -113,9 +118,12 @@ class FineTuneRecipe:
         self.probes = EvaluationProbes(self.job, self.data, model_dir=self.model_dir, device=self.device, rank=self.rank,
                                        world_size=self.world, pad_token_id=self.pad_id)
         self.samples: list[dict[str, str]] | None = None  # this evaluation's, for the tracker's row (rank 0)
+        self.clock.mark("probes_ready")
         self._resume()
+        self.clock.mark("restored")
         self.guard = NonFiniteGuard(self.device, self.spec.evaluation.every_steps, start_step=self.step)
         self.preemption = PreemptionGuard(self.world)  # creates a gloo group: a collective, every rank
+        self.clock.mark("guards_ready")
         log0.info("%s: %s; precision %s; MASTER_ADDR=%s", built.name, self.plan.summary(), self.precision,
                   os.environ.get("MASTER_ADDR"))
 
@@ -163,6 +171,7 @@ class FineTuneRecipe:
         t, ev = self.spec.training, self.spec.evaluation
         if self.step == 0 and ev.baseline:
             self._report(self._evaluate(), checkpoint=False, extra={"baseline": True})
+            self.clock.mark("baseline_evaluated")
         self.engine.train()
         self.gate.apply(self.step)
         losses: list[torch.Tensor] = []  # detached, read only when reported: no host sync per step
@@ -182,6 +191,9 @@ class FineTuneRecipe:
                 if not self.engine.is_gradient_accumulation_boundary():
                     continue
                 self.step += 1
+                if not self.clock.logged:
+                    self.clock.mark("first_step")
+                    self.clock.log_once(self.rank)
                 if not is_metric_driven(self.spec.lr_schedule) and self.engine.was_step_applied():
                     self.scheduler.step()
                 opened = self.gate.apply(self.step)
@@ -370,8 +382,9 @@ def _uri(persistence: Any, path: str) -> str:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    clock = StartupClock()  # first: the time before this is the worker group's start-up
     logs.configure_worker()  # our logger, the driver's verbosity, third-party noise held back (logs.py)
-    recipe = FineTuneRecipe(config)
+    recipe = FineTuneRecipe(config, clock)
     try:
         recipe.setup()
         recipe.train()

@@ -1,0 +1,43 @@
+"""Where a run's start-up time goes: wall-clock marks of one worker's set-up phases.
+
+Rank 0 logs them once, at debug level, when its first optimizer step is done; `finetune run -v`
+shows the line and bench/trial_startup.py reads it. Nothing else depends on it, and a mark costs a
+clock read, so every run carries them (the phases a user waits through before the first step are
+the fixed cost every start and every resume of a search trial pays again).
+
+Wall-clock time (`time.time`), not `perf_counter`: the marks of different processes (the driver's
+fit start, `driver.fit_polling`, and a worker's) lie on one axis on one machine. The worker
+process's own start is psutil's `create_time` (psutil comes with Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+MARKER = "start-up phases:"  # what bench/trial_startup.py looks for in the log
+FIT_MARKER = "fit started at"
+
+log = logging.getLogger(__name__)
+
+
+class StartupClock:
+    """Named wall-clock marks, in the order they happen; logged once by rank 0."""
+
+    def __init__(self) -> None:
+        import psutil  # type: ignore[import-untyped]  # no stubs installed; one call
+
+        self.marks: dict[str, float] = {"process_started": psutil.Process().create_time(), "loop_entered": time.time()}
+        self.logged = False
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.time())  # the first time only: a phase that repeats counts once
+
+    def log_once(self, rank: int) -> None:
+        """The marks as one JSON line (rank 0, debug), the first time this is called."""
+        if self.logged:
+            return
+        self.logged = True
+        if rank == 0:
+            log.debug("%s %s", MARKER, json.dumps(self.marks))
