@@ -43,18 +43,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, cast
 
 import kopf
 
-from finetune_trainer.spec import FineTuneJob, SpecError, parse_job
+from finetune_trainer.spec import FineTuneJob, SpecError
 from finetune_trainer.spec.progress import ProgressDocument
 
 from .changes import immutable_changes, mutable_patch
 from .children import run_id_for
-from .crd import GROUP, KIND, VERSION
+from .crd import GROUP, KIND
 from .ingress import dashboard_url, render_dashboard_ingress
 from .kube import KubeApi
 from .lifecycle import (
@@ -70,6 +70,7 @@ from .metrics import Metrics
 from .networkpolicy import DEFAULT_KUBERAY_NAMESPACE, ingress_controller_namespace_of, render_network_policy
 from .progress import ProgressSource
 from .rayjob import ray_auth_enabled, rayjob_name, render_rayjob, rendered_generation
+from .spec_cache import SpecCache
 from .status_mapping import (
     RAY_AUTH_DISABLED_MESSAGE,
     apply_progress,
@@ -82,7 +83,7 @@ from .status_mapping import (
     trainer_problems,
 )
 from .status_model import FineTuneJobStatus, Phase, Reason
-from .status_writer import StatusWrite, plain, read_status, write_status
+from .status_writer import StatusWrite, read_status, write_status
 from .trainer_access import render_trainer_access
 
 
@@ -102,6 +103,7 @@ class Operator:
     metrics: Metrics
     config: OperatorConfig = OperatorConfig()
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    specs: SpecCache = field(default_factory=SpecCache)  # parsed once per (uid, generation)
     post_event: Callable[[Mapping[str, Any], str, str, str], None] = lambda body, kind, reason, message: kopf.event(
         cast(kopf.Body, body), type=kind, reason=reason, message=message)  # a Kubernetes Event on the FineTuneJob
 
@@ -111,7 +113,7 @@ class Operator:
         previous, now = read_status(body), self.clock()
         existing = self.kube.get_rayjob(namespace, rayjob_name(name))
         try:
-            job = parse_job(_manifest(body), for_cluster=True)
+            job = self.specs.job(body)
         except SpecError as err:
             self._invalid(body, err, existing, generation, now)
         if existing is None and _finished(previous, generation):
@@ -166,7 +168,7 @@ class Operator:
         def change(previous: FineTuneJobStatus, body: Mapping[str, Any]) -> FineTuneJobStatus:
             nonlocal problems, progress
             try:
-                job: FineTuneJob | None = parse_job(_manifest(body), for_cluster=True)
+                job: FineTuneJob | None = self.specs.job(body)
             except SpecError:
                 job = None
             generation = previous.observed_generation or body["metadata"].get("generation", 1)
@@ -204,7 +206,7 @@ class Operator:
         already read the last progress). Returns the status as it now is (the poll's next delay
         depends on it), None when the job is gone or its spec does not parse."""
         try:
-            job = parse_job(_manifest(body), for_cluster=True)
+            job = self.specs.job(body)
         except SpecError:
             return None
         progress, rayjob, problems = self.progress.read(job), None, []
@@ -258,7 +260,7 @@ class Operator:
             self.rayjob_changed("MODIFIED", rayjob, logger)
             return
         try:
-            job: FineTuneJob | None = parse_job(_manifest(body), for_cluster=True)
+            job: FineTuneJob | None = self.specs.job(body)
         except SpecError:
             job = None
         if job is not None and trainer_problems(self.progress.read(job), rayjob=rayjob):
@@ -363,14 +365,6 @@ class Operator:
             if not _owned_by(found, uid):
                 raise kopf.TemporaryError(f"{want['kind']} {want['metadata']['name']} exists and is not owned by this "
                                           "FineTuneJob; waiting for it to go", delay=self.config.conflict_retry_delay)
-
-
-def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the user wrote, as parse_job takes it: the object without status and server metadata."""
-    meta = body["metadata"]
-    return {"apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": body.get("kind", KIND),
-            "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")},
-            "spec": plain(body.get("spec") or {})}
 
 
 def _owner(rayjob: Mapping[str, Any]) -> dict[str, Any] | None:

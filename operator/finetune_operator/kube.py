@@ -13,10 +13,31 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kubernetes
+import urllib3
 
 from .crd import GROUP, PLURAL, VERSION
 
 RAY_GROUP, RAY_VERSION, RAYJOBS = "ray.io", "v1", "rayjobs"
+REQUEST_TIMEOUT = (5.0, 10.0)  # seconds to connect, and between bytes of the answer
+
+
+class TimeoutApiClient(kubernetes.client.ApiClient):
+    """The kubernetes client with a timeout on every request. Its own default is none: a request
+    to an API server that accepted the connection and never answers (overloaded, a half-open
+    connection after a network fault) would hold a progress-poll worker or a kopf handler thread
+    for ever. A read that timed out is not retried (urllib3 retries it 3 times by default, which
+    would make one hung request take four timeouts); a failed connect still is. The next poll or
+    kopf's backoff tries again. kopf's own watches do not go through this client."""
+
+    def __init__(self, timeout: tuple[float, float] = REQUEST_TIMEOUT):
+        configuration = kubernetes.client.Configuration.get_default_copy()
+        configuration.retries = urllib3.util.Retry(total=3, read=0, redirect=0)
+        super().__init__(configuration)
+        self.request_timeout = timeout
+
+    def call_api(self, method: str, url: str, header_params: Any = None, body: Any = None, post_params: Any = None,
+                 _request_timeout: Any = None) -> Any:
+        return super().call_api(method, url, header_params, body, post_params, _request_timeout or self.request_timeout)
 
 
 def is_conflict(err: Exception) -> bool:
@@ -25,6 +46,7 @@ def is_conflict(err: Exception) -> bool:
 
 class KubeApi:
     def __init__(self, client: kubernetes.client.ApiClient | None = None):
+        client = client or TimeoutApiClient()
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
         self.networking = kubernetes.client.NetworkingV1Api(client)

@@ -20,8 +20,8 @@ from finetune_operator.handlers import Operator, OperatorConfig
 from finetune_operator.kube import KubeApi
 from finetune_operator.metrics import Metrics
 from finetune_operator.networkpolicy import render_network_policy
+from finetune_operator.progress_poll import newer_spec_waits
 from finetune_operator.rayjob import render_rayjob
-from finetune_operator.registration import newer_spec_waits
 from finetune_operator.status_model import FineTuneJobStatus, Phase
 from finetune_operator.status_writer import status_patch
 from finetune_trainer.spec import parse_job
