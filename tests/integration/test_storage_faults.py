@@ -17,7 +17,6 @@ import pytest
 
 from finetune_trainer.spec import parse_job
 from finetune_trainer.storage import (
-    ATTEMPTS,
     MARKER,
     Credentials,
     S3Store,
@@ -120,13 +119,14 @@ def _throttled_run(s3_spec, assets, tmp_path, monkeypatch, name: str, arm, **spe
 
 def test_a_marker_refused_past_its_retries_costs_no_restart_and_no_work(local_ray, s3_spec, assets, reference, tmp_path,
                                                                          monkeypatch):
-    """Every PUT of the second checkpoint's marker is answered 503 SlowDown: it is retried ATTEMPTS
-    times, then that checkpoint simply does not count; training goes on (before: the callback's
-    error restarted the worker group, or failed a run without restarts)."""
+    """Every PUT of the second checkpoint's marker is answered 503 SlowDown: it is retried
+    spec.storage.maxAttempts times (3 here: the default 8 spends ~45 s backing off, which the burst
+    test below rides out), then that checkpoint simply does not count; training goes on (before:
+    the callback's error restarted the worker group, or failed a run without restarts)."""
     proxy, results, store, prefix = _throttled_run(s3_spec, assets, tmp_path, monkeypatch, "marker",
-                                                   lambda p: setattr(p, "refuse_marker", 2))
+                                                   lambda p: setattr(p, "refuse_marker", 2), storage={"maxAttempts": 3})
     refused = proxy.markers[1]
-    assert [status for _, path, status in proxy.refused if path.startswith(refused)] == [503] * ATTEMPTS  # bounded
+    assert [status for _, path, status in proxy.refused if path.startswith(refused)] == [503] * 3  # the spec's budget, bounded
     assert len(proxy.markers) == 6  # every other checkpoint got its marker
     checkpoint = refused.lstrip("/").partition("/")[2].rpartition("/")[0]
     assert store.read(f"{checkpoint}/{MARKER}") is None  # never complete: never loaded, never best

@@ -141,6 +141,9 @@ CASES: list[Hostile] = [
     Hostile("deadline-int32", "spec.runPolicy.activeDeadlineSeconds", changes={"runPolicy.activeDeadlineSeconds": 2**40},
             cluster="api"),
     Hostile("backoff", "spec.runPolicy.backoffLimit", changes={"runPolicy.backoffLimit": 10**6}, cluster="api"),
+    # retries without end: a run on storage that never answers would hold its cluster for days per request
+    Hostile("storage-attempts", "spec.storage.maxAttempts", changes={"storage": {"uri": "s3://ckpts/team", "maxAttempts": 10**6}},
+            cluster="api"),
     Hostile("uid-int32", "spec.cluster.podSecurityContext.runAsUser",
             changes={"cluster.podSecurityContext.runAsUser": 2**31}, cluster="api"),
     Hostile("int-past-int64", "spec.training.maxSteps", changes={"training.maxSteps": 2**70}, cluster="api"),

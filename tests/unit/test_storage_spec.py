@@ -100,4 +100,35 @@ def test_crd_schema_carries_storage():
 
     schema = FineTuneJobSpec.model_json_schema(by_alias=True)
     storage = schema["$defs"]["StorageSpec"]["properties"]
-    assert set(storage) == {"uri", "endpoint", "region", "addressing", "verifyTls", "resume", "allowResumeOutsideJob"}
+    assert set(storage) == {"uri", "endpoint", "region", "addressing", "verifyTls", "maxAttempts", "resume", "allowResumeOutsideJob"}
+
+
+def test_max_attempts_is_every_storage_request_s_retry_budget():
+    """spec.storage.maxAttempts reaches the driver's boto3 store (checkpoint markers, retention) and the
+    pyarrow filesystem Ray Train's workers upload through, also once pickled to them; 8 by default."""
+    import pickle
+
+    from finetune_trainer.storage import ATTEMPTS, S3Store, pyarrow_filesystem
+
+    default = parse_job(minimal_manifest(storage={"uri": "s3://ckpts/x", "endpoint": "http://127.0.0.1:1"})).spec.storage
+    assert default.max_attempts == ATTEMPTS == 8
+    spec = parse_job(minimal_manifest(storage={"uri": "s3://ckpts/x", "endpoint": "http://127.0.0.1:1", "maxAttempts": 3})).spec.storage
+    assert spec.to_manifest()["maxAttempts"] == 3
+    store = S3Store(spec)
+    assert store.attempts == 3 and store.client.meta.config.retries["total_max_attempts"] == 3
+    assert S3Store(default).client.meta.config.retries["total_max_attempts"] == 8
+    assert pickle.loads(pickle.dumps(pyarrow_filesystem(spec))).attempts == 3  # what a worker unpickles
+    assert pyarrow_filesystem(default).attempts == 8
+
+
+@pytest.mark.parametrize("attempts", [0, -1, 21, 10**6, True, "3"])
+def test_max_attempts_outside_1_to_20_is_refused_naming_the_field(attempts):
+    """Below 1 no request is made; above 20 a run on storage that never answers would hold its
+    cluster for many minutes per request (a hostile or careless author's hang)."""
+    found = problems({"uri": "s3://ckpts/x", "maxAttempts": attempts})
+    assert [p for p, _ in found] == ["spec.storage.maxAttempts"], found
+
+
+@pytest.mark.parametrize("attempts", [1, 20])
+def test_max_attempts_from_1_to_20_is_accepted(attempts):
+    assert parse_job(minimal_manifest(storage={"uri": "s3://ckpts/x", "maxAttempts": attempts})).spec.storage.max_attempts == attempts

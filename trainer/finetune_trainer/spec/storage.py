@@ -70,6 +70,16 @@ class StorageSpec(SpecModel):
         description="Verify the endpoint's TLS certificate. Ray Train's checkpoint uploads (pyarrow) always verify: "
         "for a private CA, set AWS_CA_BUNDLE rather than false.",
     )
+    max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=20,
+        description="Attempts per storage request (the first one and its retries, as AWS's max_attempts) before it "
+        "fails: exponential back-off with jitter, up to 20 s apart, so the default 8 keeps a request trying ~45 s on "
+        "average and ~70 s at most (4 lost checkpoints to one 503 SlowDown burst). Lower fails sooner on storage that "
+        "is gone; a checkpoint whose completion marker cannot be written within them does not count, and training "
+        "goes on. At most 20 (~6 min), so a run never hangs for long on storage that does not answer.",
+    )
     resume: str = Field(
         default="auto",
         description="auto: a new attempt of the same run (a KubeRay retry, a pod lost to preemption, a re-created "

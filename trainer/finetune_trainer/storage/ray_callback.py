@@ -9,7 +9,7 @@ report could precede other ranks' uploads; one written after it would need an ex
 If the controller dies before the marker is written, the directory simply never counts.
 
 Storage that throttles or blips must not cost work: every request retries within its budget
-(`s3.ATTEMPTS`, adaptive mode). A marker that still cannot be written leaves its checkpoint
+(`spec.storage.maxAttempts`, 8 by default, adaptive mode). A marker that still cannot be written leaves its checkpoint
 uncounted, with a warning, and training goes on: the next checkpoint gets a marker of its own, and a
 resume in between takes the newest complete checkpoint before it (`resume`; Ray Train still lists
 the unmarked one as its latest, and the workers skip it). Only storage that refuses the job's keys

@@ -21,12 +21,13 @@ from typing import Any, Protocol
 from ..spec.storage import StorageSpec, split_s3_uri
 from .errors import AccessDenied, StorageError, classify
 
-# Attempts per request, boto3 in "adaptive" mode (standard retries plus a client-side rate limiter
-# that slows down after throttling) and pyarrow's AWS "standard" strategy: exponential back-off with
-# full jitter, up to 1, 2, 4, 8, 16 then 20 s between attempts, so a request keeps trying for ~45 s on
-# average and at most ~70 s before it fails. 4 attempts (~7 s at most) lost checkpoints to one
-# 503 SlowDown burst; far more would leave a run hanging for minutes on storage that is gone.
-ATTEMPTS = 8
+# Attempts per request by default (spec.storage.maxAttempts), boto3 in "adaptive" mode (standard
+# retries plus a client-side rate limiter that slows down after throttling) and pyarrow's AWS
+# "standard" strategy: exponential back-off with full jitter, up to 1, 2, 4, 8, 16 then 20 s between
+# attempts, so a request keeps trying for ~45 s on average and at most ~70 s before it fails. 4
+# attempts (~7 s at most) lost checkpoints to one 503 SlowDown burst; far more would leave a run
+# hanging for minutes on storage that is gone.
+ATTEMPTS: int = StorageSpec.model_fields["max_attempts"].default  # the spec's default, one place
 RETRY_MODE = "adaptive"
 PROBE_ATTEMPTS = 1  # the preflight fails fast: one attempt, short timeouts
 CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 30.0
@@ -75,16 +76,17 @@ class Credentials:
         return cls(env.get("AWS_ACCESS_KEY_ID") or None, env.get("AWS_SECRET_ACCESS_KEY") or None, env.get("AWS_SESSION_TOKEN") or None)
 
 
-def s3_client(spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int = ATTEMPTS,
+def s3_client(spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int | None = None,
               connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT):
-    """A boto3 S3 client for `spec`: adaptive-mode retries (`attempts` in all), timeouts, path/virtual addressing."""
+    """A boto3 S3 client for `spec`: adaptive-mode retries (`attempts` in all, else spec.maxAttempts),
+    timeouts, path/virtual addressing."""
     import boto3
     from botocore.config import Config
 
     creds = credentials or Credentials.from_env()
     config = Config(
         region_name=spec.region,
-        retries={"mode": RETRY_MODE, "total_max_attempts": attempts},
+        retries={"mode": RETRY_MODE, "total_max_attempts": attempts or spec.max_attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         s3={"addressing_style": spec.addressing},
@@ -97,7 +99,7 @@ def s3_client(spec: StorageSpec, credentials: Credentials | None = None, *, atte
     )
 
 
-def pyarrow_filesystem(spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int = ATTEMPTS):
+def pyarrow_filesystem(spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int | None = None):
     """The `pyarrow.fs.S3FileSystem` for RunConfig(storage_filesystem=...).
 
     Without `credentials` the filesystem carries no keys: every process that unpickles it (Ray
@@ -106,7 +108,7 @@ def pyarrow_filesystem(spec: StorageSpec, credentials: Credentials | None = None
     included, into `tuner.pkl` in the bucket: explicit keys would be written next to the
     checkpoints for anyone who can read them.
 
-    The retry strategy (`attempts`, AWS "standard") travels with it: pyarrow's own pickling drops
+    The retry strategy (`attempts`, else spec.maxAttempts; AWS "standard") travels with it: pyarrow's own pickling drops
     it, so Ray's workers would otherwise upload with pyarrow's default of 3 attempts."""
     creds = credentials or Credentials()
     scheme, host = "https", None
@@ -125,7 +127,7 @@ def pyarrow_filesystem(spec: StorageSpec, credentials: Credentials | None = None
         "force_virtual_addressing": spec.addressing == "virtual",
         **({"tls_ca_file_path": ca} if ca else {}),  # pyarrow >= 19 knows it; pass it only when needed
     }
-    return _retrying_filesystem(options, attempts)
+    return _retrying_filesystem(options, attempts or spec.max_attempts)
 
 
 _FILESYSTEM_CLASS: Any = None
@@ -180,11 +182,11 @@ class Store(Protocol):
 
 
 class S3Store:
-    """A bucket through boto3 (retries in adaptive mode, `attempts` per request); every failure
-    becomes a StorageError once they are spent."""
+    """A bucket through boto3 (retries in adaptive mode, `attempts` per request, else
+    spec.maxAttempts); every failure becomes a StorageError once they are spent."""
 
-    def __init__(self, spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int = ATTEMPTS):
-        self.spec, self.bucket, self.attempts = spec, spec.bucket, attempts
+    def __init__(self, spec: StorageSpec, credentials: Credentials | None = None, *, attempts: int | None = None):
+        self.spec, self.bucket, self.attempts = spec, spec.bucket, attempts or spec.max_attempts
         # None: read from the environment where the client is made (a store pickled into Tune's
         # experiment state must not carry the keys; see pyarrow_filesystem)
         self.credentials = credentials
