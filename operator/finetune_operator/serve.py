@@ -46,7 +46,19 @@ def run(*, namespaces: Sequence[str] = (), health_port: int = 8080, metrics_port
         "finetune operator: %s; health :%d/healthz; metrics %s", ", ".join(namespaces) or "all namespaces", health_port,
         f":{metrics_port}/metrics" if metrics_port else "off")
     kopf.run(registry=registry, standalone=True, clusterwide=not namespaces, namespaces=list(namespaces),
-             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz")
+             liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz", settings=_settings(namespaces))
+
+
+def _settings(namespaces: Sequence[str]) -> kopf.OperatorSettings:
+    """With exact namespace names, kopf would still list and watch every Namespace of the cluster
+    (to match its patterns against them; kopf/_core/reactor/observation.py: the scan runs unless
+    `settings.scanning.disabled`), which the chart grants no right to: a warning at start-up, a
+    failed call, and a cluster-wide watch. Our namespaces are names, never patterns, so scanning
+    is off then; kopf serves exactly those (and the CRDs found at start-up: the chart installs
+    them before the operator). All namespaces: kopf's defaults."""
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = bool(namespaces)
+    return settings
 
 
 def _quiet_watchers(record: logging.LogRecord) -> bool:

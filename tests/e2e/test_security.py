@@ -138,3 +138,16 @@ def test_hostile_endpoints_and_literal_credentials_are_stalled_without_a_rayjob(
     assert field in condition(stalled, "Stalled")["message"]
     assert rayjobs(kubectl, namespace) == []
     assert "wJalrXUtnFEMI" not in json.dumps(job(kubectl, namespace, case)["status"])
+
+
+def test_an_operator_given_namespaces_asks_for_no_namespace_list_or_watch(
+        kubectl: Kubectl, namespace: str, start_operator: Any, kube_api: Any) -> None:
+    """The chart grants no right on Namespaces: with --namespace, the operator must not list or
+    watch them (kopf does, to match patterns, unless its scanning is off; serve._settings)."""
+    since = len(kube_api.requests_seen())
+    operator = start_operator()
+    apply(kubectl, namespace, manifest(name="scoped"))
+    wait_status(kubectl, namespace, "scoped", "Pending", phase="Pending", rayJobName="scoped-ray")
+    asked = [r for r in kube_api.requests_seen()[since:] if r[1] == "/api/v1/namespaces" and r[0] == "GET"]
+    assert asked == [], f"the operator listed or watched Namespaces: {asked[:3]}"
+    assert "Not enough permissions" not in operator.output()
