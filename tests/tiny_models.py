@@ -24,10 +24,11 @@ def tiny_bert(layers: int = 2, **config: Any) -> nn.Module:
     )
 
 
-def tiny_llama(layers: int = 2, *, tied: bool = False) -> nn.Module:
+def tiny_llama(layers: int = 2, *, tied: bool = False, **config: Any) -> nn.Module:
+    """`config` overrides SMALL (e.g. vocab_size=len(tokenizer) for a model that reads real text)."""
     torch.manual_seed(0)
     return LlamaForCausalLM(
-        LlamaConfig(**SMALL, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+        LlamaConfig(**{**SMALL, **config}, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
                     num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=tied)
     )
 

@@ -292,7 +292,6 @@ def test_format_and_template_defaults_keep_todays_manifests_meaning():
     ({"format": "messages", "chatTemplate": "chatml"}, "spec.data.chatTemplate", "not auto, none or a Jinja template"),
     ({"format": "messages", "chatTemplate": "{{ messages.__class__ }}"}, "spec.data.chatTemplate", "__"),
     ({"format": "messages", "chatTemplate": "{{ x }}" * 5000}, "spec.data.chatTemplate", "32768"),
-    ({"format": "messages", "packing": True}, "spec.data.packing", "completion-only loss"),
     ({"format": "messages", "promptField": "p"}, "spec.data.promptField", "for format: promptCompletion"),
     ({"format": "text", "promptField": "p", "completionField": "c"}, "spec.data.promptField", "not text"),
     ({"task": "sequence-classification", "format": "messages"}, "spec.data.format", "task: causal-lm"),

@@ -373,7 +373,7 @@ def test_causal_text_truncates_and_ends_with_eos_when_it_fits(tmp_path, lm_token
     assert {len(ids) for ids in out.train.input_ids} == {4, 12}
 
 
-def test_packing_makes_full_blocks(tmp_path, lm_tokenizer):
+def test_packing_places_whole_texts_in_blocks_with_restarting_positions(tmp_path, lm_tokenizer):
     rows = [{"text": f"document number {i} says hello"} for i in range(40)]
     path = write(tmp_path / "lm.jsonl", rows)
     out = prepare(spec(train=path, validationSplit=0.25, packing=True, maxSeqLength=32),
@@ -381,20 +381,12 @@ def test_packing_makes_full_blocks(tmp_path, lm_tokenizer):
     per_doc = len(lm_tokenizer("document number 1 says hello")["input_ids"])  # CLS ... SEP
     assert per_doc == 7
     for split, docs in ((out.train, 30), (out.validation, 10)):
-        assert len(split) == docs * per_doc // 32
-        assert all(len(ids) == 32 for ids in split.input_ids)
-        assert all((a == b).all() for a, b in zip(split.input_ids, split.labels, strict=True))
-    stream = np.concatenate(out.train.input_ids).tolist()
-    assert stream.count(lm_tokenizer.eos_token_id) in (32 * 6 // 7, 32 * 6 // 7 + 1)
-    assert out.stats["rows"] == {"train": 6, "validation": 2}
+        assert len(split) == -(-docs // (32 // per_doc)) and split.examples == docs  # 4 whole texts a block
+        assert split.position_ids is not None
+        for ids, positions in zip(split.input_ids, split.position_ids, strict=True):
+            assert len(ids) <= 32 and positions.tolist() == list(range(per_doc)) * (len(ids) // per_doc)
+    assert out.stats["rows"] == {"train": 8, "validation": 3}
     assert out.stats["table_rows"] == {"train": 30, "validation": 10}
-
-
-def test_packing_too_little_data(tmp_path, lm_tokenizer):
-    path = write(tmp_path / "lm.jsonl", [{"text": f"doc {i}"} for i in range(10)])
-    data = spec(train=path, validationSplit=0.1, packing=True, maxSeqLength=64)
-    with pytest.raises(DataError, match=r"^spec\.data\.packing: train has \d+ tokens"):
-        prepare(data, "causal-lm", lm_tokenizer, 0)
 
 
 def test_empty_batch_indices_and_len():

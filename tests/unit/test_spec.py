@@ -684,16 +684,6 @@ CROSS_FIELD_PROBLEMS = [
         "spec.data.textPairField",
         ["for task: sequence-classification"],
     ),
-    (
-        {
-            **CAUSAL,
-            "spec.data.packing": True,
-            "spec.data.promptField": "p",
-            "spec.data.completionField": "c",
-        },
-        "spec.data.packing",
-        ["completion-only loss"],
-    ),
     # model
     ({"spec.model.source": "s3://bucket/model"}, "spec.model.source", ["local/PVC path"]),
     ({**CAUSAL, "spec.model.numLabels": 3}, "spec.model.numLabels", ["sequence-classification"]),
@@ -790,6 +780,8 @@ VALID_NEIGHBOURS = [
     {"spec.data": {"train": "t.jsonl", "validation": "v.jsonl", "test": "x.csv"}},
     {"spec.data.validationSplit": 0.4, "spec.data.testSplit": 0.4},
     {**CAUSAL, "spec.data.packing": True},
+    {**CAUSAL, "spec.data.packing": True, "spec.data.promptField": "p", "spec.data.completionField": "c"},
+    {**CAUSAL, "spec.data.packing": True, "spec.data.format": "messages"},
     {**CAUSAL, "spec.data.promptField": "p", "spec.data.completionField": "c"},
     {
         "spec.data.textPairField": "hypothesis",

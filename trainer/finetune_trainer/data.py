@@ -13,7 +13,10 @@ their trained-token labels in chat.py; a bad conversation cell is named by its f
 the shuffle.
 
 Examples are stored unpadded (`list[np.ndarray]`); `TokenizedSplit.batch` pads a batch to
-its own longest example, which is what makes short-text CPU training cheap.
+its own longest example, which is what makes short-text CPU training cheap. With
+`spec.data.packing` the causal-lm examples (cut and labelled exactly as without it) are placed
+side by side in blocks by packing.py, with position ids that restart per example: a split's
+rows are then blocks, and its batches carry position_ids instead of an attention mask.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pandas as pd
 import torch
 
 from . import chat, data_checks
+from .packing import pack, pad_positions
 from .sources import SourceError, resolve_local
 from .spec import DataSource, DataSpec
 
@@ -45,6 +49,8 @@ class TokenizedSplit:
     input_ids: list[np.ndarray]
     labels: np.ndarray | list[np.ndarray]
     token_type_ids: list[np.ndarray] | None = None
+    position_ids: list[np.ndarray] | None = None  # packed causal-lm blocks (packing.py)
+    examples: int | None = None  # examples inside the packed blocks; None: one example per row
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -52,8 +58,13 @@ class TokenizedSplit:
     def num_tokens(self) -> int:
         return int(sum(len(ids) for ids in self.input_ids))
 
+    def tokens_in(self, indices: Sequence[int]) -> int:
+        """Tokens (not padding) of the rows `indices`."""
+        return int(sum(len(self.input_ids[i]) for i in indices))
+
     def batch(self, indices: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-        """Examples `indices`, right-padded to the batch's longest; padded labels are -100."""
+        """Examples `indices`, right-padded to the batch's longest; padded labels are -100.
+        Packed blocks get position_ids and no attention_mask (packing.pad_positions says why)."""
         rows = [self.input_ids[i] for i in indices]
         width = max((len(r) for r in rows), default=0)
         ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
@@ -69,6 +80,9 @@ class TokenizedSplit:
             for j, i in enumerate(indices):
                 labels[j, : len(self.labels[i])] = self.labels[i]
             out["labels"] = torch.from_numpy(labels)
+        if self.position_ids is not None:
+            out.pop("attention_mask")
+            out["position_ids"] = torch.from_numpy(np.stack([pad_positions(self.position_ids[i], width) for i in indices]))
         if self.token_type_ids is not None:
             types = np.zeros((len(rows), width), dtype=np.int64)
             for j, i in enumerate(indices):
@@ -162,7 +176,7 @@ def prepare(
         splits[name] = split
         stats["rows"][name] = len(split)
         if data.resolved_format() != "text":  # rows left with no trained token (a prompt filling maxSeqLength)
-            stats.setdefault("dropped_untrained", {})[name] = len(frame) - len(split)
+            stats.setdefault("dropped_untrained", {})[name] = len(frame) - (split.examples or len(split))
         stats["tokens"][name] = split.num_tokens()
     train = splits["train"]
     assert train is not None
@@ -349,27 +363,21 @@ def _tokenize_causal(
             chat_ids, chat_labels, _ = chat.encode(rows, tokenizer, template, limit, split)
         except chat.ChatDataError as err:
             raise DataError(str(err)) from None
-        return TokenizedSplit(_arrays(chat_ids), _arrays(chat_labels))
-    texts = frame[data.text_field].astype(str).tolist()
-    if data.packing:
-        # Validation and test are packed too: the same block shape as training, so
-        # perplexities are comparable, and one code path. Rows are capped before packing.
-        seqs = tokenizer(texts)["input_ids"]
-        stream = np.fromiter(
-            (t for s in seqs for t in _with_eos(s, eos)), dtype=np.int32
-        )  # fmt: skip
-        blocks = len(stream) // limit
-        if blocks == 0:
-            raise DataError(
-                f"spec.data.packing: {split} has {len(stream)} tokens, less than one "
-                f"maxSeqLength block ({limit}); lower maxSeqLength or turn packing off"
-            )
-        ids = list(stream[: blocks * limit].reshape(blocks, limit))
-        return TokenizedSplit(ids, ids)
-    # One token of headroom tells a text that fits (gets EOS) from one cut short (no EOS).
-    seqs = tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"]
-    ids = _arrays([_with_eos(s, eos) if len(s) < limit else s[:limit] for s in seqs])
-    return TokenizedSplit(ids, ids)  # labels are the inputs; the model shifts them
+        examples = TokenizedSplit(_arrays(chat_ids), _arrays(chat_labels))
+    else:
+        texts = frame[data.text_field].astype(str).tolist()
+        # One token of headroom tells a text that fits (gets EOS) from one cut short (no EOS).
+        seqs = tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"]
+        ids = _arrays([_with_eos(s, eos) if len(s) < limit else s[:limit] for s in seqs])
+        examples = TokenizedSplit(ids, ids)  # labels are the inputs; the model shifts them
+    if not data.packing:
+        return examples
+    # Validation and test are packed too: the same examples and loss tokens as unpacked, so the
+    # per-token loss and perplexity are the same numbers (each example's first token has no loss
+    # either way). Rows are capped before packing.
+    assert isinstance(examples.labels, list)
+    blocks = pack(examples.input_ids, examples.labels, limit)
+    return TokenizedSplit(blocks.input_ids, blocks.labels, position_ids=blocks.position_ids, examples=blocks.examples)
 
 
 def _with_eos(ids: list[int], eos: int | None) -> list[int]:

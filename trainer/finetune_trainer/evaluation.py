@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TokenizedSplit
+from .packing import forward_kwargs
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def evaluate(
     for start in range(0, len(indices), batch_size):
         batch = {key: v.to(device) for key, v in split.batch(indices[start : start + batch_size], pad_token_id).items()}
         labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        logits = model(**batch, **forward_kwargs(batch)).logits.float()  # packed: no KV cache (packing.py)
         if task == "sequence-classification":
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             count += labels.numel()

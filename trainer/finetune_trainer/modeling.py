@@ -98,6 +98,14 @@ def _quantization(spec: ModelSpec) -> dict:
     return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
+def model_type(model_dir: str, spec: ModelSpec) -> str | None:
+    """The config's model_type (llama, gpt2, ...): what decides whether packing keeps examples apart."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    return getattr(config, "model_type", None)
+
+
 def skeleton(model_dir: str, spec: ModelSpec, *, num_labels: int | None) -> nn.Module:
     """The model's structure without its weights (meta device): parameter names for planning."""
     config, cls = _config_and_class(model_dir, spec, num_labels=num_labels, dropout=None, pad_token_id=None)

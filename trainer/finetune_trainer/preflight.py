@@ -11,8 +11,9 @@ from .adapters import plan_on_skeleton
 from .data import DataError, PreparedData, prepare
 from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import UnmappableModel, discover
-from .modeling import bitsandbytes_missing, load_tokenizer, offline_if_local, resolve_model_dir
+from .modeling import bitsandbytes_missing, load_tokenizer, model_type, offline_if_local, resolve_model_dir
 from .modeling import skeleton as model_skeleton
+from .packing import family_problem
 from .reference import prepare_reference
 from .sources import SourceError
 from .spec import FineTuneJob, SpecError
@@ -41,6 +42,8 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
         tokenizer = load_tokenizer(model_dir, spec.model)
     except (OSError, ValueError) as err:
         raise SpecError([("spec.model.source", f"cannot load a tokenizer from {model_dir}: {err}")]) from None
+    if spec.data.packing and spec.model.task == "causal-lm":
+        _check_packing(model_dir, job)  # before the data is tokenized: the model's config alone decides
     try:
         data = prepare(spec.data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels)
         data.reference = prepare_reference(job, tokenizer)  # the forgetting probe's text, once for every worker
@@ -74,6 +77,17 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     if spec.search is not None:
         _check_trial_plans(job, plan_for)
     return Prepared(job, model_dir, tokenizer, data, plan, type(skeleton).__name__)
+
+
+def _check_packing(model_dir: str, job: FineTuneJob) -> None:
+    """spec.data.packing only for a model type whose attention keeps packed examples apart (packing.py)."""
+    try:
+        kind = model_type(model_dir, job.spec.model)
+    except (OSError, ValueError) as err:
+        raise SpecError([("spec.model.source", f"cannot load the model's config from {model_dir}: {err}")]) from None
+    problem = family_problem(kind)
+    if problem:
+        raise SpecError([("spec.data.packing", problem)])
 
 
 def _check_trial_plans(job: FineTuneJob, plan_for) -> None:

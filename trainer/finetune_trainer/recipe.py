@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint_files, deepspeed_load, logs, worker_model
+from . import checkpoint_files, deepspeed_load, logs, packing, worker_model
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
@@ -181,9 +181,9 @@ class FineTuneRecipe:
             batches = self._epoch_batches(epoch)
             for micro in batches[(self.step % self.per_epoch) * t.gradient_accumulation_steps :]:
                 host = self.data.train.batch(micro, self.pad_id)
-                self.tokens += int(host["attention_mask"].sum())  # counted on the host: no device sync
+                self.tokens += self.data.train.tokens_in(micro)  # counted on the host: no device sync
                 batch = {k: v.to(self.device) for k, v in host.items()}
-                loss = self.engine(**batch).loss
+                loss = self.engine(**batch, **packing.forward_kwargs(batch)).loss
                 self.guard.observe(loss, self.step + 1)  # on the device; read at the next evaluation
                 self.engine.backward(loss)
                 self.engine.step()  # DeepSpeed's ZeRO optimizer drops a step whose gradient norm is not finite

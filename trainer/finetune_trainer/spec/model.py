@@ -140,7 +140,13 @@ class DataSpec(SpecModel):
         "sandbox (apply_chat_template). Default: auto for messages, none for promptCompletion.",
     )  # fmt: skip
     max_seq_length: int = Field(default=128, ge=8, le=131072, description="Tokens per example after truncation.")
-    packing: bool = Field(default=False, description="causal-lm: concatenate texts into full maxSeqLength blocks.")
+    packing: bool = Field(
+        default=False,
+        description="causal-lm: place whole examples (any format, cut at maxSeqLength as without packing) side by side in "
+        "maxSeqLength blocks, fewer padding tokens per step; attention and loss stay inside each example (position ids "
+        "restart per example), so every example trains and scores as it would alone. Only for model types verified "
+        "to keep packed examples apart (llama, mistral, qwen2, phi3, gpt2, gpt_neox); others are refused.",
+    )  # fmt: skip
     max_train_samples: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
     max_eval_samples: int | None = Field(default=None, ge=1, description="Use at most this many validation rows.")
     max_test_samples: int | None = Field(default=None, ge=1, description="Use at most this many test rows.")
@@ -215,5 +221,3 @@ class DataSpec(SpecModel):
                 # The sandbox refuses these at render time anyway; a chat template never needs a
                 # Python dunder, so a template that names one is refused before any work starts.
                 yield "chatTemplate", "a chat template may not name Python attributes with __ (it renders in a sandbox); remove them"
-        if self.packing and fmt != "text":
-            yield "packing", f"packing mixes examples, so a completion-only loss (format {fmt}) is lost; use packing with format: text only"
