@@ -13,8 +13,14 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY trainer/ trainer/
+# Then out of the venv what the operator never imports (the image measured 226 MB of venv before):
+# the kubernetes client's asyncio twin `kubernetes/aio` (68 MB; kopf talks aiohttp itself, our
+# calls are the sync client's), and pip and setuptools (23 MB; nothing installs at run time).
+# The bytecode stays: the root filesystem is read-only, so without it every start recompiles.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install ".[operator]"
+    && /opt/venv/bin/pip install ".[operator]" \
+    && rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio \
+    && /opt/venv/bin/python -m pip uninstall --yes pip setuptools
 
 FROM python:3.11-slim AS operator
 LABEL org.opencontainers.image.title="finetune-operator" \
