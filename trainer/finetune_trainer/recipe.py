@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from typing import Any
@@ -35,6 +34,7 @@ from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
+from .memory import PeakMemory, return_freed_tensors_to_the_os
 from .optim import UnfreezeGate, build_scheduler, is_metric_driven, param_groups
 from .phases import StartupClock
 from .probes import EvaluationProbes
@@ -84,6 +84,8 @@ class FineTuneRecipe:
             # a moment; a worker killed then (a preemption, our fault tests) leaves it behind and
             # every later run on the machine waits on it forever. Training never calls it.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            return_freed_tensors_to_the_os()  # a step's freed activations leave the resident set (memory.py)
+        self.memory = PeakMemory(self.device)  # before the model: training's own peak is counted from here (memory.py)
         torch.manual_seed(t.seed)  # identical new head on every rank
         self.per_epoch = t.steps_per_epoch(len(self.data.train), self.world)
         self.total = t.total_steps(len(self.data.train), self.world)
@@ -271,7 +273,9 @@ class FineTuneRecipe:
         value = metrics[self.metric_key]
         # the peak so far at every evaluation, not only in the final summary: a search trial that its
         # scheduler stops never reaches that, and its row still says what it used
-        extra: dict[str, Any] = {"train_loss": mean_finite(losses), "peak_memory_mib": self._summary()["peak_memory_mib"]}
+        summary = self._summary()
+        extra: dict[str, Any] = {"train_loss": mean_finite(losses), "peak_memory_mib": summary["peak_memory_mib"],
+                                 "peak_training_memory_mib": summary["peak_training_memory_mib"]}
         if self.spec.training.non_finite_loss == "skipStep":
             extra["skipped_steps"] = self.skipped_steps  # steps whose loss was not finite, their optimizer step dropped
         elif diverged is not None:
@@ -345,9 +349,11 @@ class FineTuneRecipe:
 
     def _summary(self) -> dict[str, float]:
         """Throughput and memory over all ranks: sums for tokens, max for time and memory."""
-        peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # the process' peak, and training's own above what the worker held before the model (memory.py)
+        peak, training = self.memory.process_peak(), self.memory.training_peak()
         # on the worker's device: NCCL (GPU workers) reduces device tensors only
-        stats = torch.tensor([float(self.tokens), self.train_seconds, float(peak)], dtype=torch.float64, device=self.device)
+        stats = torch.tensor([float(self.tokens), self.train_seconds, float(peak), float(training)], dtype=torch.float64,
+                             device=self.device)
         if self.world > 1:
             tokens = stats[:1].clone()
             dist.all_reduce(tokens)
@@ -358,6 +364,7 @@ class FineTuneRecipe:
             "train_seconds": stats[1].item(),
             "tokens_per_second": stats[0].item() / max(stats[1].item(), 1e-9),
             "peak_memory_mib": stats[2].item() / 2**20,
+            "peak_training_memory_mib": stats[3].item() / 2**20,
         }
 
     def _head_lr(self) -> float:
