@@ -32,6 +32,7 @@ from finetune_trainer.data import IGNORE_INDEX, TokenizedSplit, prepare
 from finetune_trainer.evaluation import evaluate
 from finetune_trainer.packing import PACKABLE_MODEL_TYPES, forward_kwargs, pack
 from finetune_trainer.preflight import prepare_job
+from finetune_trainer.preview import describe
 from finetune_trainer.spec import DataSpec, SpecError, parse_job
 from tests.tiny_models import tiny_llama
 from tests.unit.test_chat import CONVERSATION, smollm, write_jsonl  # noqa: F401  (smollm: a fixture)
@@ -214,9 +215,22 @@ def _manifest(tmp_path: Path, tok: Any, model: nn.Module, **data: Any) -> Any:
 def test_validation_accepts_packed_chat_data_on_llama_and_refuses_a_family_that_mixes_examples(tmp_path, smollm):  # noqa: F811
     ok = prepare_job(_manifest(tmp_path, smollm, tiny_llama(vocab_size=len(smollm)), packing=True))
     assert ok.data.train.position_ids is not None and ok.data.stats["dropped_untrained"] == {"train": 0, "validation": 0}
+    assert describe(ok.job).endswith("packed into maxSeqLength blocks, each attending only to itself (packing.py)")
     bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=len(smollm), hidden_size=16, n_layer=2, n_head=2))
     with pytest.raises(SpecError) as err:
         prepare_job(_manifest(tmp_path, smollm, bloom, packing=True))
     assert [path for path, _ in err.value.problems] == ["spec.data.packing"]
     assert "bloom" in err.value.render() and "packing: false" in err.value.render()
     prepare_job(_manifest(tmp_path, smollm, bloom, packing=False))  # the same model without packing is fine
+
+
+def test_a_lora_wrapped_model_keeps_packed_examples_apart():
+    """freezing.strategy lora: PEFT's PeftModelForCausalLM passes position_ids and use_cache through."""
+    from finetune_trainer.adapters import wrap
+    from finetune_trainer.spec.adapters import LoraSpec
+
+    model = wrap(tiny_llama(), LoraSpec(r=4), "causal-lm").eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at 0 (the adapter a no-op): make it count
+            nn.init.normal_(param)
+    assert _packed_logits_match_alone(model)

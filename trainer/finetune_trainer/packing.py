@@ -4,8 +4,11 @@
 What keeps examples apart is the position ids, as transformers reads them: they restart at 0 at
 every example, and when a batch comes with `position_ids` and no `attention_mask`,
 `masking_utils.find_packed_sequence_indices` turns each restart into a new segment and
-`create_causal_mask` builds a block-diagonal causal mask (sdpa and eager, on CPU and GPU); flash
-attention derives its varlen boundaries from the same position ids. This is the layout of
+`create_causal_mask` builds a block-diagonal causal mask for sdpa and eager attention, on CPU and
+GPU alike (the trainer loads models with transformers' default, sdpa). Flash attention is not used:
+the trainer image has no flash-attn kernels, and transformers derives varlen boundaries from position
+ids only for a batch flattened into one row (DataCollatorWithFlattening's [1, total] shape), which
+the sdpa mask would make quadratic in the whole batch. This is the layout of
 transformers' `DataCollatorWithFlattening` (position ids restarting per example, the label of each
 example's first token -100 so nothing is trained to predict example B from example A's end),
 with examples grouped into fixed-size blocks so a step's shape stays bounded.

@@ -68,6 +68,9 @@ def load(job: FineTuneJob, n: int) -> Preview:
                    describe(job))  # fmt: skip
 
 
+PACKED = "; whole examples packed into maxSeqLength blocks, each attending only to itself (packing.py)"
+
+
 def describe(job: FineTuneJob) -> str:
     """How a row becomes an example, in one line: what the manifest chose, defaults spelled out."""
     data = job.spec.data
@@ -75,7 +78,7 @@ def describe(job: FineTuneJob) -> str:
         return f"sequence-classification: textField {data.text_field!r}, label from {data.label_field!r}"
     fmt = data.resolved_format()
     if fmt == "text":
-        how = "packed into maxSeqLength blocks" if data.packing else "one text per example, loss on every token"
+        how = "loss on every token" + (PACKED if data.packing else ", one text per example")
         return f"format text (textField {data.text_field!r}): {how}"
     template = data.resolved_chat_template()
     shown = {"auto": "auto (the tokenizer's own)", "none": "none (prompt, then completion, then EOS)"}.get(
@@ -83,7 +86,7 @@ def describe(job: FineTuneJob) -> str:
     )
     fields = (f"messagesField {data.messages_field!r}" if fmt == "messages"
               else "promptField {!r}, completionField {!r}".format(*data.prompt_columns()))  # fmt: skip
-    return f"format {fmt} ({fields}), chatTemplate {shown}"
+    return f"format {fmt} ({fields}), chatTemplate {shown}" + (PACKED if data.packing else "")
 
 
 def lines(preview: Preview, limit: int, *, color: bool) -> list[str]:
