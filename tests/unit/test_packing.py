@@ -234,3 +234,19 @@ def test_a_lora_wrapped_model_keeps_packed_examples_apart():
         if "lora_B" in name:  # PEFT starts B at 0 (the adapter a no-op): make it count
             nn.init.normal_(param)
     assert _packed_logits_match_alone(model)
+
+
+def test_a_model_with_its_own_code_is_not_taken_for_the_family_it_names(tmp_path):
+    """trustRemoteCode with an auto_map runs the model's own attention, whatever model_type it claims."""
+    import json
+
+    from finetune_trainer.modeling import model_type
+    from finetune_trainer.spec import ModelSpec
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    spec = ModelSpec(source=str(tmp_path), task="causal-lm")
+    assert packing.family_problem(model_type(str(tmp_path), spec)) is None  # its own code is never loaded
+    problem = packing.family_problem(model_type(str(tmp_path), spec.model_copy(update={"trust_remote_code": True})))
+    assert problem is not None and "own code" in problem and "packing: false" in problem

@@ -99,11 +99,16 @@ def _quantization(spec: ModelSpec) -> dict:
 
 
 def model_type(model_dir: str, spec: ModelSpec) -> str | None:
-    """The config's model_type (llama, gpt2, ...): what decides whether packing keeps examples apart."""
+    """The config's model_type (llama, gpt2, ...): what decides whether packing keeps examples apart.
+    A model that runs its own code (trustRemoteCode and an auto_map) is named as such: its model_type
+    says nothing about how that code attends."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    return getattr(config, "model_type", None)
+    kind = getattr(config, "model_type", None)
+    if spec.trust_remote_code and getattr(config, "auto_map", None):
+        return f"{kind or 'a model'} with its own code (auto_map, trustRemoteCode)"
+    return kind
 
 
 def skeleton(model_dir: str, spec: ModelSpec, *, num_labels: int | None) -> nn.Module:
