@@ -132,6 +132,7 @@ def reference_loop(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from finetune_trainer.ds_config import build_ds_config, resolve_precision
+    from finetune_trainer.packing import forward_kwargs
     from finetune_trainer.spec import FineTuneJob
 
     ctx = ray.train.get_context()
@@ -185,9 +186,9 @@ def reference_loop(config: dict[str, Any]) -> None:
         if i == w:
             warm = now()
         host = data.train.batch(micro, pad_id)
-        tokens.append(int(host["attention_mask"].sum()))
+        tokens.append(data.train.tokens_in(micro))
         batch = {k: v.to(device) for k, v in host.items()}
-        loss = engine(**batch).loss
+        loss = engine(**batch, **forward_kwargs(batch)).loss  # as the recipe: packed batches run without a KV cache
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
