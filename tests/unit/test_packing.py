@@ -33,6 +33,8 @@ from finetune_trainer.evaluation import evaluate
 from finetune_trainer.packing import PACKABLE_MODEL_TYPES, forward_kwargs, pack
 from finetune_trainer.preflight import prepare_job
 from finetune_trainer.preview import describe
+from finetune_trainer.preview import lines as preview_lines
+from finetune_trainer.preview import load as preview_load
 from finetune_trainer.spec import DataSpec, SpecError, parse_job
 from tests.tiny_models import tiny_llama
 from tests.unit.test_chat import CONVERSATION, smollm, write_jsonl  # noqa: F401  (smollm: a fixture)
@@ -213,7 +215,12 @@ def _manifest(tmp_path: Path, tok: Any, model: nn.Module, **data: Any) -> Any:
 
 
 def test_validation_accepts_packed_chat_data_on_llama_and_refuses_a_family_that_mixes_examples(tmp_path, smollm):  # noqa: F811
-    ok = prepare_job(_manifest(tmp_path, smollm, tiny_llama(vocab_size=len(smollm)), packing=True))
+    job = _manifest(tmp_path, smollm, tiny_llama(vocab_size=len(smollm)), packing=True)
+    ok = prepare_job(job)
+    shown = preview_lines(preview_load(job, 3), CHAT_LIMIT, color=False)  # finetune preview: blocks and their examples
+    headers = [line for line in shown if line.startswith("---")]
+    assert headers and all(line.startswith(f"--- block {i}:") for i, line in enumerate(headers, start=1))
+    assert len(headers) < 3 and sum(int(line.split(", ")[1].split()[0]) for line in headers) == 3  # "N example(s)"
     assert ok.data.train.position_ids is not None and ok.data.stats["dropped_untrained"] == {"train": 0, "validation": 0}
     assert describe(ok.job).endswith("packed into maxSeqLength blocks, each attending only to itself (packing.py)")
     bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=len(smollm), hidden_size=16, n_layer=2, n_head=2))

@@ -105,8 +105,10 @@ def lines(preview: Preview, limit: int, *, color: bool) -> list[str]:
             out += [f"--- example {i + 1}: {len(ids)} tokens{cut}, label {label!r}", _decode(preview.tokenizer, ids)]
             continue
         trained = np.asarray(split.labels[i]) != IGNORE_INDEX
-        out += [f"--- example {i + 1}: {len(ids)} tokens{cut}, {int(trained.sum())} trained",
-                marked(preview.tokenizer, ids, trained, color=color)]  # fmt: skip
+        what = f"example {i + 1}: {len(ids)} tokens{cut}"
+        if split.position_ids is not None:  # a packed block: examples start where the positions restart at 0
+            what = f"block {i + 1}: {len(ids)} tokens, {int((split.position_ids[i] == 0).sum())} example(s)"
+        out += [f"--- {what}, {int(trained.sum())} trained", marked(preview.tokenizer, ids, trained, color=color)]
     return out
 
 
