@@ -228,7 +228,7 @@ class Operator:
         meta = body["metadata"]
         if problems:  # the RayJob first: once the status says rejected, `retry_newer_spec` must find it gone or going
             self._drop_run(body, rayjob)
-        written = write_status(self.kube, meta["namespace"], meta["name"], meta["uid"], change)
+        written = write_status(self.kube, meta["namespace"], meta["name"], meta["uid"], change, fresh=None if problems else body)
         if problems and written is not None and written.wrote:
             self.post_event(written.body, "Warning", Reason.INVALID_SPEC, written.status.message or "")
         self._post_resumes(written, progress)

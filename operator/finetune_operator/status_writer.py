@@ -49,14 +49,19 @@ class StatusWrite:
     wrote: bool  # False: nothing had changed, nothing was sent
 
 
-def write_status(kube: JobStatusApi, namespace: str, name: str, uid: str, change: StatusChange) -> StatusWrite | None:
+def write_status(kube: JobStatusApi, namespace: str, name: str, uid: str, change: StatusChange, *,
+                 fresh: Mapping[str, Any] | None = None) -> StatusWrite | None:
     """Compute `change(status, body)` from a fresh read of the job and write the difference if nobody
     wrote in between (CONFLICT_ATTEMPTS reads in all). `change` may run more than once: it must
     decide from its arguments, not from what the handler read earlier.
 
+    `fresh`: the job as the caller has just read it from the API server (the progress poll reads
+    it to see what is due), used for the first attempt instead of a second GET; the patch's
+    resourceVersion precondition still refuses it if anyone wrote since, and the retry reads anew.
+
     None when the job is gone, replaced by another of that name (`uid`), or being deleted."""
     for attempt in range(1, CONFLICT_ATTEMPTS + 1):
-        body = kube.get_job(namespace, name)
+        body = fresh if attempt == 1 and fresh is not None else kube.get_job(namespace, name)
         meta = (body or {}).get("metadata") or {}
         if body is None or meta.get("uid") != uid or meta.get("deletionTimestamp"):
             return None

@@ -31,7 +31,8 @@ LOG = logging.getLogger(__name__)
 
 
 class Interleaving(KubeApi):
-    """The real client, plus a hook that runs once right after the next read of the job: another
+    """The real client, plus a hook that runs once right after the next read of the job or of its
+    progress: another
     handler's write lands between this handler's read and its write. Counts the 409s it gets."""
 
     def __init__(self) -> None:
@@ -41,10 +42,20 @@ class Interleaving(KubeApi):
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         body = super().get_job(namespace, name)
+        self._between()
+        return body
+
+    def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The progress read: the tick writes from the job its poll read just before it (no second
+        GET), so this read is the last thing between the tick's read of the job and its write."""
+        data = super().configmap_data(namespace, name)
+        self._between()
+        return data
+
+    def _between(self) -> None:
         hook, self.between = self.between, None
         if hook is not None:
             hook()
-        return body
 
     def patch_job_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:

@@ -163,3 +163,28 @@ def test_an_api_server_that_never_answers_does_not_hold_a_thread() -> None:
 def test_the_operators_client_has_a_timeout_by_default() -> None:
     kube = KubeApi()
     assert isinstance(kube.custom.api_client, TimeoutApiClient) and kube.core.api_client is kube.custom.api_client
+
+
+class CountingKube(FakeKube):
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_reads = 0
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.job_reads += 1
+        return super().get_job(namespace, name)
+
+
+def test_a_look_writes_from_the_job_it_just_read_and_rereads_only_on_a_conflict() -> None:
+    kube = CountingKube()
+    progress = FakeProgress({**WRITTEN, "trials": {"total": 8, "completed": 3, "running": 2}})
+    operator = Operator(kube=kube, progress=progress, metrics=Metrics(), config=OperatorConfig(),  # type: ignore[arg-type]
+                        clock=lambda: NOW, post_event=lambda *_: None)
+    assert tick(operator, body(status=RUNNING))["trialsDone"] == "3/8"
+    assert kube.job_reads == 0  # the poll's own read (the body it was given) was enough
+    stale = body(status=RUNNING)
+    kube.jobs["quickstart"] = {**body(status={**RUNNING, "trialsDone": "1/8"}), "metadata": {
+        **stale["metadata"], "resourceVersion": "7"}}  # someone wrote since the poll read it
+    progress.data = {**WRITTEN, "trials": {"total": 8, "completed": 4, "running": 2}}
+    operator.poll_progress(stale)
+    assert kube.job_reads == 1 and kube.jobs["quickstart"]["status"]["trialsDone"] == "4/8"
