@@ -69,7 +69,9 @@ def test_server_stopped_mid_run_fails_clearly_and_the_last_complete_checkpoint_s
         spec = server.storage_spec("p")
         creds = Credentials(server.access_key, server.secret_key)
         store = S3Store(spec, creds)
-        doc = job_doc(tmp_path, assets, {"uri": spec.uri, "endpoint": spec.endpoint}, steps=60)
+        # 3 attempts per request (spec.storage.maxAttempts): a user who wants a dead store noticed
+        # sooner; the default 8 spends ~45 s per request backing off before the same verdict
+        doc = job_doc(tmp_path, assets, {"uri": spec.uri, "endpoint": spec.endpoint, "maxAttempts": 3}, steps=60)
         doc["spec"]["runPolicy"] = {"workerRestarts": 1}  # one restart: it retries, and the test stays short
         job = parse_job(doc)
         prefix = job_location(spec, "default", "t").key
