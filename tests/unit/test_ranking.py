@@ -64,3 +64,33 @@ def test_a_best_loaded_as_nan_from_an_old_checkpoint_is_replaced():
     stopper.load_state_dict({"best": NAN, "bad_evals": 1, "history": [NAN]})
     assert not stopper.update(2.0)
     assert stopper.best == 2.0 and stopper.bad_evals == 0
+
+
+# ---------------------------------------------------------------- ties (issue 20, item 6)
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_tied_checkpoints_go_to_the_earlier_step_whatever_the_order_reported(mode):
+    rows = [{"step": 30, "m": 0.5}, {"step": 10, "m": 0.5}, {"step": 20, "m": 0.5}, {"step": 40, "m": 0.4 if mode == "max" else 0.6}]
+    assert best_row(rows, "m", mode)["step"] == 10
+
+
+def test_tiebreak_keys_in_order_then_the_earlier_row():
+    rows = [{"trial": "a", "value": 0.9, "loss_at_best": 0.7, "best_step": 5},
+            {"trial": "b", "value": 0.9, "loss_at_best": 0.5, "best_step": 50},
+            {"trial": "c", "value": 0.9, "loss_at_best": 0.5, "best_step": 20},
+            {"trial": "d", "value": 0.9, "loss_at_best": 0.5, "best_step": 20},
+            {"trial": "e", "value": 0.8, "loss_at_best": 0.1, "best_step": 1}]
+    tiebreak = ("loss_at_best", "best_step")
+    assert best_row(rows, "value", "max", tiebreak=tiebreak)["trial"] == "c"  # lower loss, fewer steps, then first
+    # a tied row without the tie-break value comes after those with it
+    assert best_row([{"value": 1.0}, {"value": 1.0, "loss_at_best": 9.0}], "value", "max", tiebreak=tiebreak) == {"value": 1.0, "loss_at_best": 9.0}
+
+
+def test_search_best_trial_rule_and_trial_order():
+    from finetune_trainer.search_results import TRIAL_TIEBREAK, trial_order
+
+    names = ["trial_100", "trial_11", "trial_02", "trial_x"]
+    assert sorted(names, key=trial_order) == ["trial_02", "trial_11", "trial_100", "trial_x"]
+    trials = sorted(({"trial": n, "value": 0.75, "loss_at_best": 0.3, "best_step": 8} for n in names), key=lambda t: trial_order(t["trial"]))
+    assert best_row(trials, "value", "max", tiebreak=TRIAL_TIEBREAK)["trial"] == "trial_02"

@@ -32,13 +32,22 @@ def is_better(value: float | None, best: float | None, mode: str, min_delta: flo
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def best_row(rows: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any]:
+def best_row(rows: list[dict[str, Any]], key: str, mode: str, *, tiebreak: tuple[str, ...] = ("step",)) -> dict[str, Any]:
     """The row with the best `key` in direction `mode` among those where it is a finite number
-    ({} if none): a row whose metric is NaN or infinite is never the best."""
+    ({} if none): a row whose metric is NaN or infinite is never the best.
+
+    Ties (the same value exactly: common for accuracy on a small held-out split) go to the row
+    with the lower `tiebreak` values, compared in order (a row without one comes after those with
+    it), then to the earlier row. The default, the earlier step, is what the recipe does while
+    training (only a strictly better evaluation becomes the best, as in transformers' Trainer), so
+    the best checkpoint named and the model exported agree; trials pass their own (search_results).
+    """
     scored = [r for r in rows if finite(r.get(key))]
     if not scored:
         return {}
-    return (min if mode == "min" else max)(scored, key=lambda r: r[key])
+    top = (min if mode == "min" else max)(r[key] for r in scored)
+    tied = [r for r in scored if r[key] == top]
+    return min(tied, key=lambda r: tuple((0, r[k]) if finite(r.get(k)) else (1, 0.0) for k in tiebreak))
 
 
 NON_FINITE_KEY = "non_finite_loss"  # in the row a run reports when nonFiniteLoss: stop ended it: {"step", "detected_at_step"}

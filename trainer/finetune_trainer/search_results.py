@@ -58,17 +58,30 @@ def collect(job: FineTuneJob, grid, totals) -> list[dict[str, Any]]:
             "metric": key,
             "value": best.get(key) if best else None,
             "best_step": best.get("step") if best else None,
+            "loss_at_best": best.get("eval_loss") if best else None,  # the tie-break after the metric (best_trial)
             "last_value": evals[-1].get(key) if evals else None,
             "checkpoint": best_ckpt.get(CHECKPOINT_KEY) if best_ckpt else None,
             "checkpoints": checkpoints,
             "history": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_") or k in {"train_loss", "baseline", "time_total_s"}} for r in history],
         })
-    return sorted(trials, key=lambda t: t["trial"])
+    return sorted(trials, key=lambda t: trial_order(t["trial"]))
+
+
+def trial_order(name: str) -> tuple[int, str]:
+    """trial_02 before trial_10 before trial_100 (tuning.trial_name pads to two digits only)."""
+    number = name.rpartition("_")[2]
+    return (int(number) if number.isdigit() else 1 << 30, name)
+
+
+TRIAL_TIEBREAK = ("loss_at_best", "best_step")
 
 
 def best_trial(job: FineTuneJob, trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """The trial whose best evaluation is the best reported by any trial (any step, any status)."""
-    best = best_row(trials, "value", job.spec.ranked_metric()[1])
+    """The trial whose best evaluation is the best reported by any trial (any step, any status).
+    Trials with the same best value: the one with the lower validation loss at that evaluation,
+    then the one that reached it in fewer steps, then the earlier trial (`trials` is in trial
+    order). README's "Evaluation" section documents this rule."""
+    best = best_row(trials, "value", job.spec.ranked_metric()[1], tiebreak=TRIAL_TIEBREAK)
     if not best:
         return {}
     return {
