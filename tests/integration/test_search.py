@@ -131,6 +131,21 @@ def test_best_trial_is_the_one_with_the_best_reported_metric(grid_search):
     assert set(test) == {"baseline", "finetuned"} and test["finetuned"]["loss"] < test["baseline"]["loss"]
 
 
+def test_one_baseline_evaluation_serves_every_trial_that_shares_it(grid_search):
+    """Issue 19: the four trials differ only in learning rate and freezing, which act after the
+    baseline (baseline.key), so trials that start after one has evaluated it report its numbers
+    (saying whose) instead of evaluating again; any that evaluated on their own got the same bits."""
+    reports = tiny.tune_reports(grid_search.run_dir)
+    baselines = {name: next(r for r in rows if r.get("baseline")) for name, rows in reports.items()}
+    assert len(baselines) == 4
+    evaluated = {name for name, row in baselines.items() if "baseline_from" not in row}
+    reused = {name: row["baseline_from"] for name, row in baselines.items() if "baseline_from" in row}
+    assert evaluated and reused and set(reused.values()) <= evaluated, (evaluated, reused)
+    numbers = {name: {k: v for k, v in row.items() if k.startswith("eval_")} for name, row in baselines.items()}
+    assert all(n == numbers["trial_00"] for n in numbers.values()), numbers
+    assert all(r["step"] == 0 for r in baselines.values())
+
+
 def test_status_json_tells_the_operator_what_happened(grid_search):
     status = json.loads((grid_search.run_dir.parent / "status.json").read_text())
     trials = grid_search.results["trials"]

@@ -63,7 +63,7 @@ TORCH_MODULES = {
     "finetune_trainer.layers", "finetune_trainer.modeling", "finetune_trainer.optim", "finetune_trainer.recipe",
     "finetune_trainer.resume", "finetune_trainer.rng", "finetune_trainer.scoring", "finetune_trainer.guards",
     "finetune_trainer.generation", "finetune_trainer.reference", "finetune_trainer.probes",
-    "finetune_trainer.adapters", "finetune_trainer.worker_model", "finetune_trainer.memory",
+    "finetune_trainer.adapters", "finetune_trainer.worker_model", "finetune_trainer.memory", "finetune_trainer.baseline",
 }
 # importing these (with everything they import) loads none of HEAVY: the driver side (ARCHITECTURE.md,
 # "Inside the trainer") loads torch only when the preflight runs and in Ray's workers; a search

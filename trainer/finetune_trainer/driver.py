@@ -55,7 +55,8 @@ class ProgressTracker:
     start of a worker group (`started`, keyed by the TorchTrainer it belongs to, so a group that
     Ray Train restarts counts as a restart and a halving trial's next start does not), every resume
     (`resumed`: from which checkpoint and step, and the checkpoints skipped on the way, with why)
-    and the newest checkpoint made complete (`checkpointed`, from storage.ray_callback)."""
+    and the newest checkpoint made complete (`checkpointed`, from storage.ray_callback). A search's
+    trials also leave their baseline evaluation here, for the trials after them (baseline.py)."""
 
     RESUMES_KEPT = 20  # the newest; a run restarted more often than this still counts them all
 
@@ -66,6 +67,7 @@ class ProgressTracker:
         self.starts: dict[str, int] = {}
         self.resumes: list[dict[str, Any]] = []
         self.last_checkpoint: dict[str, Any] | None = None
+        self.baselines: dict[str, dict[str, Any]] = {}
 
     def update(self, progress: dict[str, Any]) -> None:
         self.latest = progress
@@ -87,6 +89,14 @@ class ProgressTracker:
     def resumed(self, info: dict[str, Any]) -> None:
         """`{"trial", "checkpoint", "step", "skipped": [{"checkpoint", "reason"}]}` (recipe._resume)."""
         self.resumes = [*self.resumes, {**info, "time": datetime.now(UTC).isoformat()}][-self.RESUMES_KEPT :]
+
+    def baseline(self, key: str) -> dict[str, Any] | None:
+        """A search's baseline evaluation already made under this key (baseline.py), if any."""
+        return self.baselines.get(key)
+
+    def remember_baseline(self, key: str, evaluated: dict[str, Any]) -> None:
+        """`{"metrics", "samples", "trial"}` of a trial's baseline evaluation; the first one stays."""
+        self.baselines.setdefault(key, evaluated)
 
     def checkpointed(self, info: dict[str, Any]) -> None:
         """`{"uri", "step", "time", "trial"}` of a checkpoint just marked complete."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint_files, deepspeed_load, logs, packing, worker_model
+from . import baseline, checkpoint_files, deepspeed_load, logs, packing, worker_model
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
@@ -171,8 +171,11 @@ class FineTuneRecipe:
         if self.rank == 0 and self.progress is not None and self.start_id:
             self.progress.started.remote(self.start_id)
         t, ev = self.spec.training, self.spec.evaluation
-        if self.step == 0 and ev.baseline:
-            self._report(self._evaluate(), checkpoint=False, extra={"baseline": True})
+        if self.step == 0 and ev.baseline:  # once per search where trials' baselines are the same (baseline.py)
+            metrics, shared = baseline.shared_or_evaluated(self.progress, self.trial, self.spec, rank=self.rank, world=self.world,
+                                                           evaluate=self._evaluate, samples=lambda: self.samples)
+            self.samples = shared["samples"] if shared else self.samples  # the evaluating trial's, as it reported them
+            self._report(metrics, checkpoint=False, extra={"baseline": True, **({"baseline_from": shared["trial"]} if shared else {})})
             self.clock.mark("baseline_evaluated")
         self.engine.train()
         self.gate.apply(self.step)
