@@ -5,6 +5,8 @@
     .venv/bin/python bench/search_efficiency.py --steps 45 --grace 5             # the first setting (2026-11-22/23 runs), ~1.5 h
     .venv/bin/python bench/search_efficiency.py --scheduler successiveHalving --grid-from bench/results/RESULT.json  # ~40 min a run
     .venv/bin/python bench/asha_replay.py bench/results/RESULT.json [--grace G]  # ASHA over 200 orders from the grid's curves, seconds
+    .venv/bin/python bench/search_efficiency.py --scheduler successiveHalving --order-seeds 0   # both arms' wall time, ~1.5 h
+    .venv/bin/python bench/search_efficiency.py --quick     # the same, reduced: 9 configurations x 45 steps, ~15 min
 
 (a) reference: grid search over every configuration, each trained to the full budget, no
     scheduler (what Katib or a shell loop over configs does).
@@ -19,8 +21,16 @@ evaluated every 5 steps on 200 validation examples, two 1-worker trials at a tim
 Reported: the best validation metric each reached, the trial-steps each spent (sum over trials of
 the optimizer steps they ran), and (b)/(a) for both. Target: ASHA's best within --tolerance of the
 grid's best, with at most a third of its trial-steps. The ratio of trial-steps is deterministic
-given the trials' metrics and their order (up to which of two concurrent trials reports first);
-wall time is printed for information only.
+given the trials' metrics and their order (up to which of two concurrent trials reports first).
+
+Wall time (issue 19): each arm's `wall_seconds`, and each run's `wall_ratio` (its wall time over
+the grid's) when the grid ran in the same invocation, on the same machine in the same state (an
+arm from --grid-from gives none: its seconds are another session's). It counts what trial-steps
+do not: every trial start and resume (worker group, imports, model load, DeepSpeed, baseline or
+restore), and a slot left idle while the last trials of a rung finish. Target: wall ratio <= 0.30
+with successiveHalving on the full space, with the grid's best reached. --quick runs both arms on
+a reduced space (small, 45 steps, grace 5: rungs 5, 15, 45) to measure within a session; its
+ratio is not the target's (fewer configurations: fewer trials share each fixed cost).
 
 The space (--space, decided before the first 27-configuration run, not tuned on its result):
   full (default), 27 configurations, what a user searching a fine-tune would try:
@@ -147,23 +157,49 @@ def grid_from(path: Path, args) -> dict[str, Any]:
     return {**earlier["reference_grid"], "from": str(path)}
 
 
+WALL_RATIO_TARGET = 0.30  # issue 19, successiveHalving on the full space
+
+
+def compare(grid: dict[str, Any], arm: dict[str, Any]) -> dict[str, Any]:
+    """An early-stopping run against the grid: trial-steps, best and (both timed in this
+    invocation only) wall time."""
+    same_invocation = "from" not in grid
+    return {"trial_steps_ratio": arm["trial_steps"] / grid["trial_steps"], "best_gap": grid["best"] - arm["best"],
+            "wall_ratio": arm["wall_seconds"] / grid["wall_seconds"] if same_invocation else None}
+
+
 def _write(path: Path, report: dict[str, Any], args) -> None:
     """The report so far; `met` only once every order seed has run."""
     runs = report["runs"]
     ratios = [r["trial_steps_ratio"] for r in runs]
     mean_ratio = sum(ratios) / len(ratios) if ratios else None
     worst_gap = max((r["best_gap"] for r in runs), default=None)
+    walls = [r["wall_ratio"] for r in runs if r.get("wall_ratio") is not None]
     complete = len(runs) == len(args.order_seeds)
     report |= {
         "when": datetime.now(UTC).isoformat(),
+        "wall_seconds": {"grid": report["reference_grid"]["wall_seconds"], args.scheduler: [r["wall_seconds"] for r in runs]},
+        "wall_ratio": sum(walls) / len(walls) if walls else None,
         "trial_steps_ratios": ratios,
         "mean_trial_steps_ratio": mean_ratio,
         "worst_trial_steps_ratio": max(ratios, default=None),
         "worst_best_gap": worst_gap,
-        "target": {"mean_trial_steps_ratio_at_most": 1 / 3, "best_gap_at_most": args.tolerance},
+        "target": {"mean_trial_steps_ratio_at_most": 1 / 3, "best_gap_at_most": args.tolerance,
+                   "wall_ratio_at_most": WALL_RATIO_TARGET},
         "met": (mean_ratio <= 1 / 3 and worst_gap <= args.tolerance) if complete else None,
+        "wall_met": (bool(walls) and max(walls) <= WALL_RATIO_TARGET and worst_gap <= args.tolerance) if complete else None,
     }
     path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def _commit() -> str | None:
+    """The checkout measured, so results before and after a change can be told apart."""
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           check=False).stdout.strip()
+    return (done.stdout.strip() + ("+uncommitted" if dirty else "")) if done.returncode == 0 else None
 
 
 def main() -> None:
@@ -185,10 +221,16 @@ def main() -> None:
     parser.add_argument("--grid-from", type=Path, metavar="RESULT.json",
                         help="reuse the grid arm of an earlier result with the same space, steps, evaluation and samples "
                              "(see grid_from): only the ASHA runs are made")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced, to run within a session: --space small --steps 45 --grace 5 --scheduler successiveHalving "
+                             "--order-seeds 0 (both arms, ~15 min on 2 cores)")
     args = parser.parse_args()
+    if args.quick:
+        args.space, args.steps, args.grace, args.scheduler, args.order_seeds = "small", 45, 5, "successiveHalving", [0]
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"search_efficiency-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    report: dict[str, Any] = {"benchmark": "search_efficiency", "args": vars(args), "space": SPACES[args.space]}
+    report: dict[str, Any] = {"benchmark": "search_efficiency", "args": vars(args), "space": SPACES[args.space], "commit": _commit(),
+                              "machine": f"{os.cpu_count()} cores"}
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         grid = grid_from(args.grid_from, args) if args.grid_from else one(Path(tmp), "none", args, args.order_seeds[0])
         runs: list[dict[str, Any]] = []
@@ -198,7 +240,7 @@ def main() -> None:
         _write(path, report, args)
         for seed in args.order_seeds:
             arm = one(Path(tmp), args.scheduler, args, seed)
-            arm |= {"trial_steps_ratio": arm["trial_steps"] / grid["trial_steps"], "best_gap": grid["best"] - arm["best"]}
+            arm |= compare(grid, arm)
             runs.append(arm)
             _write(path, report, args)
             print(f"{args.scheduler}, order seed {seed}: best {arm['best']:.4f} with {arm['trial_steps']} trial-steps, "
@@ -210,9 +252,12 @@ def main() -> None:
     print(f"grid: best accuracy {grid['best']:.4f} ({grid['best_trial']}) with {grid['trial_steps']} trial-steps in {grid['wall_seconds']:.0f} s")
     for r in runs:
         print(f"{args.scheduler} (order seed {r['order_seed']}): best accuracy {r['best']:.4f} ({r['best_trial']}) with {r['trial_steps']} trial-steps "
-              f"in {r['wall_seconds']:.0f} s: ratio {r['trial_steps_ratio']:.3f}, gap {r['best_gap']:+.4f}")
+              f"in {r['wall_seconds']:.0f} s: ratio {r['trial_steps_ratio']:.3f}, gap {r['best_gap']:+.4f}, wall ratio "
+              + (f"{r['wall_ratio']:.3f}" if r["wall_ratio"] is not None else "- (grid from an earlier run)"))
     print(f"mean trial-steps ratio {mean_ratio:.3f} (target <= 0.333), worst {max(ratios):.3f}; worst best gap {worst_gap:+.4f} "
           f"(tolerance {args.tolerance}); met: {report['met']}")
+    if report["wall_ratio"] is not None:
+        print(f"wall ratio {report['wall_ratio']:.3f} (target <= {WALL_RATIO_TARGET}, full space); met: {report['wall_met']}")
     print(f"written: {path}")
 
 
