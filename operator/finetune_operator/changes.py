@@ -22,6 +22,8 @@ from pydantic import ValidationError
 from finetune_trainer.spec import FineTuneJob, FineTuneJobSpec
 from finetune_trainer.spec.cluster import MANIFEST_ENV
 
+from .kueue import queue_of
+
 # FineTuneJob spec path -> the RayJob spec field KubeRay honours on a live RayJob
 MUTABLE = {
     "spec.runPolicy.suspend": "suspend",
@@ -53,9 +55,11 @@ def immutable_changes(job: FineTuneJob, rayjob: Mapping[str, Any]) -> list[str]:
 
 def mutable_patch(desired: Mapping[str, Any], existing: Mapping[str, Any]) -> dict[str, Any]:
     """The RayJob spec merge patch that brings the live run-policy fields to `desired` (a rendered
-    RayJob); empty when they already agree. None removes a field (no deadline any more)."""
+    RayJob); empty when they already agree. None removes a field (no deadline any more). Never
+    `suspend` of a RayJob in a Kueue queue: that one is Kueue's to lift (kueue.py)."""
     want, have = desired.get("spec", {}), existing.get("spec", {})
-    return {field: want.get(field) for field in MUTABLE.values() if want.get(field) != have.get(field)}
+    fields = [f for f in MUTABLE.values() if not (f == "suspend" and queue_of(existing) is not None)]
+    return {field: want.get(field) for field in fields if want.get(field) != have.get(field)}
 
 
 def _diff(old: Any, new: Any, path: str) -> Iterator[str]:

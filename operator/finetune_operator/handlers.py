@@ -51,12 +51,14 @@ import kopf
 
 from finetune_trainer.spec import FineTuneJob, SpecError
 from finetune_trainer.spec.progress import ProgressDocument
+from finetune_trainer.spec.queueing import queue_labels, queue_problems
 
 from .changes import immutable_changes, mutable_patch
 from .children import run_id_for
 from .crd import GROUP, KIND
 from .ingress import dashboard_url, render_dashboard_ingress
 from .kube import KubeApi
+from .kueue import kueue_observation
 from .lifecycle import (
     apply_lifecycle,
     hold_for_results,
@@ -114,6 +116,8 @@ class Operator:
         existing = self.kube.get_rayjob(namespace, rayjob_name(name))
         try:
             job = self.specs.job(body)
+            if queueing := queue_problems(meta.get("labels"), job.spec.run_policy.suspend):  # labels: not in the cached parse
+                raise SpecError(queueing)
         except SpecError as err:
             self._invalid(body, err, existing, generation, now)
         if existing is None and _finished(previous, generation):
@@ -128,7 +132,7 @@ class Operator:
             self._ensure_trainer_access(body, job, uid)
         self._ensure_network_policy(body, job, uid)  # before the RayJob: no Ray pod starts unguarded
         rayjob, created = (existing, False) if existing is not None else self.kube.get_or_create_rayjob(
-            render_rayjob(job, owner_uid=uid, generation=generation, run_id=run_id_for(meta, generation)))
+            render_rayjob(job, owner_uid=uid, generation=generation, run_id=run_id_for(meta, generation), queue=queue_labels(meta.get("labels"))))
         if not _owned_by(rayjob, uid):
             raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} exists and is not owned by this FineTuneJob; "
                                       "waiting for it to go", delay=self.config.conflict_retry_delay)
@@ -146,7 +150,7 @@ class Operator:
 
         def change(current: FineTuneJobStatus, _: Mapping[str, Any]) -> FineTuneJobStatus:
             status = next_status(current, rayjob.get("status"), generation=generation, now=now, ray_job_name=name_of_run,
-                                 dashboard_url=current.dashboard_url if changed else url)
+                                 dashboard_url=current.dashboard_url if changed else url, kueue=kueue_observation(rayjob))
             status = spec_change_ignored(status, changed, generation=generation, now=now)
             return ray_auth_disabled(status, auth_disabled, generation=generation, now=now)  # the run's, not the spec's
 
@@ -173,7 +177,8 @@ class Operator:
                 job = None
             generation = previous.observed_generation or body["metadata"].get("generation", 1)
             status = next_status(previous, rayjob.get("status"), now=now, generation=generation, ray_job_name=rayjob["metadata"]["name"],
-                                 dashboard_url=previous.dashboard_url or (dashboard_url(job) if job else None))  # reconcile sets it
+                                 dashboard_url=previous.dashboard_url or (dashboard_url(job) if job else None),  # reconcile sets it
+                                 kueue=kueue_observation(rayjob))
             problems = []
             # the run ended or KubeRay retries it: the last trials finished since the last tick, or the
             # trainer's preflight rejected the spec (then no retry may run it again)

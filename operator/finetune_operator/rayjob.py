@@ -82,16 +82,18 @@ def driver_manifest(job: FineTuneJob) -> dict[str, Any]:
 
 def render_rayjob(
     job: FineTuneJob, *, owner_uid: str | None = None, generation: int | None = None,
-    storage_env: Sequence[dict[str, Any]] = (), run_id: str | None = None,
+    storage_env: Sequence[dict[str, Any]] = (), run_id: str | None = None, queue: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The RayJob for `job`. `owner_uid` (the FineTuneJob's uid) makes the FineTuneJob its
     controller, so deleting the job deletes the run; `generation` (the FineTuneJob's) is recorded
     in an annotation; `storage_env` is extra container env for S3-compatible storage (endpoint,
     region, bucket), plain values or secretKeyRefs; `run_id` (children.run_id_for) is the run the
-    driver writes, the same for every attempt, which spec.storage.resume `auto` continues."""
+    driver writes, the same for every attempt, which spec.storage.resume `auto` continues; `queue`
+    (spec.queueing.queue_labels of the FineTuneJob's labels) puts the RayJob in a Kueue LocalQueue:
+    labelled, and created suspended for Kueue to start (kueue.py)."""
     spec, cluster, policy = job.spec, job.spec.cluster, job.spec.run_policy
     name = rayjob_name(job.name)
-    meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": labels(job)}
+    meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": labels(job) | dict(queue or {})}
     if owner_uid:
         meta["ownerReferences"] = [owner_reference(job, owner_uid)]
     if generation is not None:
@@ -115,7 +117,7 @@ def render_rayjob(
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": policy.ttl_seconds_after_finished,
         "backoffLimit": policy.backoff_limit,
-        "suspend": policy.suspend,
+        "suspend": policy.suspend or bool(queue),  # Kueue's integration: created suspended, Kueue unsuspends
         "rayClusterSpec": {
             "rayVersion": cluster.ray_version,
             "headGroupSpec": {

@@ -32,6 +32,10 @@ The table (every value KubeRay v1.7 can set; an unknown one is treated as "still
     Retrying                   any                             Pending    Retrying
     Suspending                 any                             Suspended  Suspending (still reconciling)
     Suspended                  any                             Suspended  Suspended
+
+A RayJob Kueue holds (kueue.py: in a queue and suspended) is Pending/WaitingForQuota whatever
+KubeRay says of it (created suspended, or Suspending/Suspended after a preemption): the user did
+not ask for that suspension (a queued job cannot carry spec.runPolicy.suspend).
 """
 
 from __future__ import annotations
@@ -118,10 +122,14 @@ def next_status(
     now: datetime,
     ray_job_name: str,
     dashboard_url: str | None = None,
+    kueue: Observation | None = None,
 ) -> FineTuneJobStatus:
-    """The FineTuneJob status after seeing `rayjob_status` (the RayJob's `.status`, maybe empty)."""
+    """The FineTuneJob status after seeing `rayjob_status` (the RayJob's `.status`, maybe empty);
+    `kueue`: what Kueue's hold on a queued RayJob says instead (kueue.kueue_observation)."""
     st = rayjob_status or {}
     seen = observe(st)
+    if kueue is not None and not seen.phase.is_terminal():
+        seen = kueue
     phase = _reachable(previous.phase, seen.phase, new_generation=generation != previous.observed_generation)
     if _rejected(previous, generation):  # KubeRay's word on the end of a run the trainer rejected adds nothing
         phase = None

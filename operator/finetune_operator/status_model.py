@@ -79,6 +79,7 @@ class Reason(StrEnum):
     CLUSTER_STARTING = "ClusterStarting"
     TRAINING = "Training"
     SUSPENDED = "Suspended"
+    WAITING_FOR_QUOTA = "WaitingForQuota"  # in a Kueue queue, suspended until Kueue admits it (kueue.py)
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
