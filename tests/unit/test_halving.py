@@ -3,9 +3,11 @@ added, results reported, paused ones stopped or chosen to run again), without Ra
 
 from __future__ import annotations
 
+import asyncio
+
 from ray.tune.schedulers import TrialScheduler
 
-from finetune_trainer.halving import SuccessiveHalving, rungs
+from finetune_trainer.halving import SuccessiveHalving, TrialGate, rungs
 
 
 class _Trial:
@@ -88,3 +90,26 @@ def test_a_restored_search_replays_its_rungs_from_where_trials_had_got_to():
     assert _report(sched, controller, kept[0], 6, 0.4) == TrialScheduler.PAUSE
     assert _report(sched, controller, kept[1], 6, 0.2) == TrialScheduler.CONTINUE
     assert controller.stopped == ["trial_00"]
+
+
+def test_the_gate_lets_waiting_trials_in_in_order_the_moment_a_slot_frees() -> None:
+    """The trials' actors wait inside the gate (`wait_turn`), not by asking it every second: the
+    first in line gets a released slot at once; the next still waits until another is released."""
+
+    async def scenario() -> None:
+        gate = TrialGate(2)
+        assert await gate.acquire("a") and await gate.acquire("b")
+        waits = {t: asyncio.create_task(gate.wait_turn(t)) for t in ("c", "d")}
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in waits.values())
+        assert (await gate.state())["waiting"] == ["c", "d"]
+        await gate.release("b")
+        await asyncio.wait_for(waits["c"], 1)
+        await asyncio.sleep(0.01)
+        assert not waits["d"].done() and (await gate.state()) == {"slots": 2, "holders": ["a", "c"], "waiting": ["d"]}
+        await gate.release("a")
+        await asyncio.wait_for(waits["d"], 1)
+        assert (await gate.state()) == {"slots": 2, "holders": ["c", "d"], "waiting": []}
+        assert await gate.acquire("d")  # a holder asking again keeps its slot
+
+    asyncio.run(scenario())
