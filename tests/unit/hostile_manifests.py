@@ -190,6 +190,11 @@ CASES: list[Hostile] = [
             changes={"freezing": {"strategy": "lora", "layerLrDecay": 0.5}}),
     Hostile("quantized-on-cpu", "spec.model.quantization",
             changes={"freezing": {"strategy": "lora"}, "model.quantization": {"bits": 4}}),
+    # -- GPU speed options: named kernels only, never code from the hub
+    Hostile("attn-hub-kernel", "spec.model.attnImplementation",
+            changes={"model.attnImplementation": "kernels-community/flash-attn"},
+            cluster="api"),  # transformers 5 would fetch this kernel from the hub and run it in the trainer
+    Hostile("liger-on-cpu", "spec.model.ligerKernels", changes={"model.ligerKernels": True}),
     Hostile("ds-offload-off", "spec.deepspeed.config.zero_optimization.offload_param",
             changes={"deepspeed.config": {"zero_optimization": {"offload_param": {"device": "cpu"}}}}),
     # -- generated samples and the forgetting probe: each evaluation's extra work is bounded

@@ -53,9 +53,14 @@ def build_ds_config(spec: FineTuneJobSpec, *, world_size: int, precision: str) -
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if t.fused_optimizer:
+        # DeepSpeed hands the params it does not read to torch.optim.AdamW when torch_adam is set
+        # (engine._configure_basic_optimizer), so `fused` reaches torch; validation refuses it with offload,
+        # where DeepSpeed's CPU Adam steps instead
+        config["optimizer"]["params"]["fused"] = True
     if t.max_grad_norm is not None:
         config["gradient_clipping"] = t.max_grad_norm
-    return deep_merge(config, ds.config)
+    return deep_merge(config, ds.config)  # the raw config may not set `optimizer` (spec/runtime.py)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -55,14 +55,19 @@ def _config_and_class(model_dir: str, spec: ModelSpec, *, num_labels: int | None
 
 
 def load_model(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropout: float | None, pad_token_id: int | None,
-               quantize: bool = False) -> nn.Module:
+               quantize: bool = False, training: bool = False) -> nn.Module:
     """`quantize`: load the base as spec.model.quantization says (training a QLoRA adapter on a
-    GPU); everything else (the merge at export, scoring) loads it in full precision."""
+    GPU); everything else (the merge at export, scoring) loads it in full precision. `training`: the
+    worker's model, which gets the spec's GPU kernels (flash attention, Liger); the merge and the
+    scoring, which may run where no GPU is, load with sdpa and transformers' own modules."""
     config, cls = _config_and_class(model_dir, spec, num_labels=num_labels, dropout=dropout, pad_token_id=pad_token_id)
     dtype = _DTYPES.get(spec.dtype, torch.float32)
     quantized = _quantization(spec) if quantize and spec.quantization is not None else {}
+    attention = spec.attn_implementation if training or spec.attn_implementation != "flash_attention_2" else "sdpa"
     model = cls.from_pretrained(model_dir, config=config, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                **quantized)
+                                attn_implementation=attention, **quantized)
+    if training and spec.liger_kernels:
+        _apply_liger(model)
     if spec.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -77,6 +82,46 @@ def bitsandbytes_missing(spec: ModelSpec) -> str | None:
         return None
     return ("needs bitsandbytes, which this trainer installation lacks: install the optional extra qlora "
             "(pip install 'finetune-operator[trainer,qlora]') in the trainer image, or remove model.quantization")
+
+
+def speed_packages_missing(spec: ModelSpec, model_dir: str) -> list[tuple[str, str]]:
+    """(field, why) for each GPU speed option this trainer installation cannot honour for this
+    model (asked at preflight, before Ray): flash-attn or liger-kernel not installed, or a model
+    family Liger has no kernels for."""
+    import importlib.util
+
+    found: list[tuple[str, str]] = []
+    if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        found.append(("attnImplementation", "flash_attention_2 needs the flash-attn package, which this trainer installation "
+                                            "lacks: install flash-attn in the trainer image, or use attnImplementation: sdpa"))
+    if spec.liger_kernels:
+        if importlib.util.find_spec("liger_kernel") is None:
+            found.append(("ligerKernels", "needs the liger-kernel package, which this trainer installation lacks: install the "
+                                          "optional extra speed (pip install 'finetune-operator[trainer,speed]') in the trainer "
+                                          "image, or remove model.ligerKernels"))
+        else:
+            supported = _liger_families()
+            kind = model_type(model_dir, spec)
+            if kind not in supported:
+                found.append(("ligerKernels", f"liger-kernel has no kernels for model type {kind!r} (it has: "
+                                              f"{', '.join(sorted(supported))}); remove model.ligerKernels"))
+    return found
+
+
+def _liger_families() -> set[str]:
+    """The model types liger-kernel patches: its own table, so a new release's families count."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def _apply_liger(model: nn.Module) -> None:
+    """Liger's kernels patched into this model instance (RoPE, RMSNorm, SwiGLU, and the causal-lm
+    head's fused linear cross-entropy), by the library's own per-family table, before PEFT wraps it.
+    Untested here: Triton needs a GPU and the dev machines have none."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
 
 
 def _quantization(spec: ModelSpec) -> dict:

@@ -11,7 +11,14 @@ from .adapters import plan_on_skeleton
 from .data import DataError, PreparedData, prepare
 from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import UnmappableModel, discover
-from .modeling import bitsandbytes_missing, load_tokenizer, model_type, offline_if_local, resolve_model_dir
+from .modeling import (
+    bitsandbytes_missing,
+    load_tokenizer,
+    model_type,
+    offline_if_local,
+    resolve_model_dir,
+    speed_packages_missing,
+)
 from .modeling import skeleton as model_skeleton
 from .packing import family_problem
 from .reference import prepare_reference
@@ -44,6 +51,9 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
         raise SpecError([("spec.model.source", f"cannot load a tokenizer from {model_dir}: {err}")]) from None
     if spec.data.packing and spec.model.task == "causal-lm":
         _check_packing(model_dir, job)  # before the data is tokenized: the model's config alone decides
+    speed = speed_packages_missing(spec.model, model_dir)  # flash-attn / liger-kernel installed and fit for the model
+    if speed:
+        raise SpecError([(f"spec.model.{field}", why) for field, why in speed])
     try:
         data = prepare(spec.data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels)
         data.reference = prepare_reference(job, tokenizer)  # the forgetting probe's text, once for every worker

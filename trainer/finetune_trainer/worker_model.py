@@ -31,7 +31,7 @@ def build(spec: FineTuneJobSpec, model_dir: str, *, num_labels: int | None, pad_
     """Seed torch first (the new head and the adapters' initial weights must agree on every rank)."""
     quantized = spec.model.quantization is not None
     model = load_model(model_dir, spec.model, num_labels=num_labels, dropout=spec.training.dropout,
-                       pad_token_id=pad_token_id, quantize=quantized)
+                       pad_token_id=pad_token_id, quantize=quantized, training=True)
     name = type(model).__name__
     adapters = spec.freezing.strategy == "lora"
     if adapters:  # PEFT freezes the base; the plan is what it left trainable

@@ -93,6 +93,11 @@ class FineTuneJobSpec(SpecModel):
             strategy=self.freezing.strategy, gpus_per_worker=self.resources.gpus_per_worker, zero_stage=self.deepspeed.zero_stage)]
         for section, problems in sections.items():
             found += [(f"spec.{section}.{path}", msg) for path, msg in problems]
+        found += [(f"spec.model.{path}", msg) for path, msg in self.model.speed_problems(
+            gpus_per_worker=self.resources.gpus_per_worker, precision=self.deepspeed.precision, packing=self.data.packing)]
+        if self.training.fused_optimizer and self.deepspeed.offload_optimizer:
+            found.append(("spec.training.fusedOptimizer", "offloadOptimizer steps with DeepSpeed's own (already fused) CPU Adam: "
+                                                          "remove training.fusedOptimizer or deepspeed.offloadOptimizer"))
         cpu = self.resources.gpus_per_worker == 0
         if cpu and self.deepspeed.precision == "fp16":
             found.append(("spec.deepspeed.precision", "fp16 needs GPUs (resources.gpusPerWorker: 1); on CPU use fp32, bf16 or auto"))

@@ -11,6 +11,7 @@ from .base import SpecModel
 
 Task = Literal["causal-lm", "sequence-classification"]
 DataFormat = Literal["text", "promptCompletion", "messages"]
+AttentionImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 CHAT_TEMPLATE_MAX = 32 * 1024  # characters; real templates are 1-15 KB (Llama 3.1's ~6 KB)
 Problems = Iterator[tuple[str, str]]
 
@@ -42,6 +43,20 @@ class ModelSpec(SpecModel):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward: less memory, ~30% slower."
     )
+    attn_implementation: AttentionImplementation = Field(
+        default="sdpa",
+        description="The attention kernel transformers runs (its attn_implementation). sdpa: torch's "
+        "scaled_dot_product_attention, which picks a flash or memory-efficient kernel on GPUs and runs on CPU; "
+        "flash_attention_2: the flash-attn package's kernels (GPUs, bf16/fp16, the trainer image needs flash-attn "
+        "installed; not with data.packing); eager: the model's plain PyTorch attention (slowest, for debugging).",
+    )  # fmt: skip
+    liger_kernels: bool = Field(
+        default=False,
+        description="Swap in Liger's Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) for the "
+        "model families the liger-kernel package supports (llama, mistral, qwen2, gemma, phi3, ...): less memory "
+        "and higher throughput on GPUs. Needs resources.gpusPerWorker and liger-kernel in the trainer image "
+        "(the optional extra `speed`).",
+    )  # fmt: skip
     revision: str | None = Field(default=None, description="Hub revision (hub sources only).")
     trust_remote_code: bool = Field(default=False, description="Allow the model's own Python code.")
     quantization: QuantizationSpec | None = Field(
@@ -61,6 +76,24 @@ class ModelSpec(SpecModel):
             yield "quantization", f"a quantized base cannot train itself, only adapters on it: set freezing.strategy: lora (is {strategy}) or remove model.quantization"
         if zero_stage == 3:
             yield "quantization", "a quantized base is not supported with deepspeed.zeroStage: 3 (ZeRO-3 partitions the packed 4/8-bit weights); use zeroStage 0, 1 or 2"
+
+    def speed_problems(self, *, gpus_per_worker: float, precision: str, packing: bool) -> Problems:
+        """GPU-only kernels refused where they cannot run, with the fix; whether the packages are
+        installed is asked at preflight (modeling.speed_packages_missing), where the trainer runs."""
+        cpu = gpus_per_worker == 0
+        if self.attn_implementation == "flash_attention_2":
+            if cpu:
+                yield "attnImplementation", ("flash_attention_2 runs on GPUs only: set resources.gpusPerWorker: 1, "
+                                             "or use attnImplementation: sdpa (the default) on CPU")
+            if precision == "fp32":
+                yield "attnImplementation", "flash_attention_2 computes in bf16/fp16 only: set deepspeed.precision: bf16 (or auto), or use sdpa"
+            if packing:
+                # transformers finds packed examples for flash attention only in a batch flattened
+                # into one row; our packed blocks are [batch, maxSeqLength] (packing.py)
+                yield "attnImplementation", ("flash_attention_2 would attend across packed examples in our [batch, length] "
+                                             "blocks: use sdpa (the default) with data.packing, or turn packing off")
+        if self.liger_kernels and cpu:
+            yield "ligerKernels", "Liger's kernels are Triton GPU kernels: set resources.gpusPerWorker: 1, or remove model.ligerKernels"
 
     def check(self) -> Problems:
         if self.source.startswith("s3://"):

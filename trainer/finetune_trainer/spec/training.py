@@ -30,6 +30,12 @@ class TrainingSpec(SpecModel):
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
     adam_epsilon: float = Field(default=1e-8, gt=0)
+    fused_optimizer: bool = Field(
+        default=False,
+        description="AdamW's fused implementation (torch.optim.AdamW(fused=True), through DeepSpeed's torch_adam): one "
+        "kernel for the whole update instead of one per tensor group; same algorithm, results differ only in rounding. "
+        "On GPUs and CPUs; not with deepspeed.offloadOptimizer, whose CPU Adam is DeepSpeed's own.",
+    )  # fmt: skip
     dropout: float | None = Field(default=None, ge=0, lt=1, description="Override every dropout probability in the model config.")
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Gradient clipping; null disables it.")
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seeds data order, splits and new weights.")
