@@ -41,6 +41,7 @@ from .crd import GROUP, KIND, VERSION
 from .pods import graceful_stop, harden, submitter_template
 from .trainer_access import head_token, pods_service_account
 
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # driver.STATE_TRACKING_ENV (the operator imports no Ray)
 HEAD_SERVICE_SUFFIX = "-head-svc"
 DASHBOARD_PORT = 8265
 WORKER_GROUP = "workers"
@@ -114,6 +115,7 @@ def render_rayjob(
         "entrypoint": ENTRYPOINT,
         "runtimeEnvYAML": _runtime_env_yaml(job, run_id),
         "submissionMode": SUBMISSION_MODE,
+        "metadata": submission_metadata(job, run_id),  # the Ray job's metadata: the dashboard's Jobs view names the FineTuneJob
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": policy.ttl_seconds_after_finished,
         "backoffLimit": policy.backoff_limit,
@@ -145,13 +147,20 @@ def render_rayjob(
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": rayjob_spec}
 
 
+def submission_metadata(job: FineTuneJob, run_id: str | None) -> dict[str, str]:
+    """driver.job_metadata, plus the run: what `ray job submit --metadata-json` gives the Ray job."""
+    return {"finetune.dev/job": job.name, "finetune.dev/namespace": job.metadata.namespace} | (
+        {"finetune.dev/run": run_id} if run_id else {})
+
+
 def _runtime_env_yaml(job: FineTuneJob, run_id: str | None) -> str:
     # KubeRay's submitter passes the runtime env to `ray job submit --runtime-env-json` inside a
     # bash command line, double-quoted (Go's strconv.Quote): `$` and backticks would expand there.
     # As JSON escapes they cannot, and the JSON parser at the other end restores them.
     manifest = json.dumps(driver_manifest(job), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     manifest = manifest.replace("$", "\\u0024").replace("`", "\\u0060")
-    env = {MANIFEST_ENV: manifest} | ({RUN_ID_ENV: run_id} if run_id else {})
+    # Ray Train's state tracking: the run, its attempts and workers in the dashboard's Train view (driver.py)
+    env = {MANIFEST_ENV: manifest, STATE_TRACKING_ENV: "1"} | ({RUN_ID_ENV: run_id} if run_id else {})
     return yaml.safe_dump({"env_vars": env}, width=1 << 20)
 
 

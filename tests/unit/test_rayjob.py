@@ -125,6 +125,7 @@ def test_quickstart_renders_to_this_rayjob():
     rendered = render_rayjob(load_job(QUICKSTART), owner_uid="0b9f7c1e-uid")
     runtime_env = rendered["spec"].pop("runtimeEnvYAML")
     assert set(yaml.safe_load(runtime_env)) == {"env_vars"}
+    assert yaml.safe_load(runtime_env)["env_vars"]["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"  # the dashboard's Train view
     worker_pod = {"metadata": {"labels": LABELS}, "spec": {"serviceAccountName": "quickstart-ray", "containers": [{
         "name": "ray-worker", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0",
         "resources": {"requests": {"cpu": "1", "ephemeral-storage": "10Gi"}, "limits": {"cpu": "1"}},
@@ -141,6 +142,7 @@ def test_quickstart_renders_to_this_rayjob():
         "spec": {
             "entrypoint": "python -m finetune_trainer run env:FINETUNE_MANIFEST --no-progress",
             "submissionMode": "K8sJobMode",
+            "metadata": {"finetune.dev/job": "quickstart", "finetune.dev/namespace": "default"},  # the Ray job's, in the dashboard
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,
             "backoffLimit": 0,
