@@ -64,6 +64,7 @@ TORCH_MODULES = {
     "finetune_trainer.resume", "finetune_trainer.rng", "finetune_trainer.scoring", "finetune_trainer.guards",
     "finetune_trainer.generation", "finetune_trainer.reference", "finetune_trainer.probes",
     "finetune_trainer.adapters", "finetune_trainer.worker_model", "finetune_trainer.memory", "finetune_trainer.baseline",
+    "finetune_trainer.predict",  # `finetune predict` loads the model in the CLI's process, once predict_source found it
 }
 # importing these (with everything they import) loads none of HEAVY: the driver side (ARCHITECTURE.md,
 # "Inside the trainer") loads torch only when the preflight runs and in Ray's workers; a search
@@ -71,7 +72,8 @@ TORCH_MODULES = {
 LIGHT_MODULES = ("finetune_trainer.ranking", "finetune_trainer.job_status", "finetune_trainer.search_results",
                  "finetune_trainer.driver", "finetune_trainer.persist", "finetune_trainer.trial", "finetune_trainer.kube_progress",
                  "finetune_trainer.environment", "finetune_trainer.cli", "finetune_trainer.session", "finetune_trainer.single",
-                 "finetune_trainer.tuning", "finetune_trainer.run", "finetune_trainer.sigterm")
+                 "finetune_trainer.tuning", "finetune_trainer.run", "finetune_trainer.sigterm",
+                 "finetune_trainer.predict_source")
 
 
 def _modules() -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""`finetune`: validate and run FineTuneJob manifests on this machine.
+"""`finetune`: validate and run FineTuneJob manifests on this machine, and try the model a run exported.
 
 Library errors become one clear message and a non-zero exit, never a stack trace for bad input.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 from . import environment, logs
 from .embedded_s3 import EmbeddedS3Error
+from .predict_source import MAX_INPUTS, PredictError
 from .spec import ManifestFileError, SpecError, load_job
 from .spec.cluster import RUN_ID_ENV
 from .storage.errors import AccessDenied, BucketMissing, EndpointUnreachable, StorageError
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["validate"].add_argument("--static", action="store_true", help="fields only; do not read the model or data")
     sub.choices["preview"].add_argument("-n", dest="examples", type=_positive, default=3, metavar="N",
                                         help="how many training examples (default 3)")
+    _predict_parser(sub)
     run_parser = sub.choices["run"]
     run_parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run_parser.add_argument("--resume", action="store_true",
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.quiet_third_party(args.verbose)  # before transformers or Ray is imported (logs' docstring)
     try:
         # validate checks a manifest as the operator will; a local run may use this machine's addresses
+        if args.command == "predict":
+            return _predict(args)
         job = load_job(args.manifest, args.overrides, for_cluster=args.command == "validate")
         if args.command == "validate":
             return _validate(job, static=args.static)
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     except FileNotFoundError as err:
         print(f"finetune: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except PredictError as err:  # a wrong path, no model, an input that is not text: what to fix
+        print(f"finetune: predict: {err}", file=sys.stderr)
         return EXIT_INVALID
 
 
@@ -119,6 +126,68 @@ def _preview(job, examples: int) -> int:
     for line in preview.lines(shown, job.spec.data.max_seq_length, color=bool(color)):
         say(line)
     return 0
+
+
+def _predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="try an exported model: a classifier's class and probabilities, or a causal LM's generations",
+                       description="Load the model a run exported (safetensors only; the model's own code only with "
+                                   "--trust-remote-code) and print, for each input, the class and every class's probability, "
+                                   "or what the model writes, prompted through the run's chat template.")
+    p.add_argument("target", metavar="RUN_DIR_OR_MODEL",
+                   help="a run's folder (results.json + model/), or an exported model folder; local or s3://bucket/...")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", action="append", metavar="TEXT", help="an input (repeatable)")
+    given.add_argument("--file", metavar="FILE", help=f"a UTF-8 text file, one input per line (at most {MAX_INPUTS})")
+    p.add_argument("-m", "--manifest", metavar="JOB_YAML",
+                   help="for s3://: the FineTuneJob whose spec.storage says how to reach the bucket (endpoint, region, "
+                        "addressing); credentials come from the environment (AWS_ACCESS_KEY_ID, ...)")
+    p.add_argument("--base", metavar="MODEL_DIR", help="an adapter-only export's base model (default: the run's spec.model.source)")
+    p.add_argument("--max-new-tokens", type=_bounded(int, 1, 1024), metavar="N", help="causal LM (default: spec.evaluation.samples, else 64)")
+    p.add_argument("--temperature", type=_bounded(float, 0.0, 5.0), metavar="T", help="causal LM: 0 greedy (default: the run's samples setting)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own Python code run (off whatever the run's spec says: only for code you trust)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
+    p.set_defaults(overrides=[])
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from .predict_source import locate, read_inputs
+    from .report import say
+
+    texts = read_inputs(args.text, args.file)
+    storage = None
+    if args.manifest:
+        storage = load_job(args.manifest, []).spec.storage
+        if storage is None and args.target.startswith("s3://"):
+            raise PredictError(f"--manifest {args.manifest} has no spec.storage; give the job that wrote {args.target}")
+    with tempfile.TemporaryDirectory(prefix="finetune-predict-") as work:
+        source = locate(args.target, workdir=Path(work), storage=storage)
+        from . import predict  # torch and transformers: only once the target is known to hold a model
+
+        loaded = predict.load(source, base=args.base, trust_remote_code=args.trust_remote_code)
+        if loaded.task == "sequence-classification":
+            rows = predict.classify(loaded, texts)
+            lines = [f"{r['label']}  ({', '.join(f'{k} {v:.3f}' for k, v in r['probabilities'].items())})  {r['text'][:80]}" for r in rows]
+        else:
+            rows = predict.generate(loaded, texts, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+            lines = [f"> {r['text']}\n{r['completion']}\n" for r in rows]
+    for row, line in zip(rows, lines, strict=True):
+        say(json.dumps(row, ensure_ascii=False) if args.json else line)
+    return 0
+
+
+def _bounded(kind: type, low: float, high: float):
+    def parse(text: str):
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value}: give {low} to {high}")
+        return value
+
+    return parse
 
 
 def _positive(text: str) -> int:
