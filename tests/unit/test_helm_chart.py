@@ -50,6 +50,7 @@ CASES: dict[str, dict[str, Any]] = {
     "resources": {"resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "512Mi"}}},
     "existing-service-account": {"serviceAccount": {"create": False, "name": "ops"}, "rbac": {"create": False}},
     "network-policies-off": {"networkPolicy": {"enabled": False}},
+    "grafana-dashboard": {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}},
     "network-policy-namespaces": {"watchNamespaces": ["team-a"],
                                   "networkPolicy": {"kuberayNamespace": "ray-system", "ingressControllerNamespace": "ingress-nginx"}},
 }
