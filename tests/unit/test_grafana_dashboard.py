@@ -35,9 +35,9 @@ def _constants(tree: ast.Module) -> dict[str, list[str]]:
     """Module-level tuples of strings (tag key lists), with `*OTHER` expanded."""
     found: dict[str, list[str]] = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if isinstance(node.value, ast.Tuple):
-                found[node.targets[0].id] = _strings(node.value, found)
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Tuple)):
+            found[node.targets[0].id] = _strings(node.value, found)
     return found
 
 

@@ -25,14 +25,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray.job_config import JobConfig
 
 from . import environment, logs, phases
 from .persist import ADAPTER_DIR, MODEL_DIR, Persistence
 from .ranking import best_row
+from .ray_metrics import TrainingMetrics
 from .spec import FineTuneJob, SpecError
 
 if TYPE_CHECKING:
     from .preflight import Prepared
+
+log = logging.getLogger(__name__)
 
 Listener = Callable[[dict[str, Any], list[dict[str, Any]]], None]  # (latest progress, every reported row)
 
@@ -45,6 +49,11 @@ Listener = Callable[[dict[str, Any], list[dict[str, Any]]], None]  # (latest pro
 # phases.py's marks on the 2-core dev machine). A cluster keeps Ray's default (a poll calls every
 # worker); the variable set in the environment wins either way.
 POLL_ENV, LOCAL_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+# Ray Train's state tracking: its runs, attempts and workers in the Ray dashboard's Train view (and
+# its API, api/train/v2/runs), which otherwise answers "Train state data is not available". Read
+# where a TorchTrainer is built: the driver (a plain run) and each trial's actor (a search), so it
+# goes into this process' environment and the runtime env; rayjob.py sets it in a cluster's too.
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 
 
 @ray.remote(num_cpus=0)
@@ -60,7 +69,9 @@ class ProgressTracker:
 
     RESUMES_KEPT = 20  # the newest; a run restarted more often than this still counts them all
 
-    def __init__(self) -> None:
+    def __init__(self, metric_tags: dict[str, str] | None = None) -> None:
+        # ray_metrics: the same reports as gauges on Ray's Prometheus endpoint (None: no gauges)
+        self.metrics = TrainingMetrics(metric_tags) if metric_tags is not None else None
         self.latest: dict[str, Any] = {}
         self.by_trial: dict[str, dict[str, Any]] = {}
         self.rows: list[dict[str, Any]] = []
@@ -73,9 +84,20 @@ class ProgressTracker:
         self.latest = progress
         if progress.get("trial"):
             self.by_trial[progress["trial"]] = progress
+        self._export(lambda metrics: metrics.progress(progress))
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        self._export(lambda metrics: metrics.row(row))
+
+    def _export(self, call: Callable[[TrainingMetrics], None]) -> None:
+        if self.metrics is None:
+            return
+        try:
+            call(self.metrics)
+        except Exception as err:  # Ray's metrics agent is an observer: it must never fail a report
+            log.warning("training metrics: not exported (%s)", err)
+            self.metrics = None
 
     def snapshot(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         return self.latest, self.rows
@@ -114,8 +136,12 @@ class RunResult:
     results: dict[str, Any]
 
 
-def init_ray() -> None:
+def init_ray(metadata: dict[str, str] | None = None) -> None:
     """Join the cluster when there is one (KubeRay sets RAY_ADDRESS); else a loopback-only local Ray.
+
+    `metadata` (job_metadata) names a local Ray's job after the FineTuneJob in the dashboard's Jobs
+    view; in a cluster the RayJob's submission carries it (rayjob.py). Ray Train's state tracking
+    (STATE_TRACKING_ENV) is on for the Train view unless the environment says otherwise.
 
     Ray token authentication needs nothing here, and must get nothing: ray.init reads RAY_AUTH_MODE
     and the token (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token)
@@ -131,7 +157,9 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     level = logging.getLevelNamesMapping()[logs.ray_log_level()]  # ray.init takes the number
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    os.environ[STATE_TRACKING_ENV] = os.environ.get(STATE_TRACKING_ENV, "1")  # this process builds a plain run's trainer
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+           STATE_TRACKING_ENV: os.environ[STATE_TRACKING_ENV]}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env | logs.worker_env(local=False)}, logging_level=level)
         return
@@ -146,9 +174,15 @@ def init_ray() -> None:
         include_dashboard=True,  # also serves Ray's state API, which Train needs to clean up workers
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env},
+        job_config=JobConfig(metadata=dict(metadata or {})),
         log_to_driver=True,
         logging_level=level,
     )
+
+
+def job_metadata(job: FineTuneJob) -> dict[str, str]:
+    """What names a Ray job after its FineTuneJob (the dashboard's Jobs view shows it)."""
+    return {"finetune.dev/job": job.name, "finetune.dev/namespace": job.metadata.namespace}
 
 
 def new_run_id() -> str:
