@@ -29,6 +29,7 @@ from .job_status import StatusPublisher
 from .persist import Persistence, open_storage
 from .ranking import NonFiniteLoss
 from .spec import FineTuneJob, SpecError
+from .tracking import Tracking
 
 if TYPE_CHECKING:
     from .preflight import Prepared
@@ -51,6 +52,7 @@ class DriverSession:
     preflight_seconds: float
 
     attempt: int
+    tracking: Tracking | None = None  # spec.tracking's MLflow run and event files (tracking.py); opened with the run id
 
     def __init__(self, job: FineTuneJob, *, run_id: str | None = None, resume: str | None = None):
         self.job = job
@@ -78,11 +80,15 @@ class DriverSession:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.tracker = ProgressTracker.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]  # ray.remote's class wrapper is untyped
         self.publisher.decorate = self._lifecycle
+        # a wrong address or refused credentials end the job here, before any training
+        self.tracking = Tracking.open(self.job, self.run_id, self.run_dir)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         if err is None:
             return
+        if self.tracking is not None:
+            self.tracking.fail()
         if isinstance(err, SpecError):  # found once Ray was up (e.g. no trial fits the cluster): a verdict
             self._publish_invalid(err)
             return
@@ -109,6 +115,29 @@ class DriverSession:
         attempt, restarts, resumes and newest complete checkpoint). `final`: the run's last word,
         retried until written, since the operator waits for it before calling the job done."""
         self.publisher.publish(job_status.snapshot(self.job.name, self.run_id, kind=self.kind, state=state, **fields), final=final)
+
+    def tracking_listeners(self) -> list[Any]:
+        """The progress listener that sends each new evaluation to MLflow and TensorBoard, if any."""
+        return [self.tracking.listener] if self.tracking is not None else []
+
+    def finish_tracking(self, results: dict[str, Any], model_dir: Path | None) -> None:
+        """After results.json: the tracker's last word (tracking.Tracking.finish), the event files
+        copied to the run's S3 prefix. The run itself is done and stored by now, so a tracking
+        server failing here is an error in the log, not a failed run."""
+        if self.tracking is None:
+            return
+        persistence, run_id = self.persistence, self.run_id
+
+        def upload(local: Path, name: str) -> None:
+            if persistence.remote:
+                from .storage import upload_dir
+
+                upload_dir(persistence.store, local, persistence.key(run_id, name))
+
+        try:
+            self.tracking.finish(results, model_dir, upload)
+        except Exception as err:
+            log.error("tracking: the run finished and results.json is stored, but its tracking could not be completed: %s", err)
 
     def _lifecycle(self) -> dict[str, Any]:
         """What every status document carries about the run's life (job_status.lifecycle), and each

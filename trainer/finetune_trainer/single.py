@@ -32,7 +32,7 @@ def run_single(session: DriverSession, on_progress: Listener | None = None) -> R
         resume_from, resumed_step = persistence.resume_from(session.resume)
     shared = session.shared() | {"resume_from": resume_from}
     trainer = make_trainer(job, shared, persistence=persistence, storage_path=persistence.storage_path, name=run_id)
-    listeners = [_status_listener(session), *([on_progress] if on_progress else [])]
+    listeners = [_status_listener(session), *([on_progress] if on_progress else []), *session.tracking_listeners()]
     result = fit_polling(trainer.fit, lambda: ray.get(session.tracker.snapshot.remote(), timeout=5), listeners)
     _, rows = ray.get(session.tracker.snapshot.remote())
     if resume_from is not None:  # the curve before the resume point (and its baseline) lives in the checkpoint
@@ -47,6 +47,7 @@ def run_single(session: DriverSession, on_progress: Listener | None = None) -> R
     results = _results(session, rows, best, test, model_dir)
     results["resumed_from"] = {"checkpoint": persistence.uri(resume_from.path), "step": resumed_step} if resume_from else None
     results = persistence.save_results(run_id, results, model_dir)
+    session.finish_tracking(results, model_dir)
     final = rows[-1] if rows else {}
     best_trial = job_status.best_trial(run_id, best["metric"], best["value"], best["step"], checkpoint=best["checkpoint"]) if best else None
     session.publish("finished", final=True, trials={run_id: "completed"}, step=final.get("step"), total_steps=results["total_steps"],

@@ -49,7 +49,8 @@ def run_search(session: DriverSession, on_progress: Listener | None = None) -> R
                         restore=session.restored)
     gate = halving.start_gate(run_id, concurrency) if search.scheduler.type == "successiveHalving" else None
     try:
-        grid = fit_polling(tuner.fit, lambda: _snapshot(session.tracker), [on_progress] if on_progress else [])
+        grid = fit_polling(tuner.fit, lambda: _snapshot(session.tracker),
+                           [*([on_progress] if on_progress else []), *session.tracking_listeners()])
     finally:  # the folders of the trials Tune stopped mid-report on this host (scratch's docstring)
         if gate is not None:
             ray.kill(gate)
@@ -70,6 +71,7 @@ def run_search(session: DriverSession, on_progress: Listener | None = None) -> R
     results["restored"] = session.restored
     eval_report.add_to_search_results(results, ray.get(session.tracker.snapshot.remote())[1])  # samples, forgetting
     results = persistence.save_results(run_id, results, model_dir)
+    session.finish_tracking(results, model_dir)
     session.publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)),
                               final=True)
     return RunResult(session.run_dir, results)

@@ -21,6 +21,7 @@ from .runtime import MAX_RAY_WORKERS, DeepSpeedSpec, OutputSpec, ResourcesSpec
 from .search import SearchSpec
 from .space_check import space_problems
 from .storage import RESUME_MODES, StorageSpec
+from .tracking import TrackingSpec
 from .training import MAXIMIZED, EvaluationSpec, FreezingSpec, LRScheduleSpec, TrainingSpec
 
 API_VERSION = "finetune.dev/v1alpha1"
@@ -65,6 +66,7 @@ class FineTuneJobSpec(SpecModel):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="The Ray cluster KubeRay starts for the job (ignored by local runs).")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Suspension, deadline, retries and clean-up of the run on Kubernetes.")
     storage: StorageSpec | None = Field(default=None, description="S3-compatible storage for checkpoints, the model and results.json; unset: output.dir on this machine.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking: an MLflow server (parameters, metrics by step, artifacts, the registered model) and TensorBoard event files.")
 
     def ranked_metric(self) -> tuple[str, str]:
         """(reported key, mode) of what picks the best: the search's metric for a search, the
