@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import baseline, checkpoint_files, deepspeed_load, logs, packing, worker_model
+from . import baseline, checkpoint_files, deepspeed_load, logs, packing, transfer, worker_model
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
@@ -66,7 +66,7 @@ class FineTuneRecipe:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.metric_key = f"eval_{self.spec.evaluation.metric}"
-        self._last_progress = 0.0
+        self.ticker = transfer.ProgressTicker()  # the progress line: its rate, and a loss read with no host sync
         self.clock = clock or StartupClock()  # where start-up time goes (phases.py)
         self.clock.mark("data_ready")
 
@@ -187,7 +187,7 @@ class FineTuneRecipe:
             for micro in batches[(self.step % self.per_epoch) * t.gradient_accumulation_steps :]:
                 host = self.data.train.batch(micro, self.pad_id)
                 self.tokens += self.data.train.tokens_in(micro)  # counted on the host: no device sync
-                batch = {k: v.to(self.device) for k, v in host.items()}
+                batch = transfer.to_device(host, self.device)  # on GPUs pinned, non_blocking: no wait on the last step
                 loss = self.engine(**batch, **packing.forward_kwargs(batch)).loss
                 self.guard.observe(loss, self.step + 1)  # on the device; read at the next evaluation
                 self.engine.backward(loss)
@@ -374,12 +374,11 @@ class FineTuneRecipe:
         return float(self.gate.optimizer.param_groups[-1]["lr"])
 
     def _progress(self, last_losses: list[torch.Tensor]) -> None:
-        now = time.monotonic()
-        if self.progress is None or self.rank != 0 or now - self._last_progress < 0.5:
+        if self.progress is None or self.rank != 0 or not self.ticker.due():
             return
-        self._last_progress = now
-        loss = torch.stack(last_losses).mean().item()
-        self.progress.update.remote({"trial": self.trial, "step": self.step, "total": self.total, "loss": loss, "lr": self._head_lr()})
+        loss = self.ticker.loss(last_losses)  # on GPUs the previous tick's mean, copied behind the step (transfer.py)
+        self.progress.update.remote({"trial": self.trial, "step": self.step, "total": self.total, "lr": self._head_lr()}
+                                    | ({"loss": loss} if loss is not None else {}))
 
     def cleanup(self) -> None:
         if self.progress is not None and self.rank == 0:
