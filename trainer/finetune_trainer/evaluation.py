@@ -3,17 +3,23 @@ which need no torch, are in `ranking`).
 
 Each rank scores a disjoint shard and the *sums* (loss, tokens, confusion matrix) are
 all-reduced, so accuracy, macro-F1 and perplexity are exact, not an average of averages.
+`f1` is the macro average of the per-class F1 over the classes present in the split (those
+with at least one true example). A classification's result also carries the confusion matrix
+itself (`confusion`, up to class_report.MAX_CLASSES classes), from which class_report derives
+the per-class figures; callers keep only the metrics they report.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .class_report import CONFUSION_KEY, MAX_CLASSES
 from .data import TokenizedSplit
 from .packing import forward_kwargs
 
@@ -30,7 +36,7 @@ def evaluate(
     num_labels: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     indices = list(range(rank, len(split), world_size))
@@ -59,7 +65,7 @@ def evaluate(
     return _metrics(task, loss_sum.item(), count.item(), confusion.cpu())
 
 
-def _metrics(task: str, loss_sum: float, count: float, confusion: torch.Tensor) -> dict[str, float]:
+def _metrics(task: str, loss_sum: float, count: float, confusion: torch.Tensor) -> dict[str, Any]:
     loss = loss_sum / max(count, 1.0)
     if task != "sequence-classification":
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
@@ -74,4 +80,5 @@ def _metrics(task: str, loss_sum: float, count: float, confusion: torch.Tensor) 
         "accuracy": correct.sum().item() / max(count, 1.0),
         "f1": f1[present].mean().item() if present.any() else 0.0,
         "examples": count,
+        **({CONFUSION_KEY: confusion.round().long().tolist()} if len(confusion) <= MAX_CLASSES else {}),
     }
