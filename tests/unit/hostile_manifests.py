@@ -211,4 +211,10 @@ CASES: list[Hostile] = [
             changes={**_CHAT, "data.chatTemplate": "{{ messages.__class__.__mro__[1].__subclasses__() }}"}),
     Hostile("chat-template-huge", "spec.data.chatTemplate", changes={**_CHAT, "data.chatTemplate": "{{ m }}" * 6000},
             cluster="api"),
+    # Kueue (spec/queueing.py): choosing a queue is ordinary; a suspend Kueue would lift, or a
+    # priority class with no queue to apply to, is refused rather than silently not what it says
+    Hostile("kueue-queue-and-suspend", "spec.runPolicy.suspend",
+            changes={"metadata.labels": {"kueue.x-k8s.io/queue-name": "team-a"}, "runPolicy.suspend": True}),
+    Hostile("kueue-priority-without-queue", "metadata.labels[kueue.x-k8s.io/priority-class]",
+            changes={"metadata.labels": {"kueue.x-k8s.io/priority-class": "system-critical"}}),
 ]

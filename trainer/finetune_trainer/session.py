@@ -24,10 +24,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import eval_report, job_status
-from .driver import ProgressTracker, check_run_id, init_ray, new_run_id, resume_mode, shared_config
+from .driver import ProgressTracker, check_run_id, init_ray, job_metadata, new_run_id, resume_mode, shared_config
 from .job_status import StatusPublisher
 from .persist import Persistence, open_storage
 from .ranking import NonFiniteLoss
+from .ray_metrics import run_tags
 from .spec import FineTuneJob, SpecError
 from .tracking import Tracking
 
@@ -66,7 +67,7 @@ class DriverSession:
         self.publisher = StatusPublisher.for_job(self.persistence.status_writer())  # the preflight's verdict goes through it too
         self.prepared = self._prepare()
         self.preflight_seconds = time.time() - self.started
-        init_ray()
+        init_ray(job_metadata(self.job))  # the dashboard's Jobs view names the FineTuneJob
         self.run_id, self.restored = self._choose_run_id()
         self.attempt = self.persistence.record_attempt(self.run_id)
         if self.attempt > 1:
@@ -78,7 +79,9 @@ class DriverSession:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.tracker = ProgressTracker.options(scheduling_strategy=here).remote()  # type: ignore[attr-defined]  # ray.remote's class wrapper is untyped
+        # ray_metrics: it also sets the training gauges on Ray's metrics endpoint (the Grafana dashboard's)
+        tags = run_tags(self.job.metadata.namespace, self.job.name, self.run_id)
+        self.tracker = ProgressTracker.options(scheduling_strategy=here).remote(tags)  # type: ignore[attr-defined]  # ray.remote's class wrapper is untyped
         self.publisher.decorate = self._lifecycle
         # a wrong address or refused credentials end the job here, before any training
         self.tracking = Tracking.open(self.job, self.run_id, self.run_dir)

@@ -17,6 +17,7 @@ from .cluster import ClusterSpec, RunPolicySpec
 from .exposure import cluster_problems
 from .limits import MAX_DEPTH, MAX_MANIFEST_BYTES, MAX_VALUES, json_size_problems, raw_problems
 from .model import DataSpec, ModelSpec
+from .queueing import queue_problems
 from .runtime import MAX_RAY_WORKERS, DeepSpeedSpec, OutputSpec, ResourcesSpec
 from .search import SearchSpec
 from .space_check import space_problems
@@ -211,6 +212,7 @@ def parse_job(document: dict[str, Any], *, for_cluster: bool = False) -> FineTun
         problems += job.spec.storage.resume_problems(job.metadata.namespace, job.name)
     if for_cluster:
         problems += list(cluster_problems(job.spec.storage))
+        problems += queue_problems(job.metadata.labels, job.spec.run_policy.suspend)  # Kueue's labels (queueing.py)
     if problems:
         raise SpecError(problems)
     return job
