@@ -224,8 +224,6 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .recipe import train_loop_per_worker  # torch, only where a trainer is built
-
     res = job.spec.resources
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
     storage = persistence.run_config_args(job, storage_path=storage_path, tracker=shared.get("progress"))
@@ -238,6 +236,17 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
         run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()), **storage),  # type: ignore[call-arg]  # V2's field (above)
     )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Every Train worker's loop: the recipe's, imported in the worker that runs it. The trainer
+    pickles this function by reference, so where it is built (the driver of a run, the actor of
+    each search trial, at every start and resume) nothing of the training side is imported:
+    importing the recipe there (transformers, PEFT, our worker modules on top of the torch that
+    ray.train.torch brings) cost each trial start seconds of CPU before its fit() began."""
+    from .recipe import train_loop_per_worker as loop
+
+    loop(config)
 
 
 def fit_polling(fit: Callable[[], Any], snapshot: Callable[[], tuple[dict[str, Any], list[dict[str, Any]]]],
