@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import baseline, checkpoint_files, deepspeed_load, logs, packing, transfer, worker_model
+from .class_report import CONFUSION_KEY
 from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
@@ -120,6 +121,7 @@ class FineTuneRecipe:
         self.probes = EvaluationProbes(self.job, self.data, model_dir=self.model_dir, device=self.device, rank=self.rank,
                                        world_size=self.world, pad_token_id=self.pad_id)
         self.samples: list[dict[str, str]] | None = None  # this evaluation's, for the tracker's row (rank 0)
+        self.confusion: list[list[int]] | None = None  # this evaluation's matrix (classification), likewise (class_report)
         self.clock.mark("probes_ready")
         self._resume()
         self.clock.mark("restored")
@@ -258,7 +260,7 @@ class FineTuneRecipe:
             batch_size=self.spec.training.per_device_batch_size * 2, pad_token_id=self.pad_id,
             device=self.device, num_labels=self.num_labels, rank=self.rank, world_size=self.world,
         )
-        wanted = {"loss", *self.spec.evaluation.resolved_metrics(self.spec.model.task)}
+        wanted, self.confusion = {"loss", *self.spec.evaluation.resolved_metrics(self.spec.model.task)}, metrics.get(CONFUSION_KEY)
         self.samples = self.probes.samples(self.engine.module)  # every rank: a collective under ZeRO-3
         return {f"eval_{k}": v for k, v in metrics.items() if k in wanted} | self.probes.measure(self.engine.module)
 
@@ -326,9 +328,10 @@ class FineTuneRecipe:
             **({"resumed_from_step": self.resumed_step} if self.resumed_step is not None else {}),
         }
         self.history.append(row)
-        samples, self.samples = self.samples, None  # to the tracker only: not Tune's metrics, not the checkpoint's history
+        tracked = {"samples": self.samples, CONFUSION_KEY: self.confusion}  # to the tracker only: not Tune's metrics, not the checkpoint's history
+        self.samples = self.confusion = None
         if self.rank == 0 and self.progress is not None:
-            self.progress.record.remote(row | ({"samples": samples} if samples else {}))
+            self.progress.record.remote(row | {k: v for k, v in tracked.items() if v})
         if not checkpoint:
             ray.train.report(row)
             return

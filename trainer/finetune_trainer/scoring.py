@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .adapters import load_adapted
+from .class_report import CONFUSION_KEY
 from .data import PreparedData
 from .evaluation import evaluate
 from .modeling import load_model
@@ -20,7 +21,7 @@ from .persist import ADAPTER_DIR
 from .spec import FineTuneJob
 
 
-def score_models(job_doc: dict[str, Any], models: dict[str, str], data: PreparedData, pad_token_id: int) -> dict[str, dict[str, float]]:
+def score_models(job_doc: dict[str, Any], models: dict[str, str], data: PreparedData, pad_token_id: int) -> dict[str, dict[str, Any]]:
     if data.test is None:
         raise ValueError("score_models needs the test split; the driver scores only when spec.data.test is set")
     test = data.test
@@ -31,7 +32,7 @@ def score_models(job_doc: dict[str, Any], models: dict[str, str], data: Prepared
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     num_labels = len(data.label_names) if data.label_names else None
     wanted = set(spec.evaluation.resolved_metrics(spec.model.task)) | {"loss"}
-    scores: dict[str, dict[str, float]] = {}
+    scores: dict[str, dict[str, Any]] = {}
     for name, folder in models.items():
         torch.manual_seed(spec.training.seed)  # the baseline's new head: the same one training started from
         adapter = Path(folder) / ADAPTER_DIR
@@ -43,6 +44,6 @@ def score_models(job_doc: dict[str, Any], models: dict[str, str], data: Prepared
             model, test, task=spec.model.task, batch_size=spec.training.per_device_batch_size * 2,
             pad_token_id=pad_token_id, device=device, num_labels=num_labels,
         )
-        scores[name] = {k: v for k, v in metrics.items() if k in wanted}
+        scores[name] = {k: v for k, v in metrics.items() if k in wanted or k == CONFUSION_KEY}  # the matrix: class_report
         del model
     return scores

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from . import eval_report, job_status
+from . import class_report, eval_report, job_status
 from .driver import Listener, RunResult, best_checkpoint, export_model, fit_polling, make_trainer, score_test
 from .ds_config import build_ds_config
 from .ranking import best_row, raise_if_diverged
@@ -46,6 +46,7 @@ def run_single(session: DriverSession, on_progress: Listener | None = None) -> R
     test = score_test(prepared, model_dir) if prepared.data.test is not None else {}
     results = _results(session, rows, best, test, model_dir)
     results["resumed_from"] = {"checkpoint": persistence.uri(resume_from.path), "step": resumed_step} if resume_from else None
+    class_report.add_to_results(results, rows, session.run_dir)  # per-class figures and confusion_matrix.png (classification)
     results = persistence.save_results(run_id, results, model_dir)
     session.finish_tracking(results, model_dir)
     final = rows[-1] if rows else {}

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import ray
 from ray import tune
 
-from . import eval_report, halving, job_status, scratch, search_results
+from . import class_report, eval_report, halving, job_status, scratch, search_results
 from .driver import Listener, RunResult, export_model, fit_polling, score_test
 from .job_status import StatusPublisher
 from .persist import TRIALS_DIR, Persistence
@@ -69,7 +69,9 @@ def run_search(session: DriverSession, on_progress: Listener | None = None) -> R
                                      session.started, session.preflight_seconds)
     results["plots"] = search_results.plot(job, trials, session.run_dir)
     results["restored"] = session.restored
-    eval_report.add_to_search_results(results, ray.get(session.tracker.snapshot.remote())[1])  # samples, forgetting
+    rows = ray.get(session.tracker.snapshot.remote())[1]
+    eval_report.add_to_search_results(results, rows)  # samples, forgetting
+    class_report.add_to_results(results, rows, session.run_dir)  # per-class figures and confusion_matrix.png (classification)
     results = persistence.save_results(run_id, results, model_dir)
     session.finish_tracking(results, model_dir)
     session.publisher.publish(search_results.final_status(job, run_id, trials, best, persistence.model_uri(run_id, model_dir)),
