@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_yaml(ingress)
     sys.stdout.write("---\n")  # the NetworkPolicy the operator creates first (unless --no-network-policies)
     _print_yaml(render_network_policy(job, owner_uid=parsed.owner_uid, kuberay_namespace=parsed.kuberay_namespace,
-                                      ingress_controller_namespace=parsed.ingress_controller_namespace))
+                                      ingress_controller_namespace=parsed.ingress_controller_namespace,
+                                      prometheus_namespace=parsed.prometheus_namespace))
     for obj in render_trainer_access(job, owner_uid=parsed.owner_uid):  # what the driver reports progress through
         sys.stdout.write("---\n")
         _print_yaml(obj)
@@ -97,6 +98,9 @@ def _network_policy_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ingress-controller-namespace", metavar="NS",
                         help="namespace of the Ingress controller, admitted to the dashboard of jobs with an Ingress "
                              "that name none (spec.cluster.dashboard.ingress.controllerNamespace)")
+    parser.add_argument("--prometheus-namespace", metavar="NS",
+                        help="namespace of Prometheus, admitted to Ray's metrics port (8080) of every job's pods "
+                             "(the training metrics; default: none)")
 
 
 def _operator(parsed: argparse.Namespace) -> int:
@@ -109,7 +113,8 @@ def _operator(parsed: argparse.Namespace) -> int:
         return trainer_cli.EXIT_INVALID
     config = OperatorConfig(progress_interval=parsed.progress_interval,
                             network_policies=parsed.network_policies, kuberay_namespace=parsed.kuberay_namespace,
-                            ingress_controller_namespace=parsed.ingress_controller_namespace)
+                            ingress_controller_namespace=parsed.ingress_controller_namespace,
+                            prometheus_namespace=parsed.prometheus_namespace)
     run(namespaces=parsed.namespaces, health_port=parsed.health_port, metrics_port=parsed.metrics_port or None,
         log_format=parsed.log_format, verbose=parsed.verbose, config=config)
     return 0

@@ -96,6 +96,7 @@ class OperatorConfig:
     network_policies: bool = True  # a NetworkPolicy per job (off: the cluster's CNI enforces none)
     kuberay_namespace: str = DEFAULT_KUBERAY_NAMESPACE  # admitted to the dashboard port: KubeRay polls it
     ingress_controller_namespace: str | None = None  # for jobs with an Ingress that name none themselves
+    prometheus_namespace: str | None = None  # admitted to Ray's metrics port (the training metrics)
 
 
 @dataclass
@@ -325,7 +326,7 @@ class Operator:
         config = self.config
         policy, created = self.kube.get_or_create_network_policy(render_network_policy(
             job, owner_uid=uid, kuberay_namespace=config.kuberay_namespace,
-            ingress_controller_namespace=config.ingress_controller_namespace))
+            ingress_controller_namespace=config.ingress_controller_namespace, prometheus_namespace=config.prometheus_namespace))
         if not _owned_by(policy, uid):
             raise kopf.TemporaryError(f"NetworkPolicy {policy['metadata']['name']} exists and is not owned by this "
                                       "FineTuneJob; waiting for it to go", delay=config.conflict_retry_delay)

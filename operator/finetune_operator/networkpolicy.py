@@ -15,7 +15,11 @@ rayjob.labels) and admits:
   submitter is also one of the job's own pods, and this rule keeps it admitted should it not;
 - the dashboard port from KubeRay's namespace: the RayJob controller polls the job's state through
   the dashboard's HTTP API at the head Service;
-- with spec.cluster.dashboard.ingress, the dashboard port from the Ingress controller's namespace.
+- with spec.cluster.dashboard.ingress, the dashboard port from the Ingress controller's namespace;
+- with the operator's --prometheus-namespace (chart: networkPolicy.prometheusNamespace), Ray's
+  metrics port (8080) from that namespace: Prometheus scrapes the training metrics the trainer
+  exports there (ray_metrics.py) and the chart's Grafana dashboard reads. That port serves metrics
+  only; no job API or code execution behind it.
 
 Other namespaces are matched by `kubernetes.io/metadata.name`, the label the API server sets and
 nobody can forge, never by a pod label (anyone can label their own pods). Egress is open unless
@@ -33,7 +37,7 @@ from finetune_trainer.spec import FineTuneJob
 
 from .children import labels, owner_reference, rayjob_name
 from .crd import GROUP
-from .rayjob import DASHBOARD_PORT
+from .rayjob import DASHBOARD_PORT, METRICS_PORT
 
 POLICY_SUFFIX = "-netpol"
 JOB_LABEL = f"{GROUP}/job"  # on the head and worker pod templates (rayjob.labels)
@@ -50,10 +54,12 @@ def network_policy_name(job_name: str) -> str:
 
 def render_network_policy(job: FineTuneJob, *, owner_uid: str | None = None,
                           kuberay_namespace: str = DEFAULT_KUBERAY_NAMESPACE,
-                          ingress_controller_namespace: str | None = None) -> dict[str, Any]:
+                          ingress_controller_namespace: str | None = None,
+                          prometheus_namespace: str | None = None) -> dict[str, Any]:
     """The NetworkPolicy for `job`'s Ray pods. `kuberay_namespace` is where KubeRay's operator runs;
     `ingress_controller_namespace` the operator's default for the Ingress controller's namespace
-    (spec.cluster.dashboard.ingress.controllerNamespace wins), used only when the job has an Ingress."""
+    (spec.cluster.dashboard.ingress.controllerNamespace wins), used only when the job has an Ingress;
+    `prometheus_namespace` is admitted to Ray's metrics port."""
     own = {"podSelector": {"matchLabels": {JOB_LABEL: job.name}}}
     dashboard = [{"protocol": "TCP", "port": DASHBOARD_PORT}]
     ingress: list[dict[str, Any]] = [
@@ -64,6 +70,8 @@ def render_network_policy(job: FineTuneJob, *, owner_uid: str | None = None,
     controller = ingress_controller_namespace_of(job, ingress_controller_namespace)
     if controller is not None:
         ingress.append({"from": [_namespace(controller)], "ports": dashboard})
+    if prometheus_namespace:
+        ingress.append({"from": [_namespace(prometheus_namespace)], "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
     spec: dict[str, Any] = {"podSelector": own["podSelector"], "policyTypes": ["Ingress"], "ingress": ingress}
     allowed = job.spec.cluster.network.egress
     if allowed is not None:

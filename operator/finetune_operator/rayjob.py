@@ -44,6 +44,7 @@ from .trainer_access import head_token, pods_service_account
 STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # driver.STATE_TRACKING_ENV (the operator imports no Ray)
 HEAD_SERVICE_SUFFIX = "-head-svc"
 DASHBOARD_PORT = 8265
+METRICS_PORT = 8080  # Ray's Prometheus endpoint on every Ray pod (KubeRay's default metrics-export-port)
 WORKER_GROUP = "workers"
 # The FineTuneJob generation a RayJob was rendered from: a verdict on that run (the trainer's
 # preflight) belongs to that generation, not to a newer spec the user has written since.
@@ -52,7 +53,7 @@ HEAD_PORTS = [  # KubeRay's default port names: its head Service exposes what th
     {"name": "gcs-server", "containerPort": 6379},
     {"name": "dashboard", "containerPort": DASHBOARD_PORT},
     {"name": "client", "containerPort": 10001},
-    {"name": "metrics", "containerPort": 8080},
+    {"name": "metrics", "containerPort": METRICS_PORT},
 ]
 # K8sJobMode (KubeRay's default, stated here so it cannot change under us): a Kubernetes Job
 # submits the entrypoint once the cluster is ready and follows its logs, so `kubectl logs

@@ -52,7 +52,8 @@ CASES: dict[str, dict[str, Any]] = {
     "network-policies-off": {"networkPolicy": {"enabled": False}},
     "grafana-dashboard": {"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}},
     "network-policy-namespaces": {"watchNamespaces": ["team-a"],
-                                  "networkPolicy": {"kuberayNamespace": "ray-system", "ingressControllerNamespace": "ingress-nginx"}},
+                                  "networkPolicy": {"kuberayNamespace": "ray-system", "ingressControllerNamespace": "ingress-nginx",
+                                                   "prometheusNamespace": "monitoring"}},
 }
 
 
@@ -185,7 +186,8 @@ def network_policy_args(values: dict[str, Any]) -> list[str]:
         return ["--no-network-policies"]
     kuberay = [f"--kuberay-namespace={values['kuberayNamespace'] or 'kuberay-system'}"]
     return kuberay + ([f"--ingress-controller-namespace={values['ingressControllerNamespace']}"]
-                      if values["ingressControllerNamespace"] else [])
+                      if values["ingressControllerNamespace"] else []) + (
+        [f"--prometheus-namespace={values['prometheusNamespace']}"] if values["prometheusNamespace"] else [])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -207,6 +209,7 @@ def test_operator_cli_accepts_the_args(chart, case):
     if wanted["enabled"]:
         assert parsed.kuberay_namespace == (wanted["kuberayNamespace"] or "kuberay-system")
         assert parsed.ingress_controller_namespace == (wanted["ingressControllerNamespace"] or None)
+        assert parsed.prometheus_namespace == (wanted["prometheusNamespace"] or None)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -93,6 +93,12 @@ def test_the_ingress_controllers_namespace(ingress, default, admitted):
     assert namespaces == ["kuberay-system", *([admitted] if admitted else [])]
 
 
+def test_prometheus_is_admitted_to_the_metrics_port_only_when_named():
+    rules = render_network_policy(job(), prometheus_namespace="monitoring")["spec"]["ingress"]
+    assert rules[-1] == {"from": [from_namespace("monitoring")], "ports": [{"protocol": "TCP", "port": 8080}]}
+    assert not any(r["from"] == [from_namespace("monitoring")] for r in render_network_policy(job())["spec"]["ingress"])
+
+
 @pytest.mark.parametrize("cluster", [{}, {"dashboard": {"ingress": INGRESS}},
                                      {"network": {"egress": [{"cidr": "10.0.0.0/8", "ports": [443]}, {"cidr": "::/0"}]}}],
                          ids=["default", "ingress", "egress"])
