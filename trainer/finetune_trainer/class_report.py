@@ -2,8 +2,8 @@
 and confusion_matrix.png. Driver side: no torch.
 
 The counts come from evaluation.evaluate, which all-reduces one confusion matrix over the ranks
-(rows: the true class, columns: the predicted one): the validation split's at the exported
-checkpoint's evaluation (the recipe hands each evaluation's matrix to the progress tracker, as it
+(rows: the true class, columns: the predicted one): the validation split's at the best
+checkpoint's evaluation (results' `best`: the exported one unless output.export is last) (the recipe hands each evaluation's matrix to the progress tracker, as it
 does samples) and the test split's from scoring. Everything else is derived here from those
 counts, the way scikit-learn's classification_report defines it (a class never predicted has
 precision 0; one absent from the split has recall 0 and support 0). `f1` in the metrics is the
@@ -50,7 +50,7 @@ def report(confusion: list[list[float]], labels: list[str] | None) -> dict[str, 
 
 
 def add_to_results(results: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path) -> None:
-    """results["classes"]: the exported checkpoint's validation report (`best`'s trial and step,
+    """results["classes"]: the best checkpoint's validation report (`best`'s trial and step,
     from the tracker's rows) and the test split's (moved out of metrics.test), and the PNG beside
     results.json. Nothing for causal-lm. None where a matrix is missing (a best step from before a
     resume, whose rows came back from the checkpoint without it; more than MAX_CLASSES classes)."""
