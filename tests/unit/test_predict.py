@@ -74,6 +74,10 @@ def test_a_classifier_prints_its_class_and_the_models_own_probabilities(classifi
         assert list(row["probabilities"]) == LABELS
         assert list(row["probabilities"].values()) == pytest.approx(want, abs=1e-6)
         assert row["label"] == LABELS[max(range(2), key=want.__getitem__)]
+    inputs = classifier_run.parent / "inputs.txt"
+    inputs.write_text(f"{texts[0]}\n\n{texts[1]}\n")  # one input per line, blank lines skipped
+    assert main(["predict", str(classifier_run), "--file", str(inputs), "--json"]) == 0
+    assert _json_lines(capsys) == rows
     # the model folder itself works too, and the plain output names the class and each probability
     assert main(["predict", str(classifier_run / "model"), "--text", texts[0]]) == 0
     out = capsys.readouterr().out
