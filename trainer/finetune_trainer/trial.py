@@ -49,10 +49,11 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
     from .ranking import raise_if_diverged
     from .storage import resume_point
 
-    # verified by hash; checkpoints that all fail stop the trial rather than restart it from step 0
+    # the newest complete checkpoint of any start of the trial, its files read once, on the workers:
+    # they verify every file's hash and, should it not verify or load, fall back to the ones before
+    # it; when none loads the trial fails rather than restart from step 0 (resume.py)
     folder = persistence.key(run_id, TRIALS_DIR, name)
-    found = resume_point(persistence.store, "latest", folder)
-    # should that one not load on the workers, they fall back to the ones before it from any start of the trial
+    found = resume_point(persistence.store, "latest", folder, hashes=False)
     resume = {"resume_from": persistence.checkpoint(found.key), "resume_scope": folder} if found else {}
     result = make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
                           name=f"start-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}", callbacks=[TuneReportCallback()], trial=name).fit()

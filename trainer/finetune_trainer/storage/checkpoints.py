@@ -152,19 +152,25 @@ def read_complete(store: Store, checkpoint_key: str) -> CompleteCheckpoint:
     return found
 
 
-def resume_point(store: Store, resume: str, job_prefix: str) -> CompleteCheckpoint | None:
+def resume_point(store: Store, resume: str, job_prefix: str, *, hashes: bool = True) -> CompleteCheckpoint | None:
     """What `spec.storage.resume` (or `--resume`, which means `latest`) points at.
 
     never: None. latest: the newest verified checkpoint of any earlier run of the job, or None when
     there is none yet (a first run with `resume: latest` starts fresh). When checkpoints with a
     marker exist but none verifies, CheckpointRefused: starting over from step 0 in silence would
     throw away what they hold. An s3:// URI: that checkpoint, which must verify.
+
+    `hashes=False` (latest only): the newest complete one (its marker valid, the folder holding
+    exactly the listed files at their sizes) without reading its files, for a caller whose loader
+    hashes every file itself and falls back to the complete ones before it (a search trial's
+    start and resume: resume.py on its workers). Each resume then reads the checkpoint once, not
+    twice (from S3: one download of the weights and optimizer state, not two).
     """
     if resume in {"never", "none"}:
         return None
     if resume != "latest":
         return read_complete(store, store.key_of(resume))
-    found, refused = _latest(store, job_prefix)
+    found, refused = _latest(store, job_prefix, hashes=hashes)
     if found is None and refused:
         listed = "; ".join(f"{store.uri(key)}: {why}" for key, why in refused[:3])
         raise CheckpointRefused(
@@ -316,10 +322,13 @@ def _first_verified(store: Store, ranked: Iterable[CompleteCheckpoint], refused:
     return None
 
 
-def _latest(store: Store, prefix: str) -> tuple[CompleteCheckpoint | None, list[tuple[str, str]]]:
+def _latest(store: Store, prefix: str, *, hashes: bool = True) -> tuple[CompleteCheckpoint | None, list[tuple[str, str]]]:
     scan = _scan(store, prefix)
     refused = list(scan.refused)
-    return _first_verified(store, sorted(scan.complete, key=_order, reverse=True), refused), refused
+    ranked = sorted(scan.complete, key=_order, reverse=True)
+    if not hashes:
+        return (ranked[0] if ranked else None), refused
+    return _first_verified(store, ranked, refused), refused
 
 
 def _complete(store: Store, key: str, manifest: Mapping[str, Any], modified: float) -> CompleteCheckpoint:
