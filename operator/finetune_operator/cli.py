@@ -15,6 +15,7 @@ import yaml
 
 from finetune_trainer import cli as trainer_cli
 from finetune_trainer.spec import SpecError, load_job
+from finetune_trainer.spec.queueing import queue_labels
 
 from .crd import build_crd
 from .ingress import render_dashboard_ingress
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"finetune: {err}", file=sys.stderr)
         return trainer_cli.EXIT_INVALID
-    _print_yaml(render_rayjob(job, owner_uid=parsed.owner_uid))
+    _print_yaml(render_rayjob(job, owner_uid=parsed.owner_uid, queue=queue_labels(job.metadata.labels)))  # as the operator renders it
     ingress = render_dashboard_ingress(job, owner_uid=parsed.owner_uid)
     if ingress is not None:  # spec.cluster.dashboard.ingress: a second document, as the operator creates it too
         sys.stdout.write("---\n")

@@ -42,6 +42,17 @@ def test_render_prints_the_rayjob(capsys):
     assert "&id" not in out and "*id" not in out  # no YAML aliases for values used twice
 
 
+def test_render_shows_a_queued_job_as_kueue_gets_it(tmp_path, capsys):
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a", "team": "a"}
+    path = tmp_path / "queued.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["render", str(path)]) == 0
+    rayjob = next(yaml.safe_load_all(capsys.readouterr().out))
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and "team" not in rayjob["metadata"]["labels"]
+    assert rayjob["spec"]["suspend"] is True
+
+
 def test_render_of_an_invalid_manifest_names_each_problem(tmp_path, capsys):
     assert main(["render", str(QUICKSTART), "--set", "training.foo=1", "--set", "cluster.head.memory=lots"]) == EXIT_INVALID
     captured = capsys.readouterr()
