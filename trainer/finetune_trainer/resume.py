@@ -2,9 +2,10 @@
 
 The candidates, newest first: Ray Train's latest checkpoint of this run (a worker-group restart)
 and the run's earlier complete checkpoints (listed only once the latest is refused), then the
-checkpoint the driver chose (`resume_from`: spec.storage.resume, `--resume`; itself verified
-there) and the complete checkpoints before it in `resume_scope` (the folder the driver chose it
-from; its own folder when not given).
+checkpoint the driver chose (`resume_from`: spec.storage.resume, `--resume`, verified there; a
+search trial's newest, chosen unread by trial.py and verified only here) and the complete
+checkpoints before it in `resume_scope` (the folder the driver chose it from; its own folder when
+not given).
 
 A candidate is used only when every rank verified its local copy and loaded it. Verification
 (`storage.verify_local`: the marker's SHA-256 of every file, no file it does not list) happens
