@@ -217,4 +217,19 @@ CASES: list[Hostile] = [
             changes={"metadata.labels": {"kueue.x-k8s.io/queue-name": "team-a"}, "runPolicy.suspend": True}),
     Hostile("kueue-priority-without-queue", "metadata.labels[kueue.x-k8s.io/priority-class]",
             changes={"metadata.labels": {"kueue.x-k8s.io/priority-class": "system-critical"}}),
+    # experiment tracking (spec/tracking.py): only the trainer in the job's pods connects to the server,
+    # never the operator; credentials come from the environment (a Secret), never the URI
+    Hostile("mlflow-uri-password", "spec.tracking.mlflow.trackingUri",
+            changes={"tracking.mlflow": {"trackingUri": "https://alice:s3cret@mlflow.example.com"}}),
+    Hostile("mlflow-uri-token-query", "spec.tracking.mlflow.trackingUri",
+            changes={"tracking.mlflow": {"trackingUri": "https://mlflow.example.com/?token=abc123"}}),
+    # a file store would be the driver pod's own disk (or whatever volume that path is on), lost with it
+    Hostile("mlflow-uri-file", "spec.tracking.mlflow.trackingUri",
+            changes={"tracking.mlflow": {"trackingUri": "file:///var/lib/kubelet/pods"}}),
+    Hostile("mlflow-uri-header-injection", "spec.tracking.mlflow.trackingUri",
+            changes={"tracking.mlflow": {"trackingUri": "http://mlflow.example.com\r\nAuthorization: Bearer x"}}),
+    Hostile("mlflow-model-name-path", "spec.tracking.mlflow.registeredModelName",
+            changes={"tracking.mlflow": {"trackingUri": "http://mlflow.example.com", "registeredModelName": "../team-b/prod"}}),
+    Hostile("mlflow-uri-huge", "spec.tracking.mlflow.trackingUri",
+            changes={"tracking.mlflow": {"trackingUri": "http://mlflow.example.com/" + "a" * 5000}}, cluster="api"),
 ]
