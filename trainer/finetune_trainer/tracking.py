@@ -122,12 +122,13 @@ class MlflowRun:
             if "step" not in row:
                 continue
             trial = str(row.get("trial") or "")
+            run = self._trial_run(trial) if trial else self.parent  # first: it learns what an earlier attempt sent
             key = (trial, int(row["step"]), bool(row.get("baseline")))
             if key in self.logged:
                 continue
             stamp = int(row.get("time", 0) * 1000) or _now_ms()
             metrics = [Metric(name, value, stamp, key[1]) for name, value in row_metrics(row).items()]
-            batches.setdefault(self._trial_run(trial) if trial else self.parent, []).extend(metrics)
+            batches.setdefault(run, []).extend(metrics)
             self.logged.add(key)
         for run, metrics in batches.items():
             self._log(run, metrics=metrics)
