@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer.ds_config import build_ds_config
-from finetune_trainer.modeling import load_model, speed_packages_missing
+from finetune_trainer.modeling import load_model, speed_option_problems
 from finetune_trainer.spec import ModelSpec, SpecError, parse_job
 from tests.tiny_models import minimal_manifest, tiny_llama
 
@@ -116,8 +116,24 @@ def test_the_attention_kernel_reaches_the_training_model(llama_dir: str, attenti
     assert model.config._attn_implementation == attention
 
 
+def test_unset_leaves_the_choice_to_transformers(llama_dir: str, tmp_path) -> None:
+    """sdpa where the class has it; a family without (Bloom) still loads, with eager, as before."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    spec = ModelSpec(source=llama_dir, task="causal-lm")
+    assert load_model(llama_dir, spec, num_labels=None, dropout=None, pad_token_id=0, training=True).config._attn_implementation == "sdpa"
+    assert speed_option_problems(spec, llama_dir) == []
+    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    bloom = ModelSpec(source=str(tmp_path), task="causal-lm")
+    assert speed_option_problems(bloom, str(tmp_path)) == []
+    model = load_model(str(tmp_path), bloom, num_labels=None, dropout=None, pad_token_id=0, training=True)
+    assert model.config._attn_implementation == "eager"
+    [(field, _)] = speed_option_problems(ModelSpec(source=str(tmp_path), task="causal-lm", attn_implementation="sdpa"), str(tmp_path))
+    assert field == "attnImplementation"
+
+
 def test_flash_attention_is_for_the_workers_training_model_only(llama_dir: str) -> None:
-    """The merge and the scoring may run where no GPU is: they load with sdpa."""
+    """The merge and the scoring may run where no GPU is: they load with transformers' choice."""
     spec = ModelSpec(source=llama_dir, task="causal-lm", attn_implementation="flash_attention_2")
     model = load_model(llama_dir, spec, num_labels=None, dropout=None, pad_token_id=0)
     assert model.config._attn_implementation == "sdpa"
@@ -126,13 +142,26 @@ def test_flash_attention_is_for_the_workers_training_model_only(llama_dir: str) 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_preflight_names_a_missing_flash_attn(llama_dir: str) -> None:
     spec = ModelSpec(source=llama_dir, task="causal-lm", attn_implementation="flash_attention_2")
-    [(field, why)] = speed_packages_missing(spec, llama_dir)
+    [(field, why)] = speed_option_problems(spec, llama_dir)
     assert field == "attnImplementation" and "flash-attn" in why and "sdpa" in why
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
 def test_preflight_names_a_missing_liger_kernel(llama_dir: str) -> None:
     spec = ModelSpec(source=llama_dir, task="causal-lm", liger_kernels=True)
-    [(field, why)] = speed_packages_missing(spec, llama_dir)
+    [(field, why)] = speed_option_problems(spec, llama_dir)
     assert field == "ligerKernels" and "liger-kernel" in why and "finetune-operator[trainer,speed]" in why
-    assert speed_packages_missing(ModelSpec(source=llama_dir, task="causal-lm"), llama_dir) == []
+    assert speed_option_problems(ModelSpec(source=llama_dir, task="causal-lm"), llama_dir) == []
+
+
+def test_preflight_refuses_an_attention_kernel_the_models_class_lacks(llama_dir: str, monkeypatch) -> None:
+    """transformers raises in from_pretrained for an explicit sdpa a class does not implement: said at
+    preflight instead, with the fix (as for a family that has none, e.g. an old architecture)."""
+    from transformers import LlamaForCausalLM
+
+    spec = ModelSpec(source=llama_dir, task="causal-lm", attn_implementation="sdpa")
+    assert speed_option_problems(spec, llama_dir) == []
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_sdpa", False)
+    [(field, why)] = speed_option_problems(spec, llama_dir)
+    assert field == "attnImplementation" and "LlamaForCausalLM has no sdpa attention" in why and "eager" in why
+    assert speed_option_problems(ModelSpec(source=llama_dir, task="causal-lm", attn_implementation="eager"), llama_dir) == []

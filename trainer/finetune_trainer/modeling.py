@@ -59,13 +59,14 @@ def load_model(model_dir: str, spec: ModelSpec, *, num_labels: int | None, dropo
     """`quantize`: load the base as spec.model.quantization says (training a QLoRA adapter on a
     GPU); everything else (the merge at export, scoring) loads it in full precision. `training`: the
     worker's model, which gets the spec's GPU kernels (flash attention, Liger); the merge and the
-    scoring, which may run where no GPU is, load with sdpa and transformers' own modules."""
+    scoring, which may run where no GPU is, load with transformers' own choice and modules."""
     config, cls = _config_and_class(model_dir, spec, num_labels=num_labels, dropout=dropout, pad_token_id=pad_token_id)
     dtype = _DTYPES.get(spec.dtype, torch.float32)
     quantized = _quantization(spec) if quantize and spec.quantization is not None else {}
-    attention = spec.attn_implementation if training or spec.attn_implementation != "flash_attention_2" else "sdpa"
+    chosen = spec.attn_implementation if training or spec.attn_implementation != "flash_attention_2" else None
+    attention = {"attn_implementation": chosen} if chosen else {}  # unset: transformers' choice (sdpa, else eager)
     model = cls.from_pretrained(model_dir, config=config, dtype=dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                attn_implementation=attention, **quantized)
+                                **attention, **quantized)
     if training and spec.liger_kernels:
         _apply_liger(model)
     if spec.gradient_checkpointing:
@@ -84,13 +85,21 @@ def bitsandbytes_missing(spec: ModelSpec) -> str | None:
             "(pip install 'finetune-operator[trainer,qlora]') in the trainer image, or remove model.quantization")
 
 
-def speed_packages_missing(spec: ModelSpec, model_dir: str) -> list[tuple[str, str]]:
-    """(field, why) for each GPU speed option this trainer installation cannot honour for this
-    model (asked at preflight, before Ray): flash-attn or liger-kernel not installed, or a model
-    family Liger has no kernels for."""
+def speed_option_problems(spec: ModelSpec, model_dir: str) -> list[tuple[str, str]]:
+    """(field, why) for each speed option this trainer installation cannot honour for this model
+    (asked at preflight, before Ray): an attention kernel the model's transformers class lacks
+    (from_pretrained would raise in every worker), flash-attn or liger-kernel not installed, or a
+    model family Liger has no kernels for."""
     import importlib.util
 
     found: list[tuple[str, str]] = []
+    flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(spec.attn_implementation or "")
+    if flag is not None and not spec.trust_remote_code:  # a model's own code decides for itself, at load
+        config, auto = _config_and_class(model_dir, spec, num_labels=None, dropout=None, pad_token_id=None)
+        model_class = auto._model_mapping.get(type(config), None)
+        if model_class is not None and not getattr(model_class, flag, False):
+            found.append(("attnImplementation", f"{model_class.__name__} has no {spec.attn_implementation} attention in "
+                                                "transformers: use attnImplementation: eager"))
     if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         found.append(("attnImplementation", "flash_attention_2 needs the flash-attn package, which this trainer installation "
                                             "lacks: install flash-attn in the trainer image, or use attnImplementation: sdpa"))

@@ -17,7 +17,7 @@ from .modeling import (
     model_type,
     offline_if_local,
     resolve_model_dir,
-    speed_packages_missing,
+    speed_option_problems,
 )
 from .modeling import skeleton as model_skeleton
 from .packing import family_problem
@@ -51,7 +51,7 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
         raise SpecError([("spec.model.source", f"cannot load a tokenizer from {model_dir}: {err}")]) from None
     if spec.data.packing and spec.model.task == "causal-lm":
         _check_packing(model_dir, job)  # before the data is tokenized: the model's config alone decides
-    speed = speed_packages_missing(spec.model, model_dir)  # flash-attn / liger-kernel installed and fit for the model
+    speed = speed_option_problems(spec.model, model_dir)  # the attention kernel the model has; flash-attn, liger-kernel installed
     if speed:
         raise SpecError([(f"spec.model.{field}", why) for field, why in speed])
     try:

@@ -43,9 +43,10 @@ class ModelSpec(SpecModel):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in backward: less memory, ~30% slower."
     )
-    attn_implementation: AttentionImplementation = Field(
-        default="sdpa",
-        description="The attention kernel transformers runs (its attn_implementation). sdpa: torch's "
+    attn_implementation: AttentionImplementation | None = Field(
+        default=None,
+        description="The attention kernel transformers runs (its attn_implementation). Default: transformers' own choice, "
+        "sdpa where the model's class has it, else eager. sdpa: torch's "
         "scaled_dot_product_attention, which picks a flash or memory-efficient kernel on GPUs and runs on CPU; "
         "flash_attention_2: the flash-attn package's kernels (GPUs, bf16/fp16, the trainer image needs flash-attn "
         "installed; not with data.packing); eager: the model's plain PyTorch attention (slowest, for debugging).",
@@ -79,7 +80,7 @@ class ModelSpec(SpecModel):
 
     def speed_problems(self, *, gpus_per_worker: float, precision: str, packing: bool) -> Problems:
         """GPU-only kernels refused where they cannot run, with the fix; whether the packages are
-        installed is asked at preflight (modeling.speed_packages_missing), where the trainer runs."""
+        installed is asked at preflight (modeling.speed_option_problems), where the trainer runs."""
         cpu = gpus_per_worker == 0
         if self.attn_implementation == "flash_attention_2":
             if cpu:
