@@ -73,7 +73,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_lora_trains_exports_and_scores_under_zero(local_ray, tmp_path, stage):
+def test_lora_trains_exports_and_scores_under_zero(local_ray, tmp_path, stage, capsys):
     """Stage 0: causal-lm with tied embeddings, rsLoRA on the top block only, merged export. Stage 2: classification of
     the real pre-trained MiniLM (a random tiny body learns too slowly to tell), where the new head
     trains whole (modules_to_save), adapter-only export scored through PEFT."""
@@ -112,11 +112,13 @@ def test_lora_trains_exports_and_scores_under_zero(local_ray, tmp_path, stage):
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), adapter)
         ids = torch.tensor([[101, 1996, 4937, 2938, 2006, 1996, 13523, 102]])
         assert torch.allclose(_logits(merged, ids), _logits(peft, ids), atol=1e-5)
+        _check_predict_generates_as_the_merged_model(run_dir, merged, capsys)
     else:  # the head trained whole; no merged model, the adapter scored on the base through PEFT
         assert not (exported / "config.json").exists() and (adapter / "tokenizer.json").exists()
         assert {k for k in adapter_weights if "classifier" in k} == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
         assert config["modules_to_save"] and "classifier" in config["modules_to_save"]
         assert after["accuracy"] > 0.7
+        _check_classes_and_predict(run_dir, saved, capsys)
         _check_checkpoints_hold_only_adapters(run_dir, tiny.minilm_dir() / "model.safetensors", r)
 
 
@@ -154,3 +156,41 @@ def test_lora_under_zero3_resumes_to_the_same_adapter_and_exports_gathered(local
     assert a.shape == (8, q.shape[1])
     merged = AutoModelForCausalLM.from_pretrained(ref_dir / "model")
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q)
+
+
+def _predict_json(capsys, *argv: str) -> list[dict]:
+    from finetune_trainer.cli import main
+
+    capsys.readouterr()
+    assert main(["predict", *argv, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def _check_predict_generates_as_the_merged_model(run_dir: Path, merged, capsys) -> None:
+    """`finetune predict` on this run (format text: the prompt is the plain text) writes what the
+    exported model's own greedy decoding writes, with the samples default of 64 new tokens."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    row = _predict_json(capsys, str(run_dir), "--text", "the cat sat on")[0]
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    ids = torch.tensor([tok("the cat sat on")["input_ids"][:-1]])  # the prompt goes on: no trailing [SEP] (EOS here)
+    config = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        want = merged.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1]:]
+    assert row["completion"] == tok.decode(want, skip_special_tokens=True) and row["completion"].strip()
+
+
+def _check_classes_and_predict(run_dir: Path, saved: dict, capsys) -> None:
+    """results.json's classes agree with the run's own metrics, the plot exists, and predict (an
+    adapter-only export, loaded onto MiniLM through PEFT) calls the obvious texts right."""
+    classes = saved["classes"]
+    validation, finetuned = classes["validation"], saved["metrics"]["validation"]["finetuned"]
+    assert validation["step"] == saved["best"]["step"] and validation["labels"] == list(saved["data"]["train_label_counts"])
+    assert sum(map(sum, validation["confusion"])) == saved["data"]["rows"]["validation"]
+    assert validation["macro_f1"] == pytest.approx(finetuned["f1"]) and validation["accuracy"] == pytest.approx(finetuned["accuracy"])
+    test = classes["test"]["finetuned"]
+    assert test["accuracy"] == pytest.approx(saved["metrics"]["test"]["finetuned"]["accuracy"])
+    assert "confusion" not in saved["metrics"]["test"]["finetuned"] and all("confusion" not in r for r in saved["history"])
+    assert Path(classes["plot"]).is_file()
+    rows = _predict_json(capsys, str(run_dir), "--text", "it was a great lovely day", "--text", "the film was awful and sad")
+    assert [r["label"] for r in rows] == ["pos", "neg"] and all(max(r["probabilities"].values()) > 0.5 for r in rows)
