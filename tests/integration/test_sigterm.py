@@ -83,7 +83,11 @@ def test_sigterm_saves_the_step_it_was_at_and_resume_continues_from_it(local_ray
     # signals this run)
     assert main(["run", str(manifest), "--no-progress", "--resume"]) == 0, "".join(capsys.readouterr())[-3000:]
     resumed = max((p for p in job_dir.iterdir() if (p / "results.json").exists()), key=lambda p: p.name)
-    rows = [r for r in _history(resumed) if not r.get("baseline")]
+    history = _history(resumed)
+    rows = [r for r in history if not r.get("baseline") and r["step"] > step]  # the resumed attempt's
+    kept = [r["step"] for r in history if r["step"] <= step]
+    # the curve before the resume point is kept (from the checkpoint), ending with the preemption's own evaluation
+    assert history[0].get("baseline") and kept[-1] == step and history[len(kept) - 1].get("preempted"), kept
     assert rows[0]["resumed_from_step"] == step and rows[0]["step"] == (step // EVERY + 1) * EVERY and rows[-1]["step"] == STEPS
 
     reference = run(parse_job(fault_kit.job_doc(tmp_path / "ref", assets, steps=STEPS, every=EVERY, name="ref")))
