@@ -147,18 +147,26 @@ def fetch(uri: str, workdir: Path, storage: StorageSpec | None) -> Path:
     spec = (storage or StorageSpec(uri=location.uri)).model_copy(update={"uri": location.uri})
     store = S3Store(spec)
     objects = store.list(location.key)
-    if location.key and f"{location.key}/{RESULTS_FILE}" in objects:  # a run: results.json and its model only
+    if wanted_run(objects, location.key):  # a run: results.json and its model only
         wanted = [k for k in objects if k == f"{location.key}/{RESULTS_FILE}" or k.startswith(f"{location.key}/{MODEL_DIR}/")]
     else:
         wanted = list(objects)
     prefix = f"{location.key}/" if location.key else ""
-    fetched = [k for k in wanted if k.endswith(FETCHED_SUFFIXES) and ".." not in k[len(prefix):].split("/")]
+    # a key is a path below the fetch folder: no empty, "." or ".." segment (a//b would be absolute there)
+    fetched = [k for k in wanted if k.endswith(FETCHED_SUFFIXES) and all(p not in {"", ".", ".."} for p in k[len(prefix):].split("/"))]
     if not fetched:
         raise PredictError(f"{uri}: no model files there (results.json, config.json, *.safetensors); {HINT}")
     skipped = len(wanted) - len(fetched)
     if skipped:
         log.info("%s: %d file(s) not fetched (not weights, config or tokenizer data: code and pickles are never read)", uri, skipped)
     root = workdir / "fetched"
+    parent, _, last = location.key.rpartition("/")
+    if last == MODEL_DIR and not wanted_run(objects, location.key):  # a run's model/: its results.json says task and template
+        results = store.read(f"{parent}/{RESULTS_FILE}") if parent else None
+        if results is not None:
+            (root / MODEL_DIR).mkdir(parents=True)
+            (root / RESULTS_FILE).write_bytes(results)
+            root = root / MODEL_DIR
     for key in fetched:
         data = store.read(key)
         if data is None:
@@ -168,3 +176,8 @@ def fetch(uri: str, workdir: Path, storage: StorageSpec | None) -> Path:
         target.write_bytes(data)
     log.info("fetched %d file(s) from %s", len(fetched), uri)
     return root
+
+
+def wanted_run(objects: dict[str, Any], key: str) -> bool:
+    """Whether the S3 folder `key` is a run's (it holds results.json)."""
+    return bool(key) and f"{key}/{RESULTS_FILE}" in objects
