@@ -84,3 +84,16 @@ def test_a_causal_lm_gets_no_class_report(tmp_path):
     results = {"best": {"step": 4}, "data": {}, "metrics": {"test": {"finetuned": {"loss": 2.0, "perplexity": 7.4}}}}
     add_to_results(results, [{"step": 4, "eval_loss": 2.0}], tmp_path)
     assert "classes" not in results and not (tmp_path / PLOT_FILE).exists()
+
+
+def test_the_runs_summary_points_at_the_plot_and_at_predict(tmp_path, capsys):
+    from finetune_trainer import report
+
+    results = {"job": "j", "run": "r", "metrics": {"validation": {"baseline": {}, "finetuned": {}}, "test": {}},
+               "steps": 5, "total_steps": 5, "early_stopped": False, "timings": {"train_seconds": 1.0, "total_seconds": 2.0},
+               "throughput": {"tokens_per_second": 10.0}, "peak_memory_mib": 1.0, "model": str(tmp_path / "model"),
+               "classes": {"validation": None, "test": None, "plot": str(tmp_path / PLOT_FILE)}}
+    report.print_summary(results, tmp_path)
+    out = capsys.readouterr().out
+    assert f"per-class figures: results.json classes, {tmp_path / PLOT_FILE}" in out
+    assert f"try it: finetune predict {tmp_path} --text" in out

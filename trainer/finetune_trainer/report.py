@@ -93,6 +93,7 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
         console.print(f"best: step {best['step']} {best['metric']}={best['value']:.4f}")
     _print_forgetting(console, results)
     console.print(f"model: {results['model']}\nresults: {run_dir / 'results.json'}")
+    _print_next(console, results, run_dir)
 
 
 def print_search_summary(results: dict[str, Any], run_dir: Path) -> None:
@@ -132,6 +133,16 @@ def print_search_summary(results: dict[str, Any], run_dir: Path) -> None:
     _print_forgetting(console, results)
     console.print(f"trial-steps spent: {search['trial_steps']} · {_fmt(results['timings']['total_seconds'], 1)} s total")
     console.print(f"model: {results['model']}\nplots: {', '.join(results.get('plots') or []) or '—'}\nresults: {run_dir / 'results.json'}")
+    _print_next(console, results, run_dir)
+
+
+def _print_next(console: Console, results: dict[str, Any], run_dir: Path) -> None:
+    """Where the per-class figures are drawn, and how to try the model the run exported."""
+    plot = (results.get("classes") or {}).get("plot")
+    if plot:
+        console.print(f"per-class figures: results.json classes, {plot}")
+    if results.get("model"):
+        console.print(f"try it: finetune predict {run_dir} --text '...'")
 
 
 def _print_forgetting(console: Console, results: dict[str, Any]) -> None:
