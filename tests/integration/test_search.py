@@ -178,6 +178,11 @@ def test_results_table_and_plots(grid_search):
     for plot in results["plots"]:
         data = Path(plot).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
+    # per-class figures of the best trial's best evaluation (issue 20, item 6), and of the test split
+    classes = results["classes"]
+    assert (classes["validation"]["trial"], classes["validation"]["step"]) == (results["best"]["trial"], results["best"]["step"])
+    assert sum(map(sum, classes["validation"]["confusion"])) == results["data"]["rows"]["validation"]
+    assert set(classes["test"]) == {"baseline", "finetuned"} and Path(classes["plot"]).read_bytes().startswith(PNG)
 
 
 def test_tpe_samples_inside_the_bounds(local_ray, tmp_path):
