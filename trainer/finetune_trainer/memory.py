@@ -7,7 +7,10 @@ transformers and PEFT (~0.4-1 GiB), and the prepared data. That constant sits on
 comparison of two trainings (LoRA against full fine-tuning: bench/adapter_cost.py) and hides what
 one saves, so the worker also reports the peak *above* what it held just before the model was built:
 the CPU analogue of the GPU figure (it still counts memory the C allocator keeps after tensors are
-freed, which a GPU's caching allocator hides from max_memory_allocated).
+freed, which a GPU's caching allocator hides from max_memory_allocated). Making glibc unmap freed
+activations at once (mallopt M_MMAP_THRESHOLD 512 KiB) lowered that peak by ~0.7-1 GiB but made every
+CPU step 12-40% slower (a fresh mapping and page faults per activation: 352 -> 490 ms a step for a
+4-layer Llama, bench/step_overhead.py 1.03 -> ~0.70), so workers keep glibc's default.
 
 Linux lets a process reset its own high-water mark (writing 5 to /proc/self/clear_refs, "reset the
 peak resident set size"; proc(5)); nothing in torch or psutil does, so it is done here. Where that
@@ -17,8 +20,6 @@ overstate it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import resource
 from pathlib import Path
@@ -28,8 +29,6 @@ import torch
 log = logging.getLogger(__name__)
 
 _STATUS = Path("/proc/self/status")
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-MMAP_THRESHOLD = 512 * 1024  # bytes: a tensor this large or larger gets its own mapping, unmapped when freed
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -84,25 +83,3 @@ class PeakMemory:
         if self.cuda:
             return max(0, int(torch.cuda.max_memory_allocated()) - self.baseline)
         return max(0, self._hwm() - self.baseline)
-
-
-def return_freed_tensors_to_the_os() -> bool:
-    """Make glibc give a freed large tensor's memory back to the system at once (CPU workers).
-
-    glibc serves allocations above its mmap threshold (128 KiB at first) with their own mappings,
-    unmapped on free, but each time it frees one it raises the threshold to that size (up to 32
-    MiB). After the first steps every activation tensor (a few MiB each) comes from the heap, whose
-    freed chunks between live ones are kept, not returned: a CPU worker's resident set grew by
-    about 1.4 GiB of freed activations it never used again (SmolLM2-135M, 4 x 128 tokens:
-    bench/adapter_cost.py), the same for any strategy, so it also hid what LoRA saves. Setting the
-    threshold fixes it and turns off glibc's raising of it (mallopt(3)); torch has no setting for
-    its CPU allocator and there is no jemalloc to preload here, so it is done by hand. False where
-    the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))

@@ -35,7 +35,7 @@ from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
-from .memory import PeakMemory, return_freed_tensors_to_the_os
+from .memory import PeakMemory
 from .optim import UnfreezeGate, build_scheduler, is_metric_driven, param_groups
 from .phases import StartupClock
 from .probes import EvaluationProbes
@@ -85,7 +85,6 @@ class FineTuneRecipe:
             # a moment; a worker killed then (a preemption, our fault tests) leaves it behind and
             # every later run on the machine waits on it forever. Training never calls it.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-            return_freed_tensors_to_the_os()  # a step's freed activations leave the resident set (memory.py)
         self.memory = PeakMemory(self.device)  # before the model: training's own peak is counted from here (memory.py)
         torch.manual_seed(t.seed)  # identical new head on every rank
         self.per_epoch = t.steps_per_epoch(len(self.data.train), self.world)
