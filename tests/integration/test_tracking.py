@@ -176,3 +176,38 @@ def test_search_shape_limits_and_a_dead_server(mlflow_server, tmp_path):
     with pytest.raises(TrackingError, match=r"spec\.tracking\.mlflow\.trackingUri: http://127\.0\.0\.1:\d+: .*credentials"):
         MlflowRun(dead, job, "run-2").open()
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.integration
+def test_search_in_mlflow_one_nested_run_per_trial(local_ray, mlflow_server, tmp_path):
+    """A real 2-trial search (1 worker each, both at once): the trials' rows reach their own nested
+    runs while the search runs, named as results.json names them; event files per trial."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune_trainer.run import run
+
+    model = tiny.make_model(tmp_path / "model", "bert", layers=2)
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(120))
+    doc = tiny.manifest(tmp_path, model, data, training={"maxSteps": 3}, evaluation={"everySteps": 3, "metric": "loss"},
+                        resources={"workers": 1, "cpusPerWorker": 1},
+                        search={"algorithm": "grid", "maxConcurrentTrials": 2, "space": {"training.learningRate": {"choice": [1e-6, 5e-3]}}})
+    doc["spec"]["tracking"] = {"mlflow": {"trackingUri": mlflow_server, "experiment": "tracking-search"}, "tensorboard": True}
+    result = run(parse_job(doc))
+    r = result.results
+    client = _client(mlflow_server)
+    experiment = client.get_experiment_by_name("tracking-search")
+    [parent] = client.search_runs([experiment.experiment_id], f"tags.`finetune.kind` = 'search' and tags.`finetune.run` = '{r['run']}'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == r["best"]["trial"]
+    assert parent.data.tags["best_checkpoint"] == r["best"]["checkpoint"]
+    assert {"results.json", "learning_curves.png", "tensorboard"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_trial = {c.data.tags["finetune.trial"]: c for c in children}
+    assert sorted(by_trial) == [t["trial"] for t in r["trials"]] == ["trial_00", "trial_01"]
+    for trial in r["trials"]:
+        child = by_trial[trial["trial"]]
+        assert _history(client, child.info.run_id, "eval_loss") == [(h["step"], pytest.approx(h["eval_loss"])) for h in trial["history"]]
+        assert float(child.data.params["training.learningRate"]) == trial["params"]["training.learningRate"]
+        assert "tokens_per_second" in child.data.metrics  # from the live rows: results.json's trial history has none
+        events = EventAccumulator(str(result.run_dir / "tensorboard" / trial["trial"]))
+        events.Reload()
+        assert [s.step for s in events.Scalars("eval/loss")] == [h["step"] for h in trial["history"]]
