@@ -60,7 +60,8 @@ def test_a_run_into_a_pipe_writes_its_evaluations_and_table_and_little_else(tmp_
         assert noise not in out, noise
     # our own lines come from the worker, through the `finetune_trainer` logger, once (rank 0 only)
     assert sum("[finetune] BertForSequenceClassification:" in line for line in before_table) == 1, shown
-    assert lines[-1].startswith("results: ")
+    # then where the results are, and how to try the model
+    assert [line.split(":")[0] for line in lines[-3:]] == ["results", "per-class figures", "try it"], lines[-3:]
 
 
 def test_verbose_brings_the_libraries_output_back_in_the_workers(tmp_path):

@@ -139,12 +139,14 @@ def test_an_api_server_that_never_answers_does_not_hold_a_thread() -> None:
     """A real listening socket that accepts and never answers: the request gives up after the
     client's read timeout instead of blocking the poll worker (or a handler thread) for ever."""
     with socket.socket() as server:
-        # 127.0.0.2 (loopback on Linux): an API emulator another test left running in this process
-        # listens on 127.0.0.1, and once answered this request on the port bound here (CI, 404 in 3 ms)
-        server.bind(("127.0.0.2", 0))
+        server.bind(("127.0.0.1", 0))
         server.listen(16)
         client = TimeoutApiClient(timeout=(1.0, 1.0))
-        client.configuration.host = f"http://127.0.0.2:{server.getsockname()[1]}"
+        client.configuration.host = f"http://127.0.0.1:{server.getsockname()[1]}"
+        # an emulator test earlier in this process loaded its kubeconfig as the client's default:
+        # that default's token-refresh hook sets `host` back to the emulator on every request (the
+        # kubernetes client's kube_config._set_config), so this copy must not keep it
+        client.configuration.refresh_api_key_hook = None
         kube, outcome = KubeApi(client), {}
 
         def read() -> None:
