@@ -55,3 +55,18 @@ def run_id_for(meta: Mapping[str, Any], generation: int) -> str:
     stamp = f"{stamp[:8]}-{stamp[8:]}" if len(stamp) == 14 else "created-unknown"
     uid = "".join(ch for ch in str(meta.get("uid") or "") if ch.isalnum())[:8] or "nouid"
     return f"run-{stamp}-{uid}-g{int(generation)}"
+
+
+def controller_of(child: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The FineTuneJob ownerReference marked controller, if the child has one."""
+    for ref in child.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/") and ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+def owned_by(child: Mapping[str, Any], uid: str) -> bool:
+    """Whether this very FineTuneJob (by uid, not name) controls the child: an object of the same
+    name left by an earlier job, or made by hand, is never taken for ours."""
+    owner = controller_of(child)
+    return owner is not None and owner.get("uid") == uid

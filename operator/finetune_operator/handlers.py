@@ -54,9 +54,11 @@ from finetune_trainer.spec.progress import ProgressDocument
 from finetune_trainer.spec.queueing import queue_labels, queue_problems
 
 from .changes import immutable_changes, mutable_patch
-from .children import run_id_for
-from .crd import GROUP, KIND
-from .ingress import dashboard_url, render_dashboard_ingress
+from .children import controller_of, owned_by, run_id_for
+from .config import OperatorConfig
+from .crd import KIND
+from .ingress import dashboard_url
+from .job_children import ensure_ingress, ensure_network_policy, ensure_trainer_access
 from .kube import KubeApi
 from .kueue import kueue_observation
 from .lifecycle import (
@@ -69,7 +71,6 @@ from .lifecycle import (
     run_ended,
 )
 from .metrics import Metrics
-from .networkpolicy import DEFAULT_KUBERAY_NAMESPACE, ingress_controller_namespace_of, render_network_policy
 from .progress import ProgressSource
 from .rayjob import ray_auth_enabled, rayjob_name, render_rayjob, rendered_generation
 from .spec_cache import SpecCache
@@ -86,17 +87,6 @@ from .status_mapping import (
 )
 from .status_model import FineTuneJobStatus, Phase, Reason
 from .status_writer import StatusWrite, read_status, write_status
-from .trainer_access import render_trainer_access
-
-
-@dataclass(frozen=True)
-class OperatorConfig:
-    progress_interval: float = 30.0  # seconds between status.json reads while a job runs
-    conflict_retry_delay: float = 30.0  # a RayJob of that name that is not ours (e.g. still being deleted)
-    network_policies: bool = True  # a NetworkPolicy per job (off: the cluster's CNI enforces none)
-    kuberay_namespace: str = DEFAULT_KUBERAY_NAMESPACE  # admitted to the dashboard port: KubeRay polls it
-    ingress_controller_namespace: str | None = None  # for jobs with an Ingress that name none themselves
-    prometheus_namespace: str | None = None  # admitted to Ray's metrics port (the training metrics)
 
 
 @dataclass
@@ -104,7 +94,7 @@ class Operator:
     kube: KubeApi
     progress: ProgressSource
     metrics: Metrics
-    config: OperatorConfig = OperatorConfig()
+    config: OperatorConfig = field(default_factory=OperatorConfig)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     specs: SpecCache = field(default_factory=SpecCache)  # parsed once per (uid, generation)
     post_event: Callable[[Mapping[str, Any], str, str, str], None] = lambda body, kind, reason, message: kopf.event(
@@ -130,11 +120,11 @@ class Operator:
             raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} is being deleted; waiting for it to go",
                                       delay=self.config.conflict_retry_delay)
         if existing is None:  # the ServiceAccount, Role and ConfigMap the run reports through
-            self._ensure_trainer_access(body, job, uid)
-        self._ensure_network_policy(body, job, uid)  # before the RayJob: no Ray pod starts unguarded
+            ensure_trainer_access(self.kube, self.config, job, uid)
+        ensure_network_policy(self.kube, self.config, job, uid, body, self.post_event)  # before the RayJob: no Ray pod starts unguarded
         rayjob, created = (existing, False) if existing is not None else self.kube.get_or_create_rayjob(
             render_rayjob(job, owner_uid=uid, generation=generation, run_id=run_id_for(meta, generation), queue=queue_labels(meta.get("labels"))))
-        if not _owned_by(rayjob, uid):
+        if not owned_by(rayjob, uid):
             raise kopf.TemporaryError(f"RayJob {rayjob_name(name)} exists and is not owned by this FineTuneJob; "
                                       "waiting for it to go", delay=self.config.conflict_retry_delay)
         if created:
@@ -146,7 +136,7 @@ class Operator:
             self.post_event(body, "Normal", "RunPolicyApplied", f"RayJob spec updated: {live}")
         changed = [] if created else immutable_changes(job, rayjob)
         if not changed:  # a changed spec reaches neither the run nor its dashboard
-            self._ensure_ingress(body, job, uid)
+            ensure_ingress(self.kube, job, uid, body, self.post_event)
         url, auth_disabled, name_of_run = previous.dashboard_url if changed else dashboard_url(job), not ray_auth_enabled(rayjob), rayjob["metadata"]["name"]
 
         def change(current: FineTuneJobStatus, _: Mapping[str, Any]) -> FineTuneJobStatus:
@@ -160,7 +150,7 @@ class Operator:
             self.post_event(body, "Warning", Reason.IMMUTABLE_FIELD_CHANGED, _condition_message(written.status))
 
     def rayjob_changed(self, event_type: str, rayjob: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter) -> None:
-        owner = _owner(rayjob)
+        owner = controller_of(rayjob)
         if owner is None:
             return
         if event_type == "DELETED":
@@ -311,45 +301,18 @@ class Operator:
         """Delete the RayJob of a rejected spec: its Ray cluster goes, and KubeRay's backoffLimit
         cannot run it again. Not re-created until the spec changes (a new generation); the
         Failed/InvalidSpec status of this generation is what reconcile's `_finished` sees."""
-        if rayjob is None or not _owned_by(rayjob, body["metadata"]["uid"]):
+        if rayjob is None or not owned_by(rayjob, body["metadata"]["uid"]):
             return
         meta = rayjob["metadata"]
         if self.kube.delete_rayjob(meta["namespace"], meta["name"], uid=meta.get("uid")):
             self.post_event(body, "Normal", "RayJobDeleted",
                             f"deleted RayJob {meta['name']}: the trainer rejected the spec; fix the fields named and it runs again")
 
-    def _ensure_network_policy(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
-        """Get or create the job's NetworkPolicy (networkpolicy.py), owned by it; one left by an
-        earlier job of the same name (not yet collected) is waited out rather than trusted."""
-        if not self.config.network_policies:
-            return
-        config = self.config
-        policy, created = self.kube.get_or_create_network_policy(render_network_policy(
-            job, owner_uid=uid, kuberay_namespace=config.kuberay_namespace,
-            ingress_controller_namespace=config.ingress_controller_namespace, prometheus_namespace=config.prometheus_namespace))
-        if not _owned_by(policy, uid):
-            raise kopf.TemporaryError(f"NetworkPolicy {policy['metadata']['name']} exists and is not owned by this "
-                                      "FineTuneJob; waiting for it to go", delay=config.conflict_retry_delay)
-        if created and job.spec.cluster.dashboard.ingress and not ingress_controller_namespace_of(job, config.ingress_controller_namespace):
-            self.post_event(body, "Warning", "DashboardUnreachable", (
-                "the NetworkPolicy admits no Ingress controller to the dashboard: set spec.cluster.dashboard.ingress."
-                "controllerNamespace, or the chart value networkPolicy.ingressControllerNamespace"))
-
-    def _ensure_ingress(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
-        """spec.cluster.dashboard.ingress: get or create the job's dashboard Ingress, owned by it."""
-        ingress = render_dashboard_ingress(job, owner_uid=uid)
-        if ingress is None:
-            return
-        _, created = self.kube.get_or_create_ingress(ingress)
-        if created:
-            self.post_event(body, "Normal", "IngressCreated",
-                            f"created Ingress {ingress['metadata']['name']}: the Ray dashboard is at {dashboard_url(job)}")
-
     def _invalid(self, body: Mapping[str, Any], err: SpecError, existing: Mapping[str, Any] | None, generation: int,
                  now: datetime) -> NoReturn:
         meta = body["metadata"]
         message = "; ".join(f"{path}: {msg}" for path, msg in err.problems)
-        running = existing is not None and _owned_by(existing, meta["uid"])
+        running = existing is not None and owned_by(existing, meta["uid"])
 
         def change(previous: FineTuneJobStatus, _: Mapping[str, Any]) -> FineTuneJobStatus:
             if running:  # the run goes on with the valid spec it started from; the new one is reported, not applied
@@ -361,28 +324,6 @@ class Operator:
         self.post_event(body, "Warning", Reason.INVALID_SPEC, message)
         raise kopf.PermanentError(f"invalid spec: {message}")
 
-    def _ensure_trainer_access(self, body: Mapping[str, Any], job: FineTuneJob, uid: str) -> None:
-        """Get or create what the driver reports progress through (trainer_access), owned by the job.
-        One of these names not owned by this job (an earlier job's, not yet collected, or made by
-        hand) is waited out rather than trusted: it could bind the Role to someone else, or vanish
-        under the run. No Event: they come and go with the RayJob's, which has one."""
-        for want in render_trainer_access(job, owner_uid=uid):
-            found, _ = self.kube.get_or_create_namespaced(want)
-            if not _owned_by(found, uid):
-                raise kopf.TemporaryError(f"{want['kind']} {want['metadata']['name']} exists and is not owned by this "
-                                          "FineTuneJob; waiting for it to go", delay=self.config.conflict_retry_delay)
-
-
-def _owner(rayjob: Mapping[str, Any]) -> dict[str, Any] | None:
-    for ref in rayjob.get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/") and ref.get("controller"):
-            return dict(ref)
-    return None
-
-
-def _owned_by(rayjob: Mapping[str, Any], uid: str) -> bool:
-    owner = _owner(rayjob)
-    return owner is not None and owner.get("uid") == uid
 
 
 def _lost(status: FineTuneJobStatus, generation: int) -> bool:
