@@ -46,6 +46,11 @@ VERBOSE_ENV = "FINETUNE_VERBOSE"  # how the verbosity reaches Ray workers (worke
 _QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # Ray Train's own state tracking (on for the dashboard) reads a Ray Data option Ray itself has
+    # deprecated, in every TrainController: a warning the user can do nothing about. Any -W option
+    # also stops ray.util.annotations forcing its "module" filter for RayDeprecationWarning, leaving
+    # Python's default (DeprecationWarning shown only in __main__); -v keeps Ray's behaviour
+    "PYTHONWARNINGS": "ignore::DeprecationWarning:ray.data._internal.execution.interfaces.execution_options",
 }
 _QUIET_LOGGERS = (
     "ray._private.authentication.authentication_token_setup",  # the token-mode notice
