@@ -67,9 +67,11 @@ def test_without_a_stream_it_writes_to_stderr_as_it_is_when_logging(logger, caps
 def test_a_quiet_local_run_hands_its_workers_the_quiet_environment(logger, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's choice wins
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     assert logs.worker_env(0, local=True) == {
         logs.VERBOSE_ENV: "0", "TRANSFORMERS_VERBOSITY": "info", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning:ray.data._internal.execution.interfaces.execution_options",
     }
     # a cluster's nodes can be drained: its preemption watcher stays
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in logs.worker_env(0, local=False)

@@ -46,6 +46,8 @@ VERBOSE_ENV = "FINETUNE_VERBOSE"  # how the verbosity reaches Ray workers (worke
 _QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+_QUIET_WORKER_ENV = {  # the Ray workers' only, not this process's (it imported warnings long ago)
     # Ray Train's own state tracking (on for the dashboard) reads a Ray Data option Ray itself has
     # deprecated, in every TrainController: a warning the user can do nothing about. Any -W option
     # also stops ray.util.annotations forcing its "module" filter for RayDeprecationWarning, leaving
@@ -151,7 +153,7 @@ def worker_env(verbose: int | None = None, *, local: bool) -> dict[str, str]:
     verbose = verbosity() if verbose is None else verbose
     env = {VERBOSE_ENV: str(verbose)}
     if not verbose:
-        env |= {name: os.environ.get(name, value) for name, value in _QUIET_ENV.items()}
+        env |= {name: os.environ.get(name, value) for name, value in (_QUIET_ENV | _QUIET_WORKER_ENV).items()}
         if local:
             env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
