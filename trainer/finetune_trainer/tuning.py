@@ -23,7 +23,7 @@ from . import class_report, eval_report, halving, job_status, scratch, search_re
 from .driver import Listener, RunResult, export_model, fit_polling, score_test
 from .job_status import StatusPublisher
 from .persist import TRIALS_DIR, Persistence
-from .ranking import is_better
+from .ranking import best_row, is_better
 from .session import DriverSession
 from .spec import FineTuneJob, SpecError
 from .spec.search import SearchSpec, dropped_params, grid_order, trial_spec
@@ -242,6 +242,7 @@ class TrialEvents(tune.Callback):
         self.tracker, self.totals, self.publisher, self.run_id, self.uri = tracker, totals, publisher, run_id, uri
         self.states: dict[str, str] = {}
         self.best: dict[str, Any] | None = None
+        self.best_ranked: dict[str, Any] | None = None  # the best's (trial, value, loss, step): what ties compare
         self.metric, self.mode = totals.job.spec.ranked_metric()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -260,11 +261,25 @@ class TrialEvents(tune.Callback):
         value = result.get(self.metric)
         if value is None or result.get("baseline"):
             return
-        if is_better(value, self.best["value"] if self.best else None, self.mode):
+        candidate = {"trial": str(trial), "value": value, "loss_at_best": result.get("eval_loss"), "best_step": result.get("step")}
+        if self._beats(candidate):
+            self.best_ranked = candidate
             self.best = job_status.best_trial(str(trial), self.metric, value, result.get("step"), params=dict(trial.config),
                                               checkpoint=self._uri(result.get(search_results.CHECKPOINT_KEY)))
             self.best["strategy"] = search_results.strategy_label(self.totals.trial_job(trial.config).spec.freezing)
         self._publish(trials, trial, "running")
+
+    def _beats(self, candidate: dict[str, Any]) -> bool:
+        """Better than the best so far, or equal and first by results.json's tie rule
+        (search_results.best_trial: lower loss, fewer steps, earlier trial), so that the live
+        status names the trial the final one will, whatever order the trials report in."""
+        held = self.best_ranked
+        if held is None or is_better(candidate["value"], held["value"], self.mode):
+            return is_better(candidate["value"], None, self.mode)
+        if candidate["value"] != held["value"]:
+            return False
+        tied = sorted([held, candidate], key=lambda row: row["trial"])
+        return best_row(tied, "value", self.mode, tiebreak=search_results.TRIAL_TIEBREAK) is candidate
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         state = self._ended(trial)
