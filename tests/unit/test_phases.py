@@ -23,3 +23,20 @@ def test_marks_are_wall_clock_in_order_first_time_only_and_logged_once_by_rank_0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(MARKER)]
     assert len(lines) == 1
     assert json.loads(lines[0].removeprefix(MARKER)) == clock.marks
+
+
+def test_a_search_trials_workers_name_their_trial_and_its_actor_logs_slot_and_fit(caplog):
+    """bench/trial_startup.py pairs a trial's slot (its actor's line) with its workers' marks by name."""
+    from finetune_trainer.phases import TRIAL_MARKER, trial_started
+
+    clock = StartupClock(trial="trial_01")
+    clock.mark("first_step")
+    slot = time.time()
+    with caplog.at_level(logging.DEBUG, logger="finetune_trainer.phases"):
+        clock.log_once(rank=0)
+        trial_started("trial_01", slot)
+    messages = [r.getMessage() for r in caplog.records]
+    [marks] = [json.loads(m.removeprefix(MARKER)) for m in messages if m.startswith(MARKER)]
+    [start] = [json.loads(m.removeprefix(TRIAL_MARKER)) for m in messages if m.startswith(TRIAL_MARKER)]
+    assert marks == clock.marks | {"trial": "trial_01"}
+    assert start["trial"] == "trial_01" and start["slot_acquired"] == slot <= start["fit"] <= time.time()

@@ -18,6 +18,7 @@ import time
 
 MARKER = "start-up phases:"  # what bench/trial_startup.py looks for in the log
 FIT_MARKER = "fit started at"
+TRIAL_MARKER = "trial start-up:"
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,9 @@ log = logging.getLogger(__name__)
 class StartupClock:
     """Named wall-clock marks, in the order they happen; logged once by rank 0."""
 
-    def __init__(self) -> None:
-        import psutil  # type: ignore[import-untyped]  # no stubs installed; one call
-
-        self.marks: dict[str, float] = {"process_started": psutil.Process().create_time(), "loop_entered": time.time()}
+    def __init__(self, trial: str | None = None) -> None:
+        self.marks: dict[str, float] = {"process_started": process_started(), "loop_entered": time.time()}
+        self.trial = trial  # the search trial these workers train, named in the logged line
         self.logged = False
 
     def mark(self, name: str) -> None:
@@ -40,4 +40,16 @@ class StartupClock:
             return
         self.logged = True
         if rank == 0:
-            log.debug("%s %s", MARKER, json.dumps(self.marks))
+            log.debug("%s %s", MARKER, json.dumps(self.marks | ({"trial": self.trial} if self.trial else {})))
+
+
+def process_started() -> float:
+    """This process' start, wall clock."""
+    import psutil  # type: ignore[import-untyped]  # no stubs installed; one call
+
+    return float(psutil.Process().create_time())
+
+
+def trial_started(trial: str, slot: float) -> None:
+    """A search trial's actor, just before its fit(): when it got its slot, and now (debug)."""
+    log.debug("%s %s", TRIAL_MARKER, json.dumps({"trial": trial, "slot_acquired": slot, "fit": time.time()}))

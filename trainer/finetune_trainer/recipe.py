@@ -393,7 +393,7 @@ def _uri(persistence: Any, path: str) -> str:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    clock = StartupClock()  # first: the time before this is the worker group's start-up
+    clock = StartupClock(config.get("trial"))  # first: the time before this is the worker group's start-up
     logs.configure_worker()  # our logger, the driver's verbosity, third-party noise held back (logs.py)
     recipe = FineTuneRecipe(config, clock)
     try:
