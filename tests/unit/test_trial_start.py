@@ -68,3 +68,41 @@ def test_a_trials_resume_point_is_chosen_without_reading_its_files(tmp_path) -> 
     (tmp_path / "job/trials/trial_00/start-1/checkpoint_004/trainer_state.json").write_text("{}")
     with pytest.raises(CheckpointRefused, match="none can be loaded"):  # markers, nothing complete: no start from 0
         resume_point(store, "latest", "job/trials/trial_00", hashes=False)
+
+
+def test_train_workers_begin_the_training_imports_as_their_processes_start(tmp_path) -> None:
+    """Every run and every trial start gets fresh Train workers (warm.py): the trainer names our
+    setup hook in the workers' runtime env (theirs alone: the job's env, which trial actors get,
+    stays without it), and the hook, as Ray's worker calls it at process start, returns at once
+    while a thread imports torch, transformers and DeepSpeed, DeepSpeed's accelerator notice held
+    back as in a quiet run's recipe."""
+    code = f"""
+import sys, time
+from ray._common.utils import load_class
+from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+from finetune_trainer.driver import make_trainer
+from finetune_trainer.persist import open_storage
+from finetune_trainer.spec import parse_job
+
+job = parse_job({{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {{"name": "unit"}},
+                 "spec": {{"model": {{"source": "models/tiny", "task": "sequence-classification"}},
+                          "data": {{"train": "data/train.jsonl", "validationSplit": 0.1}}, "output": {{"dir": {str(tmp_path)!r}}}}}}})
+trainer = make_trainer(job, {{"model_dir": "m", "data": None, "pad_token_id": 0, "progress": None}}, persistence=open_storage(job),
+                       storage_path={str(tmp_path / "trials")!r}, name="start-1", trial="trial_00")
+hook = trainer.run_config.worker_runtime_env["env_vars"][WORKER_PROCESS_SETUP_HOOK_ENV_VAR]
+assert hook == "finetune_trainer.warm.start", hook
+assert "deepspeed" not in sys.modules
+began = time.perf_counter()
+load_class(hook)()  # what Ray's default_worker does with the variable
+returned = time.perf_counter() - began
+import threading
+[thread] = [t for t in threading.enumerate() if t.name == "finetune-warm-imports"]
+thread.join(120)
+missing = sorted({{"torch", "transformers.modeling_utils", "transformers.optimization", "peft", "deepspeed"}} - set(sys.modules))
+print("returned", returned, "missing", missing)
+sys.exit(1 if missing or returned > 1.0 else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "FINETUNE_VERBOSE": "0"})
+    assert done.returncode == 0, done.stdout[-500:] + done.stderr[-2000:]
+    assert "Setting accelerator" not in done.stdout + done.stderr
