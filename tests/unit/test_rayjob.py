@@ -142,7 +142,8 @@ def test_quickstart_renders_to_this_rayjob():
         "spec": {
             "entrypoint": "python -m finetune_trainer run env:FINETUNE_MANIFEST --no-progress",
             "submissionMode": "K8sJobMode",
-            "metadata": {"finetune.dev/job": "quickstart", "finetune.dev/namespace": "default"},  # the Ray job's, in the dashboard
+            # the Ray job's, in the dashboard: job_name is the Name column of its Jobs view (Ray's own key)
+            "metadata": {"job_name": "quickstart", "finetune.dev/job": "quickstart", "finetune.dev/namespace": "default"},
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,
             "backoffLimit": 0,
