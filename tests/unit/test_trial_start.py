@@ -98,7 +98,8 @@ returned = time.perf_counter() - began
 import threading
 [thread] = [t for t in threading.enumerate() if t.name == "finetune-warm-imports"]
 thread.join(120)
-missing = sorted({{"torch", "transformers.modeling_utils", "transformers.optimization", "peft", "deepspeed"}} - set(sys.modules))
+missing = sorted({{"torch", "transformers.modeling_utils", "transformers.optimization", "peft", "deepspeed",
+                  "deepspeed.runtime.zero.muon.muon_optimizer", "torch._inductor"}} - set(sys.modules))
 print("returned", returned, "missing", missing)
 sys.exit(1 if missing or returned > 1.0 else 0)
 """

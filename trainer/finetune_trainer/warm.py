@@ -3,7 +3,7 @@
 Ray Train starts a new worker group at every fit: every run, and every start and resume of a
 search trial, gets fresh worker processes that import torch, transformers (with PEFT, which its
 `trainer_utils` pulls in) and DeepSpeed: ~3.3 CPU-s each on the 2-core machine
-(bench/trial_startup.py's `imports_s`). Left to Ray Train, a worker imports torch when it receives
+(bench/trial_startup.py's `imports_s`), and ~1 s more inside `deepspeed.initialize` (below). Left to Ray Train, a worker imports torch when it receives
 the run's context and the rest when our train function imports the recipe, each in its main thread
 and only once Ray Train's set-up reaches that point; in between, the worker mostly waits on the
 controller's round trips (actor creation, metadata, train context, process group, launch).
@@ -41,11 +41,17 @@ def start() -> None:
 def _import_training_stack() -> None:
     started = time.perf_counter()
     try:
-        # the names are unused: importing is the point (the modules stay in sys.modules)
-        import deepspeed  # DeepSpeed imports torch first
+        # The names are unused: importing is the point (the modules stay in sys.modules). DeepSpeed
+        # imports torch first. deepspeed.initialize imports DeepSpeed's Muon optimizer for a type
+        # check whatever the optimizer (zero/utils.py: is_zero_supported_optimizer), and that
+        # module's torch.compile decorators import torch._dynamo and torch._inductor: 1.2 s of
+        # initialize's 1.5 s in one process on the 2-core machine. get_scheduler's module,
+        # transformers.optimization, imports trainer_utils and with it PEFT.
+        import deepspeed
+        import deepspeed.runtime.zero.muon.muon_optimizer
         import torch.distributed
-        import transformers.modeling_utils  # every model class's base
-        import transformers.optimization  # get_scheduler; its trainer_utils imports PEFT
+        import transformers.modeling_utils
+        import transformers.optimization
         import transformers.pytorch_utils
 
         del deepspeed, torch, transformers
