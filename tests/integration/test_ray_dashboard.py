@@ -1,7 +1,8 @@
 """The Ray dashboard shows a run (issue 20 item 5): during a local search, the dashboard's own API
 (Train V2's runs, `api/train/v2/runs/v1`, what the Train view reads; Ray 2.60 runs Train V2)
 (authenticated with the token Ray 2.60 gives a new local cluster, as a user's browser would be)
-lists the trials' Train runs with their workers, names the Ray job after the FineTuneJob, and
+lists the trials' Train runs with their workers, each run named after the FineTuneJob and its
+trial, names the Ray job after the FineTuneJob, and
 Ray's Prometheus endpoint serves the trainer's training metrics (ray_metrics.py).
 
 The driver is its own process (`finetune run` as a script: environment.prepare, then run()), with
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -121,7 +123,7 @@ def test_the_dashboard_shows_the_search_its_workers_and_its_metrics(tmp_path):
         assert worker.get("world_rank") == 0 and worker.get("actor_id"), worker
 
         _, jobs = _get(f"{dashboard}/api/jobs/", token)
-        assert any((j.get("metadata") or {}).get("finetune.dev/job") == "dash-demo"
+        assert any((j.get("metadata") or {}).get("finetune.dev/job") == "dash-demo" == j["metadata"].get("job_name")
                    and j["metadata"].get("finetune.dev/namespace") == "team-a" for j in json.loads(jobs)), jobs
 
         runs = _runs(dashboard, token)
@@ -130,6 +132,9 @@ def test_the_dashboard_shows_the_search_its_workers_and_its_metrics(tmp_path):
         # its attempt and workers, which is what the Train view shows
         assert len({r["id"] for r in runs}) >= 2 and {r["status"] for r in runs} <= {"FINISHED", "ABORTED"}, runs
         assert all(a.get("workers") for r in runs for a in r["attempts"]), runs
+        # each named after the FineTuneJob and its trial (trial.run_name), as the Train view lists them
+        named = [re.fullmatch(r"dash-demo-(trial_0[01])-start-\d{8}-\d{6}-\d{6}", r.get("name", "")) for r in runs]
+        assert all(named) and {m.group(1) for m in named if m} == {"trial_00", "trial_01"}, [r.get("name") for r in runs]
         # the tracker's last gauges reach the endpoint a report interval later, longer on a loaded machine
         deadline = time.monotonic() + 45
         while time.monotonic() < deadline and not _finished(series):

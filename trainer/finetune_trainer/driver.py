@@ -181,8 +181,9 @@ def init_ray(metadata: dict[str, str] | None = None) -> None:
 
 
 def job_metadata(job: FineTuneJob) -> dict[str, str]:
-    """What names a Ray job after its FineTuneJob (the dashboard's Jobs view shows it)."""
-    return {"finetune.dev/job": job.name, "finetune.dev/namespace": job.metadata.namespace}
+    """What names a Ray job after its FineTuneJob: `job_name` is Ray's own key, the Name column of
+    the dashboard's Jobs view; the job page lists all of it (rayjob.submission_metadata, in a cluster)."""
+    return {"job_name": job.name, "finetune.dev/job": job.name, "finetune.dev/namespace": job.metadata.namespace}
 
 
 def new_run_id() -> str:

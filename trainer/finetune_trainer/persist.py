@@ -11,7 +11,8 @@ Layout under the job (`<prefix>/<namespace>/<job>/` on S3, `<output.dir>/<job>/`
 
     status.json                              what the operator mirrors (job_status's shape)
     <run>/checkpoint_<ts>/...                a single run's checkpoints (Ray Train's names)
-    <run>/trials/<trial>/start-<time>/checkpoint_<ts>/...  a search trial's checkpoints, one folder per start (trial.py)
+    <run>/trials/<trial>/<job>-<trial>-start-<time>/checkpoint_<ts>/...  a search trial's checkpoints, one folder per start
+                                             (trial.run_name: also its Ray Train run's name in the dashboard)
     <run>/<trial>/, <run>/experiment_state*  Ray Tune's own experiment (what a restore reads)
     <run>/model/, <run>/results.json         the exported best model, then the results naming it
 

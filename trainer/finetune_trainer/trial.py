@@ -9,6 +9,7 @@ benchmark, 26 waiting actors averaged 409 MB RSS on a 24 GB machine before this 
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,23 @@ from .spec.search import trial_spec
 if TYPE_CHECKING:
     from .persist import Persistence
 
+_JOB, _TRIAL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"), re.compile(r"^[a-z0-9][a-z0-9_]{0,99}$")
+
+
+def run_name(job: str, trial: str, started: datetime) -> str:
+    """The Ray Train run of one start of a trial: `<job>-<trial>-start-<time>`, the name the
+    dashboard's Train runs (api/train/v2/runs, Ray Train's `ray_train_run_name` metric label) show,
+    so a run reads as this FineTuneJob's trial. Train V2 also makes RunConfig.name the run's
+    storage folder (StorageContext's experiment_dir_name), here under `trials/<trial>/`: the
+    readers of that folder search below `trials/<trial>/` at any depth (storage.resume_point,
+    list_complete_checkpoints), and within it every start shares the prefix, so the names still
+    sort in start order (storage/checkpoints.py's tie-break). The name is one path segment: the
+    job's name is a DNS-1123 label (spec.job.Metadata) and Tune's trial names are ours
+    (tuning.trial_name); anything else, e.g. a '/' or '..', is refused rather than written as a path."""
+    if not (_JOB.match(job) and _TRIAL.match(trial)):
+        raise ValueError(f"job {job!r}, trial {trial!r}: not one storage path segment (a DNS-1123 label; lowercase letters, digits and '_')")
+    return f"{job}-{trial}-start-{started:%Y%m%d-%H%M%S-%f}"
+
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str, Any], persistence: Persistence, trials_path: str,
               run_id: str) -> None:
@@ -28,7 +46,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
 
     A trial can start more than once: resumed after a pause at a rung (successiveHalving), or in
     a restored search. Each start is a new Ray Train run in the trial's folder
-    (`trials/<trial>/start-<time>/checkpoint_*`) that resumes from the trial's latest complete
+    (`trials/<trial>/<job>-<trial>-start-<time>/checkpoint_*`, `run_name`) that resumes from the trial's latest complete
     checkpoint, as `--resume` does for a plain run. Not Train's own restore of a run by name: its
     run snapshot lists every checkpoint it was given, our retention (`persist`, marker-aware)
     deletes some, and Train then refuses to restore the run ("a checkpoint that does not exist
@@ -56,5 +74,5 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
     found = resume_point(persistence.store, "latest", folder, hashes=False)
     resume = {"resume_from": persistence.checkpoint(found.key), "resume_scope": folder} if found else {}
     result = make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
-                          name=f"start-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}", callbacks=[TuneReportCallback()], trial=name).fit()
+                          name=run_name(job.name, name, datetime.now(UTC)), callbacks=[TuneReportCallback()], trial=name).fit()
     raise_if_diverged(result.metrics or {})  # this trial errors (NonFiniteLoss); the search goes on without it

@@ -25,7 +25,8 @@ name; not a time written inside the marker. Why: the store sets LastModified whe
 written (the writer's last act), a reader sees it in the listing, and no writer can date a
 marker ahead (a marker claiming year 9999 stayed "latest" forever, shadowing every later
 checkpoint). The name breaks ties within a second (S3 lists whole seconds): Ray's
-checkpoint_<timestamp>, our run-<time> and start-<time> names sort in the order they were made.
+checkpoint_<timestamp>, our run-<time> and (within a trial's folder) <job>-<trial>-start-<time>
+names sort in the order they were made.
 Why not the step: a new run started from scratch (resume: none) writes steps below those of the
 run before it and is still the latest. A copied prefix (backup, `aws s3 sync`) gets new
 LastModified times in copy order: resume from such a copy with an explicit checkpoint URI.
