@@ -10,12 +10,13 @@ benchmark, 26 waiting actors averaged 409 MB RSS on a 24 GB machine before this 
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from . import halving, logs
+from . import halving, logs, phases
 from .spec import FineTuneJob
 from .spec.search import trial_spec
 
@@ -59,6 +60,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
     name = tune.get_context().get_trial_name()
     if search.scheduler.type == "successiveHalving":
         halving.wait_for_slot(run_id, name)
+        slot = time.time()  # the gate's turn: from here the trial's resources are its own
+    else:
+        slot = phases.process_started()  # Tune starts a trial's actor once its resources are reserved
 
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -73,6 +77,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
     folder = persistence.key(run_id, TRIALS_DIR, name)
     found = resume_point(persistence.store, "latest", folder, hashes=False)
     resume = {"resume_from": persistence.checkpoint(found.key), "resume_scope": folder} if found else {}
-    result = make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
-                          name=run_name(job.name, name, datetime.now(UTC)), callbacks=[TuneReportCallback()], trial=name).fit()
+    trainer = make_trainer(trial, shared | resume, persistence=persistence, storage_path=f"{trials_path}/{name}",
+                          name=run_name(job.name, name, datetime.now(UTC)), callbacks=[TuneReportCallback()], trial=name)
+    phases.trial_started(name, slot)  # bench/trial_startup.py: slot acquired to first step
+    result = trainer.fit()
     raise_if_diverged(result.metrics or {})  # this trial errors (NonFiniteLoss); the search goes on without it
