@@ -65,7 +65,6 @@ TORCH_MODULES = {
     "finetune_trainer.generation", "finetune_trainer.reference", "finetune_trainer.probes",
     "finetune_trainer.adapters", "finetune_trainer.worker_model", "finetune_trainer.memory", "finetune_trainer.baseline",
     "finetune_trainer.transfer",  # the step's host<->device copies, in the recipe
-    "finetune_trainer.warm",  # a Train worker's imports, begun in a thread at its process' start
     "finetune_trainer.predict",  # `finetune predict` loads the model in the CLI's process, once predict_source found it
 }
 # importing these (with everything they import) loads none of HEAVY: the driver side (ARCHITECTURE.md,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.job_config import JobConfig
 
-from . import environment, logs, phases, warm
+from . import environment, logs, phases
 from .persist import ADAPTER_DIR, MODEL_DIR, Persistence
 from .ranking import best_row
 from .ray_metrics import TrainingMetrics
@@ -222,17 +222,11 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
     its callback, pruned by our retention), worker-group restarts from the latest complete one."""
     # the public names: Ray Train V2's classes at run time (V2 is Ray 2.60's default); a type checker
     # reads ray.train's unconditional V1 imports instead, hence the one ignore below
-    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     res = job.spec.resources
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
-    # The workers begin importing the training stack as their processes start (warm.py). Ray's
-    # `worker_process_setup_hook` field is turned into this variable by ray.init only, for every
-    # process of the job; Train's worker_runtime_env is per actor, so the variable is set as ray.init
-    # would set it (setup_hook.export_setup_func_module), for the Train workers alone.
-    worker_env = {"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: warm.HOOK}}
     storage = persistence.run_config_args(job, storage_path=storage_path, tracker=shared.get("progress"))
     storage["callbacks"] += callbacks or []
     start_id = uuid.uuid4().hex  # this TorchTrainer's: a second setup under it is a worker-group restart
@@ -241,8 +235,7 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
         train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence,
                            "start_id": start_id, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
-        run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()),  # type: ignore[call-arg]  # V2's fields (above)
-                             worker_runtime_env=worker_env, **storage),
+        run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()), **storage),  # type: ignore[call-arg]  # V2's field (above)
     )
 
 
