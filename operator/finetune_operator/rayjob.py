@@ -162,7 +162,7 @@ def _runtime_env_yaml(job: FineTuneJob, run_id: str | None) -> str:
     # As JSON escapes they cannot, and the JSON parser at the other end restores them.
     manifest = json.dumps(driver_manifest(job), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     manifest = manifest.replace("$", "\\u0024").replace("`", "\\u0060")
-    # Ray Train's state tracking: the run, its attempts and workers in the dashboard's Train view (driver.py)
+    # Ray Train's state tracking: the run, its attempts and workers in the dashboard's Train runs API (driver.py)
     env = {MANIFEST_ENV: manifest, STATE_TRACKING_ENV: "1"} | ({RUN_ID_ENV: run_id} if run_id else {})
     return yaml.safe_dump({"env_vars": env}, width=1 << 20)
 

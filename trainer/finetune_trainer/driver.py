@@ -49,8 +49,9 @@ Listener = Callable[[dict[str, Any], list[dict[str, Any]]], None]  # (latest pro
 # phases.py's marks on the 2-core dev machine). A cluster keeps Ray's default (a poll calls every
 # worker); the variable set in the environment wins either way.
 POLL_ENV, LOCAL_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-# Ray Train's state tracking: its runs, attempts and workers in the Ray dashboard's Train view (and
-# its API, api/train/v2/runs), which otherwise answers "Train state data is not available". Read
+# Ray Train's state tracking: its runs, attempts and workers in the Ray dashboard's Train runs API
+# (api/train/v2/runs; Ray 2.60's open-source UI has no page for it, Anyscale's console does), which
+# otherwise answers "Train state data is not available". Read
 # where a TorchTrainer is built: the driver (a plain run) and each trial's actor (a search), so it
 # goes into this process' environment and the runtime env; rayjob.py sets it in a cluster's too.
 STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
@@ -141,7 +142,7 @@ def init_ray(metadata: dict[str, str] | None = None) -> None:
 
     `metadata` (job_metadata) names a local Ray's job after the FineTuneJob in the dashboard's Jobs
     view; in a cluster the RayJob's submission carries it (rayjob.py). Ray Train's state tracking
-    (STATE_TRACKING_ENV) is on for the Train view unless the environment says otherwise.
+    (STATE_TRACKING_ENV) is on for the dashboard's Train runs unless the environment says otherwise.
 
     Ray token authentication needs nothing here, and must get nothing: ray.init reads RAY_AUTH_MODE
     and the token (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token)
