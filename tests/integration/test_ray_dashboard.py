@@ -1,5 +1,6 @@
 """The Ray dashboard shows a run (issue 20 item 5): during a local search, the dashboard's own API
-(Train V2's runs, `api/train/v2/runs/v1`, what the Train view reads; Ray 2.60 runs Train V2)
+(Train V2's runs, `api/train/v2/runs/v1`: what Anyscale's Train view reads; Ray 2.60's open-source
+UI has no page for it, docs/install.md shows its Jobs view)
 (authenticated with the token Ray 2.60 gives a new local cluster, as a user's browser would be)
 lists the trials' Train runs with their workers, each run named after the FineTuneJob and its
 trial, names the Ray job after the FineTuneJob, and
