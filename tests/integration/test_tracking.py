@@ -21,6 +21,7 @@ import pytest
 from finetune_trainer.spec import parse_job
 
 from . import tiny
+from .fault_kit import storage_of
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -76,10 +77,11 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.integration
-def test_single_run_in_mlflow_and_tensorboard(local_ray, mlflow_server, tmp_path):
+def test_single_run_in_mlflow_and_tensorboard(local_ray, mlflow_server, s3_spec, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from finetune_trainer.run import run
+    from finetune_trainer.storage import job_location
 
     model = tiny.make_model(tmp_path / "model", "bert", layers=2)
     data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(120))
@@ -87,7 +89,9 @@ def test_single_run_in_mlflow_and_tensorboard(local_ray, mlflow_server, tmp_path
                         data={"testSplit": 0.1}, resources={"workers": 2, "cpusPerWorker": 0.5})
     doc["spec"]["tracking"] = {"mlflow": {"trackingUri": mlflow_server, "experiment": "tracking-test",
                                           "registeredModelName": "tiny-sentiment"}, "tensorboard": True}
-    result = run(parse_job(doc))
+    doc["spec"]["storage"], store, _ = storage_of(s3_spec, monkeypatch)  # the event files also go to the run's S3 prefix
+    job = parse_job(doc)
+    result = run(job)
     r = result.results
     client = _client(mlflow_server)
     experiment = client.get_experiment_by_name("tracking-test")
@@ -116,6 +120,17 @@ def test_single_run_in_mlflow_and_tensorboard(local_ray, mlflow_server, tmp_path
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= model_files
     # TensorBoard: the same curve under the run folder
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert [(s.step, pytest.approx(s.value)) for s in events.Scalars("eval/loss")] == expected
+    # ...and the same files under the run's S3 prefix, where a TensorBoard pointed at the bucket reads them
+    prefix = f"{job_location(job.spec.storage, job.metadata.namespace, job.name).key}/{r['run']}/tensorboard/"
+    uploaded = {key: store.read(key) for key in store.list(prefix)}
+    assert uploaded and all(Path(key).name.startswith("events.out.tfevents.") for key in uploaded), sorted(uploaded)
+    copy = tmp_path / "from-s3"
+    for key, data in uploaded.items():
+        (copy / key[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+        (copy / key[len(prefix):]).write_bytes(data or b"")
+    events = EventAccumulator(str(copy))
     events.Reload()
     assert [(s.step, pytest.approx(s.value)) for s in events.Scalars("eval/loss")] == expected
 
