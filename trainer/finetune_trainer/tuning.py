@@ -23,7 +23,7 @@ from . import class_report, eval_report, halving, job_status, scratch, search_re
 from .driver import Listener, RunResult, export_model, fit_polling, score_test
 from .job_status import StatusPublisher
 from .persist import TRIALS_DIR, Persistence
-from .ranking import best_row, is_better
+from .ranking import best_row
 from .session import DriverSession
 from .spec import FineTuneJob, SpecError
 from .spec.search import SearchSpec, dropped_params, grid_order, trial_spec
@@ -273,13 +273,8 @@ class TrialEvents(tune.Callback):
         """Better than the best so far, or equal and first by results.json's tie rule
         (search_results.best_trial: lower loss, fewer steps, earlier trial), so that the live
         status names the trial the final one will, whatever order the trials report in."""
-        held = self.best_ranked
-        if held is None or is_better(candidate["value"], held["value"], self.mode):
-            return is_better(candidate["value"], None, self.mode)
-        if candidate["value"] != held["value"]:
-            return False
-        tied = sorted([held, candidate], key=lambda row: row["trial"])
-        return best_row(tied, "value", self.mode, tiebreak=search_results.TRIAL_TIEBREAK) is candidate
+        rows = sorted([r for r in (self.best_ranked, candidate) if r is not None], key=lambda row: row["trial"])
+        return best_row(rows, "value", self.mode, tiebreak=search_results.TRIAL_TIEBREAK) is candidate
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         state = self._ended(trial)
