@@ -149,10 +149,9 @@ def render_rayjob(
 
 
 def submission_metadata(job: FineTuneJob, run_id: str | None) -> dict[str, str]:
-    """driver.job_metadata, plus the run: what `ray job submit --metadata-json` gives the Ray job.
-    `job_name` is Ray's own key (ray.dashboard.modules.job.common.JOB_NAME_METADATA_KEY): the
-    dashboard's Jobs view shows it as the job's Name."""
-    return {"job_name": job.name, "finetune.dev/job": job.name, "finetune.dev/namespace": job.metadata.namespace} | (
+    """FineTuneJob.ray_job_metadata, plus the run: what `ray job submit --metadata-json` gives the
+    Ray job (`job_name`, Ray's JOB_NAME_METADATA_KEY, is the Name the dashboard's Jobs view shows)."""
+    return job.ray_job_metadata() | (
         {"finetune.dev/run": run_id} if run_id else {})
 
 

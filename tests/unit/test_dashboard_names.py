@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from finetune_trainer.driver import job_metadata
 from finetune_trainer.spec import parse_job
 from finetune_trainer.trial import run_name
 from tests.tiny_models import minimal_manifest
@@ -34,4 +33,4 @@ def test_a_name_that_would_be_a_path_is_refused(job: str, trial: str) -> None:
 
 def test_the_ray_job_is_named_after_the_finetunejob() -> None:
     job = parse_job({**minimal_manifest(), "metadata": {"name": "sentiment", "namespace": "team-a"}})
-    assert job_metadata(job) == {"job_name": "sentiment", "finetune.dev/job": "sentiment", "finetune.dev/namespace": "team-a"}
+    assert job.ray_job_metadata() == {"job_name": "sentiment", "finetune.dev/job": "sentiment", "finetune.dev/namespace": "team-a"}

@@ -140,7 +140,7 @@ class RunResult:
 def init_ray(metadata: dict[str, str] | None = None) -> None:
     """Join the cluster when there is one (KubeRay sets RAY_ADDRESS); else a loopback-only local Ray.
 
-    `metadata` (job_metadata) names a local Ray's job after the FineTuneJob in the dashboard's Jobs
+    `metadata` (FineTuneJob.ray_job_metadata) names a local Ray's job after the FineTuneJob in the dashboard's Jobs
     view; in a cluster the RayJob's submission carries it (rayjob.py). Ray Train's state tracking
     (STATE_TRACKING_ENV) is on for the dashboard's Train runs unless the environment says otherwise.
 
@@ -179,12 +179,6 @@ def init_ray(metadata: dict[str, str] | None = None) -> None:
         log_to_driver=True,
         logging_level=level,
     )
-
-
-def job_metadata(job: FineTuneJob) -> dict[str, str]:
-    """What names a Ray job after its FineTuneJob: `job_name` is Ray's own key, the Name column of
-    the dashboard's Jobs view; the job page lists all of it (rayjob.submission_metadata, in a cluster)."""
-    return {"job_name": job.name, "finetune.dev/job": job.name, "finetune.dev/namespace": job.metadata.namespace}
 
 
 def new_run_id() -> str:

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import eval_report, job_status
-from .driver import ProgressTracker, check_run_id, init_ray, job_metadata, new_run_id, resume_mode, shared_config
+from .driver import ProgressTracker, check_run_id, init_ray, new_run_id, resume_mode, shared_config
 from .job_status import StatusPublisher
 from .persist import Persistence, open_storage
 from .ranking import NonFiniteLoss
@@ -67,7 +67,7 @@ class DriverSession:
         self.publisher = StatusPublisher.for_job(self.persistence.status_writer())  # the preflight's verdict goes through it too
         self.prepared = self._prepare()
         self.preflight_seconds = time.time() - self.started
-        init_ray(job_metadata(self.job))  # the dashboard's Jobs view names the FineTuneJob
+        init_ray(self.job.ray_job_metadata())  # the dashboard's Jobs view names the FineTuneJob
         self.run_id, self.restored = self._choose_run_id()
         self.attempt = self.persistence.record_attempt(self.run_id)
         if self.attempt > 1:

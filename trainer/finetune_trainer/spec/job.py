@@ -188,6 +188,12 @@ class FineTuneJob(SpecModel):
     def name(self) -> str:
         return self.metadata.name
 
+    def ray_job_metadata(self) -> dict[str, str]:
+        """What names a Ray job after this FineTuneJob, for a local Ray's job (driver.init_ray) and a
+        RayJob's submission (rayjob.submission_metadata) alike: `job_name` is Ray's own key, the
+        Name column of the dashboard's Jobs view; the job page lists all of it."""
+        return {"job_name": self.name, "finetune.dev/job": self.name, "finetune.dev/namespace": self.metadata.namespace}
+
 
 def parse_job(document: dict[str, Any], *, for_cluster: bool = False) -> FineTuneJob:
     """Validate a manifest dict completely: its raw shape (limits.py), fields, then cross-field
