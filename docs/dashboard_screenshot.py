@@ -43,33 +43,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.integration import tiny  # noqa: E402  (after the path: a checkout run as a script)
+from tests.integration.ray_driver import AUTH_VARS, DRIVER, probe  # noqa: E402
 
 log = logging.getLogger("dashboard_screenshot")
-AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 COOKIE = "ray-authentication-token"  # ray._private.authentication.authentication_constants
-
-DRIVER = """
-import json, sys, threading, time
-from finetune_trainer import environment
-
-environment.prepare()
-import ray
-from finetune_trainer.run import run
-from finetune_trainer.spec import load_job
-
-def tell():  # the dashboard's address, once run() has started Ray
-    while not ray.is_initialized():
-        time.sleep(0.2)
-    from ray._private.worker import get_dashboard_url
-    print("PROBE", json.dumps({"dashboard": get_dashboard_url()}), flush=True)
-
-threading.Thread(target=tell, daemon=True).start()
-run(load_job(sys.argv[1]))
-print("PROBE", json.dumps({"done": True}), flush=True)
-sys.stdin.readline()  # the screenshots are taken; the dashboard may go
-ray.shutdown()
-"""
-
 
 def _get(url: str, token: str) -> Any:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
@@ -78,16 +55,6 @@ def _get(url: str, token: str) -> Any:
             return json.loads(response.read())
     except (OSError, ValueError):
         return None
-
-
-def _probe(out: Path, key: str, driver: subprocess.Popen, timeout: float) -> dict[str, Any] | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and driver.poll() is None:
-        for line in out.read_text().splitlines():
-            if line.startswith("PROBE ") and key in (found := json.loads(line[6:])):
-                return found
-        time.sleep(0.3)
-    return None
 
 
 class Browser:
@@ -203,7 +170,7 @@ def main() -> int:
             driver = subprocess.Popen([sys.executable, str(script), str(path)], env=env, cwd=ROOT, text=True,
                                       stdin=subprocess.PIPE, stdout=stdout, stderr=stderr)
         try:
-            started = _probe(out, "dashboard", driver, 180)
+            started = probe(out, "dashboard", driver)
             if not started:
                 raise RuntimeError(f"the driver never started Ray: {(tmp / 'driver.err').read_text()[-2000:]}")
             dashboard = f"http://{started['dashboard']}"

@@ -27,35 +27,11 @@ from typing import Any
 import pytest
 
 from . import tiny
+from .ray_driver import AUTH_VARS, DRIVER, probe
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
-AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-DRIVER = """
-import json, sys, threading, time
-from finetune_trainer import environment
-
-environment.prepare()
-import ray
-from finetune_trainer.run import run
-from finetune_trainer.spec import load_job
-
-def tell():  # the dashboard and metrics addresses, once run() has started Ray
-    while not ray.is_initialized():
-        time.sleep(0.2)
-    from ray._private.worker import get_dashboard_url
-    print("PROBE", json.dumps({"dashboard": get_dashboard_url(), "metrics_port": ray.nodes()[0]["MetricsExportPort"]}), flush=True)
-
-threading.Thread(target=tell, daemon=True).start()
-run(load_job(sys.argv[1]))
-print("PROBE", json.dumps({"done": True}), flush=True)
-sys.stdin.readline()  # the test has read what it reads after the run
-ray.shutdown()
-"""
-
-
 def _get(url: str, token: str | None = None) -> tuple[int, str]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -67,16 +43,11 @@ def _get(url: str, token: str | None = None) -> tuple[int, str]:
         return 0, ""
 
 
-def _said(out: Path, key: str, driver: subprocess.Popen, timeout: float = 180) -> dict[str, Any]:
-    """The driver's PROBE line carrying `key` (its stdout also carries the run's own lines)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in out.read_text().splitlines():
-            if line.startswith("PROBE ") and key in (found := json.loads(line[6:])):
-                return found
-        assert driver.poll() is None, f"the driver exited ({driver.returncode})"
-        time.sleep(0.2)
-    raise AssertionError(f"the driver never said {key}")
+def _said(out: Path, key: str, driver: subprocess.Popen) -> dict[str, Any]:
+    found = probe(out, key, driver)
+    assert found or driver.poll() is None, f"the driver exited ({driver.returncode})"
+    assert found, f"the driver never said {key}"
+    return found
 
 
 def _finished(series: set[str]) -> bool:
