@@ -64,7 +64,8 @@ def test_the_dashboard_shows_the_search_its_workers_and_its_metrics(tmp_path):
     data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(80))
     doc = tiny.manifest(tmp_path, model, data, training={"maxSteps": 4}, evaluation={"everySteps": 2, "metric": "loss"},
                         resources={"workers": 1, "cpusPerWorker": 0.5},
-                        search={"algorithm": "grid", "maxConcurrentTrials": 2, "space": {"training.learningRate": {"choice": [1e-3, 5e-3]}}})
+                        search={"algorithm": "grid", "maxConcurrentTrials": 2, "scheduler": {"type": "none"},
+                                "space": {"training.learningRate": {"choice": [1e-3, 5e-3]}}})
     doc["metadata"] = {"name": "dash-demo", "namespace": "team-a"}
     path = tiny.save_manifest(tmp_path / "job.yaml", doc)
     home = tmp_path / "home"
@@ -115,7 +116,10 @@ def test_the_dashboard_shows_the_search_its_workers_and_its_metrics(tmp_path):
         assert any(ln.startswith("ray_finetune_train_loss{") and 'finetune_job="dash-demo"' in ln for ln in series), series
         assert any(ln.startswith("ray_finetune_eval_metric{") and 'metric="loss"' in ln for ln in series), series
         assert any(ln.startswith("ray_finetune_tokens_per_second{") for ln in series), series
-        assert _finished(series), series  # both trials, counted by the driver's tracker
+        # both trials, counted by the driver's tracker. Scheduler none: under the default ASHA, the
+        # trial that reached step 2 second was stopped there whenever the other's step 2 was better
+        # (the gauge then said 1 finished, 1 stopped: right, and the cause of this test's flakes)
+        assert _finished(series), series
     except AssertionError as failed:
         raise AssertionError(f"{failed}\n--- driver stderr ---\n{err_file.read_text()[-3000:]}") from None
     finally:
