@@ -1,0 +1,265 @@
+"""From `spec.data` to Ray Data datasets: read, check, clean, shuffle, split, tokenize in tasks.
+
+The replacement of data.prepare's in-memory path (issue 18 item 1). The driver builds a lazy
+plan and runs only aggregations (row counts, dropped-row counts, the label set); the rows live
+in Ray's object store (spilled to disk when large), never in the driver's memory, and each
+worker receives its share of an epoch through `ray.train.get_dataset_shard` (epochs.py says
+why one dataset per epoch and how a resumed run finds its place).
+
+Order of work, as in data.py, cheapest checks first: the schema (columns the spec names) from
+the first block, the empty-cell counts and the maxDroppedFraction refusal (an aggregation: one
+pass, no tokenizing), the seeded shuffle, the held-out splits carved off the shuffled train
+(validation the head, test the tail, train the middle: `split_at_indices`, held in the object
+store), the caps, and only then tokenizing, in parallel `map_batches` tasks with the tokenizer
+shipped once per task (a fast tokenizer pickles).
+
+Determinism: `DataContext.execution_options.preserve_order` is set, every read has a fixed
+`override_num_blocks` (the block layout must not depend on the cluster's CPU count, or the
+seeded shuffles would differ between a run and its resumption on another cluster), and every
+shuffle has an integer seed (Ray: the same order on every execution of the plan).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import data_checks
+from .epochs import EpochPlan, epoch_dataset_name, epoch_seed
+from .sources import SourceError, resolve_local
+
+SPLITS = ("train", "validation", "test")
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from .spec import DataSource, DataSpec, StorageSpec
+
+log = logging.getLogger(__name__)
+
+READ_BLOCKS = 8  # blocks per file read: fixed, see the module docstring (determinism)
+TOKENIZE_BATCH = 512  # rows per map_batches call: big enough for the fast tokenizer's batching
+
+
+@dataclass
+class Ingested:
+    """The datasets a run trains and evaluates on, and the figures results.json carries."""
+
+    train: ray.data.Dataset  # tokenized, materialized in the object store (the driver holds references)
+    validation: ray.data.Dataset | None
+    test: ray.data.Dataset | None
+    label_names: list[str] | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def epoch_datasets(self, plan: EpochPlan, seed: int, total_steps: int) -> dict[str, ray.data.Dataset]:
+        """One lazily shuffled dataset per epoch the run opens (epochs.py), by Ray Train name."""
+        return {epoch_dataset_name(e): self.train.random_shuffle(seed=epoch_seed(seed, e))
+                for e in range(plan.epochs_for(total_steps))}
+
+
+def configure_context() -> None:
+    """What the exact-resume guarantee needs of Ray Data in this process (the driver: Ray Train's
+    DataConfig is given the same options for the workers' split)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # the CLI's own progress lines are the ones users read
+
+
+def read(source: DataSource, where: str, storage: StorageSpec | None = None) -> ray.data.Dataset:
+    """A lazy dataset of one jsonl/csv/parquet source: a local or pkg:// path, or s3:// through the
+    job's storage settings (pyarrow's S3FileSystem without keys: Ray's tasks read the AWS variables
+    the pods get from the job's Secret, so no key is pickled into the plan)."""
+    import pyarrow.fs
+    import ray.data
+
+    from .data import DataError
+
+    filesystem: Any = None
+    if source.path.startswith("s3://"):
+        if storage is None or not storage.uri.startswith("s3://"):
+            raise DataError(f"{where}.path: {source.path} is on S3, and spec.storage names no S3 endpoint; "
+                            "set spec.storage.uri to an s3:// location with its endpoint and credentials")
+        from .storage.s3 import pyarrow_filesystem
+
+        filesystem, path = pyarrow_filesystem(storage), source.path.removeprefix("s3://")
+    else:
+        try:
+            path = str(resolve_local(source.path))
+        except SourceError as err:
+            raise DataError(f"{where}.path: {err}") from None
+        filesystem = pyarrow.fs.LocalFileSystem()
+    fmt = source.resolved_format()
+    common: dict[str, Any] = {"filesystem": filesystem, "override_num_blocks": READ_BLOCKS}
+    try:
+        if fmt == "jsonl":
+            # pyarrow's JSON reader is line-delimited already (lines=True is the pandas reader, which takes no
+                # filesystem, so no s3:// with our endpoint)
+                return ray.data.read_json(path, file_extensions=None, **common)
+        if fmt == "csv":
+            import pyarrow.csv
+
+            # Only empty cells are missing: a tweet that reads "NA" or "null" is still text.
+            convert = pyarrow.csv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+            return ray.data.read_csv(path, convert_options=convert, file_extensions=None, **common)
+        if fmt == "parquet":
+            return ray.data.read_parquet(path, file_extensions=None, **common)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{where}: cannot read {source.path} as {fmt}: {err}") from err
+    raise DataError(f"{where}.format: cannot tell the format of {source.path!r}; set format")
+
+
+def _empty_counts(batch: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """One row per batch: rows read, rows kept, and per spec field the rows with that cell empty."""
+    keep, by_field = data_checks.empty_cells(batch, columns)
+    return pd.DataFrame([{"read": len(batch), "kept": int(keep.sum()), **by_field}])
+
+
+def _drop_empty(batch: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    keep, _ = data_checks.empty_cells(batch, columns)
+    return batch.loc[keep].reset_index(drop=True)
+
+
+def _clean(ds: ray.data.Dataset, columns: dict[str, str], name: str, data: DataSpec,
+           stats: dict[str, Any]) -> ray.data.Dataset:
+    """The source with its empty rows dropped; refused (before any shuffle or tokenizing) when
+    more than maxDroppedFraction of them are. One aggregation pass counts them."""
+    from .data import DataError
+
+    have = ds.columns() or []
+    for spec_field, column in columns.items():
+        if column not in have:
+            raise DataError(f"spec.data.{spec_field}: column {column!r} not in {getattr(data, name).path}; "
+                            f"columns are: {', '.join(have) or '(none)'}")
+    counts = ds.map_batches(partial(_empty_counts, columns=columns), batch_format="pandas").sum(["read", "kept", *columns])
+    counts = {name: counts[f"sum({name})"] for name in ("read", "kept", *columns)}  # Ray names them sum(<column>)
+    read, kept = int(counts["read"]), int(counts["kept"])
+    by_field = {f: int(counts[f]) for f in columns}
+    stats["file_rows"][name], stats["dropped_empty"][name] = read, read - kept
+    stats["dropped_empty_by_field"][name] = by_field
+    problem = data_checks.dropped_share_problem(name, getattr(data, name).path, read, read - kept, by_field,
+                                                data.max_dropped_fraction)
+    if problem:
+        raise DataError(f"spec.data.maxDroppedFraction: {problem}")
+    return ds.map_batches(partial(_drop_empty, columns=columns), batch_format="pandas")
+
+
+def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str,
+              label_names: list[str] | None) -> dict[str, np.ndarray]:
+    """map_batches' function: a pandas batch to columns of token ids (and labels), unpadded.
+
+    A task, not an actor pool: a pool's actors take seconds to start, and the fast tokenizer
+    pickles into each task in milliseconds. The per-example encodings are data.py's (the same
+    truncation, EOS and chat rules), so the two paths cannot drift while the old one goes."""
+    from .data import _label_ids, _tokenize_causal, _tokenize_classification
+
+    if label_names is not None:
+        labels = _label_ids(batch[data.label_field], label_names, data)
+        tokenized = _tokenize_classification(batch, labels, data, tokenizer)
+    else:
+        tokenized = _tokenize_causal(batch, data, tokenizer, split)
+    out = {"input_ids": _ragged(tokenized.input_ids)}
+    out["labels"] = (np.asarray(tokenized.labels) if isinstance(tokenized.labels, np.ndarray)
+                     else _ragged(tokenized.labels))
+    if tokenized.token_type_ids is not None:
+        out["token_type_ids"] = _ragged(tokenized.token_type_ids)
+    out["num_tokens"] = np.fromiter((len(r) for r in tokenized.input_ids), dtype=np.int64,
+                                    count=len(tokenized.input_ids))
+    return out
+
+
+def _ragged(rows: list[np.ndarray]) -> np.ndarray:
+    column = np.empty(len(rows), dtype=object)
+    column[:] = rows
+    return column
+
+
+def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: StorageSpec | None = None,
+           num_labels: int | None = None) -> Ingested:
+    """Read, check, split, label and tokenize `data` for `task` on Ray Data; raises `DataError`.
+
+    `stats` has data.prepare's keys (`rows`, `tokens`, `table_rows`, `file_rows`, `dropped_empty`,
+    `dropped_empty_by_field`, `train_label_counts`) plus `tokenize_seconds` per split."""
+    import time
+
+    from .data import DataError, _required_columns  # lazily: data.py imports torch, the driver must not at import
+
+    if data.packing:
+        raise DataError("spec.data.packing: the Ray Data ingest does not pack yet (issue 18 item 4, packing.py)")
+    configure_context()
+    columns = _required_columns(data, task)
+    stats: dict[str, Any] = {"rows": {}, "tokens": {}, "table_rows": {}, "file_rows": {}, "dropped_empty": {},
+                             "dropped_empty_by_field": {}, "tokenize_seconds": {}}
+    frames: dict[str, ray.data.Dataset | None] = {}
+    for stream, name in enumerate(SPLITS):
+        source = getattr(data, name)
+        if source is None:
+            frames[name] = None
+            continue
+        cleaned = _clean(read(source, f"spec.data.{name}", storage), columns, name, data, stats)
+        frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream))  # per file, as data.py
+    _carve_and_cap(frames, data)
+    label_names = None
+    if task == "sequence-classification":
+        from .data import _label_names
+
+        train = frames["train"]
+        assert train is not None
+        values = pd.Series(train.unique(data.label_field))
+        label_names = _label_names(data, values, num_labels)
+    out: dict[str, ray.data.Dataset | None] = {}
+    for name, frame in frames.items():
+        if frame is None:
+            out[name] = None
+            continue
+        clock = time.perf_counter()
+        tokenize = partial(_tokenize, data=data, tokenizer=tokenizer, split=name, label_names=label_names)
+        tokenized = frame.map_batches(tokenize, batch_size=TOKENIZE_BATCH, batch_format="pandas").materialize()
+        stats["tokenize_seconds"][name] = time.perf_counter() - clock
+        rows = tokenized.count()
+        if rows == 0:
+            raise DataError(f"spec.data.{name}: no usable rows (all empty or capped to 0)")
+        stats["rows"][name] = stats["table_rows"][name] = rows
+        stats["tokens"][name] = int(tokenized.sum("num_tokens"))
+        if label_names is not None and name == "train":
+            counts = np.zeros(len(label_names), dtype=np.int64)
+            for part in tokenized.select_columns(["labels"]).iter_batches(batch_format="numpy"):  # streamed
+                counts += np.bincount(part["labels"], minlength=len(label_names))
+            stats["train_label_counts"] = dict(zip(label_names, counts.tolist(), strict=True))
+            stats["classes_missing_from_train"] = data_checks.missing_classes(label_names, counts)
+        out[name] = tokenized
+    train_ds = out["train"]
+    assert train_ds is not None
+    return Ingested(train_ds, out["validation"], out["test"], label_names, stats)
+
+
+def _carve_and_cap(frames: dict[str, ray.data.Dataset | None], data: DataSpec) -> None:
+    """data.py's carving on datasets: validation the head of the shuffled train, test its tail.
+    `split_at_indices` materializes the pieces in the object store, not in the driver."""
+    from .data import DataError, _carve
+
+    train = frames["train"]
+    assert train is not None
+    n = train.count()
+    n_val = _carve(n, data.validation, data.validation_split)
+    n_test = _carve(n, data.test, data.test_split)
+    if n_test + n_val >= n:
+        raise DataError(f"spec.data.train: no training rows left ({n} usable rows, {n_test} for test, "
+                        f"{n_val} for validation); add data or lower validationSplit/testSplit")
+    head, middle, tail = train.split_at_indices([n_val, n - n_test])
+    if n_val:
+        frames["validation"] = head
+    if n_test:
+        frames["test"] = tail
+    frames["train"] = middle
+    caps = {"train": data.max_train_samples, "validation": data.max_eval_samples, "test": data.max_test_samples}
+    for name, cap in caps.items():
+        frame = frames[name]
+        if frame is not None and cap is not None:
+            frames[name] = frame.limit(cap)
