@@ -91,3 +91,57 @@ def test_ingest_figures_and_exact_epoch_shards(tmp_path):
 
     assert _run_epoch(fresh.epoch_datasets(plan, seed=8, total_steps=total), epoch_dataset_name(1), world,
                       batch) != first  # the job's seed decides the order
+
+
+
+def _loop(config):
+    """A Ray Train worker that reads its micro-batches through EpochStream and writes them down
+    (one file per rank: Ray's result carries rank 0's report only)."""
+    import ray.train
+
+    from finetune_trainer.batches import EpochStream
+
+    stream = EpochStream(config["plan"], step=config["step"], total_steps=config["total"], pad_token_id=0)
+    seen = [[[int(t) for t, m in zip(row, mask, strict=True) if m] for row, mask in
+             zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)] for b in stream]
+    rank = ray.train.get_context().get_world_rank()
+    with open(f"{config['out']}/rank{rank}.json", "w") as out:
+        json.dump({"seen": seen, "waited": stream.waited}, out)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_workers_resumed_mid_epoch_read_the_uninterrupted_run_s_micro_batches(tmp_path):
+    """Through Ray Train itself (get_dataset_shard, DataConfig with preserve_order): a run started at
+    step s reads, on every rank, exactly the uninterrupted run's micro-batches from step s on."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from finetune_trainer.epochs import EpochPlan
+    from finetune_trainer.ingest import ingest
+
+    path = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.sentiment_rows(150, seed=4))
+    got = ingest(_job_data(path), "sequence-classification", tiny.tokenizer(), seed=7)
+    world, batch, accum = 2, 4, 2
+    plan = EpochPlan(rows=got.stats["rows"]["train"], world=world, micro_batch=batch, accumulation=accum)
+    total = plan.steps_per_epoch + 3  # into the second epoch
+
+    def run(step, name):
+        out = tmp_path / name
+        out.mkdir()
+        trainer = TorchTrainer(_loop, train_loop_config={"plan": plan, "step": step, "total": total, "out": str(out)},
+                               scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
+                               datasets=got.epoch_datasets(plan, seed=7, total_steps=total),
+                               dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+                               run_config=RunConfig(name=name, storage_path=str(tmp_path / "ray")))
+        trainer.fit()
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+    whole = run(0, "whole")
+    assert [len(r["seen"]) for r in whole] == [total * accum] * world
+    step = plan.steps_per_epoch - 1  # resumed inside epoch 0, crossing into epoch 1
+    resumed = run(step, "resumed")
+    for rank in range(world):
+        assert resumed[rank]["seen"] == whole[rank]["seen"][step * accum :], rank
+    assert whole[0]["seen"] != whole[1]["seen"]
+    assert all(r["waited"] >= 0 for r in whole)

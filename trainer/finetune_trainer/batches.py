@@ -7,12 +7,15 @@ is removed (DATA_INGEST_STATUS.md).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from .data import IGNORE_INDEX
+from .epochs import EpochPlan, epoch_dataset_name
 
 
 def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
@@ -40,3 +43,40 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
             types[j, : len(row)] = row
         out["token_type_ids"] = torch.from_numpy(types)
     return out
+
+
+class EpochStream:
+    """This rank's micro-batches, from a run's first (or resumed) step to its last, read from Ray
+    Train's per-epoch dataset shards (epochs.py: which rows, in which order, where a resumed run
+    starts). `waited` is the seconds the loop spent waiting on the input pipeline, the figure
+    item 6 of issue 18 reports as a share of training time."""
+
+    def __init__(self, plan: EpochPlan, *, step: int, total_steps: int, pad_token_id: int):
+        self.plan, self.step, self.total, self.pad = plan, step, total_steps, pad_token_id
+        self.waited = 0.0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        import ray.train
+
+        epoch, skip = self.plan.position(self.step)
+        left = (self.total - self.step) * self.plan.accumulation  # micro-batches still to train on
+        while left > 0:
+            shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
+            if shard is None:
+                raise RuntimeError(f"Ray Train was given no dataset {epoch_dataset_name(epoch)!r}: the driver opens "
+                                   "one per epoch of the run (Ingested.epoch_datasets)")
+            batches = iter(shard.iter_batches(batch_size=self.plan.micro_batch, batch_format="numpy", drop_last=True))
+            for index in range(self.plan.micro_batches_per_epoch):
+                clock = time.perf_counter()
+                batch = next(batches, None)
+                self.waited += time.perf_counter() - clock
+                if batch is None:  # equal=True gives every rank rows_per_rank rows: never short
+                    raise RuntimeError(f"epoch {epoch}: the shard ended after {index} micro-batches, the plan counts "
+                                       f"{self.plan.micro_batches_per_epoch}")
+                if index < skip:
+                    continue
+                yield collate(batch, self.pad)
+                left -= 1
+                if left == 0:
+                    return
+            epoch, skip = epoch + 1, 0
