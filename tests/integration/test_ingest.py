@@ -103,7 +103,7 @@ def _loop(config):
 
     stream = EpochStream(config["plan"], step=config["step"], total_steps=config["total"], pad_token_id=0)
     seen = [[[int(t) for t, m in zip(row, mask, strict=True) if m] for row, mask in
-             zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)] for b in stream]
+             zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)] for b, _ in stream]
     rank = ray.train.get_context().get_world_rank()
     with open(f"{config['out']}/rank{rank}.json", "w") as out:
         json.dump({"seen": seen, "waited": stream.waited}, out)

@@ -60,12 +60,16 @@ def test_zero_fine_tune_learns_keeps_frozen_weights_and_reloads(local_ray, tmp_p
     assert any(not torch.equal(original[k], tuned["bert." + k]) for k in trained)
 
     # the exported folder reloads as a plain HF model and scores what training reported
+    from finetune_trainer.ingest import ingest
     from finetune_trainer.preflight import prepare_job
     from finetune_trainer.scoring import score_models
 
-    prepared = prepare_job(parse_job(doc))
-    prepared.data.test = prepared.data.validation
-    rescored = score_models(doc, {"m": str(result.run_dir / "model")}, prepared.data, prepared.tokenizer.pad_token_id)
+    job = parse_job(doc)
+    prepared = prepare_job(job)
+    # the run's validation split again (the ingest is deterministic: tests/integration/test_ingest.py)
+    again = ingest(job.spec.data, job.spec.model.task, prepared.tokenizer, job.spec.training.seed)
+    rescored = score_models(doc, {"m": str(result.run_dir / "model")}, again.validation, again.label_names,
+                            prepared.tokenizer.pad_token_id)
     assert rescored["m"]["loss"] == pytest.approx(after["eval_loss"], rel=1e-4)
     assert (result.run_dir / "model" / "tokenizer.json").exists()
     saved = json.loads((result.run_dir / "results.json").read_text())

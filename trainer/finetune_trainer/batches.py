@@ -8,13 +8,13 @@ is removed (DATA_INGEST_STATUS.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, TokenizedSplit
 from .epochs import EpochPlan, epoch_dataset_name
 
 
@@ -45,17 +45,37 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
     return out
 
 
+def gather(batches: Iterable[dict[str, np.ndarray]]) -> TokenizedSplit:
+    """A small split (validation, test) read whole from its dataset's numpy batches into the
+    TokenizedSplit evaluation batches from. Held-out splits are capped and small; evaluating them
+    all on every rank (evaluation.evaluate shards by index) needs them addressable by row."""
+    ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    types: list[np.ndarray] = []
+    class_labels: list[np.ndarray] = []
+    for batch in batches:
+        ids += list(batch["input_ids"])
+        if batch["labels"].dtype == object:
+            labels += list(batch["labels"])
+        else:
+            class_labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        if "token_type_ids" in batch:
+            types += list(batch["token_type_ids"])
+    return TokenizedSplit(ids, np.concatenate(class_labels) if class_labels else labels, token_type_ids=types or None)
+
+
 class EpochStream:
     """This rank's micro-batches, from a run's first (or resumed) step to its last, read from Ray
     Train's per-epoch dataset shards (epochs.py: which rows, in which order, where a resumed run
     starts). `waited` is the seconds the loop spent waiting on the input pipeline, the figure
-    item 6 of issue 18 reports as a share of training time."""
+    item 6 of issue 18 reports as a share of training time. Yields (tensors, tokens), tokens being
+    the batch's real (unpadded) token count, counted on the host."""
 
     def __init__(self, plan: EpochPlan, *, step: int, total_steps: int, pad_token_id: int):
         self.plan, self.step, self.total, self.pad = plan, step, total_steps, pad_token_id
         self.waited = 0.0
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
         import ray.train
 
         epoch, skip = self.plan.position(self.step)
@@ -65,17 +85,19 @@ class EpochStream:
             if shard is None:
                 raise RuntimeError(f"Ray Train was given no dataset {epoch_dataset_name(epoch)!r}: the driver opens "
                                    "one per epoch of the run (Ingested.epoch_datasets)")
-            batches = iter(shard.iter_batches(batch_size=self.plan.micro_batch, batch_format="numpy", drop_last=True))
+            batches = iter(shard.iter_batches(batch_size=self.plan.micro_batch, batch_format="numpy", drop_last=False))
             for index in range(self.plan.micro_batches_per_epoch):
                 clock = time.perf_counter()
                 batch = next(batches, None)
                 self.waited += time.perf_counter() - clock
-                if batch is None:  # equal=True gives every rank rows_per_rank rows: never short
+                # equal=True gives every rank rows_per_rank rows; the plan's micro-batches fit in them, the
+                # last one short only when a rank holds less than one step (steps_per_epoch is at least 1)
+                if batch is None:
                     raise RuntimeError(f"epoch {epoch}: the shard ended after {index} micro-batches, the plan counts "
                                        f"{self.plan.micro_batches_per_epoch}")
                 if index < skip:
                     continue
-                yield collate(batch, self.pad)
+                yield collate(batch, self.pad), int(sum(len(row) for row in batch["input_ids"]))
                 left -= 1
                 if left == 0:
                     return

@@ -202,10 +202,18 @@ def resume_mode(job: FineTuneJob, resume: str | None) -> str:
 
 
 def shared_config(prepared: Prepared, tracker: Any) -> dict[str, Any]:
-    """What every worker of every run or trial reads besides its job: one copy of the data in the object store."""
+    """What every worker of every run or trial reads besides its job. The data travels as Ray Data
+    datasets (`ingested`: make_trainer hands them to Ray Train, which streams each worker its
+    shard); only the forgetting probe's small reference split goes through the object store."""
+    ingested = prepared.ingested
+    assert ingested is not None, "the session ingests the data once Ray is up"
+    reference = prepared.data.reference
     return {
         "model_dir": prepared.model_dir,
-        "data": ray.put(prepared.data),
+        "ingested": ingested,
+        "train_rows": ingested.stats["rows"]["train"],
+        "label_names": ingested.label_names,
+        "reference": ray.put(reference) if reference is not None else None,
         "pad_token_id": prepared.tokenizer.pad_token_id,
         "progress": tracker,
     }
@@ -220,7 +228,13 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    res = job.spec.resources
+    from .epochs import EpochPlan
+
+    res, t = job.spec.resources, job.spec.training
+    shared = dict(shared)
+    ingested, rows = shared.pop("ingested"), shared["train_rows"]
+    plan = EpochPlan(rows=rows, world=res.workers, micro_batch=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps)
+    datasets, data_config = ingested.trainer_datasets(plan, t.seed, t.total_steps(rows, res.workers))
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
     storage = persistence.run_config_args(job, storage_path=storage_path, tracker=shared.get("progress"))
     storage["callbacks"] += callbacks or []
@@ -230,6 +244,7 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
         train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "trial": trial, "persistence": persistence,
                            "start_id": start_id, **shared},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=worker_resources),
+        datasets=datasets, dataset_config=data_config,
         run_config=RunConfig(name=name, logging_config=LoggingConfig(log_level=logs.ray_log_level()), **storage),  # type: ignore[call-arg]  # V2's field (above)
     )
 
@@ -328,10 +343,14 @@ def _label_names_into_config(config_path: Path, names: list[str]) -> None:
 
 
 def score_test(prepared: Prepared, model_dir: Path | None) -> dict[str, dict[str, float]]:
-    """Baseline and fine-tuned model on the test split, as one Ray task with a worker's resources."""
+    """Baseline and fine-tuned model on the test split, as one Ray task with a worker's resources
+    (the split reaches it as its dataset, which the task reads whole: test is capped and small)."""
     from .scoring import score_models
 
+    ingested = prepared.ingested
+    assert ingested is not None and ingested.test is not None
     res = prepared.job.spec.resources
     task = ray.remote(score_models).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker or 0)
     models = {"baseline": prepared.model_dir} | ({"finetuned": str(model_dir)} if model_dir else {})
-    return ray.get(task.remote(prepared.job.model_dump(by_alias=True, mode="json"), models, prepared.data, prepared.tokenizer.pad_token_id))
+    return ray.get(task.remote(prepared.job.model_dump(by_alias=True, mode="json"), models, ingested.test,
+                               ingested.label_names, prepared.tokenizer.pad_token_id))

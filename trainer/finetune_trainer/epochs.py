@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EPOCH_DATASET_PREFIX = "train_epoch_"
+VALIDATION_DATASET = "validation"  # given whole to every worker (not split): evaluation shards it by index
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

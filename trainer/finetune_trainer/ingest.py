@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import data_checks
-from .epochs import EpochPlan, epoch_dataset_name, epoch_seed
+from .epochs import VALIDATION_DATASET, EpochPlan, epoch_dataset_name, epoch_seed
 from .sources import SourceError, resolve_local
 
 SPLITS = ("train", "validation", "test")
@@ -60,6 +60,19 @@ class Ingested:
         """One lazily shuffled dataset per epoch the run opens (epochs.py), by Ray Train name."""
         return {epoch_dataset_name(e): self.train.random_shuffle(seed=epoch_seed(seed, e))
                 for e in range(plan.epochs_for(total_steps))}
+
+    def trainer_datasets(self, plan: EpochPlan, seed: int, total_steps: int) -> tuple[dict[str, ray.data.Dataset], Any]:
+        """What a TorchTrainer is given: the epoch datasets, split between the workers in a fixed
+        order (DataConfig with preserve_order: epochs.py says why that makes the split deterministic),
+        and the validation split given whole to every worker."""
+        from ray.data import ExecutionOptions
+        from ray.train import DataConfig
+
+        datasets = self.epoch_datasets(plan, seed, total_steps)
+        split = list(datasets)
+        if self.validation is not None:
+            datasets[VALIDATION_DATASET] = self.validation
+        return datasets, DataConfig(datasets_to_split=split, execution_options=ExecutionOptions(preserve_order=True))
 
 
 def configure_context() -> None:
@@ -204,15 +217,16 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
             continue
         cleaned = _clean(read(source, f"spec.data.{name}", storage), columns, name, data, stats)
         frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream))  # per file, as data.py
-    _carve_and_cap(frames, data)
     label_names = None
     if task == "sequence-classification":
         from .data import _label_names
 
         train = frames["train"]
         assert train is not None
+        # classes come from the whole train file (before carving and caps), as data.prepare's do
         values = pd.Series(train.unique(data.label_field))
         label_names = _label_names(data, values, num_labels)
+    _carve_and_cap(frames, data)
     out: dict[str, ray.data.Dataset | None] = {}
     for name, frame in frames.items():
         if frame is None:

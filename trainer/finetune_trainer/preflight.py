@@ -5,7 +5,7 @@ the freezing plan fits the model. Runs in seconds; builds the model on the meta 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters import plan_on_skeleton
 from .data import DataError, PreparedData, prepare
@@ -26,6 +26,9 @@ from .sources import SourceError
 from .spec import FineTuneJob, SpecError
 from .spec.search import dropped_params, search_combinations, trial_spec
 
+if TYPE_CHECKING:
+    from .ingest import Ingested
+
 
 @dataclass
 class Prepared:
@@ -35,6 +38,7 @@ class Prepared:
     data: PreparedData
     plan: FreezePlan
     model_class: str
+    ingested: Ingested | None = None  # the Ray Data splits (ingest.py): the session reads them once Ray is up
 
 
 def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:

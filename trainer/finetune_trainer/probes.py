@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import PreparedData
+from .data import TokenizedSplit
 from .generation import SampleGenerator, sample_prompts
 from .reference import perplexity
 from .spec import FineTuneJob
@@ -18,19 +18,19 @@ from .spec.training import REFERENCE_METRIC
 
 
 class EvaluationProbes:
-    def __init__(self, job: FineTuneJob, data: PreparedData, *, model_dir: str, device: torch.device, rank: int,
-                 world_size: int, pad_token_id: int):
+    def __init__(self, job: FineTuneJob, validation: TokenizedSplit | None, reference: TokenizedSplit | None, *, model_dir: str,
+                 device: torch.device, rank: int, world_size: int, pad_token_id: int):
         spec = job.spec
-        self.reference = data.reference if spec.evaluation.reference is not None else None
+        self.reference = reference if spec.evaluation.reference is not None else None
         self.kw: dict[str, Any] = {"batch_size": spec.training.per_device_batch_size * 2, "pad_token_id": pad_token_id,
                                    "device": device, "rank": rank, "world_size": world_size}
         self.generator: SampleGenerator | None = None
         samples = spec.evaluation.samples
-        if samples is not None and data.validation is not None:
+        if samples is not None and validation is not None:
             from .modeling import load_tokenizer
 
             self.generator = SampleGenerator(
-                sample_prompts(data.validation, samples.count), samples, load_tokenizer(model_dir, spec.model),
+                sample_prompts(validation, samples.count), samples, load_tokenizer(model_dir, spec.model),
                 seed=spec.training.seed, device=device, zero3=spec.deepspeed.zero_stage == 3, rank=rank, world_size=world_size,
             )
 

@@ -25,14 +25,14 @@ import shutil
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import baseline, checkpoint_files, deepspeed_load, logs, packing, transfer, worker_model
+from .batches import EpochStream, gather
 from .class_report import CONFUSION_KEY
-from .data import PreparedData
 from .ds_config import build_ds_config, resolve_precision
+from .epochs import VALIDATION_DATASET, EpochPlan
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
 from .memory import PeakMemory
@@ -54,9 +54,14 @@ class FineTuneRecipe:
         self.job = FineTuneJob.model_validate(config["job"])
         self.spec = self.job.spec
         self.model_dir: str = config["model_dir"]
-        self.data: PreparedData = ray.get(config["data"])  # one copy in the object store, shared by workers
+        self.train_rows: int = config["train_rows"]  # the train split streams in (EpochStream): only its size is here
+        self.label_names: list[str] | None = config["label_names"]
+        self.reference = ray.get(config["reference"]) if config.get("reference") is not None else None
+        # validation is small (capped): every rank reads it whole from its dataset, evaluation shards it by index
+        shard = ray.train.get_dataset_shard(VALIDATION_DATASET)
+        self.validation = gather(shard.iter_batches(batch_format="numpy")) if shard is not None else None
         self.pad_id: int = config["pad_token_id"]
-        self.num_labels = len(self.data.label_names) if self.data.label_names else None
+        self.num_labels = len(self.label_names) if self.label_names else None
         self.progress = config.get("progress")
         self.trial: str | None = config.get("trial")  # set when this run is one trial of a search
         self.resume_from = config.get("resume_from")  # a complete checkpoint of an earlier run (--resume)
@@ -87,8 +92,11 @@ class FineTuneRecipe:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.memory = PeakMemory(self.device)  # before the model: training's own peak is counted from here (memory.py)
         torch.manual_seed(t.seed)  # identical new head on every rank
-        self.per_epoch = t.steps_per_epoch(len(self.data.train), self.world)
-        self.total = t.total_steps(len(self.data.train), self.world)
+        self.per_epoch = t.steps_per_epoch(self.train_rows, self.world)
+        self.total = t.total_steps(self.train_rows, self.world)
+        self.stream_plan = EpochPlan(rows=self.train_rows, world=self.world, micro_batch=t.per_device_batch_size,
+                                     accumulation=t.gradient_accumulation_steps)
+        assert self.stream_plan.steps_per_epoch == self.per_epoch, "epochs.EpochPlan and TrainingSpec count steps alike"
         built = worker_model.build(self.spec, self.model_dir, num_labels=self.num_labels, pad_token_id=self.pad_id,
                                    steps_per_epoch=self.per_epoch)  # PEFT's adapters, or the freezing plan, applied
         model, self.plan, self.adapters, self.params = built.module, built.plan, built.adapters, built.params
@@ -117,7 +125,7 @@ class FineTuneRecipe:
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss (nonFiniteLoss: skipStep)
         self.save_seconds: float | None = None  # the last evaluation + checkpoint, what a preemption's save is judged by
         # generated samples and the reference perplexity at each evaluation (spec.evaluation.samples / .reference)
-        self.probes = EvaluationProbes(self.job, self.data, model_dir=self.model_dir, device=self.device, rank=self.rank,
+        self.probes = EvaluationProbes(self.job, self.validation, self.reference, model_dir=self.model_dir, device=self.device, rank=self.rank,
                                        world_size=self.world, pad_token_id=self.pad_id)
         self.samples: list[dict[str, str]] | None = None  # this evaluation's, for the tracker's row (rank 0)
         self.confusion: list[list[int]] | None = None  # this evaluation's matrix (classification), likewise (class_report)
@@ -182,43 +190,42 @@ class FineTuneRecipe:
         self.gate.apply(self.step)
         losses: list[torch.Tensor] = []  # detached, read only when reported: no host sync per step
         clock = time.perf_counter()  # training wall time: every step and its bookkeeping, not eval
-        while self.step < self.total:
-            epoch = self.step // self.per_epoch
-            batches = self._epoch_batches(epoch)
-            for micro in batches[(self.step % self.per_epoch) * t.gradient_accumulation_steps :]:
-                host = self.data.train.batch(micro, self.pad_id)
-                self.tokens += self.data.train.tokens_in(micro)  # counted on the host: no device sync
-                batch = transfer.to_device(host, self.device)  # on GPUs pinned, non_blocking: no wait on the last step
-                loss = self.engine(**batch, **packing.forward_kwargs(batch)).loss
-                self.guard.observe(loss, self.step + 1)  # on the device; read at the next evaluation
-                self.engine.backward(loss)
-                self.engine.step()  # DeepSpeed's ZeRO optimizer drops a step whose gradient norm is not finite
-                losses.append(loss.detach())
-                if not self.engine.is_gradient_accumulation_boundary():
-                    continue
-                self.step += 1
-                if not self.clock.logged:
-                    self.clock.mark("first_step")
-                    self.clock.log_once(self.rank)
-                if not is_metric_driven(self.spec.lr_schedule) and self.engine.was_step_applied():
-                    self.scheduler.step()
-                opened = self.gate.apply(self.step)
-                if opened:
-                    log0.info("step %d: unfroze %s", self.step, ", ".join(opened))
-                self._progress(losses[-t.gradient_accumulation_steps :])
-                evaluated = self.step % ev.every_steps == 0 or self.step >= self.total
-                if evaluated:
-                    self.train_seconds += self._seconds_since(clock)
-                    if self._evaluate_and_report(losses):
-                        return
-                    losses, clock = [], time.perf_counter()
-                notice = self.preemption.poll()
-                if notice is not None and self._save_on_preemption(notice, evaluated):
-                    self.train_seconds += self._seconds_since(clock)
-                    self._evaluate_and_report(losses, preempted=True)
-                    losses, clock = [], time.perf_counter()
-                if self.step >= self.total:
+        # this rank's micro-batches from this step on, across epochs (a resumed run picks the stream up
+        # where the uninterrupted run was: epochs.py)
+        self.stream = EpochStream(self.stream_plan, step=self.step, total_steps=self.total, pad_token_id=self.pad_id)
+        for host, tokens in self.stream:
+            self.tokens += tokens  # counted on the host: no device sync
+            batch = transfer.to_device(host, self.device)  # on GPUs pinned, non_blocking: no wait on the last step
+            loss = self.engine(**batch, **packing.forward_kwargs(batch)).loss
+            self.guard.observe(loss, self.step + 1)  # on the device; read at the next evaluation
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed's ZeRO optimizer drops a step whose gradient norm is not finite
+            losses.append(loss.detach())
+            if not self.engine.is_gradient_accumulation_boundary():
+                continue
+            self.step += 1
+            if not self.clock.logged:
+                self.clock.mark("first_step")
+                self.clock.log_once(self.rank)
+            if not is_metric_driven(self.spec.lr_schedule) and self.engine.was_step_applied():
+                self.scheduler.step()
+            opened = self.gate.apply(self.step)
+            if opened:
+                log0.info("step %d: unfroze %s", self.step, ", ".join(opened))
+            self._progress(losses[-t.gradient_accumulation_steps :])
+            evaluated = self.step % ev.every_steps == 0 or self.step >= self.total
+            if evaluated:
+                self.train_seconds += self._seconds_since(clock)
+                if self._evaluate_and_report(losses):
                     return
+                losses, clock = [], time.perf_counter()
+            notice = self.preemption.poll()
+            if notice is not None and self._save_on_preemption(notice, evaluated):
+                self.train_seconds += self._seconds_since(clock)
+                self._evaluate_and_report(losses, preempted=True)
+                losses, clock = [], time.perf_counter()
+            if self.step >= self.total:
+                return
 
     def _save_on_preemption(self, notice: Notice, evaluated: bool) -> bool:
         """A node of this run is going away (guards.py): save a checkpoint of this step if the last
@@ -243,19 +250,11 @@ class FineTuneRecipe:
             torch.cuda.synchronize(self.device)  # queued steps belong to training time, not to eval's
         return time.perf_counter() - clock
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches for an epoch: a seeded permutation, sharded by rank."""
-        t = self.spec.training
-        order = np.random.default_rng(t.seed + epoch).permutation(len(self.data.train))
-        usable = self.per_epoch * t.per_device_batch_size * t.gradient_accumulation_steps
-        mine = order[self.rank :: self.world][:usable]
-        return [mine[i : i + t.per_device_batch_size].tolist() for i in range(0, usable, t.per_device_batch_size)]
-
     def _evaluate(self) -> dict[str, float]:
-        if self.data.validation is None:  # data.prepare carves one unless the spec gave none to carve
-            raise ValueError("the trainer evaluates on the validation split, and the prepared data has none")
+        if self.validation is None:  # the ingest carves one unless the spec gave none to carve
+            raise ValueError("the trainer evaluates on the validation split, and the ingested data has none")
         metrics = evaluate(
-            self.engine.module, self.data.validation, task=self.spec.model.task,
+            self.engine.module, self.validation, task=self.spec.model.task,
             batch_size=self.spec.training.per_device_batch_size * 2, pad_token_id=self.pad_id,
             device=self.device, num_labels=self.num_labels, rank=self.rank, world_size=self.world,
         )

@@ -8,29 +8,32 @@ model, or with output.mergeAdapter false the base with the exported adapter load
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .adapters import load_adapted
 from .class_report import CONFUSION_KEY
-from .data import PreparedData
 from .evaluation import evaluate
 from .modeling import load_model
 from .persist import ADAPTER_DIR
 from .spec import FineTuneJob
 
+if TYPE_CHECKING:
+    import ray.data
 
-def score_models(job_doc: dict[str, Any], models: dict[str, str], data: PreparedData, pad_token_id: int) -> dict[str, dict[str, Any]]:
-    if data.test is None:
-        raise ValueError("score_models needs the test split; the driver scores only when spec.data.test is set")
-    test = data.test
+
+def score_models(job_doc: dict[str, Any], models: dict[str, str], test_dataset: ray.data.Dataset, label_names: list[str] | None,
+                 pad_token_id: int) -> dict[str, dict[str, Any]]:
+    from .batches import gather
+
+    test = gather(test_dataset.iter_batches(batch_format="numpy"))
     job = FineTuneJob.model_validate(job_doc)
     spec = job.spec
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-    num_labels = len(data.label_names) if data.label_names else None
+    num_labels = len(label_names) if label_names else None
     wanted = set(spec.evaluation.resolved_metrics(spec.model.task)) | {"loss"}
     scores: dict[str, dict[str, Any]] = {}
     for name, folder in models.items():

@@ -68,6 +68,7 @@ class DriverSession:
         self.prepared = self._prepare()
         self.preflight_seconds = time.time() - self.started
         init_ray(self.job.ray_job_metadata())  # the dashboard's Jobs view names the FineTuneJob
+        self._ingest()
         self.run_id, self.restored = self._choose_run_id()
         self.attempt = self.persistence.record_attempt(self.run_id)
         if self.attempt > 1:
@@ -164,6 +165,22 @@ class DriverSession:
         except SpecError as err:
             self._publish_invalid(err)
             raise
+
+    def _ingest(self) -> None:
+        """The data as Ray Data datasets (ingest.py), read, split and tokenized in Ray's tasks; what
+        the workers stream from. A problem found here is a verdict like the preflight's."""
+        from .data import DataError  # torch: the preflight has loaded it already
+        from .ingest import ingest
+
+        spec = self.job.spec
+        try:
+            self.prepared.ingested = ingest(spec.data, spec.model.task, self.prepared.tokenizer, spec.training.seed,
+                                            storage=spec.storage, num_labels=spec.model.num_labels)
+        except DataError as err:
+            path, _, message = str(err).partition(": ")
+            invalid = SpecError([(path, message or str(err))])
+            self._publish_invalid(invalid)
+            raise invalid from None
 
     def _publish_invalid(self, err: SpecError) -> None:
         """status.json `invalid` naming the fields: the operator's Stalled/InvalidSpec."""
