@@ -49,3 +49,24 @@ def test_gather_rebuilds_a_small_split_from_its_batches_for_both_label_kinds():
                      {"input_ids": _ragged(ids[1:]), "labels": _ragged(ids[1:])}])
     assert isinstance(causal.labels, list) and [r.tolist() for r in causal.labels] == ids
     assert causal.token_type_ids is None and causal.num_tokens() == 6
+
+
+def test_packed_blocks_collate_and_gather_as_the_in_memory_packed_split():
+    """spec.data.packing on the stream: position ids restart per example and no attention mask is
+    sent, exactly as TokenizedSplit.batch sends a packed split (packing.py says why)."""
+    from finetune_trainer.batches import gather
+    from finetune_trainer.packing import pack
+
+    examples = [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]]
+    blocks = pack(examples, examples, 5)
+    split = TokenizedSplit(blocks.input_ids, blocks.labels, position_ids=blocks.position_ids, examples=blocks.examples)
+    column = {"input_ids": _ragged(blocks.input_ids), "labels": _ragged(blocks.labels),
+              "position_ids": _ragged(blocks.position_ids),
+              "examples": np.asarray([int((p == 0).sum()) for p in blocks.position_ids])}
+    want, got = split.batch(list(range(len(split))), pad_token_id=0), collate(column, 0)
+    assert want.keys() == got.keys() and "attention_mask" not in got
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    back = gather([column])
+    assert back.examples == 4 and back.position_ids is not None
+    assert [p.tolist() for p in back.position_ids] == [p.tolist() for p in blocks.position_ids]

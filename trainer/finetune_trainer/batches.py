@@ -16,6 +16,7 @@ import torch
 
 from .data import IGNORE_INDEX, TokenizedSplit
 from .epochs import EpochPlan, epoch_dataset_name
+from .packing import pad_positions
 
 
 def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
@@ -37,6 +38,9 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
         for j, row in enumerate(labels):
             padded[j, : len(row)] = row
         out["labels"] = torch.from_numpy(padded)
+    if "position_ids" in batch:  # packed blocks: position ids and no attention mask (packing.pad_positions says why)
+        out.pop("attention_mask")
+        out["position_ids"] = torch.from_numpy(np.stack([pad_positions(p, width) for p in batch["position_ids"]]))
     if "token_type_ids" in batch:
         types = np.zeros((len(rows), width), dtype=np.int64)
         for j, row in enumerate(batch["token_type_ids"]):
@@ -52,6 +56,8 @@ def gather(batches: Iterable[dict[str, np.ndarray]]) -> TokenizedSplit:
     ids: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     types: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    examples = 0
     class_labels: list[np.ndarray] = []
     for batch in batches:
         ids += list(batch["input_ids"])
@@ -61,7 +67,11 @@ def gather(batches: Iterable[dict[str, np.ndarray]]) -> TokenizedSplit:
             class_labels.append(np.asarray(batch["labels"], dtype=np.int64))
         if "token_type_ids" in batch:
             types += list(batch["token_type_ids"])
-    return TokenizedSplit(ids, np.concatenate(class_labels) if class_labels else labels, token_type_ids=types or None)
+        if "position_ids" in batch:
+            positions += list(batch["position_ids"])
+            examples += int(batch["examples"].sum())
+    return TokenizedSplit(ids, np.concatenate(class_labels) if class_labels else labels, token_type_ids=types or None,
+                          position_ids=positions or None, examples=examples if positions else None)
 
 
 class EpochStream:

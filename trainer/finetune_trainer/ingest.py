@@ -166,6 +166,9 @@ def _clean(ds: ray.data.Dataset, columns: dict[str, str], name: str, data: DataS
 def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str,
               label_names: list[str] | None) -> dict[str, np.ndarray]:
     """map_batches' function: a pandas batch to columns of token ids (and labels), unpadded.
+    With spec.data.packing the batch's examples come out as packed blocks (data.py packs them with
+    packing.pack): a block never spans two batches, so a batch of TOKENIZE_BATCH rows fills its
+    blocks nearly as well as the whole split would, and the result depends only on the rows' order.
 
     A task, not an actor pool: a pool's actors take seconds to start, and the fast tokenizer
     pickles into each task in milliseconds. The per-example encodings are data.py's (the same
@@ -182,6 +185,10 @@ def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str
                      else _ragged(tokenized.labels))
     if tokenized.token_type_ids is not None:
         out["token_type_ids"] = _ragged(tokenized.token_type_ids)
+    if tokenized.position_ids is not None:  # spec.data.packing: blocks of whole examples (packing.pack, per batch)
+        out["position_ids"] = _ragged(tokenized.position_ids)
+        out["examples"] = np.fromiter((int((p == 0).sum()) for p in tokenized.position_ids), dtype=np.int64,
+                                      count=len(tokenized.position_ids))
     out["num_tokens"] = np.fromiter((len(r) for r in tokenized.input_ids), dtype=np.int64,
                                     count=len(tokenized.input_ids))
     return out
@@ -203,8 +210,6 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
 
     from .data import DataError, _required_columns  # lazily: data.py imports torch, the driver must not at import
 
-    if data.packing:
-        raise DataError("spec.data.packing: the Ray Data ingest does not pack yet (issue 18 item 4, packing.py)")
     configure_context()
     columns = _required_columns(data, task)
     stats: dict[str, Any] = {"rows": {}, "tokens": {}, "table_rows": {}, "file_rows": {}, "dropped_empty": {},
