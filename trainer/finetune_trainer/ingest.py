@@ -194,6 +194,26 @@ def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str
     return out
 
 
+def _data_error(err: BaseException) -> BaseException:
+    """The DataError (or chat.ChatDataError) a Ray Data task raised, found in Ray's wrapping of it
+    (RayTaskError's `cause`, UserCodeException's `__cause__`), so the message names the spec field
+    without a remote traceback; `err` itself when no such error is inside."""
+    from .chat import ChatDataError
+    from .data import DataError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (DataError, ChatDataError)) and type(current) in (DataError, ChatDataError):
+            return DataError(str(current))
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return err
+
+
 def _ragged(rows: list[np.ndarray]) -> np.ndarray:
     column = np.empty(len(rows), dtype=object)
     column[:] = rows
@@ -220,8 +240,11 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         if source is None:
             frames[name] = None
             continue
-        cleaned = _clean(read(source, f"spec.data.{name}", storage), columns, name, data, stats)
-        frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream))  # per file, as data.py
+        # Each step below is a pass over the data; the read rows and the cleaned, shuffled ones are kept in
+        # the object store (spilled to disk when large, never in the driver) so no pass reads the files again
+        raw = read(source, f"spec.data.{name}", storage).materialize()
+        cleaned = _clean(raw, columns, name, data, stats)
+        frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream)).materialize()  # per file, as data.py
     label_names = None
     if task == "sequence-classification":
         from .data import _label_names
@@ -239,17 +262,30 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
             continue
         clock = time.perf_counter()
         tokenize = partial(_tokenize, data=data, tokenizer=tokenizer, split=name, label_names=label_names)
-        tokenized = frame.map_batches(tokenize, batch_size=TOKENIZE_BATCH, batch_format="pandas").materialize()
+        try:
+            tokenized = frame.map_batches(tokenize, batch_size=TOKENIZE_BATCH, batch_format="pandas").materialize()
+        except Exception as err:  # a bad cell found in a task: Ray wraps the DataError; the user gets its message
+            raise _data_error(err) from None
         stats["tokenize_seconds"][name] = time.perf_counter() - clock
         rows = tokenized.count()
         if rows == 0:
             raise DataError(f"spec.data.{name}: no usable rows (all empty or capped to 0)")
-        stats["rows"][name] = stats["table_rows"][name] = rows
-        stats["tokens"][name] = int(tokenized.sum("num_tokens"))
-        if label_names is not None and name == "train":
-            counts = np.zeros(len(label_names), dtype=np.int64)
-            for part in tokenized.select_columns(["labels"]).iter_batches(batch_format="numpy"):  # streamed
-                counts += np.bincount(part["labels"], minlength=len(label_names))
+        stats["rows"][name] = rows  # examples, or packed blocks
+        stats["table_rows"][name] = frame.count()  # rows that went into tokenizing (materialized: metadata)
+        # one streamed pass over the small columns for the figures: tokens, label counts, packed examples
+        counting = label_names is not None and name == "train"
+        figures = ["num_tokens", *(["labels"] if counting else []), *(["examples"] if data.packing and label_names is None else [])]
+        tokens, examples, counts = 0, 0, np.zeros(len(label_names or []), dtype=np.int64)
+        for part in tokenized.select_columns(figures).iter_batches(batch_format="numpy"):
+            tokens += int(part["num_tokens"].sum())
+            if counting:
+                counts += np.bincount(part["labels"], minlength=len(counts))
+            if "examples" in part:
+                examples += int(part["examples"].sum())
+        stats["tokens"][name] = tokens
+        if "examples" in figures:
+            stats.setdefault("packed_examples", {})[name] = examples
+        if counting and label_names is not None:
             stats["train_label_counts"] = dict(zip(label_names, counts.tolist(), strict=True))
             stats["classes_missing_from_train"] = data_checks.missing_classes(label_names, counts)
         out[name] = tokenized
