@@ -80,6 +80,9 @@ def configure_context() -> None:
     DataConfig is given the same options for the workers' split)."""
     import ray.data
 
+    from . import logs
+
+    logs.quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the CLI's own progress lines are the ones users read

@@ -201,6 +201,17 @@ def _quiet_loaded_libraries() -> None:
         hub_utils.disable_progress_bars()
 
 
+def quiet_ray_data() -> None:
+    """For the driver once it has imported Ray Data (ingest.py): without -v, Ray Data's console
+    lines (each execution's plan, start and finish, at INFO) are held back; they still go to Ray's
+    ray-data.log. Ray Data configures its logger when imported, so this cannot be done before."""
+    if verbosity():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):  # the console
+            handler.setLevel(logging.WARNING)
+
+
 def world_rank() -> int:
     """This process's Ray Train world rank; 0 anywhere else (the driver, a Ray task)."""
     if "ray.train" not in sys.modules:  # nothing imported Ray Train: not one of its workers
