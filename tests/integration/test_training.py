@@ -75,6 +75,9 @@ def test_zero_fine_tune_learns_keeps_frozen_weights_and_reloads(local_ray, tmp_p
     saved = json.loads((result.run_dir / "results.json").read_text())
     assert saved["metrics"]["test"]["finetuned"]["accuracy"] > 0.7
     assert saved["throughput"]["tokens_per_second"] > 0 and saved["peak_memory_mib"] > 0
+    # issue 18's figures: the input pipeline's share of training time, the tokenizing time per split
+    assert 0 <= saved["throughput"]["input_wait_share"] < 1
+    assert set(saved["data"]["tokenize_seconds"]) == {"train", "validation", "test"}
 
 
 @pytest.mark.parametrize(("stage", "steps", "moved", "still"), [

@@ -40,6 +40,16 @@ class Prepared:
     model_class: str
     ingested: Ingested | None = None  # the Ray Data splits (ingest.py): the session reads them once Ray is up
 
+    def data_stats(self) -> dict[str, Any]:
+        """results.json's `data` section: the data checks' figures and the ingest's (seconds spent
+        tokenizing each split in Ray Data's tasks; rows and tokens of what the workers streamed)."""
+        if self.ingested is None:
+            return dict(self.data.stats)
+        ingested = self.ingested.stats
+        return {**self.data.stats, "rows": ingested["rows"], "tokens": ingested["tokens"],
+                "tokenize_seconds": ingested["tokenize_seconds"],
+                **({"packed_examples": ingested["packed_examples"]} if "packed_examples" in ingested else {})}
+
 
 def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     """Resolve, read and tokenize; raise SpecError naming the field when something does not fit."""

@@ -122,6 +122,8 @@ class FineTuneRecipe:
         self.best_step: int | None = None
         self.history: list[dict[str, Any]] = []
         self.tokens, self.train_seconds = 0, 0.0
+        self.stream: EpochStream | None = None  # the train split's micro-batches (train())
+        self.input_wait = 0.0  # seconds earlier starts of this run waited on the input pipeline (checkpointed)
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss (nonFiniteLoss: skipStep)
         self.save_seconds: float | None = None  # the last evaluation + checkpoint, what a preemption's save is judged by
         # generated samples and the reference perplexity at each evaluation (spec.evaluation.samples / .reference)
@@ -165,6 +167,7 @@ class FineTuneRecipe:
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.history, self.tokens, self.train_seconds = state["history"], state["tokens"], state["train_seconds"]
+        self.input_wait = state.get("input_wait_seconds", 0.0)
         self.resumed_step = self.step
         log0.info("resumed from step %d (%s)", self.step, path)
         if found.skipped:  # the one line that names both: what was skipped and what was used instead
@@ -348,15 +351,20 @@ class FineTuneRecipe:
             "step": self.step, "best": self.best, "best_step": self.best_step, "history": self.history,
             "tokens": self.tokens, "train_seconds": self.train_seconds,
             "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopper.state_dict(),
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps, "input_wait_seconds": self._input_wait(),
         }
 
+    def _input_wait(self) -> float:
+        return self.input_wait + (self.stream.waited if self.stream is not None else 0.0)
+
     def _summary(self) -> dict[str, float]:
-        """Throughput and memory over all ranks: sums for tokens, max for time and memory."""
+        """Throughput and memory over all ranks: sums for tokens, max for time, input wait and memory.
+        `input_wait_share`: of the training time, the share the slowest-fed rank waited for its next
+        batch from Ray Data (issue 18's figure of whether the pipeline keeps up)."""
         # the process' peak, and training's own above what the worker held before the model (memory.py)
         peak, training = self.memory.process_peak(), self.memory.training_peak()
         # on the worker's device: NCCL (GPU workers) reduces device tensors only
-        stats = torch.tensor([float(self.tokens), self.train_seconds, float(peak), float(training)], dtype=torch.float64,
+        stats = torch.tensor([float(self.tokens), self.train_seconds, float(peak), float(training), self._input_wait()], dtype=torch.float64,
                              device=self.device)
         if self.world > 1:
             tokens = stats[:1].clone()
@@ -369,6 +377,8 @@ class FineTuneRecipe:
             "tokens_per_second": stats[0].item() / max(stats[1].item(), 1e-9),
             "peak_memory_mib": stats[2].item() / 2**20,
             "peak_training_memory_mib": stats[3].item() / 2**20,
+            "input_wait_seconds": stats[4].item(),
+            "input_wait_share": stats[4].item() / max(stats[1].item(), 1e-9),
         }
 
     def _head_lr(self) -> float:

@@ -118,7 +118,7 @@ def results(job: FineTuneJob, prepared: Prepared, trials: list[dict[str, Any]], 
         "metrics": {"validation": {"baseline": strip(baseline), "finetuned": strip(best_eval)}, "test": test},
         "trials": [{k: v for k, v in t.items() if k != "checkpoints"} for t in trials],
         "timings": {"total_seconds": time.time() - started, "preflight_seconds": preflight_seconds},
-        "data": prepared.data.stats,
+        "data": prepared.data_stats(),
         "config": {"spec": job.spec.to_manifest()},
     }
 

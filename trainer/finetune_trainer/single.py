@@ -97,10 +97,11 @@ def _results(session: DriverSession, rows: list[dict[str, Any]], best: dict[str,
             "preflight_seconds": session.preflight_seconds,
             "train_seconds": final.get("train_seconds"),
         },
-        "throughput": {"train_tokens": final.get("train_tokens"), "tokens_per_second": final.get("tokens_per_second")},
+        "throughput": {"train_tokens": final.get("train_tokens"), "tokens_per_second": final.get("tokens_per_second"),
+                       "input_wait_share": final.get("input_wait_share")},
         "peak_memory_mib": final.get("peak_memory_mib"),
         "freezing": prepared.plan.summary(),
-        "data": prepared.data.stats,
+        "data": prepared.data_stats(),
         "history": [{k: v for k, v in r.items() if k != "samples"} for r in rows],  # the samples have their own section
         "samples": eval_report.sample_sets(rows),
         "forgetting": eval_report.forgetting(rows, step=best.get("step")),  # the exported model's, against the baseline
