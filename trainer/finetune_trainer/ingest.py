@@ -57,8 +57,13 @@ class Ingested:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def epoch_datasets(self, plan: EpochPlan, seed: int, total_steps: int) -> dict[str, ray.data.Dataset]:
-        """One lazily shuffled dataset per epoch the run opens (epochs.py), by Ray Train name."""
-        return {epoch_dataset_name(e): self.train.random_shuffle(seed=epoch_seed(seed, e))
+        """One lazily shuffled dataset per epoch the run opens (epochs.py), by Ray Train name.
+
+        The shuffle runs while the workers train, and the workers may hold every CPU of the cluster
+        (the quickstart: 2 workers x 1 CPU on 2 CPUs); a shuffle task that waited for a free CPU
+        would never start and the run would hang at its first batch. Its tasks therefore reserve no
+        CPU (num_cpus=0): they move blocks already tokenized, which costs little beside a step."""
+        return {epoch_dataset_name(e): self.train.random_shuffle(seed=epoch_seed(seed, e), num_cpus=0)
                 for e in range(plan.epochs_for(total_steps))}
 
     def trainer_datasets(self, plan: EpochPlan, seed: int, total_steps: int) -> tuple[dict[str, ray.data.Dataset], Any]:
