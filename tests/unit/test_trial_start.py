@@ -22,7 +22,13 @@ job = parse_job({{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", 
                  "spec": {{"model": {{"source": "models/tiny", "task": "sequence-classification"}},
                           "data": {{"train": "data/train.jsonl", "validationSplit": 0.1}}, "output": {{"dir": {str(tmp_path)!r}}}}}}})
 persistence = open_storage(job)
-trainer = make_trainer(job, {{"model_dir": "m", "data": None, "pad_token_id": 0, "progress": None}}, persistence=persistence,
+
+class NoData:  # what the ingest hands over (ingest.Ingested) without starting Ray: the datasets are not this test's subject
+    def trainer_datasets(self, plan, seed, total_steps):
+        return {{}}, None
+
+shared = {{"model_dir": "m", "ingested": NoData(), "train_rows": 16, "pad_token_id": 0, "progress": None}}
+trainer = make_trainer(job, shared, persistence=persistence,
                        storage_path={str(tmp_path / "trials")!r}, name="start-1", trial="trial_00")
 loop = cloudpickle.dumps(trainer.train_loop_per_worker)  # what Ray ships to the workers
 heavy = sorted({{"transformers", "peft", "deepspeed", "finetune_trainer.recipe"}} & set(sys.modules))
