@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune_trainer.logs import VERBOSE_ENV
+from finetune_trainer.logs import RAY_DATA_LOGGING_CONFIG, VERBOSE_ENV
 from finetune_trainer.report import format_row
 
 from . import tiny
@@ -24,7 +24,7 @@ MOST_LINES = 25  # besides the final table (issue 15: the quickstart wrote 74)
 ESC = "\x1b"
 # set by the test session or by an in-process `finetune` call of an earlier test: the CLI must set them itself
 INHERITED = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_COLOR_PREFIX",
-             "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", VERBOSE_ENV}
+             "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", RAY_DATA_LOGGING_CONFIG, VERBOSE_ENV}
 
 
 def _finetune_run(tmp_path: Path, *flags: str, max_steps: int) -> tuple[str, dict]:
@@ -56,7 +56,8 @@ def test_a_run_into_a_pipe_writes_its_evaluations_and_table_and_little_else(tmp_
     assert ESC not in out, shown
     for noise in ("LOAD REPORT", "Loading weights", "Writing model shards", "Setting accelerator to CPU", "FutureWarning",
                   "Token authentication is enabled", "PreemptionWatcher", "Started a local Ray instance",
-                  "Setting up process group", "RayDeprecationWarning"):
+                  "Setting up process group", "RayDeprecationWarning", "Starting execution of Dataset", "Execution plan",
+                  "Progress bars disabled", "exclude_resources", "not writable"):
         assert noise not in out, noise
     # our own lines come from the worker, through the `finetune_trainer` logger, once (rank 0 only)
     assert sum("[finetune] BertForSequenceClassification:" in line for line in before_table) == 1, shown
@@ -69,4 +70,5 @@ def test_verbose_brings_the_libraries_output_back_in_the_workers(tmp_path):
     assert format_row(results["history"][-1]) in out
     assert "LOAD REPORT" in out  # transformers at its default verbosity, in a Ray Train worker
     assert "Setting up process group" in out  # Ray Train at INFO
+    assert "Starting execution of Dataset train_epoch_0" in out  # Ray Data at INFO, in the split's actor
     assert "[finetune finetune_trainer.recipe] info: BertForSequenceClassification:" in out  # our logger in the worker, -v format

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -67,9 +68,11 @@ def test_without_a_stream_it_writes_to_stderr_as_it_is_when_logging(logger, caps
 def test_a_quiet_local_run_hands_its_workers_the_quiet_environment(logger, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's choice wins
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv(logs.RAY_DATA_LOGGING_CONFIG, raising=False)
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     assert logs.worker_env(0, local=True) == {
         logs.VERBOSE_ENV: "0", "TRANSFORMERS_VERBOSITY": "info", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        logs.RAY_DATA_LOGGING_CONFIG: str(Path(logs.__file__).with_name("ray_data_logging.yaml")),
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         "PYTHONWARNINGS": "ignore::DeprecationWarning:ray.data._internal.execution.interfaces.execution_options",
     }
@@ -93,7 +96,31 @@ def test_quiet_third_party_leaves_what_the_user_set_and_verbose_changes_nothing(
     assert env == {"TRANSFORMERS_VERBOSITY": "debug"}
     logs.quiet_third_party(0, env)
     assert env == {"TRANSFORMERS_VERBOSITY": "debug", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   logs.RAY_DATA_LOGGING_CONFIG: str(Path(logs.__file__).with_name("ray_data_logging.yaml")),
                    "RAY_COLOR_PREFIX": "0"}  # pytest's stderr is not a terminal
+
+
+def test_ray_datas_own_configuration_reads_the_quiet_config_console_at_warning_file_keeps_all(monkeypatch):
+    """What every Ray process of a quiet run does with RAY_DATA_LOGGING_CONFIG (Ray Data's own
+    configure_logging, which its actors call again for each new dataset): the console handler
+    lets no INFO or WARNING line through, the ray-data.log handler takes them all."""
+    from ray.data._internal import logging as ray_data_logging
+
+    monkeypatch.setenv(logs.RAY_DATA_LOGGING_CONFIG, logs.worker_env(0, local=True)[logs.RAY_DATA_LOGGING_CONFIG])
+    try:
+        ray_data_logging.configure_logging()
+        logger = logging.getLogger("ray.data")
+        handlers = {h.name: h for h in logger.handlers}
+        assert set(handlers) == {"file", "console"}
+        info = logging.LogRecord("ray.data", logging.INFO, __file__, 1, "Starting execution of Dataset train_epoch_0", None, None)
+        assert logger.isEnabledFor(logging.DEBUG)
+        assert info.levelno < handlers["console"].level == logging.ERROR
+        assert handlers["file"].level <= logging.DEBUG  # ray-data.log keeps every line
+        assert isinstance(handlers["file"], ray_data_logging.SessionFileHandler)
+    finally:
+        monkeypatch.delenv(logs.RAY_DATA_LOGGING_CONFIG)
+        ray_data_logging.configure_logging()  # Ray's default again for the tests after this one
+    assert {h.name: h.level for h in logging.getLogger("ray.data").handlers}["console"] == logging.INFO
 
 
 def test_rank_zero_logs_outside_a_training_worker(logger):

@@ -32,7 +32,7 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     labels = batch["labels"]
     if labels.dtype != object:
-        out["labels"] = torch.as_tensor(labels, dtype=torch.long)
+        out["labels"] = torch.tensor(labels, dtype=torch.long)  # a copy: Ray's numpy batches are read-only views
     else:
         padded = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
         for j, row in enumerate(labels):

@@ -29,6 +29,19 @@ What a quiet run silences, and where (each found in the library's own source, ve
   is one node that nothing drains, so a local run turns the watcher off
   (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0). On a cluster it keeps watching (the line stays).
 - Colour codes around Ray's "(pid=...)" prefixes when stderr is not a terminal: RAY_COLOR_PREFIX=0.
+- Ray Data's INFO lines ("Starting execution of Dataset train_epoch_N", its plan, "execution
+  finished"): every process that runs a dataset prints them, the driver and each epoch's
+  SplitCoordinator actor alike. Ray Data (re)configures its logger from RAY_DATA_LOGGING_CONFIG
+  at import and again in an actor at each new dataset (ray/data/_internal/logging.py,
+  update_dataset_logger_for_worker), so a level set once in a process does not hold; the variable
+  does: it names ray_data_logging.yaml (Ray's default with the console at ERROR; the file
+  ray-data.log keeps every line). The path is this package's, the same in the driver and the
+  workers: one trainer image on a cluster, one environment locally.
+- Ray Train's controller warns "`ExecutionOptions.exclude_resources` is deprecated" once per run
+  that is given datasets: its own state export (RAY_TRAIN_ENABLE_STATE_TRACKING, on for the
+  dashboard) builds `DataConfig.default_ingest_options()`, which passes that deprecated argument
+  (ray/train/_internal/data_config.py, Ray 2.60). Not our call: PYTHONWARNINGS in the workers'
+  environment ignores that one message (Ray then adds no filter of its own: util/annotations.py).
 """
 
 from __future__ import annotations
@@ -38,14 +51,17 @@ import os
 import sys
 import warnings
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 LOGGER = "finetune_trainer"
 VERBOSE_ENV = "FINETUNE_VERBOSE"  # how the verbosity reaches Ray workers (worker_env)
 
+RAY_DATA_LOGGING_CONFIG = "RAY_DATA_LOGGING_CONFIG"  # read by Ray Data in every process (module docstring)
 _QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    RAY_DATA_LOGGING_CONFIG: str(Path(__file__).with_name("ray_data_logging.yaml")),
 }
 _QUIET_WORKER_ENV = {  # the Ray workers' only, not this process's (it imported warnings long ago)
     # Ray Train's own state tracking (on for the dashboard) reads a Ray Data option Ray itself has
@@ -203,13 +219,15 @@ def _quiet_loaded_libraries() -> None:
 
 def quiet_ray_data() -> None:
     """For the driver once it has imported Ray Data (ingest.py): without -v, Ray Data's console
-    lines (each execution's plan, start and finish, at INFO) are held back; they still go to Ray's
-    ray-data.log. Ray Data configures its logger when imported, so this cannot be done before."""
+    lines (each execution's plan, start and finish at INFO, its warnings about its own settings)
+    are held back as ray_data_logging.yaml holds them back in the workers; they still go to Ray's
+    ray-data.log. Needed where Ray Data was imported before `quiet_third_party` set
+    RAY_DATA_LOGGING_CONFIG (an in-process caller): it reads the variable when imported."""
     if verbosity():
         return
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):  # the console
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.ERROR)
 
 
 def world_rank() -> int:
