@@ -70,3 +70,22 @@ def test_packed_blocks_collate_and_gather_as_the_in_memory_packed_split():
     back = gather([column])
     assert back.examples == 4 and back.position_ids is not None
     assert [p.tolist() for p in back.position_ids] == [p.tolist() for p in blocks.position_ids]
+
+
+def test_per_token_labels_of_one_length_stay_per_token():
+    """Ray hands a column whose rows all have one length (causal-lm examples cut to maxSeqLength) as
+    one 2-D int array, not an object array: gather and collate must still treat it as per-token
+    labels (test_samples' probes failed on the branch: "generated samples need causal-lm data")."""
+    from finetune_trainer.batches import gather
+    from finetune_trainer.generation import sample_prompts
+
+    ids = [[5, 6, 7], [8, 9, 10]]
+    labels = [[-100, 6, 7], [-100, -100, 10]]
+    got = gather([{"input_ids": np.asarray(ids, dtype=np.int32), "labels": np.asarray(labels, dtype=np.int64)}])
+    assert isinstance(got.labels, list) and [r.tolist() for r in got.labels] == labels
+    assert [p.tolist() for p in sample_prompts(got, 2)] == [[5], [8, 9]]
+    want = TokenizedSplit([np.asarray(r) for r in ids], [np.asarray(r) for r in labels]).batch([0, 1], pad_token_id=0)
+    streamed = collate({"input_ids": np.asarray(ids, dtype=np.int32), "labels": np.asarray(labels, dtype=np.int64)}, 0)
+    assert want.keys() == streamed.keys()
+    for key in want:
+        assert torch.equal(want[key], streamed[key]), key

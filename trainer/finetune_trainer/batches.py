@@ -19,6 +19,13 @@ from .epochs import EpochPlan, epoch_dataset_name
 from .packing import pad_positions
 
 
+def per_token(labels: np.ndarray) -> bool:
+    """Whether a numpy batch's labels column is per-token (causal-lm) rather than class ids. Ray
+    gives a ragged column as an object array, but rows of one length (examples cut to maxSeqLength)
+    as one 2-D int array: the number of dimensions tells, not the dtype alone."""
+    return labels.dtype == object or labels.ndim > 1
+
+
 def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
     """A numpy batch of the tokenized columns, right-padded to its longest example as torch
     tensors (padded labels are -100): TokenizedSplit.batch's rule, on a streamed batch."""
@@ -31,7 +38,7 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
         mask[j, : len(row)] = 1
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     labels = batch["labels"]
-    if labels.dtype != object:
+    if not per_token(labels):
         out["labels"] = torch.tensor(labels, dtype=torch.long)  # a copy: Ray's numpy batches are read-only views
     else:
         padded = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
@@ -61,7 +68,7 @@ def gather(batches: Iterable[dict[str, np.ndarray]]) -> TokenizedSplit:
     class_labels: list[np.ndarray] = []
     for batch in batches:
         ids += list(batch["input_ids"])
-        if batch["labels"].dtype == object:
+        if per_token(batch["labels"]):
             labels += list(batch["labels"])
         else:
             class_labels.append(np.asarray(batch["labels"], dtype=np.int64))
