@@ -41,7 +41,7 @@ What a quiet run silences, and where (each found in the library's own source, ve
   that is given datasets: its own state export (RAY_TRAIN_ENABLE_STATE_TRACKING, on for the
   dashboard) builds `DataConfig.default_ingest_options()`, which passes that deprecated argument
   (ray/train/_internal/data_config.py, Ray 2.60). Not our call: PYTHONWARNINGS in the workers'
-  environment ignores that one message (Ray then adds no filter of its own: util/annotations.py).
+  environment ignores DeprecationWarnings raised in that options module (_QUIET_WORKER_ENV).
 """
 
 from __future__ import annotations
