@@ -128,7 +128,34 @@ def test_best_trial_is_the_one_with_the_best_reported_metric(grid_search):
     config = json.loads((model_dir / "config.json").read_text())
     assert set(config["id2label"].values()) == {"neg", "pos"}
     test = grid_search.results["metrics"]["test"]
-    assert set(test) == {"baseline", "finetuned"} and test["finetuned"]["loss"] < test["baseline"]["loss"]
+    assert set(test) == {"baseline", "finetuned"}
+    # the exported model's own loss on the test split, computed here with transformers alone, one
+    # row at a time (not the trainer's evaluation): what results.json says it scored. Not "below the
+    # baseline": on 12 steps the tiny model only moves its bias, and which way that flips the 18/12
+    # test split is the data order's luck (DATA_INGEST_STATUS.md)
+    assert test["finetuned"]["loss"] == pytest.approx(_test_loss(model_dir, grid_search.results), rel=1e-4)
+
+
+def _test_loss(model_dir: Path, results: dict) -> float:
+    """Mean cross-entropy of the model in `model_dir` over the run's test split, re-ingested with the
+    run's resolved spec and seed (the ingest is deterministic: test_ingest)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune_trainer.ingest import ingest
+    from finetune_trainer.spec import DataSpec
+
+    spec = results["config"]["spec"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    test = ingest(DataSpec.model_validate(spec["data"]), "sequence-classification", tokenizer, spec["training"]["seed"]).test
+    assert test is not None
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    losses = []
+    with torch.no_grad():
+        for batch in test.iter_batches(batch_format="numpy"):
+            for ids, label in zip(batch["input_ids"], batch["labels"], strict=True):
+                losses.append(model(input_ids=torch.tensor([list(ids)]), labels=torch.tensor([int(label)])).loss.item())
+    return sum(losses) / len(losses)
 
 
 def test_one_baseline_evaluation_serves_every_trial_that_shares_it(grid_search):
