@@ -8,11 +8,12 @@ epochs differ; a run resumed at step s reads exactly the uninterrupted run's mic
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 
-from tests.integration import tiny
+from tests.integration import fault_kit, tiny
 
 
 def _job_data(path, **extra):
@@ -22,27 +23,27 @@ def _job_data(path, **extra):
                                     **extra})
 
 
-def _run_epoch(datasets, name, world, batch):
-    """Every rank's micro-batches of one epoch, as tuples of token ids; consumed in parallel, as
-    Ray Train's workers do (streaming_split's iterators start an epoch together)."""
+def _run_epoch(train, seed, epoch, world, batch):
+    """Every rank's micro-batches of one epoch, as tuples of token ids, from the split the workers
+    make of it (epoch_split); consumed in parallel, as Ray Train's workers do (streaming_split's
+    iterators start an epoch together)."""
     import ray
-    from ray.data import ExecutionOptions
+
+    from finetune_trainer.epoch_split import split_epoch
 
     @ray.remote(num_cpus=0)
     def consume(it):
         return [tuple(tuple(int(t) for t in ids) for ids in b["input_ids"])
                 for b in it.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True)]
 
-    ds = datasets[name]
-    ds.context.execution_options = ExecutionOptions(preserve_order=True)
-    its = ds.streaming_split(world, equal=True)
-    return ray.get([consume.remote(it) for it in its])
+    return ray.get([consume.remote(it) for it in split_epoch(train, seed, epoch, world)])
 
 
 @pytest.mark.usefixtures("local_ray")
 def test_ingest_figures_and_exact_epoch_shards(tmp_path):
     from finetune_trainer.data import prepare
-    from finetune_trainer.epochs import EpochPlan, epoch_dataset_name
+    from finetune_trainer.epoch_split import EpochShards
+    from finetune_trainer.epochs import EpochPlan
     from finetune_trainer.ingest import ingest
 
     rows = tiny.sentiment_rows(203, seed=3)
@@ -61,23 +62,19 @@ def test_ingest_figures_and_exact_epoch_shards(tmp_path):
 
     world, batch, accum = 2, 8, 2
     plan = EpochPlan(rows=got.stats["rows"]["train"], world=world, micro_batch=batch, accumulation=accum)
-    total = plan.steps_per_epoch * 2 + 1  # three epochs opened
-    epochs = got.epoch_datasets(plan, seed=7, total_steps=total)
-    assert sorted(epochs) == [epoch_dataset_name(e) for e in range(3)]
-
-    first = _run_epoch(epochs, epoch_dataset_name(1), world, batch)
-    again = _run_epoch(epochs, epoch_dataset_name(1), world, batch)  # a worker-group restart re-executes the epoch
+    first = _run_epoch(got.train, 7, 1, world, batch)
+    again = _run_epoch(got.train, 7, 1, world, batch)  # a worker-group restart splits the epoch again
     assert first == again
     flat = [[row for b in rank for row in b] for rank in first]
     assert [len(r) for r in flat] == [plan.rows_per_rank // batch * batch] * world  # equal shares
     assert not set(flat[0]) & set(flat[1])  # disjoint (rows are distinct enough here to tell apart)
     assert len(first[0]) >= plan.micro_batches_per_epoch
-    zero = _run_epoch(epochs, epoch_dataset_name(0), world, batch)
+    zero = _run_epoch(got.train, 7, 0, world, batch)
     assert zero != first  # every epoch its own order
 
     # a new driver (--resume, a halving trial continued by a fresh process) ingests again: same shards
     fresh = ingest(data, "sequence-classification", tok, seed=7)
-    redo = _run_epoch(fresh.epoch_datasets(plan, seed=7, total_steps=total), epoch_dataset_name(1), world, batch)
+    redo = _run_epoch(fresh.train, 7, 1, world, batch)
     assert redo == first
 
     # resumed after step s: epoch and skip from the plan; the same micro-batches as the uninterrupted run
@@ -89,8 +86,28 @@ def test_ingest_figures_and_exact_epoch_shards(tmp_path):
     assert resumed == [rank[accum : plan.micro_batches_per_epoch] for rank in first]
     assert uninterrupted[0] != resumed[0]
 
-    assert _run_epoch(fresh.epoch_datasets(plan, seed=8, total_steps=total), epoch_dataset_name(1), world,
-                      batch) != first  # the job's seed decides the order
+    assert _run_epoch(fresh.train, 8, 1, world, batch) != first  # the job's seed decides the order
+
+    # the workers' own split (epoch_split.EpochShards; one rank here): the epoch's shard is the
+    # split's, and no more than two split coordinators live at once (this epoch's, the next one's)
+    shards = EpochShards(fresh.train, seed=7, epochs=5, rank=0, world=1)
+    for epoch in range(5):
+        whole = [tuple(tuple(int(t) for t in ids) for ids in b["input_ids"])
+                 for b in shards(epoch).iter_batches(batch_size=batch, batch_format="numpy", drop_last=True)]
+        assert whole == _run_epoch(fresh.train, 7, epoch, 1, batch)[0]
+        assert fault_kit.wait_for("at most two split coordinators", lambda: _coordinators() <= 2, 20)
+
+
+def _coordinators() -> int:
+    """Live SplitCoordinator actors on this machine (Ray titles an actor's process `ray::<Class>`)."""
+    import psutil
+
+    def title(p):
+        with contextlib.suppress(psutil.Error):
+            return " ".join(p.cmdline())
+        return ""
+
+    return sum(title(p).startswith("ray::SplitCoordinator") for p in psutil.process_iter())
 
 
 
@@ -100,21 +117,23 @@ def _loop(config):
     import ray.train
 
     from finetune_trainer.batches import EpochStream
+    from finetune_trainer.epoch_split import EpochShards
 
-    stream = EpochStream(config["plan"], step=config["step"], total_steps=config["total"], pad_token_id=0)
+    plan, rank = config["plan"], ray.train.get_context().get_world_rank()
+    shards = EpochShards(config["train"], seed=7, epochs=plan.epochs_for(config["total"]), rank=rank, world=plan.world)
+    stream = EpochStream(plan, shards, step=config["step"], total_steps=config["total"], pad_token_id=0)
     seen = [[[int(t) for t, m in zip(row, mask, strict=True) if m] for row, mask in
              zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)] for b, _ in stream]
-    rank = ray.train.get_context().get_world_rank()
     with open(f"{config['out']}/rank{rank}.json", "w") as out:
         json.dump({"seen": seen, "waited": stream.waited}, out)
 
 
 @pytest.mark.usefixtures("local_ray")
 def test_workers_resumed_mid_epoch_read_the_uninterrupted_run_s_micro_batches(tmp_path):
-    """Through Ray Train itself (get_dataset_shard, DataConfig with preserve_order): a run started at
-    step s reads, on every rank, exactly the uninterrupted run's micro-batches from step s on."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    """Through Ray Train itself (its workers and process group; rank 0 splits each epoch as it
+    begins and broadcasts the shards, epoch_split): a run started at step s reads, on every rank,
+    exactly the uninterrupted run's micro-batches from step s on."""
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from finetune_trainer.epochs import EpochPlan
@@ -129,10 +148,8 @@ def test_workers_resumed_mid_epoch_read_the_uninterrupted_run_s_micro_batches(tm
     def run(step, name):
         out = tmp_path / name
         out.mkdir()
-        trainer = TorchTrainer(_loop, train_loop_config={"plan": plan, "step": step, "total": total, "out": str(out)},
+        trainer = TorchTrainer(_loop, train_loop_config={"plan": plan, "step": step, "total": total, "out": str(out), "train": got.train},
                                scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
-                               datasets=got.epoch_datasets(plan, seed=7, total_steps=total),
-                               dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
                                run_config=RunConfig(name=name, storage_path=str(tmp_path / "ray")))
         trainer.fit()
         return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]

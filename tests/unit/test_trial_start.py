@@ -24,7 +24,8 @@ job = parse_job({{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", 
 persistence = open_storage(job)
 
 class NoData:  # what the ingest hands over (ingest.Ingested) without starting Ray: the datasets are not this test's subject
-    def trainer_datasets(self, plan, seed, total_steps):
+    train = None
+    def trainer_datasets(self):
         return {{}}, None
 
 shared = {{"model_dir": "m", "ingested": NoData(), "train_rows": 16, "pad_token_id": 0, "progress": None}}

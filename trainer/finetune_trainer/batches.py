@@ -8,15 +8,18 @@ is removed (DATA_INGEST_STATUS.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .data import IGNORE_INDEX, TokenizedSplit
-from .epochs import EpochPlan, epoch_dataset_name
+from .epochs import EpochPlan
 from .packing import pad_positions
+
+if TYPE_CHECKING:
+    from ray.data import DataIterator
 
 
 def per_token(labels: np.ndarray) -> bool:
@@ -82,26 +85,23 @@ def gather(batches: Iterable[dict[str, np.ndarray]]) -> TokenizedSplit:
 
 
 class EpochStream:
-    """This rank's micro-batches, from a run's first (or resumed) step to its last, read from Ray
-    Train's per-epoch dataset shards (epochs.py: which rows, in which order, where a resumed run
-    starts). `waited` is the seconds the loop spent waiting on the input pipeline, the figure
-    item 6 of issue 18 reports as a share of training time. Yields (tensors, tokens), tokens being
-    the batch's real (unpadded) token count, counted on the host."""
+    """This rank's micro-batches, from a run's first (or resumed) step to its last, read from each
+    epoch's shard (`shards(epoch)`: epoch_split.EpochShards; epochs.py: which rows, in which order,
+    where a resumed run starts). `waited` is the seconds the loop spent waiting on the input
+    pipeline, the figure item 6 of issue 18 reports as a share of training time. Yields (tensors,
+    tokens), tokens being the batch's real (unpadded) token count, counted on the host."""
 
-    def __init__(self, plan: EpochPlan, *, step: int, total_steps: int, pad_token_id: int):
-        self.plan, self.step, self.total, self.pad = plan, step, total_steps, pad_token_id
+    def __init__(self, plan: EpochPlan, shards: Callable[[int], DataIterator], *, step: int, total_steps: int, pad_token_id: int):
+        self.plan, self.shards, self.step, self.total, self.pad = plan, shards, step, total_steps, pad_token_id
         self.waited = 0.0
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        import ray.train
-
         epoch, skip = self.plan.position(self.step)
         left = (self.total - self.step) * self.plan.accumulation  # micro-batches still to train on
         while left > 0:
-            shard = ray.train.get_dataset_shard(epoch_dataset_name(epoch))
-            if shard is None:
-                raise RuntimeError(f"Ray Train was given no dataset {epoch_dataset_name(epoch)!r}: the driver opens "
-                                   "one per epoch of the run (Ingested.epoch_datasets)")
+            clock = time.perf_counter()
+            shard = self.shards(epoch)
+            self.waited += time.perf_counter() - clock
             batches = iter(shard.iter_batches(batch_size=self.plan.micro_batch, batch_format="numpy", drop_last=False))
             for index in range(self.plan.micro_batches_per_epoch):
                 clock = time.perf_counter()

@@ -228,13 +228,11 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .epochs import EpochPlan
-
-    res, t = job.spec.resources, job.spec.training
+    res = job.spec.resources
     shared = dict(shared)
-    ingested, rows = shared.pop("ingested"), shared["train_rows"]
-    plan = EpochPlan(rows=rows, world=res.workers, micro_batch=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps)
-    datasets, data_config = ingested.trainer_datasets(plan, t.seed, t.total_steps(rows, res.workers))
+    ingested = shared.pop("ingested")
+    datasets, data_config = ingested.trainer_datasets()
+    shared["train_data"] = ingested.train  # the workers split it epoch by epoch (epoch_split)
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
     storage = persistence.run_config_args(job, storage_path=storage_path, tracker=shared.get("progress"))
     storage["callbacks"] += callbacks or []

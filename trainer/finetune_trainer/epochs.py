@@ -11,8 +11,9 @@ property of the data streams themselves. The design:
   rows in the same order on every execution; the train split's block layout is fixed by the
   ingest (a fixed `override_num_blocks` on read, `preserve_order` on), so the blocks are the same
   whichever node count or CPU count executes it.
-* Each epoch dataset reaches the workers through Ray Train's `get_dataset_shard`, which is
-  `streaming_split(world, equal=True)`. With `preserve_order` set, Ray's OutputSplitter drops its
+* Each epoch dataset is split between the workers with `streaming_split(world, equal=True)`, when
+  the epoch begins (epoch_split.py: rank 0 splits, a broadcast hands out the shards; Ray Train's
+  own route would split every epoch at the worker group's start). With `preserve_order` set, Ray's OutputSplitter drops its
   locality hints and hands each block, in stream order, to the split that has the fewest rows so
   far (ray/data/_internal/execution/operators/output_splitter.py): a pure function of the block
   sequence, so rank r's shard of epoch e is the same in every execution. `equal=True` gives each
@@ -52,7 +53,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def epoch_dataset_name(epoch: int) -> str:
-    """The name `ray.train.get_dataset_shard` knows epoch `epoch`'s training stream by."""
+    """The name of epoch `epoch`'s training stream (the Ray dashboard's Data view lists it)."""
     return f"{EPOCH_DATASET_PREFIX}{epoch}"
 
 

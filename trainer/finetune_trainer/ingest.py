@@ -3,8 +3,8 @@
 The replacement of data.prepare's in-memory path (issue 18 item 1). The driver builds a lazy
 plan and runs only aggregations (row counts, dropped-row counts, the label set); the rows live
 in Ray's object store (spilled to disk when large), never in the driver's memory, and each
-worker receives its share of an epoch through `ray.train.get_dataset_shard` (epochs.py says
-why one dataset per epoch and how a resumed run finds its place).
+worker receives its share of an epoch from a split made when the epoch begins (epoch_split.py;
+epochs.py says why one dataset per epoch and how a resumed run finds its place).
 
 Order of work, as in data.py, cheapest checks first: the schema (columns the spec names) from
 the first block, the empty-cell counts and the maxDroppedFraction refusal (an aggregation: one
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import data_checks
-from .epochs import VALIDATION_DATASET, EpochPlan, epoch_dataset_name, epoch_seed
+from .epochs import VALIDATION_DATASET, epoch_seed
 from .sources import SourceError, resolve_local
 
 SPLITS = ("train", "validation", "test")
@@ -56,28 +56,15 @@ class Ingested:
     label_names: list[str] | None
     stats: dict[str, Any] = field(default_factory=dict)
 
-    def epoch_datasets(self, plan: EpochPlan, seed: int, total_steps: int) -> dict[str, ray.data.Dataset]:
-        """One lazily shuffled dataset per epoch the run opens (epochs.py), by Ray Train name.
-
-        The shuffle runs while the workers train, and the workers may hold every CPU of the cluster
-        (the quickstart: 2 workers x 1 CPU on 2 CPUs); a shuffle task that waited for a free CPU
-        would never start and the run would hang at its first batch. Its tasks therefore reserve no
-        CPU (num_cpus=0): they move blocks already tokenized, which costs little beside a step."""
-        return {epoch_dataset_name(e): self.train.random_shuffle(seed=epoch_seed(seed, e), num_cpus=0)
-                for e in range(plan.epochs_for(total_steps))}
-
-    def trainer_datasets(self, plan: EpochPlan, seed: int, total_steps: int) -> tuple[dict[str, ray.data.Dataset], Any]:
-        """What a TorchTrainer is given: the epoch datasets, split between the workers in a fixed
-        order (DataConfig with preserve_order: epochs.py says why that makes the split deterministic),
-        and the validation split given whole to every worker."""
-        from ray.data import ExecutionOptions
+    def trainer_datasets(self) -> tuple[dict[str, ray.data.Dataset], Any]:
+        """What a TorchTrainer is given: the validation split, whole to every worker (evaluation
+        shards it by index). Not the train split: the workers split each epoch of it themselves,
+        when the epoch begins (epoch_split.py says why), from `train`, which reaches them in the
+        loop's config."""
         from ray.train import DataConfig
 
-        datasets = self.epoch_datasets(plan, seed, total_steps)
-        split = list(datasets)
-        if self.validation is not None:
-            datasets[VALIDATION_DATASET] = self.validation
-        return datasets, DataConfig(datasets_to_split=split, execution_options=ExecutionOptions(preserve_order=True))
+        datasets = {VALIDATION_DATASET: self.validation} if self.validation is not None else {}
+        return datasets, DataConfig(datasets_to_split=[])
 
 
 def configure_context() -> None:
