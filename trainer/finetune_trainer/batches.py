@@ -7,8 +7,11 @@ is removed (DATA_INGEST_STATUS.md).
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -87,26 +90,35 @@ def gather(batches: Iterable[dict[str, np.ndarray]]) -> TokenizedSplit:
 class EpochStream:
     """This rank's micro-batches, from a run's first (or resumed) step to its last, read from each
     epoch's shard (`shards(epoch)`: epoch_split.EpochShards; epochs.py: which rows, in which order,
-    where a resumed run starts). `waited` is the seconds the loop spent waiting on the input
-    pipeline, the figure item 6 of issue 18 reports as a share of training time. Yields (tensors,
-    tokens), tokens being the batch's real (unpadded) token count, counted on the host."""
+    where a resumed run starts). Yields (tensors, tokens), tokens being the batch's real (unpadded)
+    token count, counted on the host. `waited` is the seconds the loop spent waiting on the input
+    pipeline, the figure item 6 of issue 18 reports as a share of training time.
 
-    def __init__(self, plan: EpochPlan, shards: Callable[[int], DataIterator], *, step: int, total_steps: int, pad_token_id: int):
+    A thread reads ahead, and before each optimizer step the loop holds `lookahead` steps of
+    micro-batches, because a preempted node starts no new Ray work: once a node is drained (a pod's
+    SIGTERM, sigterm.py locally), a new coordinator actor never starts and a new task fails, and an
+    epoch's split and shuffle are exactly that. The save a preemption asks for comes at most two
+    steps after the notice is first seen here (PreemptionGuard agrees on it one step late), so with
+    three steps in hand it never waits on an epoch that cannot begin. `noticed()` (the guard's
+    local look at the notice) lets the loop stop insisting on the full lookahead once the node is
+    going. Written by hand: Ray Data's own prefetch (`prefetch_batches`) blocks inside its iterator
+    and cannot be told to stop waiting."""
+
+    def __init__(self, plan: EpochPlan, shards: Callable[[int], DataIterator], *, step: int, total_steps: int,
+                 pad_token_id: int, lookahead: int = 3, noticed: Callable[[], bool] = lambda: False):
         self.plan, self.shards, self.step, self.total, self.pad = plan, shards, step, total_steps, pad_token_id
+        self.lookahead, self.noticed = max(1, lookahead), noticed
         self.waited = 0.0
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    def micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """The micro-batches in order, read in the calling thread (the read-ahead thread's work)."""
         epoch, skip = self.plan.position(self.step)
         left = (self.total - self.step) * self.plan.accumulation  # micro-batches still to train on
         while left > 0:
-            clock = time.perf_counter()
-            shard = self.shards(epoch)
-            self.waited += time.perf_counter() - clock
-            batches = iter(shard.iter_batches(batch_size=self.plan.micro_batch, batch_format="numpy", drop_last=False))
+            batches = iter(self.shards(epoch).iter_batches(batch_size=self.plan.micro_batch, batch_format="numpy",
+                                                           drop_last=False))
             for index in range(self.plan.micro_batches_per_epoch):
-                clock = time.perf_counter()
                 batch = next(batches, None)
-                self.waited += time.perf_counter() - clock
                 # equal=True gives every rank rows_per_rank rows; the plan's micro-batches fit in them, the
                 # last one short only when a rank holds less than one step (steps_per_epoch is at least 1)
                 if batch is None:
@@ -119,3 +131,80 @@ class EpochStream:
                 if left == 0:
                     return
             epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        accumulation = self.plan.accumulation
+        left = (self.total - self.step) * accumulation
+        ahead = _ReadAhead(self.micro_batches(), capacity=self.lookahead * accumulation)
+        try:
+            for index in range(left):
+                clock = time.perf_counter()
+                if index % accumulation == 0:  # a step begins: hold `lookahead` steps (or the rest) unless the node is going
+                    ahead.fill(min(self.lookahead * accumulation, left - index), give_up=self.noticed)
+                item = ahead.take()
+                self.waited += time.perf_counter() - clock
+                yield item
+        finally:
+            ahead.stop()
+
+
+class _ReadAhead:
+    """Items of an iterator, read by a daemon thread into a buffer of `capacity`; an error the
+    iterator raised comes out of `take` in its place. The thread may stay blocked in Ray after a
+    drain; being a daemon, it never holds the worker's exit."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any], capacity: int):
+        self.items, self.capacity = items, max(1, capacity)
+        self.buffer: collections.deque[Any] = collections.deque()
+        self.changed = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._read, name="epoch-stream-read-ahead", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for item in self.items:
+                with self.changed:
+                    self.changed.wait_for(lambda: self.stopped or len(self.buffer) < self.capacity)
+                    if self.stopped:
+                        return
+                    self.buffer.append(item)
+                    self.changed.notify_all()
+            last: Any = self._END
+        except BaseException as err:  # handed to the loop, which raises it where it reads
+            last = _Failed(err)
+        with self.changed:
+            self.buffer.append(last)
+            self.changed.notify_all()
+
+    def fill(self, count: int, give_up: Callable[[], bool]) -> None:
+        """Wait until `count` items (or the end) are buffered, or `give_up()` says not to insist."""
+        with self.changed:
+            while len(self.buffer) < count and not self._ends_within(count) and not give_up():
+                self.changed.wait(timeout=0.1)
+
+    def take(self) -> Any:
+        with self.changed:
+            self.changed.wait_for(lambda: bool(self.buffer))
+            item = self.buffer.popleft()
+            self.changed.notify_all()
+        if item is self._END:
+            raise RuntimeError("the training stream ended before the plan's last micro-batch")
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def _ends_within(self, count: int) -> bool:
+        return any(item is self._END or isinstance(item, _Failed) for item in list(self.buffer)[:count])
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+
+
+@dataclass
+class _Failed:
+    error: BaseException

@@ -10,9 +10,9 @@ dominated a tiny run).
 
 So the workers split each epoch themselves (written by hand: Ray Train has no lazy per-epoch
 split). Rank 0 calls `streaming_split(world, equal=True)` on epoch e's dataset when the epoch
-begins. It hands split i to rank i through one `broadcast_object_list` on the process group Ray
-Train already set up; Ray Data documents its split iterators as picklable, so they can be passed
-to other processes. Rank 0 starts epoch e+1's split at the same moment, so its coordinator is up
+begins. It hands split i to rank i through one `broadcast_object_list` on a gloo group of its
+own (the shards are asked for from EpochStream's read-ahead thread); Ray Data documents its split
+iterators as picklable, so they can be passed to other processes. Rank 0 starts epoch e+1's split at the same moment, so its coordinator is up
 by the time it is needed. At most two coordinators are alive. Each epoch's split is made exactly
 as before (`preserve_order`, `equal=True`), so each rank's shard is unchanged, and so is the
 exact-resume argument.
@@ -55,23 +55,32 @@ def split_epoch(train: ray.data.Dataset, seed: int, epoch: int, world: int) -> l
     return epoch_dataset(train, seed, epoch).streaming_split(world, equal=True)
 
 
-def torch_broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank of the default process group (Ray Train's)."""
+def torch_broadcast() -> Broadcast:
+    """A broadcast of rank 0's object to every rank on a gloo group of its own, made here (a
+    collective: every rank makes it, in the same order as other groups). Its own group because
+    the shards are handed out from EpochStream's read-ahead thread, while the loop's thread runs
+    the step's collectives on Ray Train's process group: two threads must not share a group."""
     import torch.distributed as dist
 
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    group = dist.new_group(backend="gloo")
+
+    def broadcast(obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
+    return broadcast
 
 
 class EpochShards:
     """`shards(epoch)`: this rank's iterator over epoch `epoch`. A collective: every rank calls it
-    for the same epochs in the same order (EpochStream does, from the same plan)."""
+    for the same epochs in the same order (EpochStream does, from the same plan), and every rank
+    constructs it at the same point (it makes its broadcast's process group)."""
 
     def __init__(self, train: ray.data.Dataset, *, seed: int, epochs: int, rank: int, world: int,
-                 broadcast: Broadcast = torch_broadcast):
+                 broadcast: Broadcast | None = None):
         self.train, self.seed, self.epochs, self.rank, self.world = train, seed, epochs, rank, world
-        self.broadcast = broadcast if world > 1 else (lambda obj: obj)
+        self.broadcast = (broadcast or torch_broadcast()) if world > 1 else (lambda obj: obj)
         self._held: dict[int, list[DataIterator]] = {}  # rank 0: the splits whose coordinators must stay alive
 
     def __call__(self, epoch: int) -> DataIterator:

@@ -199,7 +199,8 @@ class FineTuneRecipe:
         # where the uninterrupted run was: epochs.py)
         shards = EpochShards(self.train_data, seed=self.spec.training.seed, epochs=self.stream_plan.epochs_for(self.total),
                              rank=self.rank, world=self.world)
-        self.stream = EpochStream(self.stream_plan, shards, step=self.step, total_steps=self.total, pad_token_id=self.pad_id)
+        self.stream = EpochStream(self.stream_plan, shards, step=self.step, total_steps=self.total, pad_token_id=self.pad_id,
+                                  noticed=self.preemption.seen)
         for host, tokens in self.stream:
             self.tokens += tokens  # counted on the host: no device sync
             batch = transfer.to_device(host, self.device)  # on GPUs pinned, non_blocking: no wait on the last step
