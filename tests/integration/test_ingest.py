@@ -1,19 +1,21 @@
-"""The Ray Data ingest (ingest.py) and its exact-resume arithmetic (epochs.py) on a real local Ray.
+"""The Ray Data ingest (ingest.py), the train split's blocks (train_blocks.py) and exact resume
+(epochs.py) on a real local Ray.
 
 One setup, several checks (the suite's budget): the figures agree with data.prepare on the same
-file; each rank's shard of an epoch is the same in a second execution and after re-ingesting in a
-"new driver" (what `--resume` and a worker-group restart see); the shards are disjoint and equal;
-epochs differ; a run resumed at step s reads exactly the uninterrupted run's micro-batches from s on.
+file; the blocks read back by index are the dataset in its order, and a re-ingest in a "new
+driver" (what `--resume` sees) has the same rows in the same order; the seed changes it; and
+through a real TorchTrainer a run resumed at step s reads exactly the uninterrupted run's
+micro-batches from s on, on every rank. Shares and epochs are tests/unit/test_epochs.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 
+import numpy as np
 import pytest
 
-from tests.integration import fault_kit, tiny
+from tests.integration import tiny
 
 
 def _job_data(path, **extra):
@@ -23,28 +25,15 @@ def _job_data(path, **extra):
                                     **extra})
 
 
-def _run_epoch(train, seed, epoch, world, batch):
-    """Every rank's micro-batches of one epoch, as tuples of token ids, from the split the workers
-    make of it (epoch_split); consumed in parallel, as Ray Train's workers do (streaming_split's
-    iterators start an epoch together)."""
-    import ray
-
-    from finetune_trainer.epoch_split import split_epoch
-
-    @ray.remote(num_cpus=0)
-    def consume(it):
-        return [tuple(tuple(int(t) for t in ids) for ids in b["input_ids"])
-                for b in it.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True)]
-
-    return ray.get([consume.remote(it) for it in split_epoch(train, seed, epoch, world)])
+def _token_rows(batch) -> list[tuple[int, ...]]:
+    return [tuple(int(t) for t in ids) for ids in batch["input_ids"]]
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_ingest_figures_and_exact_epoch_shards(tmp_path):
+def test_ingest_figures_and_the_train_split_s_blocks(tmp_path):
     from finetune_trainer.data import prepare
-    from finetune_trainer.epoch_split import EpochShards
-    from finetune_trainer.epochs import EpochPlan
     from finetune_trainer.ingest import ingest
+    from finetune_trainer.train_blocks import BlockReader
 
     rows = tiny.sentiment_rows(203, seed=3)
     rows[5]["text"], rows[77]["label"] = "", None  # two rows to drop
@@ -60,55 +49,23 @@ def test_ingest_figures_and_exact_epoch_shards(tmp_path):
     assert got.label_names == want.label_names == ["neg", "pos"]
     assert sum(got.stats["train_label_counts"].values()) == got.stats["rows"]["train"]
 
-    world, batch, accum = 2, 8, 2
-    plan = EpochPlan(rows=got.stats["rows"]["train"], world=world, micro_batch=batch, accumulation=accum)
-    first = _run_epoch(got.train, 7, 1, world, batch)
-    again = _run_epoch(got.train, 7, 1, world, batch)  # a worker-group restart splits the epoch again
-    assert first == again
-    flat = [[row for b in rank for row in b] for rank in first]
-    assert [len(r) for r in flat] == [plan.rows_per_rank // batch * batch] * world  # equal shares
-    assert not set(flat[0]) & set(flat[1])  # disjoint (rows are distinct enough here to tell apart)
-    assert len(first[0]) >= plan.micro_batches_per_epoch
-    zero = _run_epoch(got.train, 7, 0, world, batch)
-    assert zero != first  # every epoch its own order
+    # the workers' view: the blocks' references and rows, read back by index, are the dataset in its order
+    blocks = got.train_blocks
+    assert blocks.total == got.stats["rows"]["train"] and len(blocks.refs) == len(blocks.rows)
+    in_order = [row for b in got.train.iter_batches(batch_format="numpy") for row in _token_rows(b)]
+    reader = BlockReader(blocks, keep=1)
+    assert _token_rows(reader.batch(np.arange(blocks.total))) == in_order
+    picked = np.array([blocks.total - 1, 0, 5, blocks.total // 2])  # any rows, in the order asked, across blocks
+    assert _token_rows(reader.batch(picked)) == [in_order[i] for i in picked]
+    with pytest.raises(IndexError):
+        reader.batch(np.array([blocks.total]))
 
-    # a new driver (--resume, a halving trial continued by a fresh process) ingests again: same shards
+    # a new driver (--resume, a halving trial continued by a fresh process) ingests again: the same rows
+    # in the same order, which is all epochs.py's arithmetic needs for the same shares
     fresh = ingest(data, "sequence-classification", tok, seed=7)
-    redo = _run_epoch(fresh.train, 7, 1, world, batch)
-    assert redo == first
-
-    # resumed after step s: epoch and skip from the plan; the same micro-batches as the uninterrupted run
-    uninterrupted = [rank[: plan.micro_batches_per_epoch] for rank in zero]
-    step = plan.steps_per_epoch + 1
-    epoch, skip = plan.position(step)
-    assert epoch == 1
-    resumed = [rank[skip : plan.micro_batches_per_epoch] for rank in redo]
-    assert resumed == [rank[accum : plan.micro_batches_per_epoch] for rank in first]
-    assert uninterrupted[0] != resumed[0]
-
-    assert _run_epoch(fresh.train, 8, 1, world, batch) != first  # the job's seed decides the order
-
-    # the workers' own split (epoch_split.EpochShards; one rank here): the epoch's shard is the
-    # split's, and no more than two split coordinators live at once (this epoch's, the next one's)
-    shards = EpochShards(fresh.train, seed=7, epochs=5, rank=0, world=1)
-    for epoch in range(5):
-        whole = [tuple(tuple(int(t) for t in ids) for ids in b["input_ids"])
-                 for b in shards(epoch).iter_batches(batch_size=batch, batch_format="numpy", drop_last=True)]
-        assert whole == _run_epoch(fresh.train, 7, epoch, 1, batch)[0]
-        assert fault_kit.wait_for("at most two split coordinators", lambda: _coordinators() <= 2, 20)
-
-
-def _coordinators() -> int:
-    """Live SplitCoordinator actors on this machine (Ray titles an actor's process `ray::<Class>`)."""
-    import psutil
-
-    def title(p):
-        with contextlib.suppress(psutil.Error):
-            return " ".join(p.cmdline())
-        return ""
-
-    return sum(title(p).startswith("ray::SplitCoordinator") for p in psutil.process_iter())
-
+    assert _token_rows(BlockReader(fresh.train_blocks).batch(np.arange(blocks.total))) == in_order
+    other = ingest(data, "sequence-classification", tok, seed=8)
+    assert [row for b in other.train.iter_batches(batch_format="numpy") for row in _token_rows(b)] != in_order
 
 
 def _loop(config):
@@ -117,11 +74,11 @@ def _loop(config):
     import ray.train
 
     from finetune_trainer.batches import EpochStream
-    from finetune_trainer.epoch_split import EpochShards
+    from finetune_trainer.train_blocks import BlockReader
 
     plan, rank = config["plan"], ray.train.get_context().get_world_rank()
-    shards = EpochShards(config["train"], seed=7, epochs=plan.epochs_for(config["total"]), rank=rank, world=plan.world)
-    stream = EpochStream(plan, shards, step=config["step"], total_steps=config["total"], pad_token_id=0)
+    stream = EpochStream(plan, BlockReader(config["train"]).batch, seed=7, rank=rank, step=config["step"],
+                         total_steps=config["total"], pad_token_id=0)
     seen = [[[int(t) for t, m in zip(row, mask, strict=True) if m] for row, mask in
              zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), strict=True)] for b, _ in stream]
     with open(f"{config['out']}/rank{rank}.json", "w") as out:
@@ -130,9 +87,9 @@ def _loop(config):
 
 @pytest.mark.usefixtures("local_ray")
 def test_workers_resumed_mid_epoch_read_the_uninterrupted_run_s_micro_batches(tmp_path):
-    """Through Ray Train itself (its workers and process group; rank 0 splits each epoch as it
-    begins and broadcasts the shards, epoch_split): a run started at step s reads, on every rank,
-    exactly the uninterrupted run's micro-batches from step s on."""
+    """Through Ray Train itself (its workers, the block references in the loop's config, each rank
+    fetching its own rows): a run started at step s reads, on every rank, exactly the
+    uninterrupted run's micro-batches from step s on."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -148,7 +105,7 @@ def test_workers_resumed_mid_epoch_read_the_uninterrupted_run_s_micro_batches(tm
     def run(step, name):
         out = tmp_path / name
         out.mkdir()
-        trainer = TorchTrainer(_loop, train_loop_config={"plan": plan, "step": step, "total": total, "out": str(out), "train": got.train},
+        trainer = TorchTrainer(_loop, train_loop_config={"plan": plan, "step": step, "total": total, "out": str(out), "train": got.train_blocks},
                                scaling_config=ScalingConfig(num_workers=world, resources_per_worker={"CPU": 0.5}),
                                run_config=RunConfig(name=name, storage_path=str(tmp_path / "ray")))
         trainer.fit()

@@ -67,7 +67,6 @@ TORCH_MODULES = {
     "finetune_trainer.transfer",  # the step's host<->device copies, in the recipe
     "finetune_trainer.predict",  # `finetune predict` loads the model in the CLI's process, once predict_source found it
     "finetune_trainer.batches",
-    "finetune_trainer.epoch_split",  # rank 0's split of each epoch reaches the other ranks through torch.distributed
 }
 # importing these (with everything they import) loads none of HEAVY: the driver side (ARCHITECTURE.md,
 # "Inside the trainer") loads torch only when the preflight runs and in Ray's workers; a search

@@ -3,7 +3,6 @@ moving to Ray Data changes no step's tensors."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -96,102 +95,59 @@ def test_per_token_labels_of_one_length_stay_per_token():
         assert torch.equal(want[key], streamed[key]), key
 
 
-class _Shard:
-    """Stands in for a Ray Data split iterator: `iter_batches` over fixed numpy batches of one
-    epoch, or blocked (a drained node: the epoch's split never starts) until `release` is set."""
+def _reader(asked: list[int] | None = None):
+    """Stands in for train_blocks.BlockReader over rows whose only token is their index + 1."""
 
-    def __init__(self, epoch: int, rows: int, blocked: threading.Event | None = None):
-        self.epoch, self.rows, self.blocked = epoch, rows, blocked
-
-    def iter_batches(self, *, batch_size, batch_format, drop_last):
-        if self.blocked is not None:
-            self.blocked.wait()
-        for start in range(0, self.rows, batch_size):
-            rows = range(start, min(start + batch_size, self.rows))
-            ids = np.empty(len(rows), dtype=object)  # a ragged column, as Ray gives it
-            ids[:] = [np.array([self.epoch * 1000 + i + 1]) for i in rows]
-            yield {"input_ids": ids, "labels": np.zeros(len(rows), dtype=np.int64)}
+    def read(rows):
+        if asked is not None:
+            asked.extend(int(r) for r in rows)
+        ids = np.empty(len(rows), dtype=object)  # a ragged column, as Ray gives it
+        ids[:] = [np.array([int(r) + 1]) for r in rows]
+        return {"input_ids": ids, "labels": np.zeros(len(rows), dtype=np.int64)}
+    return read
 
 
 def _ids(item) -> list[int]:
-    return item[0]["input_ids"][:, 0].tolist()
+    return [t - 1 for t in item[0]["input_ids"][:, 0].tolist()]
 
 
-def test_epoch_stream_reads_ahead_in_order_and_resumes_mid_epoch():
-    plan = EpochPlan(rows=10, world=1, micro_batch=2, accumulation=1)  # 5 steps an epoch
-    whole = [_ids(b) for b in EpochStream(plan, lambda e: _Shard(e, 10), step=0, total_steps=12, pad_token_id=0)]
-    assert len(whole) == 12 and whole[5] == [1001, 1002]  # epoch 1 starts at step 5
-    resumed = [_ids(b) for b in EpochStream(plan, lambda e: _Shard(e, 10), step=7, total_steps=12, pad_token_id=0)]
-    assert resumed == whole[7:]
+@pytest.mark.parametrize("world", [1, 2])
+def test_epoch_stream_reads_each_rank_s_share_and_resumes_at_any_step(world):
+    plan = EpochPlan(rows=21, world=world, micro_batch=2, accumulation=2)
+    total = plan.steps_per_epoch * 2 + 1  # into a third epoch
+    for rank in range(world):
+        whole = [_ids(b) for b in EpochStream(plan, _reader(), seed=4, rank=rank, step=0, total_steps=total, pad_token_id=0)]
+        assert len(whole) == total * 2
+        epoch0 = [r for piece in plan.rank_rows(4, 0, rank) for r in piece.tolist()]
+        assert [r for b in whole[: plan.micro_batches_per_epoch] for r in b] == epoch0[: plan.micro_batches_per_epoch * 2]
+        for step in range(1, total):
+            asked: list[int] = []
+            resumed = [_ids(b) for b in EpochStream(plan, _reader(asked), seed=4, rank=rank, step=step, total_steps=total,
+                                                     pad_token_id=0)]
+            assert resumed == whole[step * 2 :], (rank, step)
+            assert asked == [r for b in resumed for r in b]  # nothing before the position is read
 
 
-def test_epoch_stream_holds_its_lookahead_before_each_step():
-    """Before step k is trained, steps k .. k+2 are already read (or the run ends first), and the
-    reader stops at that: the buffer is bounded."""
-    plan = EpochPlan(rows=8, world=1, micro_batch=2, accumulation=2)  # 2 steps an epoch, 4 micro-batches
-    read: list[int] = []
-
-    def shards(epoch):
-        shard = _Shard(epoch, 8)
-        original = shard.iter_batches
-
-        def counted(**kwargs):
-            for batch in original(**kwargs):
-                read.append(epoch)
-                yield batch
-        shard.iter_batches = counted  # type: ignore[method-assign]
-        return shard
-
-    stream = EpochStream(plan, shards, step=0, total_steps=7, pad_token_id=0, lookahead=3)
-    held = []
+def test_epoch_stream_reads_ahead_a_bounded_amount():
+    plan = EpochPlan(rows=40, world=1, micro_batch=2, accumulation=2)
+    asked: list[int] = []
+    stream = EpochStream(plan, _reader(asked), seed=1, rank=0, step=0, total_steps=8, pad_token_id=0, ahead=2)
     for index, _ in enumerate(stream):
-        if index % 2 == 0:
-            held.append(len(read) - index)  # micro-batches read beyond the ones already taken
-    need = [min(6, 14 - index) for index in range(0, 14, 2)]  # 3 steps of 2 micro-batches, or the rest of the 14
-    assert all(h >= n for h, n in zip(held, need, strict=True)), (held, need)
-    assert max(held) <= 6 + 1  # bounded: the buffer, and the one item the reader holds while it waits for room
-
-
-def test_epoch_stream_after_a_notice_trains_what_it_holds_without_waiting_for_a_new_epoch():
-    """A drained node starts no epoch split: with the notice seen, the steps already read ahead
-    are trained and nothing waits on the epoch that cannot begin; without it the loop would."""
-    plan = EpochPlan(rows=10, world=1, micro_batch=2, accumulation=1)  # 5 steps an epoch
-    drained = threading.Event()  # never set: epoch 1's split never starts
-    noticed = threading.Event()
-
-    def shards(epoch):
-        return _Shard(epoch, 10, blocked=drained if epoch > 0 else None)
-
-    stream = EpochStream(plan, shards, step=0, total_steps=10, pad_token_id=0, lookahead=3, noticed=noticed.is_set)
-    taken: list[list[int]] = []
-    done = threading.Event()
-
-    def train():
-        for index, item in enumerate(stream):
-            taken.append(_ids(item))
-            if index == 1:
-                noticed.set()  # the notice arrives during step 2; epoch 0 has 3 steps left
-        done.set()
-
-    threading.Thread(target=train, daemon=True).start()
-    deadline = time.time() + 10
-    while len(taken) < 5 and time.time() < deadline:
-        time.sleep(0.05)
-    assert [t[0] for t in taken] == [1, 3, 5, 7, 9]  # all of epoch 0, though epoch 1 can never begin
-    assert not done.is_set()  # and nothing past it
-    assert stream.waited < 5
+        time.sleep(0.01)
+        assert len(asked) // 2 - (index + 1) <= 2 * 2 + 1  # the buffer, and the one micro-batch the reader holds
 
 
 def test_epoch_stream_raises_what_its_reader_raised():
     plan = EpochPlan(rows=10, world=1, micro_batch=2, accumulation=1)
+    calls = []
 
-    def shards(epoch):
-        if epoch == 1:
-            raise ValueError("no split")
-        return _Shard(epoch, 10)
+    def read(rows):
+        calls.append(rows)
+        if len(calls) == 4:
+            raise ValueError("lost block")
+        return _reader()(rows)
 
-    stream = iter(EpochStream(plan, shards, step=0, total_steps=8, pad_token_id=0))
-    got = [next(stream) for _ in range(5)]
-    assert len(got) == 5
-    with pytest.raises(ValueError, match="no split"):
+    stream = iter(EpochStream(plan, read, seed=0, rank=0, step=0, total_steps=8, pad_token_id=0))
+    assert len([next(stream) for _ in range(3)]) == 3
+    with pytest.raises(ValueError, match="lost block"):
         next(stream)

@@ -1,14 +1,13 @@
-"""epochs.py's arithmetic: where a resumed run continues, on any number of workers.
-
-The Ray side (each rank's shard of an epoch is the same in every execution) is
-tests/integration/test_ingest.py; here the step <-> (epoch, micro-batches to drop) mapping that
-turns it into exact resume, checked against a replay of the uninterrupted run's micro-batches."""
+"""epochs.py's arithmetic: which rows each rank reads in an epoch, and where a resumed run
+continues, on any number of workers. The Ray side (the rows fetched from the ingested split's
+blocks, a real Ray Train run resumed mid-epoch) is tests/integration/test_ingest.py."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from finetune_trainer.epochs import EpochPlan, epoch_dataset_name, epoch_seed
+from finetune_trainer.epochs import CHUNK_ROWS, EpochPlan, epoch_seed
 from finetune_trainer.spec.training import TrainingSpec
 
 
@@ -45,10 +44,45 @@ def test_seeds_and_names():
     assert epoch_seed(7, 0) != epoch_seed(7, 1) != epoch_seed(8, 0)
     assert epoch_seed(1, 0) != epoch_seed(0, 1)
     assert all(0 <= epoch_seed(2**40, e) < 2**32 for e in range(3))
-    assert epoch_dataset_name(3) == "train_epoch_3"
     with pytest.raises(ValueError, match="negative"):
         epoch_seed(-1, 0)
     with pytest.raises(ValueError, match="at least 1"):
         EpochPlan(rows=0, world=1, micro_batch=1, accumulation=1)
     with pytest.raises(ValueError, match="negative"):
         EpochPlan(rows=10, world=1, micro_batch=1, accumulation=1).position(-1)
+
+
+def _share(plan: EpochPlan, seed: int, epoch: int, rank: int, start: int = 0) -> list[int]:
+    return np.concatenate(list(plan.rank_rows(seed, epoch, rank, start)) or [np.array([], dtype=int)]).tolist()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_each_epoch_gives_every_rank_an_equal_disjoint_share_of_a_permutation(world):
+    rows = 3 * CHUNK_ROWS + 77  # a short last chunk
+    plan = EpochPlan(rows=rows, world=world, micro_batch=4, accumulation=1)
+    for epoch in range(3):
+        shares = [_share(plan, 11, epoch, rank) for rank in range(world)]
+        assert [len(s) for s in shares] == [rows // world] * world
+        every = [r for s in shares for r in s]
+        assert len(set(every)) == len(every) and set(every) <= set(range(rows))
+        assert every == _share(EpochPlan(rows=rows, world=1, micro_batch=4, accumulation=1), 11, epoch, 0)[: len(every)]
+    assert _share(plan, 11, 0, 0) != _share(plan, 11, 1, 0)  # every epoch its own order
+    assert _share(plan, 11, 0, 0) != _share(plan, 12, 0, 0)  # the job's seed decides it
+
+
+def test_rows_stay_within_their_chunk_and_are_mixed_inside_it():
+    plan = EpochPlan(rows=4 * CHUNK_ROWS, world=1, micro_batch=4, accumulation=1)
+    pieces = list(plan.rank_rows(5, 2, 0))
+    assert len(pieces) == 4
+    assert all(len({int(r) // CHUNK_ROWS for r in piece}) == 1 for piece in pieces)  # one chunk a piece
+    assert sorted(int(p[0]) // CHUNK_ROWS for p in pieces) == [0, 1, 2, 3]
+    assert all(p.tolist() != sorted(p.tolist()) for p in pieces)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_share_read_from_any_position_is_the_tail_of_the_whole_share(world):
+    plan = EpochPlan(rows=2 * CHUNK_ROWS + 5, world=world, micro_batch=4, accumulation=1)
+    for rank in range(world):
+        whole = _share(plan, 3, 1, rank)
+        for start in (0, 1, CHUNK_ROWS // world - 1, CHUNK_ROWS, len(whole) - 1, len(whole)):
+            assert _share(plan, 3, 1, rank, start) == whole[start:], (rank, start)

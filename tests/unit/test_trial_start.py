@@ -24,7 +24,7 @@ job = parse_job({{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", 
 persistence = open_storage(job)
 
 class NoData:  # what the ingest hands over (ingest.Ingested) without starting Ray: the datasets are not this test's subject
-    train = None
+    train_blocks = None
     def trainer_datasets(self):
         return {{}}, None
 

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +20,6 @@ import torch
 from .data import IGNORE_INDEX, TokenizedSplit
 from .epochs import EpochPlan
 from .packing import pad_positions
-
-if TYPE_CHECKING:
-    from ray.data import DataIterator
 
 
 def per_token(labels: np.ndarray) -> bool:
@@ -88,44 +85,37 @@ def gather(batches: Iterable[dict[str, np.ndarray]]) -> TokenizedSplit:
 
 
 class EpochStream:
-    """This rank's micro-batches, from a run's first (or resumed) step to its last, read from each
-    epoch's shard (`shards(epoch)`: epoch_split.EpochShards; epochs.py: which rows, in which order,
-    where a resumed run starts). Yields (tensors, tokens), tokens being the batch's real (unpadded)
-    token count, counted on the host. `waited` is the seconds the loop spent waiting on the input
-    pipeline, the figure item 6 of issue 18 reports as a share of training time.
+    """This rank's micro-batches, from a run's first (or resumed) step to its last: epochs.py says
+    which rows of the train split, in which order, and where a resumed run starts; `reader` fetches
+    them (train_blocks.BlockReader). Yields (tensors, tokens), tokens being the batch's real
+    (unpadded) token count, counted on the host. `waited` is the seconds the loop spent waiting on
+    the input, the figure item 6 of issue 18 reports as a share of training time.
 
-    A thread reads ahead, and before each optimizer step the loop holds `lookahead` steps of
-    micro-batches, because a preempted node starts no new Ray work: once a node is drained (a pod's
-    SIGTERM, sigterm.py locally), a new coordinator actor never starts and a new task fails, and an
-    epoch's split and shuffle are exactly that. The save a preemption asks for comes at most two
-    steps after the notice is first seen here (PreemptionGuard agrees on it one step late), so with
-    three steps in hand it never waits on an epoch that cannot begin. `noticed()` (the guard's
-    local look at the notice) lets the loop stop insisting on the full lookahead once the node is
-    going. Written by hand: Ray Data's own prefetch (`prefetch_batches`) blocks inside its iterator
-    and cannot be told to stop waiting."""
+    A thread reads and collates up to `ahead` steps of micro-batches while the loop trains (block
+    fetches from other nodes and collating overlap the step). Written by hand: the rows come from
+    epochs.py's order, not from a Ray Data iterator with its own prefetch."""
 
-    def __init__(self, plan: EpochPlan, shards: Callable[[int], DataIterator], *, step: int, total_steps: int,
-                 pad_token_id: int, lookahead: int = 3, noticed: Callable[[], bool] = lambda: False):
-        self.plan, self.shards, self.step, self.total, self.pad = plan, shards, step, total_steps, pad_token_id
-        self.lookahead, self.noticed = max(1, lookahead), noticed
+    def __init__(self, plan: EpochPlan, reader: Callable[[np.ndarray], dict[str, np.ndarray]], *, seed: int, rank: int,
+                 step: int, total_steps: int, pad_token_id: int, ahead: int = 2):
+        self.plan, self.reader, self.seed, self.rank = plan, reader, seed, rank
+        self.step, self.total, self.pad, self.ahead = step, total_steps, pad_token_id, max(1, ahead)
         self.waited = 0.0
 
     def micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
         """The micro-batches in order, read in the calling thread (the read-ahead thread's work)."""
-        epoch, skip = self.plan.position(self.step)
-        left = (self.total - self.step) * self.plan.accumulation  # micro-batches still to train on
+        plan = self.plan
+        epoch, skip = plan.position(self.step)
+        left = (self.total - self.step) * plan.accumulation  # micro-batches still to train on
         while left > 0:
-            batches = iter(self.shards(epoch).iter_batches(batch_size=self.plan.micro_batch, batch_format="numpy",
-                                                           drop_last=False))
-            for index in range(self.plan.micro_batches_per_epoch):
-                batch = next(batches, None)
-                # equal=True gives every rank rows_per_rank rows; the plan's micro-batches fit in them, the
-                # last one short only when a rank holds less than one step (steps_per_epoch is at least 1)
-                if batch is None:
-                    raise RuntimeError(f"epoch {epoch}: the shard ended after {index} micro-batches, the plan counts "
-                                       f"{self.plan.micro_batches_per_epoch}")
-                if index < skip:
-                    continue
+            rows = _in_batches(plan.rank_rows(self.seed, epoch, self.rank, start=skip * plan.micro_batch), plan.micro_batch)
+            for index in range(skip, plan.micro_batches_per_epoch):
+                # every rank has rows_per_rank rows an epoch; the plan's micro-batches fit in them, the last one
+                # short only when a rank holds less than one step (steps_per_epoch is at least 1)
+                take = next(rows, None)
+                if take is None:
+                    raise RuntimeError(f"epoch {epoch}: rank {self.rank}'s {plan.rows_per_rank} rows end before micro-batch "
+                                       f"{index} of the plan's {plan.micro_batches_per_epoch}")
+                batch = self.reader(take)
                 yield collate(batch, self.pad), int(sum(len(row) for row in batch["input_ids"]))
                 left -= 1
                 if left == 0:
@@ -133,14 +123,11 @@ class EpochStream:
             epoch, skip = epoch + 1, 0
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        accumulation = self.plan.accumulation
-        left = (self.total - self.step) * accumulation
-        ahead = _ReadAhead(self.micro_batches(), capacity=self.lookahead * accumulation)
+        left = (self.total - self.step) * self.plan.accumulation
+        ahead = _ReadAhead(self.micro_batches(), capacity=self.ahead * self.plan.accumulation)
         try:
-            for index in range(left):
+            for _ in range(left):
                 clock = time.perf_counter()
-                if index % accumulation == 0:  # a step begins: hold `lookahead` steps (or the rest) unless the node is going
-                    ahead.fill(min(self.lookahead * accumulation, left - index), give_up=self.noticed)
                 item = ahead.take()
                 self.waited += time.perf_counter() - clock
                 yield item
@@ -148,10 +135,27 @@ class EpochStream:
             ahead.stop()
 
 
+def _in_batches(pieces: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Row indices regrouped from pieces (epochs.rank_rows: one per chunk) into batches of `size`,
+    the last one possibly short."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for piece in pieces:
+        while len(piece):
+            part, piece = piece[: size - count], piece[size - count :]
+            pending.append(part)
+            count += len(part)
+            if count == size:
+                yield np.concatenate(pending)
+                pending, count = [], 0
+    if count:
+        yield np.concatenate(pending)
+
+
 class _ReadAhead:
     """Items of an iterator, read by a daemon thread into a buffer of `capacity`; an error the
-    iterator raised comes out of `take` in its place. The thread may stay blocked in Ray after a
-    drain; being a daemon, it never holds the worker's exit."""
+    iterator raised comes out of `take` in its place. A daemon: a thread blocked in a fetch when
+    the worker ends never holds its exit."""
 
     _END = object()
 
@@ -179,12 +183,6 @@ class _ReadAhead:
             self.buffer.append(last)
             self.changed.notify_all()
 
-    def fill(self, count: int, give_up: Callable[[], bool]) -> None:
-        """Wait until `count` items (or the end) are buffered, or `give_up()` says not to insist."""
-        with self.changed:
-            while len(self.buffer) < count and not self._ends_within(count) and not give_up():
-                self.changed.wait(timeout=0.1)
-
     def take(self) -> Any:
         with self.changed:
             self.changed.wait_for(lambda: bool(self.buffer))
@@ -195,9 +193,6 @@ class _ReadAhead:
         if isinstance(item, _Failed):
             raise item.error
         return item
-
-    def _ends_within(self, count: int) -> bool:
-        return any(item is self._END or isinstance(item, _Failed) for item in list(self.buffer)[:count])
 
     def stop(self) -> None:
         with self.changed:

@@ -202,9 +202,10 @@ def resume_mode(job: FineTuneJob, resume: str | None) -> str:
 
 
 def shared_config(prepared: Prepared, tracker: Any) -> dict[str, Any]:
-    """What every worker of every run or trial reads besides its job. The data travels as Ray Data
-    datasets (`ingested`: make_trainer hands them to Ray Train, which streams each worker its
-    shard); only the forgetting probe's small reference split goes through the object store."""
+    """What every worker of every run or trial reads besides its job. The data stays in Ray's
+    object store where the ingest left it (`ingested`: make_trainer hands the workers the train
+    split's block references and Ray Train the validation dataset); only the forgetting probe's
+    small reference split is put there from the driver."""
     ingested = prepared.ingested
     assert ingested is not None, "the session ingests the data once Ray is up"
     reference = prepared.data.reference
@@ -232,7 +233,7 @@ def make_trainer(job: FineTuneJob, shared: dict[str, Any], *, persistence: Persi
     shared = dict(shared)
     ingested = shared.pop("ingested")
     datasets, data_config = ingested.trainer_datasets()
-    shared["train_data"] = ingested.train  # the workers split it epoch by epoch (epoch_split)
+    shared["train_blocks"] = ingested.train_blocks  # block references: each worker fetches its own rows (train_blocks.py)
     worker_resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})
     storage = persistence.run_config_args(job, storage_path=storage_path, tracker=shared.get("progress"))
     storage["callbacks"] += callbacks or []

@@ -3,58 +3,53 @@
 The contract (issue 18 item 2): a resumed run (a worker-group restart, `--resume`, a successive
 halving trial continuing at a rung) sees exactly the micro-batches the uninterrupted run would
 have seen, on any number of workers. With Ray Data no worker holds the whole set, so the order
-cannot be an index permutation the worker applies (the in-memory path did that); it has to be a
-property of the data streams themselves. The design:
+cannot be a permutation of the whole set that a worker applies to rows it has; it is a pure
+function of (rows, seed, epoch, rank) that says which rows of the ingested train split each rank
+reads, and the rank fetches only those (train_blocks.py). The design:
 
-* Epoch `e` is its own Ray Data dataset: the tokenized train split shuffled with
-  `random_shuffle(seed=epoch_seed(seed, e))`. A seeded shuffle of the same blocks gives the same
-  rows in the same order on every execution; the train split's block layout is fixed by the
-  ingest (a fixed `override_num_blocks` on read, `preserve_order` on), so the blocks are the same
-  whichever node count or CPU count executes it.
-* Each epoch dataset is split between the workers with `streaming_split(world, equal=True)`, when
-  the epoch begins (epoch_split.py: rank 0 splits, a broadcast hands out the shards; Ray Train's
-  own route would split every epoch at the worker group's start). With `preserve_order` set, Ray's OutputSplitter drops its
-  locality hints and hands each block, in stream order, to the split that has the fewest rows so
-  far (ray/data/_internal/execution/operators/output_splitter.py): a pure function of the block
-  sequence, so rank r's shard of epoch e is the same in every execution. `equal=True` gives each
-  rank floor(N / world) rows, which is what `steps_per_epoch` counts with.
-* One dataset per epoch rather than one dataset iterated E times: Ray re-executes a dataset with
-  the same seed on every iteration (the same order each epoch), and one concatenated stream would
-  let the splitter's balance carry over from one epoch into the next, so the shard of epoch 1
-  would depend on whether epoch 0 was part of the execution. A resumed run starts its first
-  epoch's split from scratch, exactly like the uninterrupted run did.
-* Skip-to-position is therefore arithmetic only (`position`): a run resumed at optimizer step s
-  opens epoch s // steps_per_epoch and drops the first (s % steps_per_epoch) * accumulation
-  micro-batches of its own shard; every rank drops the same number, so the equal split's barrier
-  (every iterator starts the epoch) holds. Nothing about the data position is stored in the
-  checkpoint beyond the step, which it already holds.
+* The ingest shuffles every file once with the job's seed and keeps the tokenized train split in
+  Ray's object store in a fixed row order (ingest.py). An epoch's order permutes *chunks* of that
+  order, `CHUNK_ROWS` consecutive rows each, with a generator seeded by (seed, epoch), and the rows
+  inside every chunk with one seeded by (seed, epoch, chunk). That is the order Hugging Face's
+  streaming datasets and Ray Data's `randomize_block_order` + local shuffle give: a full shuffle
+  once, then per epoch a shuffle of chunks and within them, bounded by a chunk. It needs no Ray work
+  when an epoch begins. A seeded `random_shuffle` per epoch did (new tasks, and a split coordinator
+  actor per epoch, ~2-3 s each on a 2-core machine: longer than a tiny run's epoch), and a drained
+  node starts no new work, so a preemption's save could wait on an epoch that never began
+  (DATA_INGEST_STATUS.md).
+* Rank r takes positions [r * n, (r + 1) * n) of the epoch's order, n = rows // world: equal
+  shares, what `steps_per_epoch` counts with; the last rows // world remainder is not trained that
+  epoch (as the in-memory path dropped it). The shares depend on nothing but the figures, so they
+  are the same in every execution, after a worker-group restart and after a re-ingest.
+* Skip-to-position is arithmetic (`position`): a run resumed at optimizer step s opens epoch
+  s // steps_per_epoch and starts its share (s % steps_per_epoch) * accumulation micro-batches in;
+  nothing about the data position is stored in the checkpoint beyond the step, which it already
+  holds, and nothing before the position is read.
 
-Written by hand: Ray Train has no resumable data position (its shards restart at the epoch's
-beginning after a worker-group restart); the arithmetic here is what connects our step counter
-to Ray Data's deterministic streams. Pure: no Ray, no torch, so the driver can import it.
+Written by hand: Ray Train has no resumable data position (its dataset shards restart at the
+epoch's beginning after a worker-group restart) and no per-rank order that does not depend on the
+execution; the arithmetic here connects our step counter to the rows. Pure: numpy only, no Ray, no
+torch, so the driver can import it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-EPOCH_DATASET_PREFIX = "train_epoch_"
+import numpy as np
+
+CHUNK_ROWS = 512  # rows an epoch's order keeps together (module docstring); a worker holds about one chunk's blocks
 VALIDATION_DATASET = "validation"  # given whole to every worker (not split): evaluation shards it by index
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of epoch `epoch`'s shuffle; distinct per epoch, fixed by the job's seed.
-
-    Ray Data takes a plain int; a linear mix keeps seeds of nearby jobs' epochs apart (seed 1's
-    epoch 0 is not seed 0's epoch 1)."""
+    """A Ray Data shuffle's seed for stream `epoch` of a job (the ingest's once-per-file shuffle),
+    fixed by the job's seed. Ray Data takes a plain int; a linear mix keeps the seeds of nearby
+    jobs' streams apart (seed 1's stream 0 is not seed 0's stream 1)."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must not be negative (seed {seed}, epoch {epoch})")
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**32)
-
-
-def epoch_dataset_name(epoch: int) -> str:
-    """The name of epoch `epoch`'s training stream (the Ray dashboard's Data view lists it)."""
-    return f"{EPOCH_DATASET_PREFIX}{epoch}"
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ class EpochPlan:
 
     @property
     def rows_per_rank(self) -> int:
-        """What `streaming_split(world, equal=True)` gives each rank of one epoch."""
+        """Rows each rank reads in one epoch (`rank_rows`): equal shares."""
         return self.rows // self.world
 
     @property
@@ -86,7 +81,7 @@ class EpochPlan:
         return self.steps_per_epoch * self.accumulation
 
     def epochs_for(self, total_steps: int) -> int:
-        """How many epoch datasets a run of `total_steps` optimizer steps opens."""
+        """How many epochs a run of `total_steps` optimizer steps opens."""
         return max(1, -(-total_steps // self.steps_per_epoch))
 
     def position(self, step: int) -> tuple[int, int]:
@@ -96,3 +91,20 @@ class EpochPlan:
             raise ValueError(f"step must not be negative: {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
         return epoch, within * self.accumulation
+
+    def rank_rows(self, seed: int, epoch: int, rank: int, start: int = 0) -> Iterator[np.ndarray]:
+        """Rows (indices into the ingested train split) of `rank`'s share of epoch `epoch`, in order,
+        from position `start` of the share on, in pieces of at most one chunk."""
+        n = self.rows_per_rank
+        first, stop = rank * n + start, (rank + 1) * n
+        at = 0  # position in the epoch's order where the current chunk begins
+        for chunk in np.random.default_rng([seed, epoch]).permutation(-(-self.rows // CHUNK_ROWS)):
+            begin = int(chunk) * CHUNK_ROWS
+            size = min(self.rows, begin + CHUNK_ROWS) - begin
+            low, high = max(first, at), min(stop, at + size)
+            if low < high:
+                inside = np.random.default_rng([seed, epoch, int(chunk)]).permutation(size)
+                yield begin + inside[low - at : high - at]
+            at += size
+            if at >= stop:
+                return

@@ -114,11 +114,6 @@ class PreemptionGuard:
 
         self.notice_file = notice_path()
 
-    def seen(self) -> bool:
-        """Whether this worker has been handed a notice, without the ranks' agreement: what the
-        input read-ahead asks before it insists on more (batches.EpochStream)."""
-        return _local_preemption_info(self.notice_file) is not None
-
     def poll(self) -> Notice | None:
         if self.noticed:
             return None

@@ -3,8 +3,8 @@
 The replacement of data.prepare's in-memory path (issue 18 item 1). The driver builds a lazy
 plan and runs only aggregations (row counts, dropped-row counts, the label set); the rows live
 in Ray's object store (spilled to disk when large), never in the driver's memory, and each
-worker receives its share of an epoch from a split made when the epoch begins (epoch_split.py;
-epochs.py says why one dataset per epoch and how a resumed run finds its place).
+worker fetches the rows of its share of an epoch from the train split's blocks (train_blocks.py;
+epochs.py says which rows, in which order, and how a resumed run finds its place).
 
 Order of work, as in data.py, cheapest checks first: the schema (columns the spec names) from
 the first block, the empty-cell counts and the maxDroppedFraction refusal (an aggregation: one
@@ -32,6 +32,7 @@ import pandas as pd
 from . import data_checks
 from .epochs import VALIDATION_DATASET, epoch_seed
 from .sources import SourceError, resolve_local
+from .train_blocks import TrainBlocks
 
 SPLITS = ("train", "validation", "test")
 
@@ -51,6 +52,7 @@ class Ingested:
     """The datasets a run trains and evaluates on, and the figures results.json carries."""
 
     train: ray.data.Dataset  # tokenized, materialized in the object store (the driver holds references)
+    train_blocks: TrainBlocks  # its blocks' references and rows, in order: what the workers read from
     validation: ray.data.Dataset | None
     test: ray.data.Dataset | None
     label_names: list[str] | None
@@ -58,9 +60,8 @@ class Ingested:
 
     def trainer_datasets(self) -> tuple[dict[str, ray.data.Dataset], Any]:
         """What a TorchTrainer is given: the validation split, whole to every worker (evaluation
-        shards it by index). Not the train split: the workers split each epoch of it themselves,
-        when the epoch begins (epoch_split.py says why), from `train`, which reaches them in the
-        loop's config."""
+        shards it by index). Not the train split: each worker fetches its rows of an epoch from
+        `train_blocks`, which reach it in the loop's config (epochs.py says why)."""
         from ray.train import DataConfig
 
         datasets = {VALIDATION_DATASET: self.validation} if self.validation is not None else {}
@@ -68,8 +69,9 @@ class Ingested:
 
 
 def configure_context() -> None:
-    """What the exact-resume guarantee needs of Ray Data in this process (the driver: Ray Train's
-    DataConfig is given the same options for the workers' split)."""
+    """What the exact-resume guarantee needs of Ray Data in this process (the driver): every pass
+    keeps its rows in order, so the train split's row order, which epochs.py's arithmetic indexes,
+    is the same in every ingest of the same files and seed."""
     import ray.data
 
     from . import logs
@@ -286,7 +288,7 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         out[name] = tokenized
     train_ds = out["train"]
     assert train_ds is not None
-    return Ingested(train_ds, out["validation"], out["test"], label_names, stats)
+    return Ingested(train_ds, TrainBlocks.of(train_ds), out["validation"], out["test"], label_names, stats)
 
 
 def _carve_and_cap(frames: dict[str, ray.data.Dataset | None], data: DataSpec) -> None:

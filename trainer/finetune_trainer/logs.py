@@ -29,9 +29,9 @@ What a quiet run silences, and where (each found in the library's own source, ve
   is one node that nothing drains, so a local run turns the watcher off
   (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0). On a cluster it keeps watching (the line stays).
 - Colour codes around Ray's "(pid=...)" prefixes when stderr is not a terminal: RAY_COLOR_PREFIX=0.
-- Ray Data's INFO lines ("Starting execution of Dataset train_epoch_N", its plan, "execution
-  finished"): every process that runs a dataset prints them, the driver and each epoch's
-  SplitCoordinator actor alike. Ray Data (re)configures its logger from RAY_DATA_LOGGING_CONFIG
+- Ray Data's INFO lines ("Starting execution of Dataset ...", its plan, "execution finished"):
+  every process that runs a dataset prints them, the driver's ingest and each worker reading the
+  validation split alike. Ray Data (re)configures its logger from RAY_DATA_LOGGING_CONFIG
   at import and again in an actor at each new dataset (ray/data/_internal/logging.py,
   update_dataset_logger_for_worker), so a level set once in a process does not hold; the variable
   does: it names ray_data_logging.yaml (Ray's default with the console at ERROR; the file

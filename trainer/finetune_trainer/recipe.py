@@ -32,7 +32,6 @@ from . import baseline, checkpoint_files, deepspeed_load, logs, packing, transfe
 from .batches import EpochStream, gather
 from .class_report import CONFUSION_KEY
 from .ds_config import build_ds_config, resolve_precision
-from .epoch_split import EpochShards
 from .epochs import VALIDATION_DATASET, EpochPlan
 from .evaluation import evaluate
 from .guards import NonFiniteGuard, Notice, PreemptionGuard, mean_finite
@@ -43,6 +42,7 @@ from .probes import EvaluationProbes
 from .ranking import NON_FINITE_KEY, EarlyStopping, is_better
 from .scratch import checkpoint_folder
 from .spec import FineTuneJob
+from .train_blocks import BlockReader
 
 log0 = logs.rank_zero(logging.getLogger(__name__))  # what every rank would say alike, said once
 
@@ -56,7 +56,7 @@ class FineTuneRecipe:
         self.spec = self.job.spec
         self.model_dir: str = config["model_dir"]
         self.train_rows: int = config["train_rows"]
-        self.train_data = config["train_data"]  # the materialized train split's dataset: blocks in the object store, split per epoch (epoch_split)
+        self.train_blocks = config["train_blocks"]  # the train split's blocks in the object store: this rank fetches its rows
         self.label_names: list[str] | None = config["label_names"]
         self.reference = ray.get(config["reference"]) if config.get("reference") is not None else None
         # validation is small (capped): every rank reads it whole from its dataset, evaluation shards it by index
@@ -197,10 +197,8 @@ class FineTuneRecipe:
         clock = time.perf_counter()  # training wall time: every step and its bookkeeping, not eval
         # this rank's micro-batches from this step on, across epochs (a resumed run picks the stream up
         # where the uninterrupted run was: epochs.py)
-        shards = EpochShards(self.train_data, seed=self.spec.training.seed, epochs=self.stream_plan.epochs_for(self.total),
-                             rank=self.rank, world=self.world)
-        self.stream = EpochStream(self.stream_plan, shards, step=self.step, total_steps=self.total, pad_token_id=self.pad_id,
-                                  noticed=self.preemption.seen)
+        self.stream = EpochStream(self.stream_plan, BlockReader(self.train_blocks).batch, seed=self.spec.training.seed,
+                                  rank=self.rank, step=self.step, total_steps=self.total, pad_token_id=self.pad_id)
         for host, tokens in self.stream:
             self.tokens += tokens  # counted on the host: no device sync
             batch = transfer.to_device(host, self.device)  # on GPUs pinned, non_blocking: no wait on the last step
