@@ -119,3 +119,25 @@ def test_workers_resumed_mid_epoch_read_the_uninterrupted_run_s_micro_batches(tm
         assert resumed[rank]["seen"] == whole[rank]["seen"][step * accum :], rank
     assert whole[0]["seen"] != whole[1]["seen"]
     assert all(r["waited"] >= 0 for r in whole)
+
+
+@pytest.mark.usefixtures("local_ray")
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_cells_that_are_not_utf8_follow_encoding_errors(tmp_path, suffix):
+    """pyarrow reads a CSV column with invalid UTF-8 as binary and a JSON string unchecked; the
+    source's encodingErrors decides, as pandas' readers did (the quickstart's corpus has such cells)."""
+    from finetune_trainer.data import DataError
+    from finetune_trainer.ingest import ingest
+
+    rows = [("caf\xe9".encode("latin-1"), b"pos")] + [(f"row {i} text".encode(), b"neg" if i % 2 else b"pos") for i in range(11)]
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".csv":
+        path.write_bytes(b"text,label\n" + b"".join(t + b"," + lab + b"\n" for t, lab in rows))
+    else:
+        path.write_bytes(b"".join(b'{"text": "' + t + b'", "label": "' + lab + b'"}\n' for t, lab in rows))
+    with pytest.raises(DataError, match=r"^spec\.data\.train: cannot read .* try encodingErrors: replace"):
+        ingest(_job_data(path), "sequence-classification", tiny.tokenizer(), seed=1)
+    got = ingest(_job_data(path, train={"path": str(path), "encodingErrors": "replace"}), "sequence-classification",
+                 tiny.tokenizer(), seed=1)
+    assert got.stats["file_rows"] == {"train": 12} and got.stats["dropped_empty"] == {"train": 0}
+    assert sum(got.stats["rows"].values()) == 12  # the replaced cell's row is trained or held out, not lost

@@ -37,6 +37,7 @@ from .train_blocks import TrainBlocks
 SPLITS = ("train", "validation", "test")
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
     from .spec import DataSource, DataSpec, StorageSpec
@@ -80,6 +81,9 @@ def configure_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the CLI's own progress lines are the ones users read
+    # a DataError raised in a task reaches the driver as itself (in RayTaskError's `cause`, which
+    # _data_error finds), not as a UserCodeException whose cause is lost on the way back
+    ctx.raise_original_map_exception = True
 
 
 def read(source: DataSource, where: str, storage: StorageSpec | None = None) -> ray.data.Dataset:
@@ -123,6 +127,36 @@ def read(source: DataSource, where: str, storage: StorageSpec | None = None) -> 
     except (OSError, ValueError) as err:
         raise DataError(f"{where}: cannot read {source.path} as {fmt}: {err}") from err
     raise DataError(f"{where}.format: cannot tell the format of {source.path!r}; set format")
+
+
+def _decoded(batch: pa.Table, *, columns: list[str], errors: str, where: str, path: str, fmt: str) -> pa.Table:
+    """The named columns as valid UTF-8 text, by the source's encodingErrors (strict, replace,
+    ignore), as data.read_table's pandas readers applied it to the file. pyarrow reads a CSV column
+    holding invalid UTF-8 as binary, and a JSON string without checking it (the error then comes
+    from wherever it is first converted), so each named column is checked (pyarrow's full
+    validation, in C++) and decoded in Python only when it is binary or fails the check."""
+    import pyarrow as pa
+
+    from .data import DataError
+
+    for name in columns:
+        if name not in batch.column_names:
+            continue  # _clean names the missing column
+        column = batch.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            try:
+                column.validate(full=True)
+                continue
+            except pa.ArrowInvalid:
+                pass
+        elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            continue
+        try:
+            values = [None if v is None else v.decode("utf-8", errors) for v in column.cast(pa.binary()).to_pylist()]
+        except UnicodeDecodeError as err:
+            raise DataError(f"{where}: cannot read {path} as {fmt}: {err}; try encodingErrors: replace") from None
+        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
+    return batch
 
 
 def _empty_counts(batch: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
@@ -262,7 +296,13 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
             continue
         # Each step below is a pass over the data; the read rows and the cleaned, shuffled ones are kept in
         # the object store (spilled to disk when large, never in the driver) so no pass reads the files again
-        raw = read(source, f"spec.data.{name}", storage).materialize()
+        where = f"spec.data.{name}"
+        decode = partial(_decoded, columns=list(columns.values()), errors=source.encoding_errors, where=where,
+                         path=source.path, fmt=source.resolved_format())
+        try:
+            raw = read(source, where, storage).map_batches(decode, batch_format="pyarrow").materialize()
+        except Exception as err:  # a cell that is not UTF-8 under encodingErrors: strict, raised in a task
+            raise _data_error(err) from None
         cleaned = _clean(raw, columns, name, data, stats)
         frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream)).materialize()  # per file, as data.py
     label_names = None
