@@ -21,7 +21,9 @@ from . import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-RUNGS = (6, 12, 24)  # evaluations (and checkpoints) every 3 steps: one checkpoint before each rung's is pruned
+# evaluations (and checkpoints) every 2 steps: at each rung a trial holds at least three checkpoints, and
+# retention (the latest and the best) has pruned one of them, whatever the losses were
+RUNGS = (6, 12, 24)
 
 
 def _evals(rows: list[dict]) -> list[dict]:
@@ -35,7 +37,7 @@ def halving_search(local_ray, tmp_path_factory):
     from finetune_trainer.run import run
 
     tmp = tmp_path_factory.mktemp("halving")
-    doc = tiny.four_trial_grid(tmp, max_steps=24, scheduler={"type": "successiveHalving", "gracePeriod": 6, "reductionFactor": 2},
+    doc = tiny.four_trial_grid(tmp, max_steps=24, scheduler={"type": "successiveHalving", "gracePeriod": 6, "reductionFactor": 2}, every=2,
                                output={"keepCheckpoints": 1})  # the latest and the best: retention deletes before every resume
     seen: list[dict] = []  # every trial count status.json showed while the search ran
     done = threading.Event()

@@ -98,13 +98,13 @@ def save_manifest(path: Path, doc: dict) -> Path:
 # --- searches: the 4-trial grid both scheduler tests run, and what Tune itself wrote about it ------
 
 
-def four_trial_grid(tmp: Path, *, max_steps: int, scheduler: dict, **sections) -> dict:
+def four_trial_grid(tmp: Path, *, max_steps: int, scheduler: dict, every: int = 3, **sections) -> dict:
     """learning rate {1e-6, 5e-3} x freezing {none, featureExtraction}, seeded grid order (seed 1),
-    2 trials at a time of 1 worker x 1 CPU, evaluated (and checkpointed) every 3 steps on loss."""
+    2 trials at a time of 1 worker x 1 CPU, evaluated (and checkpointed) every `every` steps on loss."""
     model = make_model(tmp / "model", "bert", layers=2)
     data = write_jsonl(tmp / "train.jsonl", sentiment_rows(300))
     return manifest(
-        tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": max_steps}, evaluation={"everySteps": 3, "metric": "loss"},
+        tmp, model, data, data={"testSplit": 0.1}, training={"maxSteps": max_steps}, evaluation={"everySteps": every, "metric": "loss"},
         resources={"workers": 1, "cpusPerWorker": 1},
         search={
             "algorithm": "grid", "maxConcurrentTrials": 2, "seed": 1, "scheduler": scheduler,
