@@ -86,3 +86,10 @@ def test_a_share_read_from_any_position_is_the_tail_of_the_whole_share(world):
         whole = _share(plan, 3, 1, rank)
         for start in (0, 1, CHUNK_ROWS // world - 1, CHUNK_ROWS, len(whole) - 1, len(whole)):
             assert _share(plan, 3, 1, rank, start) == whole[start:], (rank, start)
+
+
+def test_a_share_smaller_than_one_step_names_its_first_empty_micro_batch():
+    assert EpochPlan(rows=100, world=2, micro_batch=4, accumulation=2).empty_micro_batch() is None
+    assert EpochPlan(rows=10, world=2, micro_batch=4, accumulation=2).empty_micro_batch() is None  # 4 + 1 rows: short, not empty
+    assert EpochPlan(rows=10, world=2, micro_batch=4, accumulation=3).empty_micro_batch() == 2  # 4, 1, then none
+    assert EpochPlan(rows=3, world=4, micro_batch=2, accumulation=1).empty_micro_batch() == 0  # fewer rows than workers

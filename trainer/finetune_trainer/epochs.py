@@ -80,6 +80,13 @@ class EpochPlan:
     def micro_batches_per_epoch(self) -> int:
         return self.steps_per_epoch * self.accumulation
 
+    def empty_micro_batch(self) -> int | None:
+        """The first micro-batch of an epoch that no row of a rank's share reaches, or None. Only a
+        share smaller than one optimizer step has one (steps_per_epoch is at least 1): its last
+        micro-batch is short, and with gradient accumulation the ones after it would be empty."""
+        first_empty = -(-self.rows_per_rank // self.micro_batch)
+        return first_empty if first_empty < self.micro_batches_per_epoch else None
+
     def epochs_for(self, total_steps: int) -> int:
         """How many epochs a run of `total_steps` optimizer steps opens."""
         return max(1, -(-total_steps // self.steps_per_epoch))

@@ -29,7 +29,7 @@ from .job_status import StatusPublisher
 from .persist import Persistence, open_storage
 from .ranking import NonFiniteLoss
 from .ray_metrics import run_tags
-from .spec import FineTuneJob, SpecError
+from .spec import FineTuneJob, FineTuneJobSpec, SpecError
 from .tracking import Tracking
 
 if TYPE_CHECKING:
@@ -176,6 +176,9 @@ class DriverSession:
         try:
             self.prepared.ingested = ingest(spec.data, spec.model.task, self.prepared.tokenizer, spec.training.seed,
                                             storage=spec.storage, num_labels=spec.model.num_labels)
+            short = _short_of_a_step(self.prepared.ingested.stats["rows"]["train"], spec)
+            if short:
+                raise DataError(short)
         except DataError as err:
             path, _, message = str(err).partition(": ")
             invalid = SpecError([(path, message or str(err))])
@@ -208,3 +211,19 @@ class DriverSession:
             log.info("run %s exists and spec.storage.resume is %s: this attempt writes run %s", given, self.resume, fresh)
             return fresh, False
         return given or new_run_id(), False
+
+
+def _short_of_a_step(rows: int, spec: FineTuneJobSpec) -> str | None:
+    """The refusal when a worker's share of the train split leaves a micro-batch of a step empty
+    (epochs.EpochPlan.empty_micro_batch), before any worker starts; None when every one has rows."""
+    from .epochs import EpochPlan
+
+    t, workers = spec.training, spec.resources.workers
+    plan = EpochPlan(rows=rows, world=workers, micro_batch=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps)
+    empty = plan.empty_micro_batch()
+    if empty is None:
+        return None
+    field = "spec.training.gradientAccumulationSteps" if plan.rows_per_rank else "spec.resources.workers"
+    return (f"{field}: {rows} training rows give each of the {workers} workers {plan.rows_per_rank}, and one optimizer step "
+            f"takes {t.gradient_accumulation_steps} micro-batches of {t.per_device_batch_size}: micro-batch {empty + 1} would "
+            "have no rows; lower gradientAccumulationSteps, perDeviceBatchSize or workers, or add training rows")
