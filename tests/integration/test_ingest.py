@@ -141,3 +141,24 @@ def test_cells_that_are_not_utf8_follow_encoding_errors(tmp_path, suffix):
                  tiny.tokenizer(), seed=1)
     assert got.stats["file_rows"] == {"train": 12} and got.stats["dropped_empty"] == {"train": 0}
     assert sum(got.stats["rows"].values()) == 12  # the replaced cell's row is trained or held out, not lost
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_held_out_rows_repeating_a_training_text_are_counted_on_the_splits_trained_on(tmp_path):
+    """data_checks' leakage figure from the ingest's own splits (the ones trained and scored on)."""
+    from finetune_trainer.ingest import ingest
+
+    same = "the very same text"
+    rows = [{"text": same, "label": ["neg", "pos"][i % 2]} for i in range(30)] + tiny.sentiment_rows(100, seed=9)
+    path = tiny.write_jsonl(tmp_path / "train.jsonl", rows)
+    tok = tiny.tokenizer()
+    got = ingest(_job_data(path), "sequence-classification", tok, seed=3)
+    repeated = tuple(tok(same, truncation=True, max_length=32)["input_ids"])
+
+    def count(split):
+        return sum(row == repeated for b in split.iter_batches(batch_format="numpy") for row in _token_rows(b))
+
+    assert count(got.train) > 0
+    assert got.stats["duplicates_of_train"] == {"validation": count(got.validation), "test": count(got.test)}
+    assert sum(got.stats["duplicates_of_train"].values()) > 0
+    assert "dropped_untrained" not in got.stats  # classification: every row is trained on

@@ -106,9 +106,16 @@ def test_ray_datas_own_configuration_reads_the_quiet_config_console_at_warning_f
     lets no INFO or WARNING line through, the ray-data.log handler takes them all."""
     from ray.data._internal import logging as ray_data_logging
 
+    def reconfigure() -> None:
+        # configure_logging replaces the handlers without closing them; after a Ray session in this
+        # process (an ingest earlier in the run), its file handler holds that session's ray-data.log open
+        for handler in logging.getLogger("ray.data").handlers:
+            handler.close()
+        ray_data_logging.configure_logging()
+
     monkeypatch.setenv(logs.RAY_DATA_LOGGING_CONFIG, logs.worker_env(0, local=True)[logs.RAY_DATA_LOGGING_CONFIG])
     try:
-        ray_data_logging.configure_logging()
+        reconfigure()
         logger = logging.getLogger("ray.data")
         handlers = {h.name: h for h in logger.handlers}
         assert set(handlers) == {"file", "console"}
@@ -119,7 +126,7 @@ def test_ray_datas_own_configuration_reads_the_quiet_config_console_at_warning_f
         assert isinstance(handlers["file"], ray_data_logging.SessionFileHandler)
     finally:
         monkeypatch.delenv(logs.RAY_DATA_LOGGING_CONFIG)
-        ray_data_logging.configure_logging()  # Ray's default again for the tests after this one
+        reconfigure()  # Ray's default again for the tests after this one
     assert {h.name: h.level for h in logging.getLogger("ray.data").handlers}["console"] == logging.INFO
 
 

@@ -130,7 +130,7 @@ def read_table(source: DataSource, where: str = "spec.data.train") -> pd.DataFra
 
 
 def prepare(
-    data: DataSpec, task: str, tokenizer: Any, seed: int, num_labels: int | None = None
+    data: DataSpec, task: str, tokenizer: Any, seed: int, num_labels: int | None = None, *, warn: bool = True
 ) -> PreparedData:
     """Read, check, split, label and tokenize `data` for `task`; raises `DataError`.
 
@@ -180,7 +180,8 @@ def prepare(
         stats["tokens"][name] = split.num_tokens()
     train = splits["train"]
     assert train is not None
-    data_checks.warn(stats)
+    if warn:
+        data_checks.warn(stats)
     return PreparedData(train, splits["validation"], splits["test"], label_names, stats)
 
 

@@ -321,6 +321,7 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         values = pd.Series(_distinct(train, data.label_field))
         label_names = _label_names(data, values, num_labels)
     _carve_and_cap(frames, data)
+    stats["duplicates_of_train"] = _duplicates_of_train(frames, columns)
     out: dict[str, ray.data.Dataset | None] = {}
     for name, frame in frames.items():
         if frame is None:
@@ -351,6 +352,8 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         stats["tokens"][name] = tokens
         if "examples" in figures:
             stats.setdefault("packed_examples", {})[name] = examples
+        if data.resolved_format() != "text":  # rows left with no trained token (a prompt filling maxSeqLength), as data.py
+            stats.setdefault("dropped_untrained", {})[name] = stats["table_rows"][name] - (examples if "examples" in figures else rows)
         if counting and label_names is not None:
             stats["train_label_counts"] = dict(zip(label_names, counts.tolist(), strict=True))
             stats["classes_missing_from_train"] = data_checks.missing_classes(label_names, counts)
@@ -358,6 +361,34 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
     train_ds = out["train"]
     assert train_ds is not None
     return Ingested(train_ds, TrainBlocks.of(train_ds), out["validation"], out["test"], label_names, stats)
+
+
+def _duplicates_of_train(frames: dict[str, ray.data.Dataset | None], columns: dict[str, str]) -> dict[str, int]:
+    """data_checks.duplicates_by_split on datasets: per held-out split (carved and capped), its rows
+    whose input text a train row also has. The held-out splits' text hashes (small: capped splits)
+    come to the driver; one pass over train's batches finds which of them train has, so no set of
+    train's hashes is held anywhere."""
+    inputs = [c for f, c in columns.items() if f != "labelField"]
+
+    def hashes(batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"hash": data_checks.text_hashes(batch, inputs)})
+
+    held = {name: np.concatenate([b["hash"] for b in ds.map_batches(hashes, batch_format="pandas").iter_batches(batch_format="numpy")]
+                                 or [np.array([], dtype=np.uint64)])
+            for name in data_checks.HELD_OUT if (ds := frames[name]) is not None}
+    if not held:
+        return {}
+    wanted = np.unique(np.concatenate(list(held.values())))
+
+    def found(batch: pd.DataFrame) -> pd.DataFrame:
+        mine = data_checks.text_hashes(batch, inputs)
+        return pd.DataFrame({"hash": np.unique(mine[np.isin(mine, wanted)])})
+
+    train = frames["train"]
+    assert train is not None
+    in_train = [b["hash"] for b in train.map_batches(found, batch_format="pandas").iter_batches(batch_format="numpy")]
+    seen = np.concatenate(in_train) if in_train else np.array([], dtype=np.uint64)
+    return {name: int(np.isin(h, seen).sum()) for name, h in held.items()}
 
 
 def _carve_and_cap(frames: dict[str, ray.data.Dataset | None], data: DataSpec) -> None:

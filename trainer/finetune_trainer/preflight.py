@@ -41,18 +41,16 @@ class Prepared:
     ingested: Ingested | None = None  # the Ray Data splits (ingest.py): the session reads them once Ray is up
 
     def data_stats(self) -> dict[str, Any]:
-        """results.json's `data` section: the data checks' figures and the ingest's (seconds spent
-        tokenizing each split in Ray Data's tasks; rows and tokens of what the workers streamed)."""
-        if self.ingested is None:
-            return dict(self.data.stats)
-        ingested = self.ingested.stats
-        return {**self.data.stats, "rows": ingested["rows"], "tokens": ingested["tokens"],
-                "tokenize_seconds": ingested["tokenize_seconds"],
-                **({"packed_examples": ingested["packed_examples"]} if "packed_examples" in ingested else {})}
+        """results.json's `data` section: the ingest's figures (the data checks' counts on the splits
+        the workers trained and scored on, rows and tokens, seconds spent tokenizing each split in
+        Ray Data's tasks); the preflight's before the ingest has run."""
+        return dict(self.ingested.stats if self.ingested is not None else self.data.stats)
 
 
-def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
-    """Resolve, read and tokenize; raise SpecError naming the field when something does not fit."""
+def prepare_job(job: FineTuneJob, *, world_size: int | None = None, data_warnings: bool = True) -> Prepared:
+    """Resolve, read and tokenize; raise SpecError naming the field when something does not fit.
+    `data_warnings`: log the data checks' warnings here (`finetune validate`); a run logs them once
+    its ingest has counted the splits it trains on (session.py)."""
     spec = job.spec
     offline_if_local(spec.model.source)
     try:
@@ -69,7 +67,7 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None) -> Prepared:
     if speed:
         raise SpecError([(f"spec.model.{field}", why) for field, why in speed])
     try:
-        data = prepare(spec.data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels)
+        data = prepare(spec.data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels, warn=data_warnings)
         data.reference = prepare_reference(job, tokenizer)  # the forgetting probe's text, once for every worker
     except DataError as err:
         path, _, message = str(err).partition(": ")

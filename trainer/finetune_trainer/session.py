@@ -161,7 +161,7 @@ class DriverSession:
         from .preflight import prepare_job  # torch (the model on the meta device): when it runs, not at import
 
         try:
-            return prepare_job(self.job)
+            return prepare_job(self.job, data_warnings=False)  # logged from the ingest's counts (_ingest)
         except SpecError as err:
             self._publish_invalid(err)
             raise
@@ -169,6 +169,7 @@ class DriverSession:
     def _ingest(self) -> None:
         """The data as Ray Data datasets (ingest.py), read, split and tokenized in Ray's tasks; what
         the workers stream from. A problem found here is a verdict like the preflight's."""
+        from . import data_checks
         from .data import DataError  # torch: the preflight has loaded it already
         from .ingest import ingest
 
@@ -179,6 +180,7 @@ class DriverSession:
             short = _short_of_a_step(self.prepared.ingested.stats["rows"]["train"], spec)
             if short:
                 raise DataError(short)
+            data_checks.warn(self.prepared.ingested.stats)  # held-out rows repeating train, classes missing
         except DataError as err:
             path, _, message = str(err).partition(": ")
             invalid = SpecError([(path, message or str(err))])
