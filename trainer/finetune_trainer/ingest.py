@@ -7,8 +7,8 @@ worker fetches the rows of its share of an epoch from the train split's blocks (
 epochs.py says which rows, in which order, and how a resumed run finds its place).
 
 Order of work, as in data.py, cheapest checks first: the schema (columns the spec names) from
-the first block, the empty-cell counts and the maxDroppedFraction refusal (an aggregation: one
-pass, no tokenizing), the seeded shuffle, the held-out splits carved off the shuffled train
+the first block, the empty-cell counts and the maxDroppedFraction refusal (one pass, no
+tokenizing; the checks on datasets are ingest_checks.py), the seeded shuffle, the held-out splits carved off the shuffled train
 (validation the head, test the tail, train the middle: `split_at_indices`, held in the object
 store), the caps, and only then tokenizing, in parallel `map_batches` tasks with the tokenizer
 shipped once per task (a fast tokenizer pickles).
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import data_checks
+from . import ingest_checks as checks
 from .epochs import VALIDATION_DATASET, epoch_seed
 from .sources import SourceError, resolve_local
 from .train_blocks import TrainBlocks
@@ -38,7 +39,6 @@ from .train_blocks import TrainBlocks
 SPLITS = ("train", "validation", "test")
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     import ray.data
 
     from .spec import DataSource, DataSpec, StorageSpec
@@ -130,94 +130,6 @@ def read(source: DataSource, where: str, storage: StorageSpec | None = None) -> 
     raise DataError(f"{where}.format: cannot tell the format of {source.path!r}; set format")
 
 
-def _decoded(batch: pa.Table, *, columns: list[str], errors: str, where: str, path: str, fmt: str) -> pa.Table:
-    """The named columns as valid UTF-8 text, by the source's encodingErrors (strict, replace,
-    ignore), as data.read_table's pandas readers applied it to the file. pyarrow reads a CSV column
-    holding invalid UTF-8 as binary, and a JSON string without checking it (the error then comes
-    from wherever it is first converted), so each named column is checked (pyarrow's full
-    validation, in C++) and decoded in Python only when it is binary or fails the check."""
-    import pyarrow as pa
-
-    from .data import DataError
-
-    for name in columns:
-        if name not in batch.column_names:
-            continue  # _clean names the missing column
-        column = batch.column(name)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            try:
-                column.validate(full=True)
-                continue
-            except pa.ArrowInvalid:
-                pass
-        elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-            continue
-        try:
-            values = [None if v is None else v.decode("utf-8", errors) for v in column.cast(pa.binary()).to_pylist()]
-        except UnicodeDecodeError as err:
-            raise DataError(f"{where}: cannot read {path} as {fmt}: {err}; try encodingErrors: replace") from None
-        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
-    return batch
-
-
-def _empty_counts(batch: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
-    """One row per batch: rows read, rows kept, and per spec field the rows with that cell empty."""
-    keep, by_field = data_checks.empty_cells(batch, columns)
-    return pd.DataFrame([{"read": len(batch), "kept": int(keep.sum()), **by_field}])
-
-
-def _summed(counts: ray.data.Dataset) -> dict[str, int]:
-    """The columns of a one-row-per-batch count dataset, summed in the driver. Ray Data's own
-    `sum()` is an aggregation through a hash shuffle (actors started for it): ~4 s on a 2-core
-    machine even for 240 rows, paid by every run and resume; these rows are one per batch."""
-    total: dict[str, int] = {}
-    for row in counts.iter_rows():
-        for key, value in row.items():
-            total[key] = total.get(key, 0) + int(value)
-    return total
-
-
-def _distinct(ds: ray.data.Dataset, column: str) -> list[Any]:
-    """The distinct values of `column`, found per batch in tasks and merged in the driver (Ray
-    Data's `unique()` is a hash-shuffle aggregation, as `_summed` says). For label columns: few values."""
-
-    def batch_values(batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({"value": pd.unique(batch[column])})
-
-    seen: dict[Any, None] = {}
-    for row in ds.map_batches(batch_values, batch_format="pandas").iter_rows():
-        seen.setdefault(row["value"], None)
-    return list(seen)
-
-
-def _drop_empty(batch: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
-    keep, _ = data_checks.empty_cells(batch, columns)
-    return batch.loc[keep].reset_index(drop=True)
-
-
-def _clean(ds: ray.data.Dataset, columns: dict[str, str], name: str, data: DataSpec,
-           stats: dict[str, Any]) -> ray.data.Dataset:
-    """The source with its empty rows dropped; refused (before any shuffle or tokenizing) when
-    more than maxDroppedFraction of them are. One aggregation pass counts them."""
-    from .data import DataError
-
-    have = ds.columns() or []
-    for spec_field, column in columns.items():
-        if column not in have:
-            raise DataError(f"spec.data.{spec_field}: column {column!r} not in {getattr(data, name).path}; "
-                            f"columns are: {', '.join(have) or '(none)'}")
-    counts = _summed(ds.map_batches(partial(_empty_counts, columns=columns), batch_format="pandas"))
-    read, kept = counts["read"], counts["kept"]
-    by_field = {f: counts[f] for f in columns}
-    stats["file_rows"][name], stats["dropped_empty"][name] = read, read - kept
-    stats["dropped_empty_by_field"][name] = by_field
-    problem = data_checks.dropped_share_problem(name, getattr(data, name).path, read, read - kept, by_field,
-                                                data.max_dropped_fraction)
-    if problem:
-        raise DataError(f"spec.data.maxDroppedFraction: {problem}")
-    return ds.map_batches(partial(_drop_empty, columns=columns), batch_format="pandas")
-
-
 def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str,
               label_names: list[str] | None) -> dict[str, np.ndarray]:
     """map_batches' function: a pandas batch to columns of token ids (and labels), unpadded.
@@ -303,13 +215,13 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         # Each step below is a pass over the data; the read rows and the cleaned, shuffled ones are kept in
         # the object store (spilled to disk when large, never in the driver) so no pass reads the files again
         where = f"spec.data.{name}"
-        decode = partial(_decoded, columns=list(columns.values()), errors=source.encoding_errors, where=where,
+        decode = partial(checks.decoded, columns=list(columns.values()), errors=source.encoding_errors, where=where,
                          path=source.path, fmt=source.resolved_format())
         try:
             raw = read(source, where, storage).map_batches(decode, batch_format="pyarrow").materialize()
         except Exception as err:  # a cell that is not UTF-8 under encodingErrors: strict, raised in a task
             raise _data_error(err) from None
-        cleaned = _clean(raw, columns, name, data, stats)
+        cleaned = checks.clean(raw, columns, name, data, stats)
         frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream)).materialize()  # per file, as data.py
     label_names = None
     if task == "sequence-classification":
@@ -318,10 +230,10 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         train = frames["train"]
         assert train is not None
         # classes come from the whole train file (before carving and caps), as data.prepare's do
-        values = pd.Series(_distinct(train, data.label_field))
+        values = pd.Series(checks.distinct(train, data.label_field))
         label_names = _label_names(data, values, num_labels)
     _carve_and_cap(frames, data)
-    stats["duplicates_of_train"] = _duplicates_of_train(frames, columns)
+    stats["duplicates_of_train"] = checks.duplicates_of_train(frames, columns)
     out: dict[str, ray.data.Dataset | None] = {}
     for name, frame in frames.items():
         if frame is None:
@@ -361,34 +273,6 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
     train_ds = out["train"]
     assert train_ds is not None
     return Ingested(train_ds, TrainBlocks.of(train_ds), out["validation"], out["test"], label_names, stats)
-
-
-def _duplicates_of_train(frames: dict[str, ray.data.Dataset | None], columns: dict[str, str]) -> dict[str, int]:
-    """data_checks.duplicates_by_split on datasets: per held-out split (carved and capped), its rows
-    whose input text a train row also has. The held-out splits' text hashes (small: capped splits)
-    come to the driver; one pass over train's batches finds which of them train has, so no set of
-    train's hashes is held anywhere."""
-    inputs = [c for f, c in columns.items() if f != "labelField"]
-
-    def hashes(batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({"hash": data_checks.text_hashes(batch, inputs)})
-
-    held = {name: np.concatenate([b["hash"] for b in ds.map_batches(hashes, batch_format="pandas").iter_batches(batch_format="numpy")]
-                                 or [np.array([], dtype=np.uint64)])
-            for name in data_checks.HELD_OUT if (ds := frames[name]) is not None}
-    if not held:
-        return {}
-    wanted = np.unique(np.concatenate(list(held.values())))
-
-    def found(batch: pd.DataFrame) -> pd.DataFrame:
-        mine = data_checks.text_hashes(batch, inputs)
-        return pd.DataFrame({"hash": np.unique(mine[np.isin(mine, wanted)])})
-
-    train = frames["train"]
-    assert train is not None
-    in_train = [b["hash"] for b in train.map_batches(found, batch_format="pandas").iter_batches(batch_format="numpy")]
-    seen = np.concatenate(in_train) if in_train else np.array([], dtype=np.uint64)
-    return {name: int(np.isin(h, seen).sum()) for name, h in held.items()}
 
 
 def _carve_and_cap(frames: dict[str, ray.data.Dataset | None], data: DataSpec) -> None:
