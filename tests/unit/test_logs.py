@@ -136,3 +136,22 @@ def test_rank_zero_logs_outside_a_training_worker(logger):
     logs.rank_zero(logging.getLogger("finetune_trainer.recipe")).info("step %d: unfroze %s", 3, "layer.1")
     assert logs.world_rank() == 0
     assert stream.getvalue() == "[finetune] step 3: unfroze layer.1\n"
+
+
+def test_quiet_ray_data_holds_back_only_ray_s_own_console_handler(monkeypatch):
+    """A host's handler on the ray.data logger keeps its level: pytest's session-wide capture
+    handlers sat there, and set to ERROR they left every later test's caplog empty."""
+    from ray._private.log import PlainRayHandler
+
+    logger = logging.getLogger("ray.data")
+    ray_console, host = PlainRayHandler(), logging.StreamHandler(io.StringIO())
+    monkeypatch.setenv(logs.VERBOSE_ENV, "0")
+    logger.addHandler(ray_console)
+    logger.addHandler(host)
+    try:
+        logs.quiet_ray_data()
+        assert ray_console.level == logging.ERROR
+        assert host.level == logging.NOTSET
+    finally:
+        logger.removeHandler(ray_console)
+        logger.removeHandler(host)

@@ -226,7 +226,10 @@ def quiet_ray_data() -> None:
     if verbosity():
         return
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):  # the console
+        # Ray's own console handler only: a host's handlers can sit on this logger too (pytest's
+        # session-wide capture handlers did, and at ERROR every later test's caplog went deaf)
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and type(handler).__module__.startswith("ray."):
             handler.setLevel(logging.ERROR)
 
 
