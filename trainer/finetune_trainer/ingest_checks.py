@@ -87,9 +87,9 @@ def _drop_empty(batch: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
 
 
 def clean(ds: ray.data.Dataset, columns: dict[str, str], name: str, data: DataSpec,
-           stats: dict[str, Any]) -> ray.data.Dataset:
+          stats: dict[str, Any]) -> ray.data.Dataset:
     """The source with its empty rows dropped; refused (before any shuffle or tokenizing) when
-    more than maxDroppedFraction of them are. One aggregation pass counts them."""
+    more than maxDroppedFraction of them are. One pass of per-batch counts finds them."""
     from .data import DataError
 
     have = ds.columns() or []
