@@ -162,3 +162,22 @@ def test_held_out_rows_repeating_a_training_text_are_counted_on_the_splits_train
     assert got.stats["duplicates_of_train"] == {"validation": count(got.validation), "test": count(got.test)}
     assert sum(got.stats["duplicates_of_train"].values()) > 0
     assert "dropped_untrained" not in got.stats  # classification: every row is trained on
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_words_that_look_missing_are_text_and_integer_labels_are_ids(tmp_path):
+    """data.read_table's read semantics on the Ray path (test_data's, for the in-memory reader): a
+    cell reading "NA" or "null" is text, only an empty one is missing; integer labels are class ids."""
+    from finetune_trainer.ingest import ingest
+
+    words = ["NA", "null", "None", "nan"] * 5
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,label\n" + "".join(f"{w},{i % 2}\n" for i, w in enumerate(words)) + ",1\n")
+    got = ingest(_job_data(csv), "sequence-classification", tiny.tokenizer(), seed=2)
+    assert got.stats["file_rows"] == {"train": 21} and got.stats["dropped_empty"] == {"train": 1}
+    assert got.label_names == ["0", "1"]
+    jsonl = tiny.write_jsonl(tmp_path / "train.jsonl", [{"text": w, "label": i % 2} for i, w in enumerate(words)]
+                             + [{"text": None, "label": 1}])
+    got = ingest(_job_data(jsonl), "sequence-classification", tiny.tokenizer(), seed=2)
+    assert got.stats["file_rows"] == {"train": 21} and got.stats["dropped_empty"] == {"train": 1}
+    assert got.label_names == ["0", "1"]
