@@ -77,10 +77,11 @@ def _own_template(tokenizer: Any) -> str | None:
     return own if isinstance(own, str) and own else None
 
 
-def check_messages(values: pd.Series, where: str, column: str) -> list[Conversation | None]:
+def check_messages(values: pd.Series, where: str, column: str, *, numbered: bool = True) -> list[Conversation | None]:
     """Each cell as a list of {role, content} dicts (None where the cell is empty); raises
-    ChatDataError naming spec.data.messagesField, the row (1-based, file order) and what is wrong.
-    A CSV cell may hold the conversation as JSON text."""
+    ChatDataError naming spec.data.messagesField, the row (1-based, file order; with `numbered`
+    False, for rows whose place in the file is not known, the cell's start instead) and what is
+    wrong. A CSV cell may hold the conversation as JSON text."""
     out: list[Conversation | None] = []
     for row, cell in enumerate(values.tolist(), start=1):
         if cell is None or (isinstance(cell, float) and np.isnan(cell)):
@@ -88,7 +89,8 @@ def check_messages(values: pd.Series, where: str, column: str) -> list[Conversat
             continue
         problem, conversation = _conversation(cell)
         if problem:
-            raise ChatDataError(f"spec.data.messagesField: row {row} of {where}, column {column!r}: {problem}")
+            at = f"row {row} of {where}" if numbered else f"a row of {where} (cell starting {str(cell)[:60]!r})"
+            raise ChatDataError(f"spec.data.messagesField: {at}, column {column!r}: {problem}")
         out.append(conversation)
     return out
 
@@ -120,24 +122,29 @@ def _conversation(cell: Any) -> tuple[str | None, Conversation]:
 
 def encode(
     rows: Sequence[Conversation] | tuple[Sequence[str], Sequence[str]], tokenizer: Any, template: str | None,
-    limit: int, split: str,
+    limit: int, split: str, *, warn: bool = False, whole_split: bool = True,
 ) -> tuple[list[list[int]], list[list[int]], int]:  # fmt: skip
     """Token ids and labels of each example cut to `limit` tokens, and how many rows were dropped
     because no trained token was left (a prompt that fills the window; a conversation with no
-    assistant turn). `rows`: conversations, or (prompts, completions)."""
-    ids, labels, dropped = _encode(rows, tokenizer, template, limit, split)
-    if not ids and dropped:
-        raise ChatDataError(
-            f"spec.data.maxSeqLength: none of the {dropped} {split} rows has a trained token within {limit} tokens "
-            "(the prompt, or all before the first assistant reply, fills the window; or no row has an assistant turn); "
-            "raise maxSeqLength"
-        )
+    assistant turn). `rows`: conversations, or (prompts, completions). `warn`: say when no reply
+    ends with EOS (once, for the train split's sample). `whole_split`: `rows` are the whole split,
+    so none left is refused here; a batch of the ingest's is one part, which the ingest counts."""
+    ids, labels, dropped = _encode(rows, tokenizer, template, limit, split, warn)
+    if not ids and dropped and whole_split:
+        raise ChatDataError(no_trained_token(dropped, split, limit))
     return ids, labels, dropped
+
+
+def no_trained_token(rows: int, split: str, limit: int) -> str:
+    """The refusal when not one of a split's `rows` keeps a trained token."""
+    return (f"spec.data.maxSeqLength: none of the {rows} {split} rows has a trained token within {limit} tokens "
+            "(the prompt, or all before the first assistant reply, fills the window; or no row has an assistant turn); "
+            "raise maxSeqLength")
 
 
 def _encode(
     rows: Sequence[Conversation] | tuple[Sequence[str], Sequence[str]], tokenizer: Any, template: str | None,
-    limit: int, split: str,
+    limit: int, split: str, warn: bool,
 ) -> tuple[list[list[int]], list[list[int]], int]:  # fmt: skip
     if isinstance(rows, tuple):
         prompts, completions = rows
@@ -150,7 +157,7 @@ def _encode(
     pieces = [split_rendered(conv, tokenizer, template, split) for conv in rows]
     eos = tokenizer.eos_token
     replies = [text for row in pieces for text, trained in row if trained]
-    if split == "train" and isinstance(eos, str) and replies and not any(r.endswith(eos) for r in replies):
+    if warn and isinstance(eos, str) and replies and not any(r.endswith(eos) for r in replies):
         log.warning(
             "spec.data.chatTemplate: no assistant reply ends with the tokenizer's EOS (%s): the model will not "
             "learn to stop; end the template's assistant turn with it", eos,

@@ -96,13 +96,16 @@ def _validate(job, *, static: bool) -> int:
         from .data_checks import summary
         from .preflight import prepare_job
 
-        prepared = prepare_job(job)  # its warnings (held-out rows repeating train, ...) come through the logger
-        say(f"data: {prepared.data.stats['rows']}")
+        prepared = prepare_job(job)  # the first rows of every file, the model and the freezing plan: seconds
+        stats = _full_counts(job)
+        t = job.spec.training  # the plan again on the epoch's length (packing would make fewer, longer rows than counted)
+        prepared.plan = prepared.plan_for(job.spec.freezing, t.steps_per_epoch(stats["table_rows"]["train"], job.spec.resources.workers))
+        say(f"data: {stats['table_rows']} rows")
         if job.spec.model.task == "causal-lm":
             from .preview import describe
 
             say(f"  examples: {describe(job)} (finetune preview shows them)")
-        for line in summary(prepared.data.stats):
+        for line in summary(stats):
             say(f"  {line}")
         say(f"model: {prepared.model_class} from {prepared.model_dir}")
         say(f"freezing: {prepared.plan.summary()}")
@@ -115,6 +118,25 @@ def _validate(job, *, static: bool) -> int:
             say(f"  {path}: {dist.kind} {getattr(dist, dist.kind)}")
     say(f"{job.name}: valid")
     return 0
+
+
+def _full_counts(job) -> dict:
+    """The whole data's counts and refusals as a run's ingest makes them (ingest.count: read,
+    cleaned, shuffled, carved and capped on Ray Data, streamed; nothing tokenized), on a local Ray
+    or the cluster in RAY_ADDRESS. The data checks' warnings come through the logger."""
+    from . import data_checks
+    from .data import DataError
+    from .driver import init_ray
+    from .ingest import count
+
+    spec = job.spec
+    init_ray(job.ray_job_metadata())
+    try:
+        stats = count(spec.data, spec.model.task, spec.training.seed, storage=spec.storage, num_labels=spec.model.num_labels)
+    except DataError as err:
+        raise err.as_spec_error() from None
+    data_checks.warn(stats)
+    return stats
 
 
 def _preview(job, examples: int) -> int:

@@ -1,4 +1,4 @@
-"""The data checks a new user misses, counted while `data.prepare` reads the files.
+"""The data checks a new user misses, counted while the ingest (ingest.py, ingest_checks.py) reads the files.
 
 Three things make a fine-tune quietly worse than it looks, and none of them shows in the loss:
 
@@ -6,7 +6,7 @@ Three things make a fine-tune quietly worse than it looks, and none of them show
   (`dropped_empty_by_field`); above `spec.data.maxDroppedFraction` of a file the data is refused,
   since a file that lost a tenth of its rows is usually read with the wrong column or encoding;
 * a class the classifier's head has but the training rows never show (`classes_missing_from_train`);
-  `data.prepare` refuses it when no row of the train file has it, and warns when only the rows
+  the ingest refuses it when no row of the train file has it, and warns when only the rows
   left for training after `validationSplit`/`testSplit`/`maxTrainSamples` lack it (see
   `missing_classes` for why);
 * held-out rows whose text is also a training row's (`duplicates_of_train`): leakage, which makes
@@ -73,18 +73,6 @@ def text_hashes(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
         {c: frame[c].astype(str).str.replace(r"\s+", " ", regex=True).str.strip() for c in columns}
     )
     return pd.util.hash_pandas_object(normal, index=False).to_numpy()
-
-
-def duplicates_by_split(frames: dict[str, pd.DataFrame | None], columns: dict[str, str]) -> dict[str, int]:
-    """Per held-out split (as scored: carved and capped), its rows whose input text is also a row
-    of the train split as trained on; each such row counts, not each distinct text. The label is
-    not part of the key: the same text under another label leaks just as much."""
-    inputs = [c for f, c in columns.items() if f != "labelField"]
-    train = frames["train"]
-    assert train is not None
-    hashes = text_hashes(train, inputs)
-    return {name: int(np.isin(text_hashes(frame, inputs), hashes).sum())
-            for name in HELD_OUT if (frame := frames[name]) is not None}  # fmt: skip
 
 
 def missing_classes(names: list[str], counts: np.ndarray) -> list[str]:

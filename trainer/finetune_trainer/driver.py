@@ -204,17 +204,15 @@ def resume_mode(job: FineTuneJob, resume: str | None) -> str:
 def shared_config(prepared: Prepared, tracker: Any) -> dict[str, Any]:
     """What every worker of every run or trial reads besides its job. The data stays in Ray's
     object store where the ingest left it (`ingested`: make_trainer hands the workers the train
-    split's block references and Ray Train the validation dataset); only the forgetting probe's
-    small reference split is put there from the driver."""
-    ingested = prepared.ingested
-    assert ingested is not None, "the session ingests the data once Ray is up"
-    reference = prepared.data.reference
+    split's block references and Ray Train the validation dataset; the forgetting probe's reference
+    text, a materialized dataset too, each worker reads whole)."""
+    ingested = prepared.data
     return {
         "model_dir": prepared.model_dir,
         "ingested": ingested,
-        "train_rows": ingested.stats["rows"]["train"],
+        "train_rows": ingested.train_rows,
         "label_names": ingested.label_names,
-        "reference": ray.put(reference) if reference is not None else None,
+        "reference": prepared.reference,  # a materialized dataset: block references, not rows
         "pad_token_id": prepared.tokenizer.pad_token_id,
         "progress": tracker,
     }

@@ -1,17 +1,19 @@
 """From `spec.data` to Ray Data datasets: read, check, clean, shuffle, split, tokenize in tasks.
 
-The replacement of data.prepare's in-memory path (issue 18 item 1). The driver builds a lazy
-plan and runs only aggregations (row counts, dropped-row counts, the label set); the rows live
-in Ray's object store (spilled to disk when large), never in the driver's memory, and each
-worker fetches the rows of its share of an epoch from the train split's blocks (train_blocks.py;
-epochs.py says which rows, in which order, and how a resumed run finds its place).
+The one path the data takes into a run (issue 18): the driver builds a lazy plan and runs only
+small aggregations (row counts, dropped-row counts, the label set); the rows live in Ray's object
+store (spilled to disk when large), never in the driver's memory, and each worker fetches the
+rows of its share of an epoch from the train split's blocks (train_blocks.py; epochs.py says
+which rows, in which order, and how a resumed run finds its place). The preflight has seen only
+the first rows of each file (data_sample.py); the whole data's problems are found here.
 
-Order of work, as in data.py, cheapest checks first: the schema (columns the spec names) from
-the first block, the empty-cell counts and the maxDroppedFraction refusal (one pass, no
-tokenizing; the checks on datasets are ingest_checks.py), the seeded shuffle, the held-out splits carved off the shuffled train
-(validation the head, test the tail, train the middle: `split_at_indices`, held in the object
-store), the caps, and only then tokenizing, in parallel `map_batches` tasks with the tokenizer
-shipped once per task (a fast tokenizer pickles).
+Order of work, cheapest checks first: the schema (columns the spec names) from the first block,
+the empty-cell counts and the maxDroppedFraction refusal (one pass, no tokenizing; the checks on
+datasets are ingest_checks.py), the seeded shuffle, the held-out splits carved off the shuffled
+train (validation the head, test the tail, train the middle: `split_at_indices`, held in the
+object store), the caps, and only then tokenizing, in parallel `map_batches` tasks with the
+tokenizer shipped once per task (a fast tokenizer pickles). `count` stops before tokenizing
+(`finetune validate`).
 
 Determinism: `DataContext.execution_options.preserve_order` is set, every read has a fixed
 `override_num_blocks` (the block layout must not depend on the cluster's CPU count, or the
@@ -30,10 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import data_checks
+from . import data_checks, readers
 from . import ingest_checks as checks
 from .epochs import VALIDATION_DATASET, epoch_seed
-from .sources import SourceError, resolve_local
 from .train_blocks import TrainBlocks
 
 SPLITS = ("train", "validation", "test")
@@ -59,6 +60,11 @@ class Ingested:
     test: ray.data.Dataset | None
     label_names: list[str] | None
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_rows(self) -> int:
+        """Examples (packed blocks with spec.data.packing) of the train split."""
+        return int(self.stats["rows"]["train"])
 
     def trainer_datasets(self) -> tuple[dict[str, ray.data.Dataset], Any]:
         """What a TorchTrainer is given: the validation split, whole to every worker (evaluation
@@ -88,50 +94,34 @@ def configure_context() -> None:
 
 
 def read(source: DataSource, where: str, storage: StorageSpec | None = None) -> ray.data.Dataset:
-    """A lazy dataset of one jsonl/csv/parquet source: a local or pkg:// path, or s3:// through the
-    job's storage settings (pyarrow's S3FileSystem without keys: Ray's tasks read the AWS variables
-    the pods get from the job's Secret, so no key is pickled into the plan)."""
-    import pyarrow.fs
+    """A lazy dataset of one jsonl/csv/parquet source (local, pkg:// or s3://), located and parsed
+    as readers.py says: the preflight's sample reads the file's head the same way."""
     import ray.data
 
     from .data import DataError
 
-    filesystem: Any = None
-    if source.path.startswith("s3://"):
-        if storage is None or not storage.uri.startswith("s3://"):
-            raise DataError(f"{where}.path: {source.path} is on S3, and spec.storage names no S3 endpoint; "
-                            "set spec.storage.uri to an s3:// location with its endpoint and credentials")
-        from .storage.s3 import pyarrow_filesystem
-
-        filesystem, path = pyarrow_filesystem(storage), source.path.removeprefix("s3://")
-    else:
-        try:
-            path = str(resolve_local(source.path))
-        except SourceError as err:
-            raise DataError(f"{where}.path: {err}") from None
-        filesystem = pyarrow.fs.LocalFileSystem()
+    try:
+        filesystem, path = readers.locate(source, where, storage)
+    except readers.SourceUnreadable as err:
+        raise DataError(str(err)) from None
     fmt = source.resolved_format()
-    common: dict[str, Any] = {"filesystem": filesystem, "override_num_blocks": READ_BLOCKS}
+    common: dict[str, Any] = {"filesystem": filesystem, "override_num_blocks": READ_BLOCKS, "file_extensions": None}
     try:
         if fmt == "jsonl":
             # pyarrow's JSON reader is line-delimited already (lines=True is the pandas reader, which takes no
-                # filesystem, so no s3:// with our endpoint)
-                return ray.data.read_json(path, file_extensions=None, **common)
+            # filesystem, so no s3:// with our endpoint)
+            return ray.data.read_json(path, **common)
         if fmt == "csv":
-            import pyarrow.csv
-
-            # Only empty cells are missing: a tweet that reads "NA" or "null" is still text.
-            convert = pyarrow.csv.ConvertOptions(null_values=[""], strings_can_be_null=True)
-            return ray.data.read_csv(path, convert_options=convert, file_extensions=None, **common)
+            return ray.data.read_csv(path, convert_options=readers.csv_convert_options(), **common)
         if fmt == "parquet":
-            return ray.data.read_parquet(path, file_extensions=None, **common)
+            return ray.data.read_parquet(path, **common)
     except (OSError, ValueError) as err:
         raise DataError(f"{where}: cannot read {source.path} as {fmt}: {err}") from err
     raise DataError(f"{where}.format: cannot tell the format of {source.path!r}; set format")
 
 
 def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str,
-              label_names: list[str] | None) -> dict[str, np.ndarray]:
+              label_names: list[str] | None, where: str) -> dict[str, np.ndarray]:
     """map_batches' function: a pandas batch to columns of token ids (and labels), unpadded.
     With spec.data.packing the batch's examples come out as packed blocks (data.py packs them with
     packing.pack): a block never spans two batches, so a batch of TOKENIZE_BATCH rows fills its
@@ -139,8 +129,11 @@ def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str
 
     A task, not an actor pool: a pool's actors take seconds to start, and the fast tokenizer
     pickles into each task in milliseconds. The per-example encodings are data.py's (the same
-    truncation, EOS and chat rules), so the two paths cannot drift while the old one goes."""
-    from .data import _label_ids, _tokenize_causal, _tokenize_classification
+    truncation, EOS and chat rules) that the preflight's sample (data_sample.py) is tokenized with.
+    A conversation cell that is not a list of {role, content} messages is refused here, named by
+    `where` and its text (a shuffled batch no longer knows its file row; the sample names the row)."""
+    from . import chat
+    from .data import label_ids, tokenize_causal, tokenize_classification
 
     # Ray gave this task one CPU and runs as many such tasks as there are CPUs; the fast tokenizer's
     # own thread pool would spread each of them over every core. Measured on 2 CPUs (the 10x file of
@@ -148,10 +141,12 @@ def _tokenize(batch: pd.DataFrame, *, data: DataSpec, tokenizer: Any, split: str
     # 1.86x (9400 rows/s)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if label_names is not None:
-        labels = _label_ids(batch[data.label_field], label_names, data)
-        tokenized = _tokenize_classification(batch, labels, data, tokenizer)
+        tokenized = tokenize_classification(batch, label_ids(batch[data.label_field], label_names, data), data, tokenizer)
     else:
-        tokenized = _tokenize_causal(batch, data, tokenizer, split)
+        if data.resolved_format() == "messages":
+            cells = chat.check_messages(batch[data.messages_field], where, data.messages_field, numbered=False)
+            batch = batch.assign(**{data.messages_field: pd.Series(cells, index=batch.index, dtype=object)})
+        tokenized = tokenize_causal(batch, data, tokenizer, split, whole_split=False)  # the split's count: ingest
     out = {"input_ids": _ragged(tokenized.input_ids)}
     out["labels"] = (np.asarray(tokenized.labels) if isinstance(tokenized.labels, np.ndarray)
                      else _ragged(tokenized.labels))
@@ -196,57 +191,37 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
            num_labels: int | None = None) -> Ingested:
     """Read, check, split, label and tokenize `data` for `task` on Ray Data; raises `DataError`.
 
-    `stats` has data.prepare's keys (`rows`, `tokens`, `table_rows`, `file_rows`, `dropped_empty`,
-    `dropped_empty_by_field`, `train_label_counts`) plus `tokenize_seconds` per split."""
+    `stats` has, per split: `rows` (examples; packed blocks with spec.data.packing), `tokens`,
+    `table_rows` (rows that went into tokenizing), `tokenize_seconds`; per file read: `file_rows`,
+    `dropped_empty`, `dropped_empty_by_field` (a row empty in two fields counts under both);
+    `duplicates_of_train` per held-out split; `dropped_untrained` (rows left with no trained token)
+    for chat and prompt/completion data; `train_label_counts` and `classes_missing_from_train`
+    for classification."""
     import time
 
-    from .data import DataError, _required_columns  # lazily: data.py imports torch, the driver must not at import
+    from .data import DataError
 
-    configure_context()
-    columns = _required_columns(data, task)
-    stats: dict[str, Any] = {"rows": {}, "tokens": {}, "table_rows": {}, "file_rows": {}, "dropped_empty": {},
-                             "dropped_empty_by_field": {}, "tokenize_seconds": {}}
-    frames: dict[str, ray.data.Dataset | None] = {}
-    for stream, name in enumerate(SPLITS):
-        source = getattr(data, name)
-        if source is None:
-            frames[name] = None
-            continue
-        # Each step below is a pass over the data; the read rows and the cleaned, shuffled ones are kept in
-        # the object store (spilled to disk when large, never in the driver) so no pass reads the files again
-        where = f"spec.data.{name}"
-        decode = partial(checks.decoded, columns=list(columns.values()), errors=source.encoding_errors, where=where,
-                         path=source.path, fmt=source.resolved_format())
-        try:
-            raw = read(source, where, storage).map_batches(decode, batch_format="pyarrow").materialize()
-        except Exception as err:  # a cell that is not UTF-8 under encodingErrors: strict, raised in a task
-            raise _data_error(err) from None
-        cleaned = checks.clean(raw, columns, name, data, stats)
-        frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream)).materialize()  # per file, as data.py
-    label_names = None
-    if task == "sequence-classification":
-        from .data import _label_names
-
-        train = frames["train"]
-        assert train is not None
-        # classes come from the whole train file (before carving and caps), as data.prepare's do
-        values = pd.Series(checks.distinct(train, data.label_field))
-        label_names = _label_names(data, values, num_labels)
-    _carve_and_cap(frames, data)
-    stats["duplicates_of_train"] = checks.duplicates_of_train(frames, columns)
+    stats = _new_stats()
+    frames, label_names = _splits(data, task, seed, storage, num_labels, stats)
+    stats["tokenize_seconds"] = {}
     out: dict[str, ray.data.Dataset | None] = {}
     for name, frame in frames.items():
         if frame is None:
             out[name] = None
             continue
         clock = time.perf_counter()
-        tokenize = partial(_tokenize, data=data, tokenizer=tokenizer, split=name, label_names=label_names)
+        where = f"{name} ({(getattr(data, name) or data.train).path})"  # a carved split's rows are the train file's
+        tokenize = partial(_tokenize, data=data, tokenizer=tokenizer, split=name, label_names=label_names, where=where)
         try:
             tokenized = frame.map_batches(tokenize, batch_size=TOKENIZE_BATCH, batch_format="pandas").materialize()
         except Exception as err:  # a bad cell found in a task: Ray wraps the DataError; the user gets its message
             raise _data_error(err) from None
         stats["tokenize_seconds"][name] = time.perf_counter() - clock
         rows = tokenized.count()
+        if rows == 0 and data.resolved_format() != "text":
+            from .chat import no_trained_token
+
+            raise DataError(no_trained_token(frame.count(), name, data.max_seq_length))
         if rows == 0:
             raise DataError(f"spec.data.{name}: no usable rows (all empty or capped to 0)")
         stats["rows"][name] = rows  # examples, or packed blocks
@@ -264,27 +239,93 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         stats["tokens"][name] = tokens
         if "examples" in figures:
             stats.setdefault("packed_examples", {})[name] = examples
-        if data.resolved_format() != "text":  # rows left with no trained token (a prompt filling maxSeqLength), as data.py
+        if data.resolved_format() != "text":  # rows left with no trained token (a prompt filling maxSeqLength)
             stats.setdefault("dropped_untrained", {})[name] = stats["table_rows"][name] - (examples if "examples" in figures else rows)
         if counting and label_names is not None:
-            stats["train_label_counts"] = dict(zip(label_names, counts.tolist(), strict=True))
-            stats["classes_missing_from_train"] = data_checks.missing_classes(label_names, counts)
+            _label_figures(stats, label_names, counts)
         out[name] = tokenized
     train_ds = out["train"]
     assert train_ds is not None
     return Ingested(train_ds, TrainBlocks.of(train_ds), out["validation"], out["test"], label_names, stats)
 
 
+def count(data: DataSpec, task: str, seed: int, *, storage: StorageSpec | None = None,
+          num_labels: int | None = None) -> dict[str, Any]:
+    """`finetune validate`'s full counts: everything `ingest` reads, checks, carves and counts
+    (its refusals included), streamed over the whole files, but nothing tokenized. `table_rows`
+    per split are the rows a run would tokenize; the figures that need tokens (`rows` of packed
+    blocks, `tokens`, `dropped_untrained`) are a run's."""
+    stats = _new_stats()
+    frames, label_names = _splits(data, task, seed, storage, num_labels, stats)
+    for name, frame in frames.items():
+        if frame is not None:
+            stats["table_rows"][name] = frame.count()
+    if label_names is not None:
+        train = frames["train"]
+        assert train is not None
+        _label_figures(stats, label_names, checks.label_counts(train, label_names, data))
+    return stats
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"rows": {}, "tokens": {}, "table_rows": {}, "file_rows": {}, "dropped_empty": {}, "dropped_empty_by_field": {}}
+
+
+def _label_figures(stats: dict[str, Any], label_names: list[str], counts: np.ndarray) -> None:
+    stats["train_label_counts"] = dict(zip(label_names, counts.tolist(), strict=True))
+    stats["classes_missing_from_train"] = data_checks.missing_classes(label_names, counts)
+
+
+def _splits(data: DataSpec, task: str, seed: int, storage: StorageSpec | None, num_labels: int | None,
+            stats: dict[str, Any]) -> tuple[dict[str, ray.data.Dataset | None], list[str] | None]:
+    """Every file read, decoded, cleaned (refused above maxDroppedFraction) and shuffled by the
+    job's seed; the held-out splits carved and every split capped; the class names of the whole
+    train file (classification). The splits stay in the object store."""
+    from .data import DataError, label_ids, label_names_of, required_columns  # lazily: data.py imports torch
+
+    configure_context()
+    columns = required_columns(data, task)
+    frames: dict[str, ray.data.Dataset | None] = {}
+    for stream, name in enumerate(SPLITS):
+        source = getattr(data, name)
+        if source is None:
+            frames[name] = None
+            continue
+        # Each step below is a pass over the data; the read rows and the cleaned, shuffled ones are kept in
+        # the object store (spilled to disk when large, never in the driver) so no pass reads the files again
+        where = f"spec.data.{name}"
+        decode = partial(checks.decoded, columns=list(columns.values()), errors=source.encoding_errors, where=where,
+                         path=source.path, fmt=source.resolved_format())
+        try:
+            raw = read(source, where, storage).map_batches(decode, batch_format="pyarrow").materialize()
+        except Exception as err:  # a cell that is not UTF-8 under encodingErrors: strict, raised in a task
+            raise _data_error(err) from None
+        cleaned = checks.clean(raw, columns, name, data, stats)
+        frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream)).materialize()  # one order per file
+    label_names = None
+    if task == "sequence-classification":
+        train = frames["train"]
+        assert train is not None
+        # classes come from the whole train file (before carving and caps), so a split or a cap never changes them
+        values = pd.Series(checks.distinct(train, data.label_field))
+        label_names = label_names_of(data, values, num_labels)
+        if problem := data_checks.class_not_in_file(data, label_names, label_ids(values, label_names, data), num_labels):
+            raise DataError(problem)
+    _carve_and_cap(frames, data)
+    stats["duplicates_of_train"] = checks.duplicates_of_train(frames, columns)
+    return frames, label_names
+
+
 def _carve_and_cap(frames: dict[str, ray.data.Dataset | None], data: DataSpec) -> None:
     """data.py's carving on datasets: validation the head of the shuffled train, test its tail.
     `split_at_indices` materializes the pieces in the object store, not in the driver."""
-    from .data import DataError, _carve
+    from .data import DataError, carve
 
     train = frames["train"]
     assert train is not None
     n = train.count()
-    n_val = _carve(n, data.validation, data.validation_split)
-    n_test = _carve(n, data.test, data.test_split)
+    n_val = carve(n, data.validation, data.validation_split)
+    n_test = carve(n, data.test, data.test_split)
     if n_test + n_val >= n:
         raise DataError(f"spec.data.train: no training rows left ({n} usable rows, {n_test} for test, "
                         f"{n_val} for validation); add data or lower validationSplit/testSplit")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def decoded(batch: pa.Table, *, columns: list[str], errors: str, where: str, path: str, fmt: str) -> pa.Table:
     """The named columns as valid UTF-8 text, by the source's encodingErrors (strict, replace,
-    ignore), as data.read_table's pandas readers applied it to the file. pyarrow reads a CSV column
+    ignore), as Python's decoder applies them to a text file. pyarrow reads a CSV column
     holding invalid UTF-8 as binary, and a JSON string without checking it (the error then comes
     from wherever it is first converted), so each named column is checked (pyarrow's full
     validation, in C++) and decoded in Python only when it is binary or fails the check."""
@@ -81,6 +81,26 @@ def distinct(ds: ray.data.Dataset, column: str) -> list[Any]:
     return list(seen)
 
 
+def missing_column(have: list[str], columns: dict[str, str], path: str) -> str | None:
+    """The refusal (`spec.data.<field>: ...`) for the first column the spec names that `have` lacks."""
+    for spec_field, column in columns.items():
+        if column not in have:
+            return f"spec.data.{spec_field}: column {column!r} not in {path}; columns are: {', '.join(have) or '(none)'}"
+    return None
+
+
+def label_counts(ds: ray.data.Dataset, label_names: list[str], data: DataSpec) -> np.ndarray:
+    """Rows per class id of a cleaned split, counted per batch in tasks (see `summed`)."""
+    from .data import label_ids
+
+    def per_batch(batch: pd.DataFrame) -> pd.DataFrame:
+        counts = np.bincount(label_ids(batch[data.label_field], label_names, data), minlength=len(label_names))
+        return pd.DataFrame([{str(i): int(n) for i, n in enumerate(counts)}])
+
+    total = summed(ds.map_batches(per_batch, batch_format="pandas"))
+    return np.array([total.get(str(i), 0) for i in range(len(label_names))], dtype=np.int64)
+
+
 def _drop_empty(batch: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     keep, _ = data_checks.empty_cells(batch, columns)
     return batch.loc[keep].reset_index(drop=True)
@@ -92,11 +112,8 @@ def clean(ds: ray.data.Dataset, columns: dict[str, str], name: str, data: DataSp
     more than maxDroppedFraction of them are. One pass of per-batch counts finds them."""
     from .data import DataError
 
-    have = ds.columns() or []
-    for spec_field, column in columns.items():
-        if column not in have:
-            raise DataError(f"spec.data.{spec_field}: column {column!r} not in {getattr(data, name).path}; "
-                            f"columns are: {', '.join(have) or '(none)'}")
+    if problem := missing_column(ds.columns() or [], columns, getattr(data, name).path):
+        raise DataError(problem)
     counts = summed(ds.map_batches(partial(_empty_counts, columns=columns), batch_format="pandas"))
     read, kept = counts["read"], counts["kept"]
     by_field = {f: counts[f] for f in columns}
@@ -110,8 +127,9 @@ def clean(ds: ray.data.Dataset, columns: dict[str, str], name: str, data: DataSp
 
 
 def duplicates_of_train(frames: dict[str, ray.data.Dataset | None], columns: dict[str, str]) -> dict[str, int]:
-    """data_checks.duplicates_by_split on datasets: per held-out split (carved and capped), its rows
-    whose input text a train row also has. The held-out splits' text hashes (small: capped splits)
+    """Per held-out split (carved and capped, as scored), its rows whose input text a train row
+    (as trained on) also has; each such row counts, not each distinct text. The label is not part
+    of the key: the same text under another label leaks just as much. The held-out splits' text hashes (small: capped splits)
     come to the driver; one pass over train's batches finds which of them train has, so no set of
     train's hashes is held anywhere."""
     inputs = [c for f, c in columns.items() if f != "labelField"]

@@ -102,7 +102,7 @@ def _labels(config: Any, source: Source, task: str) -> list[str]:
     if task != "sequence-classification":
         return []
     counts = (source.results.get("data") or {}).get("train_label_counts")
-    if isinstance(counts, dict) and counts:  # the run's label names, in id order (data.prepare)
+    if isinstance(counts, dict) and counts:  # the run's label names, in id order (the ingest's)
         return [str(name) for name in counts]
     id2label = getattr(config, "id2label", None) or {}
     return [str(id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]

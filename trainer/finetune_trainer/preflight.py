@@ -1,14 +1,20 @@
-"""Everything that can be checked before Ray starts: sources exist, the data fits the spec, and
-the freezing plan fits the model. Runs in seconds; builds the model on the meta device (no weights).
+"""Everything that can be checked before Ray starts: sources exist, the first rows of the data fit
+the spec (data_sample.py), and the freezing plan fits the model. Runs in seconds whatever the
+data's size; builds the model on the meta device (no weights). What needs the whole data (its
+counts, classes and the steps an epoch takes) comes from the ingest once Ray is up:
+`Prepared.take_ingest`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .adapters import plan_on_skeleton
-from .data import DataError, PreparedData, prepare
+from .data import DataError
+from .data_sample import Sample
+from .data_sample import check as check_sample
 from .freezing import FreezePlan, needs_layers, plan_freezing
 from .layers import UnmappableModel, discover
 from .modeling import (
@@ -21,13 +27,17 @@ from .modeling import (
 )
 from .modeling import skeleton as model_skeleton
 from .packing import family_problem
-from .reference import prepare_reference
+from .reference import check_reference
 from .sources import SourceError
-from .spec import FineTuneJob, SpecError
+from .spec import FineTuneJob, FreezingSpec, SpecError
 from .spec.search import dropped_params, search_combinations, trial_spec
 
 if TYPE_CHECKING:
+    import ray.data
+
     from .ingest import Ingested
+
+PlanFor = Callable[[FreezingSpec, int], FreezePlan]  # (freezing section, steps per epoch) -> its plan on this model
 
 
 @dataclass
@@ -35,22 +45,36 @@ class Prepared:
     job: FineTuneJob
     model_dir: str
     tokenizer: Any
-    data: PreparedData
-    plan: FreezePlan
+    sample: Sample  # the first rows of each file, tokenized (data_sample.py)
+    plan: FreezePlan  # the preflight's check of spec.freezing; take_ingest replans it with the real epoch length
     model_class: str
+    plan_for: PlanFor
     ingested: Ingested | None = None  # the Ray Data splits (ingest.py): the session reads them once Ray is up
+    reference: ray.data.Dataset | None = None  # spec.evaluation.reference's text, tokenized by the ingest
+
+    def take_ingest(self, ingested: Ingested, world_size: int) -> None:
+        """The ingest's splits and figures; the freezing plan again with the epoch length they give
+        (gradual unfreezing counts epochs in steps), so results.json says what the workers do."""
+        self.ingested = ingested
+        t = self.job.spec.training
+        self.plan = self.plan_for(self.job.spec.freezing, t.steps_per_epoch(ingested.train_rows, world_size))
+
+    @property
+    def data(self) -> Ingested:
+        """The ingest's result; only a session that has ingested has one."""
+        assert self.ingested is not None, "the session ingests the data once Ray is up"
+        return self.ingested
 
     def data_stats(self) -> dict[str, Any]:
         """results.json's `data` section: the ingest's figures (the data checks' counts on the splits
         the workers trained and scored on, rows and tokens, seconds spent tokenizing each split in
-        Ray Data's tasks); the preflight's before the ingest has run."""
-        return dict(self.ingested.stats if self.ingested is not None else self.data.stats)
+        Ray Data's tasks)."""
+        return dict(self.data.stats)
 
 
-def prepare_job(job: FineTuneJob, *, world_size: int | None = None, data_warnings: bool = True) -> Prepared:
-    """Resolve, read and tokenize; raise SpecError naming the field when something does not fit.
-    `data_warnings`: log the data checks' warnings here (`finetune validate`); a run logs them once
-    its ingest has counted the splits it trains on (session.py)."""
+def prepare_job(job: FineTuneJob) -> Prepared:
+    """Resolve the model, check the data's first rows and the freezing plan; raise SpecError naming
+    the field when something does not fit. Nothing here grows with the data's size."""
     spec = job.spec
     offline_if_local(spec.model.source)
     try:
@@ -67,19 +91,18 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None, data_warning
     if speed:
         raise SpecError([(f"spec.model.{field}", why) for field, why in speed])
     try:
-        data = prepare(spec.data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels, warn=data_warnings)
-        data.reference = prepare_reference(job, tokenizer)  # the forgetting probe's text, once for every worker
+        sample = check_sample(spec.data, spec.model.task, tokenizer, storage=spec.storage)
+        check_reference(job, tokenizer)  # the forgetting probe's text: readable, with its column
     except DataError as err:
-        path, _, message = str(err).partition(": ")
-        raise SpecError([(path, message or str(err))]) from None
+        raise err.as_spec_error() from None
     missing = bitsandbytes_missing(spec.model)
     if missing:
         raise SpecError([("spec.model.quantization", missing)])
-    skeleton = model_skeleton(model_dir, spec.model, num_labels=len(data.label_names) if data.label_names else None)
+    # the head's class count comes from the whole train file (the ingest); the parameter names the
+    # plans read do not depend on it
+    classes = spec.model.num_labels or (len(spec.data.labels) if spec.data.labels else None)
+    skeleton = model_skeleton(model_dir, spec.model, num_labels=classes)
     names = [n for n, _ in skeleton.named_parameters()]
-    t = spec.training
-    workers = world_size or spec.resources.workers
-    per_epoch = t.steps_per_epoch(len(data.train), workers)
     unmappable: str | None
     try:
         layer_map = discover(skeleton)
@@ -88,17 +111,18 @@ def prepare_job(job: FineTuneJob, *, world_size: int | None = None, data_warning
     else:
         unmappable = None
 
-    def plan_for(freezing) -> FreezePlan:
+    def plan_for(freezing: FreezingSpec, per_epoch: int) -> FreezePlan:
         if freezing.strategy == "lora":  # PEFT on a copy of the skeleton: targets, layers and rank fit the model
             return plan_on_skeleton(skeleton, freezing.lora_settings(), spec.model.task, model_name=type(skeleton).__name__)
         if unmappable and needs_layers(freezing):
             raise SpecError([("spec.freezing.strategy", unmappable)])
         return plan_freezing(freezing, names, layer_map, steps_per_epoch=per_epoch, model_name=type(skeleton).__name__)
 
-    plan = plan_for(spec.freezing)
+    # an epoch's length in steps is the ingest's (rows per worker); what a plan can refuse does not depend on it
+    plan = plan_for(spec.freezing, 1)
     if spec.search is not None:
-        _check_trial_plans(job, plan_for)
-    return Prepared(job, model_dir, tokenizer, data, plan, type(skeleton).__name__)
+        _check_trial_plans(job, lambda freezing: plan_for(freezing, 1))
+    return Prepared(job, model_dir, tokenizer, sample, plan, type(skeleton).__name__, plan_for)
 
 
 def _check_packing(model_dir: str, job: FineTuneJob) -> None:

@@ -5,22 +5,22 @@ which tokens carry the loss decide what a fine-tuned model learns, and none of i
 loss curve. This prints the first N examples of the training split as token ids decoded back
 to text, with the trained tokens (label != -100) marked, so nobody has to guess the format.
 
-The examples come from `data.prepare` itself (the same reading, checks, seeded shuffle, split,
-rendering and truncation as a run), with the training rows capped to N: the split is carved
-before the cap, so they are the run's first N training rows. No Ray, no model weights: seconds.
+The examples are the preflight's sample (data_sample.py): the train file's first rows with text,
+read, rendered, truncated and tokenized exactly as a run's ingest does it, in file order (a run
+trains on a seeded shuffle of the whole file). No Ray, no model weights, nothing read past the
+rows shown: seconds on a file of any size.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import data_checks
 from .chat import IGNORE_INDEX
-from .data import DataError, TokenizedSplit, prepare
+from .data import DataError, TokenizedSplit
+from .data_sample import check
 from .modeling import load_tokenizer, offline_if_local, resolve_model_dir
 from .sources import SourceError
 from .spec import FineTuneJob, SpecError
@@ -35,8 +35,8 @@ class Preview:
 
     tokenizer: Any
     split: TokenizedSplit
-    label_names: list[str] | None
-    rows_read: int  # training rows that went into tokenizing (a capped count)
+    labels: list[str] | None  # classification: each example's label cell, as the file has it
+    rows_read: int  # training rows that went into tokenizing
     source: str  # how rows became text, in words
 
 
@@ -52,20 +52,14 @@ def load(job: FineTuneJob, n: int) -> Preview:
     except (OSError, ValueError) as err:
         raise SpecError([("spec.model.source", f"cannot load a tokenizer from {spec.model.source}: {err}")]) from None
     cap = min(n, spec.data.max_train_samples or n)
-    data = spec.data.model_copy(update={"max_train_samples": cap, "max_eval_samples": 1, "max_test_samples": 1})
-    # The data checks' warnings would be about the capped rows (a class "missing" from N rows):
-    # `finetune validate` runs them on the real splits.
-    checks_log = logging.getLogger(data_checks.__name__)
-    checks_log.disabled = True
+    data = spec.data.model_copy(update={"validation": None, "test": None})  # the train file's rows are shown
     try:
-        prepared = prepare(data, spec.model.task, tokenizer, spec.training.seed, spec.model.num_labels)
+        sample = check(data, spec.model.task, tokenizer, storage=spec.storage, rows=cap)
     except DataError as err:
-        path, _, message = str(err).partition(": ")
-        raise SpecError([(path, message or str(err))]) from None
-    finally:
-        checks_log.disabled = False
-    return Preview(tokenizer, prepared.train, prepared.label_names, prepared.stats["table_rows"]["train"],
-                   describe(job))  # fmt: skip
+        raise err.as_spec_error() from None
+    frame = sample.frames["train"]
+    labels = frame[data.label_field].astype(str).tolist() if spec.model.task == "sequence-classification" else None
+    return Preview(tokenizer, sample.train, labels, len(frame), describe(job))
 
 
 PACKED = "; whole examples packed into maxSeqLength blocks, each attending only to itself (packing.py)"
@@ -93,15 +87,16 @@ def lines(preview: Preview, limit: int, *, color: bool) -> list[str]:
     """The preview as text lines; `color`: trained spans in bold green instead of [[ ]] markers."""
     split = preview.split
     out = [f"{len(split)} training example(s) exactly as tokenized; {preview.source}; maxSeqLength {limit}"]
-    if preview.label_names is None:
+    if preview.labels is None:
         out.append("trained tokens (those with a loss) are " + ("in bold green" if color else f"between {OPEN} and {CLOSE}"))
-    if len(split) < preview.rows_read:
-        out.append(f"({preview.rows_read - len(split)} of the first {preview.rows_read} rows dropped: no trained token left)")
+    examples = split.examples if split.examples is not None else len(split)  # packed: examples inside the blocks
+    if examples < preview.rows_read:
+        out.append(f"({preview.rows_read - examples} of the first {preview.rows_read} rows dropped: no trained token left)")
     for i in range(len(split)):
         ids = np.asarray(split.input_ids[i])
         cut = " (cut at maxSeqLength)" if len(ids) >= limit else ""
-        if preview.label_names is not None:
-            label = preview.label_names[int(np.asarray(split.labels)[i])]
+        if preview.labels is not None:
+            label = preview.labels[i]
             out += [f"--- example {i + 1}: {len(ids)} tokens{cut}, label {label!r}", _decode(preview.tokenizer, ids)]
             continue
         trained = np.asarray(split.labels[i]) != IGNORE_INDEX

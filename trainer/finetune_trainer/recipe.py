@@ -58,7 +58,8 @@ class FineTuneRecipe:
         self.train_rows: int = config["train_rows"]
         self.train_blocks = config["train_blocks"]  # the train split's blocks in the object store: this rank fetches its rows
         self.label_names: list[str] | None = config["label_names"]
-        self.reference = ray.get(config["reference"]) if config.get("reference") is not None else None
+        reference = config.get("reference")  # spec.evaluation.reference's text (capped at its maxSamples): read whole
+        self.reference = gather(reference.iter_batches(batch_format="numpy")) if reference is not None else None
         # validation is small (capped): every rank reads it whole from its dataset, evaluation shards it by index
         shard = ray.train.get_dataset_shard(VALIDATION_DATASET)
         self.validation = gather(shard.iter_batches(batch_format="numpy")) if shard is not None else None

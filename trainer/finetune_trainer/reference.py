@@ -3,44 +3,71 @@
 A domain fine-tune can get better at its data while getting worse at everything else
 (catastrophic forgetting). The probe measures the model's perplexity on text unrelated to the
 task, at the baseline and at every evaluation; the change from the baseline is the forgetting
-(eval_report.forgetting). The text is read, cleaned, sampled and tokenized by the data pipeline
-(data.prepare, as a train-only plain-text data set), once, in the driver's preflight, and travels
-to the workers with the other splits; the number is evaluation.evaluate's exact token-weighted
+(eval_report.forgetting). The text is a train-only plain-text data set (`as_data`): the preflight
+checks its first rows (data_sample.py), the session's ingest reads, cleans, samples (maxSamples
+rows picked with the job's seed) and tokenizes it in Ray Data's tasks, and each worker reads the
+small materialized result whole; the number is evaluation.evaluate's exact token-weighted
 perplexity, the same on 1 or N workers.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
-from .data import DataError, TokenizedSplit, prepare
+from .data import DataError, TokenizedSplit
 from .evaluation import evaluate
 from .spec import DataSpec, FineTuneJob
+
+if TYPE_CHECKING:
+    import ray.data
 
 WHERE = "spec.evaluation.reference"
 
 
-def prepare_reference(job: FineTuneJob, tokenizer) -> TokenizedSplit | None:
-    """The reference text tokenized like plain-text training data (cut at data.maxSeqLength, EOS
-    after a text that fits), at most maxSamples rows picked with the job's seed; None without a
-    reference. Raises DataError naming the spec.evaluation.reference field to fix."""
+def as_data(job: FineTuneJob) -> DataSpec | None:
+    """The reference as plain-text training data: cut at data.maxSeqLength with EOS after a text
+    that fits, at most maxSamples rows; None without a reference. Rows without text are skipped
+    (maxDroppedFraction 1): a general corpus is not the job's data, and maxSamples counts the rows
+    that have text."""
     spec = job.spec
     ref = spec.evaluation.reference
     if ref is None:
         return None
-    # rows without text are skipped (maxDroppedFraction 1): a general corpus is not the job's data,
-    # and maxSamples counts the rows that have text
-    as_data = DataSpec(train=ref.data, text_field=ref.text_field, max_seq_length=spec.data.max_seq_length,
-                       max_train_samples=ref.max_samples, max_dropped_fraction=1.0)
+    return DataSpec(train=ref.data, text_field=ref.text_field, max_seq_length=spec.data.max_seq_length,
+                    max_train_samples=ref.max_samples, max_dropped_fraction=1.0)
+
+
+def check_reference(job: FineTuneJob, tokenizer: Any) -> None:
+    """The preflight's check of the reference's first rows; DataError naming its fields."""
+    from .data_sample import check
+
+    data = as_data(job)
+    if data is None:
+        return
     try:
-        return prepare(as_data, "causal-lm", tokenizer, spec.training.seed).train
+        check(data, "causal-lm", tokenizer, storage=job.spec.storage)
+    except DataError as err:
+        raise DataError(_renamed(str(err))) from None
+
+
+def ingest_reference(job: FineTuneJob, tokenizer: Any) -> ray.data.Dataset | None:
+    """The reference tokenized by the ingest, materialized in the object store; None without one."""
+    from .ingest import ingest
+
+    data = as_data(job)
+    if data is None:
+        return None
+    try:
+        return ingest(data, "causal-lm", tokenizer, job.spec.training.seed, storage=job.spec.storage).train
     except DataError as err:
         raise DataError(_renamed(str(err))) from None
 
 
 def _renamed(message: str) -> str:
-    """data.prepare names spec.data fields; here they are the reference's."""
+    """The data checks name spec.data fields; here they are the reference's."""
     for old, new in (("spec.data.train", f"{WHERE}.data"), ("spec.data.textField", f"{WHERE}.textField"),
                      ("spec.data.packing", f"{WHERE}.data")):
         message = message.replace(old, new)

@@ -161,29 +161,32 @@ class DriverSession:
         from .preflight import prepare_job  # torch (the model on the meta device): when it runs, not at import
 
         try:
-            return prepare_job(self.job, data_warnings=False)  # logged from the ingest's counts (_ingest)
+            return prepare_job(self.job)
         except SpecError as err:
             self._publish_invalid(err)
             raise
 
     def _ingest(self) -> None:
         """The data as Ray Data datasets (ingest.py), read, split and tokenized in Ray's tasks; what
-        the workers stream from. A problem found here is a verdict like the preflight's."""
+        the workers read from. A problem found here (in the whole data, where the preflight saw its
+        first rows) is a verdict like the preflight's."""
         from . import data_checks
         from .data import DataError  # torch: the preflight has loaded it already
         from .ingest import ingest
+        from .reference import ingest_reference
 
-        spec = self.job.spec
+        spec, prepared = self.job.spec, self.prepared
         try:
-            self.prepared.ingested = ingest(spec.data, spec.model.task, self.prepared.tokenizer, spec.training.seed,
-                                            storage=spec.storage, num_labels=spec.model.num_labels)
-            short = _short_of_a_step(self.prepared.ingested.stats["rows"]["train"], spec)
+            ingested = ingest(spec.data, spec.model.task, prepared.tokenizer, spec.training.seed,
+                              storage=spec.storage, num_labels=spec.model.num_labels)
+            short = _short_of_a_step(ingested.train_rows, spec)
             if short:
                 raise DataError(short)
-            data_checks.warn(self.prepared.ingested.stats)  # held-out rows repeating train, classes missing
-        except DataError as err:
-            path, _, message = str(err).partition(": ")
-            invalid = SpecError([(path, message or str(err))])
+            prepared.take_ingest(ingested, spec.resources.workers)
+            prepared.reference = ingest_reference(self.job, prepared.tokenizer)
+            data_checks.warn(ingested.stats)  # held-out rows repeating train, classes missing
+        except (DataError, SpecError) as err:  # SpecError: the freezing plan on the real epoch length
+            invalid = err.as_spec_error() if isinstance(err, DataError) else err
             self._publish_invalid(invalid)
             raise invalid from None
 

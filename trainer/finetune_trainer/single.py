@@ -90,7 +90,7 @@ def _results(session: DriverSession, rows: list[dict[str, Any]], best: dict[str,
             "test": test,
         },
         "steps": final.get("step"),
-        "total_steps": spec.training.total_steps(len(prepared.data.train), spec.resources.workers),
+        "total_steps": spec.training.total_steps(prepared.data.train_rows, spec.resources.workers),
         "early_stopped": bool(final.get("early_stopped")),
         "timings": {
             "total_seconds": time.time() - session.started,

@@ -44,7 +44,7 @@ def run_search(session: DriverSession, on_progress: Listener | None = None) -> R
     search = job.spec.search
     assert search is not None
     concurrency = trials_that_fit(job, ray.cluster_resources())
-    totals = TrialTotals(job, len(prepared.data.train))
+    totals = TrialTotals(job, prepared.data.train_rows)
     tuner = build_tuner(job, session.shared(), persistence, run_id, concurrency, totals, session.tracker, session.publisher,
                         restore=session.restored)
     gate = halving.start_gate(run_id, concurrency) if search.scheduler.type == "successiveHalving" else None
