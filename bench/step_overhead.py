@@ -12,14 +12,21 @@ and GPU reservation and the same thread count; the only difference left is our t
 (b) ours: the real path, `finetune_trainer.run.run(parse_job(manifest))`.
 
 Both sides measure tokens/s the way recipe.py does: non-pad tokens (counted on the host), over
-the wall time of the training loop (batch built with `TokenizedSplit.batch`, host->device copy,
-forward, backward, step, and for ours also the scheduler, unfreeze gate and progress
-bookkeeping; evaluation excluded; the device synchronised at the clock's ends), every step
-counted (recipe.py does not skip warm-up steps, so neither does the ratio; the reference's
-steady-state tokens/s after --warmup steps is printed for information), summed over ranks and
-divided by the slowest rank's time.
-Same model, data (one PreparedData from `prepare_job`), shard order, micro-batch, ZeRO stage,
-precision, AdamW (DeepSpeed `torch_adam`), lr, weight decay 0 and gradient clipping 1.0. The job
+the wall time of the training loop (the batch built, host->device copy, forward, backward, step,
+and for ours also the scheduler, unfreeze gate and progress bookkeeping; evaluation excluded; the
+device synchronised at the clock's ends), every step counted (recipe.py does not skip warm-up
+steps, so neither does the ratio; the reference's steady-state tokens/s after --warmup steps is
+printed for information), summed over ranks and divided by the slowest rank's time. The batch:
+the reference indexes its rows in memory (`TokenizedSplit.batch`); ours fetches them from the
+train split's blocks in Ray's object store (batches.EpochStream over train_blocks.BlockReader,
+read ahead on a thread, padded by the same rule), so the ratio includes what streaming costs.
+Same model, data, shard order, micro-batch, ZeRO stage, precision, AdamW (DeepSpeed
+`torch_adam`), lr, weight decay 0 and gradient clipping 1.0. The data is the run's own ingest
+(`ingest_train`: ingest.py once in this driver after Ray is up, the train split gathered whole
+into a TokenizedSplit and `ray.put`: small, steps x batch rows per worker); ours ingests the same
+files with the same seed, and the ingest's order is fixed by the seed (ingest.py, "Determinism"),
+so both read the same rows, and each rank the same micro-batches in the same order
+(`micro_batches`: epochs.EpochPlan.rank_rows of epoch 0, what ours' EpochStream reads). The job
 evaluates once, after the last step (`everySteps = maxSteps`, no baseline): evaluation and
 checkpoints happen outside the timed micro-steps in recipe.py anyway.
 --ref-config ours feeds the reference our generated DeepSpeed config (build_ds_config) instead of
@@ -120,10 +127,36 @@ def manifest(args, source: str, task: str, folder: Path) -> dict[str, Any]:
             "metadata": {"name": "step-overhead"}, "spec": spec}
 
 
+def ingest_train(job, tokenizer) -> tuple[Any, list[str] | None]:
+    """(the train split as a TokenizedSplit, the class names or None): the job's data through the
+    run's own ingest (ingest.py, on this process' Ray, which must be up), the train split read back
+    whole in its order (batches.gather, as tests/integration/ingested.py does). Our run ingests the
+    same files with the same seed: the same rows in the same order (ingest.py, "Determinism")."""
+    from finetune_trainer.batches import gather
+    from finetune_trainer.ingest import ingest
+
+    spec = job.spec
+    got = ingest(spec.data, spec.model.task, tokenizer, spec.training.seed, storage=spec.storage,
+                 num_labels=spec.model.num_labels)
+    return gather(got.train.iter_batches(batch_format="numpy")), got.label_names
+
+
+def micro_batches(rows: int, world: int, rank: int, size: int, seed: int, steps: int) -> list[list[int]]:
+    """Rank `rank`'s first `steps` micro-batches of `size` row indices: epoch 0 of the trainer's own
+    order (epochs.EpochPlan.rank_rows, what recipe.py's EpochStream reads), whole micro-batches."""
+    import numpy as np
+
+    from finetune_trainer.epochs import EpochPlan
+
+    plan = EpochPlan(rows=rows, world=world, micro_batch=size, accumulation=1)
+    mine = np.concatenate(list(plan.rank_rows(seed, 0, rank)))
+    usable = len(mine) // size * size
+    return [mine[i : i + size].tolist() for i in range(0, usable, size)][:steps]
+
+
 def reference_loop(config: dict[str, Any]) -> None:
     """Raw DeepSpeed in a Ray Train worker; the timed block is recipe.py's micro-step, verbatim."""
     import deepspeed
-    import numpy as np
     import ray
     import ray.train
     import ray.train.torch
@@ -138,14 +171,14 @@ def reference_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     job = FineTuneJob.model_validate(config["job"])
-    t, data, pad_id = job.spec.training, ray.get(config["data"]), config["pad_token_id"]
+    t, train, pad_id = job.spec.training, ray.get(config["train"]), config["pad_token_id"]
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.spec.resources.cpus_per_worker)))
     torch.manual_seed(t.seed)
     if job.spec.model.task == "sequence-classification":
         model = AutoModelForSequenceClassification.from_pretrained(
-            config["model_dir"], num_labels=len(data.label_names), dtype=torch.float32)
+            config["model_dir"], num_labels=len(config["label_names"]), dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32)
     cuda = device.type == "cuda"
@@ -169,12 +202,8 @@ def reference_loop(config: dict[str, Any]) -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       config=ds_config)
     engine.train()  # from_pretrained leaves the model in eval mode; recipe.py trains with dropout
-    # recipe.py's epoch-0 shard: a seeded permutation, rank-strided, whole micro-batches
-    order = np.random.default_rng(t.seed).permutation(len(data.train))
-    usable = (len(order) // world) // t.per_device_batch_size * t.per_device_batch_size
-    mine = order[rank::world][:usable]
-    size = t.per_device_batch_size
-    batches = [mine[i : i + size].tolist() for i in range(0, usable, size)][: t.max_steps]
+    batches = micro_batches(len(train), world, rank, t.per_device_batch_size, t.seed, t.max_steps)
+
     def now() -> float:  # like recipe.py: device work queued by a step counts as that step's time
         if cuda:
             torch.cuda.synchronize(device)
@@ -185,8 +214,8 @@ def reference_loop(config: dict[str, Any]) -> None:
     for i, micro in enumerate(batches):
         if i == w:
             warm = now()
-        host = data.train.batch(micro, pad_id)
-        tokens.append(data.train.tokens_in(micro))
+        host = train.batch(micro, pad_id)
+        tokens.append(train.tokens_in(micro))
         batch = {k: v.to(device) for k, v in host.items()}
         loss = engine(**batch, **forward_kwargs(batch)).loss  # as the recipe: packed batches run without a KV cache
         engine.backward(loss)
@@ -208,7 +237,9 @@ def reference_loop(config: dict[str, Any]) -> None:
             "peak_memory_mib": peak}))
 
 
-def run_reference(job, prepared, data_ref, args, folder: Path, name: str) -> dict[str, Any]:
+def run_reference(job, prepared, train_ref, label_names: list[str] | None, args, folder: Path,
+                  name: str) -> dict[str, Any]:
+    """One reference run on `train_ref` (ray.put of `ingest_train`'s split); `label_names` its classes."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -221,8 +252,8 @@ def run_reference(job, prepared, data_ref, args, folder: Path, name: str) -> dic
         resources["GPU"] = res.gpus_per_worker
     trainer = TorchTrainer(
         reference_loop,
-        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "data": data_ref,
-                           "model_dir": prepared.model_dir, "warmup": args.warmup,
+        train_loop_config={"job": job.model_dump(by_alias=True, mode="json"), "train": train_ref,
+                           "label_names": label_names, "model_dir": prepared.model_dir, "warmup": args.warmup,
                            "pad_token_id": prepared.tokenizer.pad_token_id,
                            "ref_config": args.ref_config, "sink": sink},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
@@ -290,10 +321,11 @@ def main() -> None:
         job = parse_job(manifest(args, source, task, folder))
         prepared = prepare_job(job)
         init_ray()
-        data_ref = ray.put(prepared.data)
+        train, label_names = ingest_train(job, prepared.tokenizer)  # every arm's rows: the run's own ingest
+        train_ref = ray.put(train)
         pairs = []
         for i in range(args.pairs):
-            ref = run_reference(job, prepared, data_ref, args, folder, f"ref-{i}")
+            ref = run_reference(job, prepared, train_ref, label_names, args, folder, f"ref-{i}")
             ours = run_ours(job, folder, f"ours-{i}")
             pairs.append({"reference": ref, "ours": ours,
                           "ratio": ours["tokens_per_second"] / ref["tokens_per_second"]})
