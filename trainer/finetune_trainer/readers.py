@@ -86,13 +86,13 @@ def head(source: DataSource, where: str, rows: int, storage: StorageSpec | None 
             if fmt == "jsonl":
                 import pyarrow.json
 
-                return pyarrow.json.read_json(pa.py_buffer(_first_lines(f, rows))).slice(0, rows)
+                return pyarrow.json.read_json(pa.py_buffer(first_lines(f, rows))).slice(0, rows)
     except (OSError, ValueError) as err:
         raise SourceUnreadable(f"{where}: cannot read {source.path} as {fmt}: {err}") from None
     raise SourceUnreadable(f"{where}.format: cannot tell the format of {source.path!r}; set format")
 
 
-def _first_lines(stream: Any, rows: int) -> bytes:
+def first_lines(stream: Any, rows: int) -> bytes:
     """The bytes of the stream's first `rows` non-empty lines (newline included); read in
     HEAD_BYTES pieces so a large file is not read whole."""
     data = b""
