@@ -230,6 +230,14 @@ CASES: list[Hostile] = [
             changes={"tracking.mlflow": {"trackingUri": "http://mlflow.example.com\r\nAuthorization: Bearer x"}}),
     Hostile("mlflow-model-name-path", "spec.tracking.mlflow.registeredModelName",
             changes={"tracking.mlflow": {"trackingUri": "http://mlflow.example.com", "registeredModelName": "../team-b/prod"}}),
+    # data on S3 (issue 18): read in the job's pods with the job's own credentials, through its storage endpoint;
+    # never the operator's rights, and never without a storage section naming that endpoint
+    Hostile("s3-data-without-storage", "spec.data.train.path", changes={"data.train": "s3://team-b-data/train.csv"}),
+    Hostile("s3-data-dotdot-key", "spec.data.train.path",
+            changes={"storage": {"uri": "s3://ckpts/team"}, "data.train": "s3://ckpts/team/../../team-b/train.csv"}),
+    Hostile("s3-data-bucket-only", "spec.data.train.path", changes={"storage": {"uri": "s3://ckpts/team"}, "data.train": {"path": "s3://team-b-data/", "format": "csv"}}),
+    Hostile("s3-reference-without-storage", "spec.evaluation.reference.data.path",
+            changes={**_CHAT, "evaluation.reference": {"data": "s3://team-b-data/general.csv"}}),
     Hostile("mlflow-uri-huge", "spec.tracking.mlflow.trackingUri",
             changes={"tracking.mlflow": {"trackingUri": "http://mlflow.example.com/" + "a" * 5000}}, cluster="api"),
 ]

@@ -657,7 +657,9 @@ CROSS_FIELD_PROBLEMS = [
         ["cannot tell the format"],
     ),
     ({"spec.data.test": "test.xlsx"}, "spec.data.test.format", ["cannot tell the format"]),
-    ({"spec.data.train": "s3://bucket/train.jsonl"}, "spec.data.train.path", ["local/PVC path"]),
+    ({"spec.data.train": "s3://bucket/train.jsonl"}, "spec.data.train.path", ["set spec.storage", "its own credentials"]),
+    ({"spec.data.train": {"path": "s3://bucket/", "format": "csv"}, "spec.storage": {"uri": "s3://ckpts/a"}}, "spec.data.train.path", ["name one object"]),
+    ({"spec.data.train": "s3://Bad_Bucket/t.csv", "spec.storage": {"uri": "s3://ckpts/a"}}, "spec.data.train.path", ["not a valid bucket name"]),
     (
         {**CAUSAL, "spec.data.promptField": "prompt"},
         "spec.data.promptField",

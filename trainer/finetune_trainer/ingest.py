@@ -181,6 +181,15 @@ def _data_error(err: BaseException) -> BaseException:
     return err
 
 
+def _reason(err: BaseException) -> str:
+    """The innermost error's first line (Ray wraps a task's error in RayTaskError), shortened."""
+    inner: BaseException = err
+    while (cause := getattr(inner, "cause", None) or inner.__cause__) is not None and cause is not inner:
+        inner = cause
+    line = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    return f"{type(inner).__name__}: {line}"[:300]
+
+
 def _ragged(rows: list[np.ndarray]) -> np.ndarray:
     column = np.empty(len(rows), dtype=object)
     column[:] = rows
@@ -299,7 +308,12 @@ def _splits(data: DataSpec, task: str, seed: int, storage: StorageSpec | None, n
         try:
             raw = read(source, where, storage).map_batches(decode, batch_format="pyarrow").materialize()
         except Exception as err:  # a cell that is not UTF-8 under encodingErrors: strict, raised in a task
-            raise _data_error(err) from None
+            found = _data_error(err)
+            if isinstance(found, DataError):
+                raise found from None
+            # the file did not parse past the preflight's sample (a row of mixed types, a broken line), or
+            # could not be read (storage): one line naming the field, not Ray's remote traceback
+            raise DataError(f"{where}: cannot read {source.path} as {source.resolved_format()}: {_reason(err)}") from None
         cleaned = checks.clean(raw, columns, name, data, stats)
         frames[name] = cleaned.random_shuffle(seed=epoch_seed(seed, 1_000 + stream)).materialize()  # one order per file
     label_names = None

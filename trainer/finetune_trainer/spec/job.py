@@ -96,6 +96,7 @@ class FineTuneJobSpec(SpecModel):
             strategy=self.freezing.strategy, gpus_per_worker=self.resources.gpus_per_worker, zero_stage=self.deepspeed.zero_stage)]
         for section, problems in sections.items():
             found += [(f"spec.{section}.{path}", msg) for path, msg in problems]
+        found += list(self._s3_source_problems())
         found += [(f"spec.model.{path}", msg) for path, msg in self.model.speed_problems(
             gpus_per_worker=self.resources.gpus_per_worker, precision=self.deepspeed.precision, packing=self.data.packing)]
         if self.training.fused_optimizer and self.deepspeed.offload_optimizer:
@@ -144,6 +145,20 @@ class FineTuneJobSpec(SpecModel):
         if not found and not base_problems:  # trial specs are only worth checking from a valid base
             found += space_problems(search, self)
         return found
+
+    def _s3_source_problems(self) -> Iterator[tuple[str, str]]:
+        """An s3:// data file is read through spec.storage's endpoint, with the job's own
+        credentials (the pods' AWS variables from its Secret), never the operator's: without an S3
+        storage section there is neither."""
+        if self.storage is not None:
+            return
+        sources = {f"spec.data.{n}": getattr(self.data, n) for n in ("train", "validation", "test")}
+        if self.evaluation.reference is not None:
+            sources["spec.evaluation.reference.data"] = self.evaluation.reference.data
+        for where, source in sources.items():
+            if source is not None and source.path.startswith("s3://"):
+                yield (f"{where}.path", f"{source.path} is on S3: set spec.storage (its uri, endpoint and credentialsSecret) "
+                                        "so the job reads it with its own credentials")
 
     def ray_workers_at_once(self) -> int:
         """Ray Train workers running at the same time: one run's, or those of every concurrent trial."""

@@ -104,7 +104,8 @@ class ModelSpec(SpecModel):
 
 
 class DataSource(SpecModel):
-    path: str = Field(min_length=1, description="File path or pkg://<python-package>/<path>.")
+    path: str = Field(min_length=1, description="File path, pkg://<python-package>/<path>, or s3://bucket/key (read "
+                                                "through spec.storage's endpoint with the job's own credentials).")
     format: Literal["jsonl", "csv", "parquet"] | None = Field(
         default=None, description="Default: from the file extension (.jsonl/.json, .csv, .parquet)."
     )
@@ -129,7 +130,15 @@ class DataSource(SpecModel):
 
     def check(self) -> Problems:
         if self.path.startswith("s3://"):
-            yield "path", "s3:// data sources need S3 storage support, which this trainer build does not have yet; use a local/PVC path"
+            from .storage import split_s3_uri
+
+            try:
+                _, key = split_s3_uri(self.path)
+            except ValueError as err:
+                yield "path", str(err)
+            else:
+                if not key or self.path.endswith("/"):
+                    yield "path", f"{self.path} names a bucket or a folder; name one object, such as s3://my-bucket/data/train.jsonl"
         if self.resolved_format() is None:
             yield "format", f"cannot tell the format of {self.path!r} from its extension; set format: jsonl, csv or parquet"
 
