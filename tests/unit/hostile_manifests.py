@@ -238,6 +238,12 @@ CASES: list[Hostile] = [
     Hostile("s3-data-bucket-only", "spec.data.train.path", changes={"storage": {"uri": "s3://ckpts/team"}, "data.train": {"path": "s3://team-b-data/", "format": "csv"}}),
     Hostile("s3-reference-without-storage", "spec.evaluation.reference.data.path",
             changes={**_CHAT, "evaluation.reference": {"data": "s3://team-b-data/general.csv"}}),
+    # a model on S3: copied as data only (configs, tokenizer files, safetensors); its own Python code would
+    # come from whoever can write the bucket, so trustRemoteCode is refused for it
+    Hostile("s3-model-without-storage", "spec.model.source", changes={"model.source": "s3://team-b-models/llama"}),
+    Hostile("s3-model-remote-code", "spec.model.trustRemoteCode",
+            changes={"storage": {"uri": "s3://ckpts/team"}, "model.source": "s3://ckpts/team/models/m", "model.trustRemoteCode": True}),
+    Hostile("s3-model-bucket-only", "spec.model.source", changes={"storage": {"uri": "s3://ckpts/team"}, "model.source": "s3://ckpts"}),
     Hostile("mlflow-uri-huge", "spec.tracking.mlflow.trackingUri",
             changes={"tracking.mlflow": {"trackingUri": "http://mlflow.example.com/" + "a" * 5000}}, cluster="api"),
 ]

@@ -687,7 +687,11 @@ CROSS_FIELD_PROBLEMS = [
         ["for task: sequence-classification"],
     ),
     # model
-    ({"spec.model.source": "s3://bucket/model"}, "spec.model.source", ["local/PVC path"]),
+    ({"spec.model.source": "s3://bucket/model"}, "spec.model.source", ["set spec.storage", "its own credentials"]),
+    ({"spec.model.source": "s3://bucket", "spec.storage": {"uri": "s3://ckpts/a"}}, "spec.model.source", ["names a bucket"]),
+    ({"spec.model.source": "s3://bucket/m.gguf", "spec.storage": {"uri": "s3://ckpts/a"}}, "spec.model.source", ["GGUF"]),
+    ({"spec.model.source": "s3://bucket/m", "spec.model.trustRemoteCode": True, "spec.storage": {"uri": "s3://ckpts/a"}},
+     "spec.model.trustRemoteCode", ["never run", "nothing read from storage is executed"]),
     ({**CAUSAL, "spec.model.numLabels": 3}, "spec.model.numLabels", ["sequence-classification"]),
     # evaluation
     (

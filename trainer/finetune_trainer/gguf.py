@@ -11,26 +11,16 @@ Torch and transformers are imported lazily so that importing this module stays c
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
+
+from .node_cache import default_cache_root, materialize
 
 log = logging.getLogger(__name__)
 
 # Bump when the folder layout or the conversion changes, so that old caches are not reused.
 _LAYOUT_VERSION = 1
-_TMP_MARK = ".tmp-"
-
-
-def default_cache_root() -> Path:
-    """`$FINETUNE_CACHE_DIR`, else `~/.cache/finetune-operator` (shared by all local workers)."""
-    env = os.environ.get("FINETUNE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "finetune-operator"
 
 
 def cache_key(gguf_file: Path) -> str:
@@ -46,49 +36,11 @@ def cache_key(gguf_file: Path) -> str:
 
 
 def materialize_gguf(gguf_file: Path, cache_root: Path | None = None) -> Path:
-    """Return a plain HF model folder (safetensors + tokenizer) equivalent to `gguf_file`.
-
-    The folder is `<cache_root>/gguf/<key>`; it exists only once complete, because it is
-    written into a temporary sibling and renamed into place. An exclusive `flock` on
-    `<key>.lock` makes concurrent callers (several Ray workers on one node) convert once;
-    the others wait and then take the cache hit.
-    """
+    """Return a plain HF model folder (safetensors + tokenizer) equivalent to `gguf_file`:
+    `<cache_root>/gguf/<key>`, converted once per node (node_cache.materialize says how)."""
     gguf_file = Path(gguf_file).resolve()
     base = (cache_root if cache_root is not None else default_cache_root()) / "gguf"
-    base.mkdir(parents=True, exist_ok=True)
-    key = cache_key(gguf_file)
-    final = base / key
-    if final.is_dir():  # fast path: the rename is atomic, so an existing folder is complete
-        return final
-    with (base / f"{key}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if final.is_dir():  # another process finished while we waited
-                return final
-            # Only the lock holder writes temporaries, so any found now are crash leftovers.
-            for stale in base.glob(f"{key}{_TMP_MARK}*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{key}{_TMP_MARK}", dir=base))
-            try:
-                started = time.perf_counter()
-                log.info("converting GGUF %s -> %s", gguf_file, final)
-                _convert(gguf_file, tmp)
-                _publish(tmp, final)
-                log.debug("GGUF conversion took %.1f s", time.perf_counter() - started)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return final
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; losing a race (e.g. where flock is a no-op) is fine."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise
+    return materialize(base, cache_key(gguf_file), lambda tmp: _convert(gguf_file, tmp), what=f"converting GGUF {gguf_file}")
 
 
 def _convert(gguf_file: Path, out: Path) -> None:

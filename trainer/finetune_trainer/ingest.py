@@ -326,6 +326,10 @@ def _splits(data: DataSpec, task: str, seed: int, storage: StorageSpec | None, n
         if problem := data_checks.class_not_in_file(data, label_names, label_ids(values, label_names, data), num_labels):
             raise DataError(problem)
     _carve_and_cap(frames, data)
+    if label_names is not None:  # a held-out label the classes lack: named now, before any tokenizing (and by validate)
+        for name in data_checks.HELD_OUT:
+            if (held := frames[name]) is not None:
+                label_ids(pd.Series(checks.distinct(held, data.label_field)), label_names, data)
     stats["duplicates_of_train"] = checks.duplicates_of_train(frames, columns)
     return frames, label_names
 

@@ -7,15 +7,20 @@ import os
 import torch
 from torch import nn
 
-from .spec import ModelSpec
+from .spec import ModelSpec, StorageSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_dir(spec: ModelSpec) -> str:
-    """A local folder for local/pkg:// sources (GGUF files are converted once), else the hub name."""
+def resolve_model_dir(spec: ModelSpec, storage: StorageSpec | None = None) -> str:
+    """A local folder for local/pkg:// sources (GGUF files are converted once) and for s3:// ones
+    (copied once per node through `storage`: remote_model.py), else the hub name."""
     from .sources import is_hub_name, resolve_local
 
+    if spec.source.startswith("s3://"):
+        from .remote_model import local_copy
+
+        return str(local_copy(spec.source, storage))
     if is_hub_name(spec.source):
         return spec.source
     path = resolve_local(spec.source)

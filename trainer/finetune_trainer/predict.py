@@ -143,7 +143,7 @@ def _base_dir(spec: FineTuneJobSpec) -> str:
     from .sources import SourceError
 
     try:
-        return resolve_model_dir(spec.model)
+        return resolve_model_dir(spec.model, spec.storage)
     except (SourceError, FileNotFoundError) as err:
         raise PredictError(f"the run's base model {spec.model.source} is not here ({str(err).splitlines()[0][:200]}); "
                            "give its folder with --base") from None

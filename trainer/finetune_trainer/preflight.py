@@ -78,7 +78,7 @@ def prepare_job(job: FineTuneJob) -> Prepared:
     spec = job.spec
     offline_if_local(spec.model.source)
     try:
-        model_dir = resolve_model_dir(spec.model)
+        model_dir = resolve_model_dir(spec.model, spec.storage)
     except SourceError as err:
         raise SpecError([("spec.model.source", str(err))]) from None
     try:

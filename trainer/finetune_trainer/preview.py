@@ -45,7 +45,7 @@ def load(job: FineTuneJob, n: int) -> Preview:
     spec = job.spec
     offline_if_local(spec.model.source)
     try:
-        model_dir = resolve_model_dir(spec.model)
+        model_dir = resolve_model_dir(spec.model, spec.storage)
         tokenizer = load_tokenizer(model_dir, spec.model)
     except SourceError as err:
         raise SpecError([("spec.model.source", str(err))]) from None

@@ -40,6 +40,7 @@ from .optim import UnfreezeGate, build_scheduler, is_metric_driven, param_groups
 from .phases import StartupClock
 from .probes import EvaluationProbes
 from .ranking import NON_FINITE_KEY, EarlyStopping, is_better
+from .remote_model import on_this_node
 from .scratch import checkpoint_folder
 from .spec import FineTuneJob
 from .train_blocks import BlockReader
@@ -54,7 +55,8 @@ class FineTuneRecipe:
 
         self.job = FineTuneJob.model_validate(config["job"])
         self.spec = self.job.spec
-        self.model_dir: str = config["model_dir"]
+        # an s3:// model: this node's cache copy (remote_model.py), fetched once per node
+        self.model_dir: str = on_this_node(config["model_dir"], self.spec.model.source, self.spec.storage)
         self.train_rows: int = config["train_rows"]
         self.train_blocks = config["train_blocks"]  # the train split's blocks in the object store: this rank fetches its rows
         self.label_names: list[str] | None = config["label_names"]

@@ -1,6 +1,7 @@
 """Where a model or a data file named in the spec lives on this machine.
 
-The spec accepts three kinds of source (see `spec.model.SOURCE_HELP`):
+The spec accepts three kinds of source here (see `spec.model.SOURCE_HELP`; s3:// ones are
+remote_model.py's, data on S3 the ingest's):
 
 * a local or PVC path, relative paths being relative to the working directory;
 * `pkg://<python_package>/<sub/path>`: a file or folder shipped inside an installed pip

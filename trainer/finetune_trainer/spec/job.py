@@ -147,18 +147,19 @@ class FineTuneJobSpec(SpecModel):
         return found
 
     def _s3_source_problems(self) -> Iterator[tuple[str, str]]:
-        """An s3:// data file is read through spec.storage's endpoint, with the job's own
+        """An s3:// data file or model is read through spec.storage's endpoint, with the job's own
         credentials (the pods' AWS variables from its Secret), never the operator's: without an S3
         storage section there is neither."""
         if self.storage is not None:
             return
-        sources = {f"spec.data.{n}": getattr(self.data, n) for n in ("train", "validation", "test")}
+        paths = {f"spec.data.{n}.path": source.path for n in ("train", "validation", "test") if (source := getattr(self.data, n))}
         if self.evaluation.reference is not None:
-            sources["spec.evaluation.reference.data"] = self.evaluation.reference.data
-        for where, source in sources.items():
-            if source is not None and source.path.startswith("s3://"):
-                yield (f"{where}.path", f"{source.path} is on S3: set spec.storage (its uri, endpoint and credentialsSecret) "
-                                        "so the job reads it with its own credentials")
+            paths["spec.evaluation.reference.data.path"] = self.evaluation.reference.data.path
+        paths["spec.model.source"] = self.model.source
+        for where, path in paths.items():
+            if path.startswith("s3://"):
+                yield (where, f"{path} is on S3: set spec.storage (its uri, endpoint and credentialsSecret) "
+                              "so the job reads it with its own credentials")
 
     def ray_workers_at_once(self) -> int:
         """Ray Train workers running at the same time: one run's, or those of every concurrent trial."""

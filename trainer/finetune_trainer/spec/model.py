@@ -17,6 +17,7 @@ Problems = Iterator[tuple[str, str]]
 
 SOURCE_HELP = (
     "a local or PVC path, pkg://<python-package>/<path> for files a pip package ships, "
+    "s3://bucket/folder (safetensors; read through spec.storage, copied once per node), "
     "or a Hugging Face hub name like org/model (clusters with internet only)"
 )
 
@@ -98,7 +99,22 @@ class ModelSpec(SpecModel):
 
     def check(self) -> Problems:
         if self.source.startswith("s3://"):
-            yield "source", "s3:// model sources need S3 storage support, which this trainer build does not have yet; copy the model to a local/PVC path"
+            from .storage import split_s3_uri
+
+            try:
+                _, key = split_s3_uri(self.source)
+            except ValueError as err:
+                yield "source", str(err)
+            else:
+                if not key:
+                    yield "source", f"{self.source} names a bucket; name the model's folder in it, such as s3://my-bucket/models/my-model"
+                elif key.endswith(".gguf"):
+                    yield "source", "a GGUF file is converted from a local or pkg:// path only; from S3 give a folder of safetensors"
+            if self.trust_remote_code:
+                # the model's Python files would come from storage, which whoever can write the bucket controls;
+                # nothing read from storage is executed (remote_model.py copies data files only)
+                yield "trustRemoteCode", ("an s3:// model's own Python code is never run: nothing read from storage is "
+                                          "executed; use a model transformers implements, or a local/PVC folder you trust")
         if self.num_labels is not None and self.task != "sequence-classification":
             yield "numLabels", "only meaningful for task: sequence-classification; remove it"
 
