@@ -21,7 +21,7 @@ import pytest
 # Never reach the hub from these tests (must be set before huggingface_hub is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from finetune_trainer import gguf
+from finetune_trainer import gguf, node_cache
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,7 @@ def test_concurrent_callers_convert_once(tmp_path: Path, monkeypatch, caplog):
     calls: list[Path] = []
     monkeypatch.setattr(gguf, "_convert", _fake_convert(calls, delay=0.5))
     results: list[Path] = []
-    with caplog.at_level(logging.INFO, logger=gguf.__name__):
+    with caplog.at_level(logging.INFO, logger=node_cache.__name__):  # the cache says what it builds
         workers = [
             threading.Thread(target=lambda: results.append(gguf.materialize_gguf(src, tmp_path)))
             for _ in range(4)
