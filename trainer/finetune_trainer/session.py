@@ -182,6 +182,8 @@ class DriverSession:
             short = _short_of_a_step(ingested.train_rows, spec)
             if short:
                 raise DataError(short)
+            if spec.search is not None and (trials := _trials_short_of_a_step(ingested.train_rows, spec)):
+                raise SpecError(trials)
             prepared.take_ingest(ingested, spec.resources.workers)
             prepared.reference = ingest_reference(self.job, prepared.tokenizer)
             data_checks.warn(ingested.stats)  # held-out rows repeating train, classes missing
@@ -216,6 +218,33 @@ class DriverSession:
             log.info("run %s exists and spec.storage.resume is %s: this attempt writes run %s", given, self.resume, fresh)
             return fresh, False
         return given or new_run_id(), False
+
+
+_STEP_SHAPE = ("training.perDeviceBatchSize", "training.gradientAccumulationSteps", "resources.workers")
+
+
+def _trials_short_of_a_step(rows: int, spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    """`_short_of_a_step` for every batch size, accumulation and worker count the search's space
+    can give a trial (spec.search.search_combinations: every combination, or a bounded seeded
+    sample of a huge space), named by the sampled values: no trial may fail minutes into a search
+    for a reason the ingest's row count already shows."""
+    from .spec.search import search_combinations, trial_spec
+
+    search = spec.search
+    assert search is not None
+    problems: list[tuple[str, str]] = []
+    seen: set[tuple[int, int, int]] = set()
+    for sampled in search_combinations(search):
+        trial = trial_spec(spec, {**search.fixed_params(), **sampled})
+        t = trial.training
+        key = (t.per_device_batch_size, t.gradient_accumulation_steps, trial.resources.workers)
+        if key in seen:
+            continue
+        seen.add(key)
+        if (short := _short_of_a_step(rows, trial)) is not None:
+            chosen = ", ".join(f"{k}={v!r}" for k, v in sampled.items() if k in _STEP_SHAPE)
+            problems.append(("spec.search.space", f"{chosen or 'a trial'}: {short.partition(': ')[2]}"))
+    return problems
 
 
 def _short_of_a_step(rows: int, spec: FineTuneJobSpec) -> str | None:
