@@ -37,7 +37,8 @@ def score_models(job_doc: dict[str, Any], models: dict[str, str], test_dataset: 
     num_labels = len(label_names) if label_names else None
     wanted = set(spec.evaluation.resolved_metrics(spec.model.task)) | {"loss"}
     # the baseline is the driver's path to the model: an s3:// one's copy on this node (remote_model.py)
-    models = {**models, "baseline": on_this_node(models["baseline"], spec.model.source, spec.storage)}
+    if "baseline" in models:
+        models = {**models, "baseline": on_this_node(models["baseline"], spec.model.source, spec.storage)}
     scores: dict[str, dict[str, Any]] = {}
     for name, folder in models.items():
         torch.manual_seed(spec.training.seed)  # the baseline's new head: the same one training started from
