@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 
 READ_BLOCKS = 8  # blocks per file read: fixed, see the module docstring (determinism)
 TOKENIZE_BATCH = 512  # rows per map_batches call: big enough for the fast tokenizer's batching
+# rows per block of the tokenized train split, which each worker fetches block by block (train_blocks.py,
+# two kept). The read's blocks are a fixed count (READ_BLOCKS), so they grow with the file: at 100x the
+# quickstart (3.8 M rows) a tokenized block held ~440 k rows, and the workers' peak memory grew by the
+# two blocks they held (bench/data_scaling.py: 1100 -> 1318 MiB). Re-cut to a fixed row count, a
+# worker's share of memory no longer depends on the data's size; the rows' order is unchanged.
+TRAIN_BLOCK_ROWS = 4096
 
 
 @dataclass
@@ -222,7 +228,10 @@ def ingest(data: DataSpec, task: str, tokenizer: Any, seed: int, *, storage: Sto
         where = f"{name} ({(getattr(data, name) or data.train).path})"  # a carved split's rows are the train file's
         tokenize = partial(_tokenize, data=data, tokenizer=tokenizer, split=name, label_names=label_names, where=where)
         try:
-            tokenized = frame.map_batches(tokenize, batch_size=TOKENIZE_BATCH, batch_format="pandas").materialize()
+            tokenized = frame.map_batches(tokenize, batch_size=TOKENIZE_BATCH, batch_format="pandas")
+            if name == "train":
+                tokenized = tokenized.repartition(target_num_rows_per_block=TRAIN_BLOCK_ROWS)
+            tokenized = tokenized.materialize()
         except Exception as err:  # a bad cell found in a task: Ray wraps the DataError; the user gets its message
             raise _data_error(err) from None
         stats["tokenize_seconds"][name] = time.perf_counter() - clock
