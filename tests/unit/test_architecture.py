@@ -67,6 +67,7 @@ TORCH_MODULES = {
     "finetune_trainer.transfer",  # the step's host<->device copies, in the recipe
     "finetune_trainer.predict",  # `finetune predict` loads the model in the CLI's process, once predict_source found it
     "finetune_trainer.batches",
+    "finetune_trainer.deepspeed_import",  # the recipe's `import deepspeed`
 }
 # importing these (with everything they import) loads none of HEAVY: the driver side (ARCHITECTURE.md,
 # "Inside the trainer") loads torch only when the preflight runs and in Ray's workers; a search

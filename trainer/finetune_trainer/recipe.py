@@ -31,6 +31,7 @@ import torch.distributed as dist
 from . import baseline, checkpoint_files, deepspeed_load, logs, packing, transfer, worker_model
 from .batches import EpochStream, gather
 from .class_report import CONFUSION_KEY
+from .deepspeed_import import import_deepspeed
 from .ds_config import build_ds_config, resolve_precision
 from .epochs import VALIDATION_DATASET, EpochPlan
 from .evaluation import evaluate
@@ -83,8 +84,9 @@ class FineTuneRecipe:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        import deepspeed
         import ray.train.torch
+
+        deepspeed = import_deepspeed()
 
         t = self.spec.training
         self.device = ray.train.torch.get_device()
