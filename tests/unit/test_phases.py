@@ -40,3 +40,17 @@ def test_a_search_trials_workers_name_their_trial_and_its_actor_logs_slot_and_fi
     [start] = [json.loads(m.removeprefix(TRIAL_MARKER)) for m in messages if m.startswith(TRIAL_MARKER)]
     assert marks == clock.marks | {"trial": "trial_01"}
     assert start["trial"] == "trial_01" and start["slot_acquired"] == slot <= start["fit"] <= time.time()
+
+
+def test_a_trials_slot_is_its_actors_start_and_in_a_reused_actor_when_its_function_began(monkeypatch):
+    """Tune reserves a trial's resources, then starts its actor or hands a reused one the trial
+    (tuning's reuse_actors): the first trial of a process got its slot when the process started,
+    every later one when its function was entered."""
+    from finetune_trainer import phases
+
+    monkeypatch.setattr(phases, "_trials_in_process", 0)
+    started = phases.process_started()
+    assert phases.trial_slot(time.time()) == started
+    entered = time.time()
+    assert phases.trial_slot(entered) == entered > started
+    assert phases.trial_slot(entered + 5) == entered + 5

@@ -50,6 +50,19 @@ def process_started() -> float:
     return float(psutil.Process().create_time())
 
 
+_trials_in_process = 0
+
+
+def trial_slot(entered: float) -> float:
+    """When a search trial got its resources, for a trial without a gate: Tune starts a trial's
+    actor once they are reserved, so the first trial of an actor got them at the process' start;
+    a reused actor (tuning's reuse_actors) is handed the next trial's config right after they are
+    reserved, so a later trial got them when its function was entered (`entered`)."""
+    global _trials_in_process
+    _trials_in_process += 1
+    return process_started() if _trials_in_process == 1 else entered
+
+
 def trial_started(trial: str, slot: float) -> None:
     """A search trial's actor, just before its fit(): when it got its slot, and now (debug)."""
     log.debug("%s %s", TRIAL_MARKER, json.dumps({"trial": trial, "slot_acquired": slot, "fit": time.time()}))

@@ -52,6 +52,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
     run snapshot lists every checkpoint it was given, our retention (`persist`, marker-aware)
     deletes some, and Train then refuses to restore the run ("a checkpoint that does not exist
     anymore"; seen in the successiveHalving benchmark)."""
+    entered = time.time()
     logs.configure_worker()  # this trial actor's own lines (waiting for a slot, resume) reach the driver
     job = FineTuneJob.model_validate(base)
     search = job.spec.search
@@ -62,7 +63,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], shared: dict[str,
         halving.wait_for_slot(run_id, name)
         slot = time.time()  # the gate's turn: from here the trial's resources are its own
     else:
-        slot = phases.process_started()  # Tune starts a trial's actor once its resources are reserved
+        slot = phases.trial_slot(entered)  # the actor's start, or this call's in a reused actor
 
     from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -154,6 +154,12 @@ def build_tuner(job: FineTuneJob, shared: dict[str, Any], persistence: Persisten
             time_budget_s=search.budget.total_seconds,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
+            # a finished or stopped trial's actor runs the next trial (every trial asks for the
+            # same TRIAL_RESOURCES), which then finds Tune, Ray Train and torch already imported
+            # instead of paying a fresh process' imports (~2 s of CPU) before its fit(); Tune
+            # falls back to a new actor when the last trial's thread has not ended within
+            # TUNE_FUNCTION_THREAD_TIMEOUT_S (bench/trial_startup.py measures a later trial)
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=run_id, storage_path=persistence.storage_path, storage_filesystem=persistence.filesystem, stop=stop,
