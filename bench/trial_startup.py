@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/trial_startup.py                      # ~5 min on 2 cores; writes bench/results/trial_startup-<time>.json
     .venv/bin/python bench/trial_startup.py --reference REV      # and the same runs of commit REV, alternating: ~10 min
+    .venv/bin/python bench/trial_startup.py --cpu                # and the later trial's start split into each process kind's CPU seconds
 
 Every start of a run, and every start or resume of a search trial (successiveHalving resumes each
 promoted trial), pays a worker group, a process group, the model load, DeepSpeed's initialize, a
@@ -37,6 +38,7 @@ within one result, and results of one machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -44,11 +46,13 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]  # comes with Ray; no stubs installed
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,11 +131,66 @@ def run(path: Path, *extra: str, pythonpath: Path | None = None) -> dict[str, An
     return phases(float(fit.group(1)), marks[0], launched, ended)
 
 
-def search(path: Path, pythonpath: Path | None = None) -> dict[str, Any]:
+class ProcessCpu:
+    """Every process's CPU seconds (user + system), sampled every 0.2 s in a thread while a command
+    runs, so that a window of it (a trial's slot to its first step) splits into the processes that
+    spent it, named by their Ray title (`ray::TrainController`, ...): on 2 cores a start is
+    CPU-bound, and which processes it starts decides its length. The sampling costs ~5% of a core."""
+
+    def __init__(self) -> None:
+        self.series: dict[int, list[tuple[float, float]]] = {}
+        self.titles: dict[int, str] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> ProcessCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        while not self._done.wait(0.2):
+            now = time.time()
+            for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+                times, cmdline = proc.info["cpu_times"], proc.info["cmdline"] or []
+                if proc.pid == me or times is None:
+                    continue
+                self.series.setdefault(proc.pid, []).append((now, times.user + times.system))
+                title = " ".join(cmdline)
+                if title.startswith("ray::") or proc.pid not in self.titles:  # a Ray worker is titled by its actor once it has one
+                    self.titles[proc.pid] = title
+
+    def window(self, start: float, end: float) -> dict[str, dict[str, float]]:
+        """CPU seconds spent in [start, end], summed by process kind, with how many processes."""
+
+        def at(points: list[tuple[float, float]], when: float) -> float:
+            before = [cpu for t, cpu in points if t <= when]
+            return before[-1] if before else 0.0
+
+        kinds: dict[str, dict[str, float]] = {}
+        for pid, points in self.series.items():
+            spent = at(points, end) - at(points, start)
+            if spent < 0.05:
+                continue
+            title = self.titles[pid]
+            kind = title.split(" ")[0] if title.startswith("ray::") else Path(title.split(" ")[0]).name
+            row = kinds.setdefault(kind, {"cpu_s": 0.0, "processes": 0})
+            row["cpu_s"] = round(row["cpu_s"] + spent, 2)
+            row["processes"] += 1
+        return dict(sorted(kinds.items(), key=lambda kv: -kv[1]["cpu_s"]))
+
+
+def search(path: Path, pythonpath: Path | None = None, *, cpu: bool = False) -> dict[str, Any]:
     """A 2-trial search: each trial from its slot, through its actor's fit(), to its first step.
     A checkout whose trial actor logs no slot line (before phases.trial_started) gives the
-    workers' part only, from the worker process' start."""
-    text, launched, ended = launch(path, (), pythonpath)
+    workers' part only, from the worker process' start. With `cpu`, the later trial's start is
+    also split into the CPU seconds each kind of process spent in it (ProcessCpu)."""
+    with ProcessCpu() if cpu else contextlib.nullcontext() as sampler:
+        text, launched, ended = launch(path, (), pythonpath)
     starts = {m["trial"]: m for m in (json.loads(m) for m in re.findall(re.escape(TRIAL_MARKER) + r" (\{.*?\})", text))}
     trials = {}
     for marks in sorted((m for m in _marks(text) if m.get("trial")), key=lambda m: m["process_started"]):
@@ -142,6 +201,12 @@ def search(path: Path, pythonpath: Path | None = None) -> dict[str, Any]:
     if len(trials) != 2:
         raise SystemExit(f"expected the start-up marks of 2 trials, found {sorted(trials)}:\n{text[-4000:]}")
     later = list(trials.values())[1]
+    if sampler is not None and later["slot_to_first_step_s"] is not None:
+        slot = starts[list(trials)[1]]["slot_acquired"]
+        window = sampler.window(slot, slot + later["slot_to_first_step_s"])
+        later["cpu_by_process_s"] = window
+        later["cpu_s"] = round(sum(row["cpu_s"] for row in window.values()), 2)
+        later["cores_busy"] = round(later["cpu_s"] / later["slot_to_first_step_s"], 2)
     return {"trials": trials, "later_trial_slot_to_first_step_s": later["slot_to_first_step_s"],
             "later_trial_worker_process_to_first_step_s": later["worker_process_to_first_step_s"],
             "whole_command_s": round(ended - launched, 3)}
@@ -189,6 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="steps of the first run and of each trial; the resume runs as many more")
     parser.add_argument("--reference", metavar="REV", help="also run commit REV (a git worktree), alternating with this checkout")
+    parser.add_argument("--cpu", action="store_true", help="split the later trial's start into each process kind's CPU seconds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result: dict[str, Any] = {
@@ -215,7 +281,7 @@ def main() -> None:
                     elif kind == "resume":
                         rows[side][kind] = run(manifest(folder, 2 * args.steps), "--resume", pythonpath=pythonpath)
                     else:
-                        rows[side][kind] = search(manifest(folder, args.steps, search=True), pythonpath=pythonpath)
+                        rows[side][kind] = search(manifest(folder, args.steps, search=True), pythonpath=pythonpath, cpu=args.cpu)
                     shown = rows[side][kind].get("phases_s") or {t: [r["slot_to_first_step_s"], r["phases_s"]]
                                                                  for t, r in rows[side][kind]["trials"].items()}
                     log.info("%s %s: %s", side, kind, json.dumps(shown))
