@@ -20,6 +20,7 @@ _SKIPPED = "mlflow"
 
 
 def import_deepspeed() -> ModuleType:
+    """The deepspeed module, imported (the first time) with MLflow marked unimportable."""
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
     mark = _SKIPPED not in sys.modules
@@ -28,6 +29,6 @@ def import_deepspeed() -> ModuleType:
     try:
         import deepspeed
     finally:
-        if mark and sys.modules.get(_SKIPPED, ModuleType(_SKIPPED)) is None:
+        if mark and _SKIPPED in sys.modules and sys.modules[_SKIPPED] is None:  # ours, not a real import since
             del sys.modules[_SKIPPED]
     return deepspeed
