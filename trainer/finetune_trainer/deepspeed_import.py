@@ -29,6 +29,6 @@ def import_deepspeed() -> ModuleType:
     try:
         import deepspeed
     finally:
-        if mark and _SKIPPED in sys.modules and sys.modules[_SKIPPED] is None:  # ours, not a real import since
+        if mark and _SKIPPED in sys.modules and sys.modules[_SKIPPED] is None:  # still our mark
             del sys.modules[_SKIPPED]
     return deepspeed
