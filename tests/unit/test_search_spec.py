@@ -206,3 +206,19 @@ def test_a_trial_that_cannot_fit_at_all_is_a_spec_error():
     with pytest.raises(SpecError) as err:
         trials_that_fit(job, {"CPU": 2.0})
     assert err.value.problems[0][0] == "spec.resources" and "needs 4 CPUs" in err.value.problems[0][1]
+
+
+@pytest.mark.parametrize(("scheduler", "budget", "reused"), [
+    ({"type": "none"}, {}, True),
+    ({"type": "none"}, {"trialSeconds": 600}, False),  # Tune stops a trial mid-fit at its time budget
+    ({"type": "asha"}, {}, False),
+    ({"type": "successiveHalving"}, {}, False),
+    ({"type": "median"}, {}, False),
+])
+def test_trial_actors_are_reused_only_where_every_trial_ends_by_itself(scheduler, budget, reused):
+    """A stopped or paused trial's actor would be cached while its Ray Train run is still ending
+    (tuning.reuses_actors); CI saw the next trial error on it under ASHA."""
+    from finetune_trainer.tuning import reuses_actors
+
+    search = {"space": SPACE, "algorithm": "random", "scheduler": scheduler, **({"budget": budget} if budget else {})}
+    assert reuses_actors(_job(search).spec.search) is reused
